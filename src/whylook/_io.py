@@ -1,0 +1,170 @@
+"""Atomic file writes, run-folder locks and safe weight loading.
+
+Nothing whylook writes is ever observed half-written: each artifact goes to a temporary
+file in the same folder and is renamed into place, which is atomic on POSIX file systems.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from whylook.errors import WhylookError
+
+__all__ = [
+    "atomic_write",
+    "file_digest",
+    "load_weights",
+    "read_json",
+    "run_lock",
+    "save_npz",
+    "save_weights",
+    "write_json",
+]
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[io.BufferedWriter], None]) -> Path:
+    """Write ``path`` through ``write(fileobj)`` so that it appears whole or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write JSON deterministically (sorted keys, fixed separators) and atomically."""
+    data = (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
+def read_json(path: str | os.PathLike[str], what: str = "file") -> Any:
+    """Read JSON, turning a missing or corrupt file into a one-line :class:`WhylookError`."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WhylookError(f"{what} {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise WhylookError(
+            f"{what} {path} is corrupt ({exc.__class__.__name__}); delete it and rerun the "
+            "command that wrote it"
+        ) from None
+
+
+def save_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> Path:
+    """Save arrays uncompressed (so they can be memory-mapped) and atomically."""
+    return atomic_write(path, lambda fh: np.savez(fh, **arrays))
+
+
+def save_weights(path: str | os.PathLike[str], state: Mapping[str, torch.Tensor]) -> Path:
+    """Save a state dict as safetensors, atomically."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    data = save(tensors)
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
+def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load weights without ever unpickling code.
+
+    ``.safetensors`` files are read directly. ``.pt``/``.pth``/``.bin`` files go through
+    ``torch.load(weights_only=True)``, which refuses pickled objects other than tensors and
+    plain containers.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise WhylookError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise WhylookError(
+                f"checkpoint {path} is not a readable safetensors file ({exc}); re-export it "
+                "with safetensors.torch.save_file"
+            ) from None
+    if path.suffix in {".pt", ".pth", ".bin", ".ckpt"}:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise WhylookError(
+                f"checkpoint {path} cannot be loaded safely ({first[:160]}); if you trust it, "
+                "convert it once with: python -c \"import torch, safetensors.torch as s; "
+                "s.save_file(torch.load('IN.pt', weights_only=False), 'OUT.safetensors')\""
+            ) from None
+        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(
+            obj["state_dict"], Mapping
+        ):
+            obj = obj["state_dict"]
+        if not isinstance(obj, Mapping) or not all(
+            isinstance(v, torch.Tensor) for v in obj.values()
+        ):
+            raise WhylookError(
+                f"checkpoint {path} does not hold a state dict of tensors; save "
+                "model.state_dict() instead of the whole model"
+            )
+        return dict(obj)
+    raise WhylookError(
+        f"checkpoint {path} has an unknown extension {path.suffix!r}; use .safetensors, "
+        ".pt or .pth"
+    )
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file, used to key caches on the exact inputs."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on a run folder for the duration of a command.
+
+    The lock is an OS-level ``flock``: it is released when the process dies, even on
+    SIGKILL, so a crashed command never leaves a stale lock behind.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fh = open(folder / ".whylook.lock", "a+")  # noqa: SIM115 - held open for the lock's life
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise WhylookError(
+                    f"run folder {folder} is in use by another whylook command; wait for it "
+                    "to finish and try again"
+                ) from None
+            raise
+        yield
+    finally:
+        fh.close()

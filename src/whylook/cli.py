@@ -1,0 +1,237 @@
+"""The ``whylook`` command line: a thin layer over the library API.
+
+Every subcommand parses its options, calls one library function and prints a short
+summary. Bad input surfaces as ``error: <one line>`` on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from whylook.errors import WhylookError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _k_value(text: str) -> int | str:
+    if text in {"auto", "default"}:
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"K must be a whole number or 'auto', not {text!r}")
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"K must be at least 2, not {value}")
+    return value
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model and save checkpoints into a run folder")
+    p.add_argument("--data", default="mnist5k", help="data spec (default: mnist5k)")
+    p.add_argument("--model", default="smallcnn", help="model name or package.module:factory")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--checkpoints", type=int, default=12, help="number of checkpoints (T+1)")
+    p.add_argument("--schedule", choices=["log", "linear", "epoch"], default="log")
+    p.add_argument("--seed", type=int, default=0, help="seed for the weight initialisation")
+    p.add_argument("--data-seed", type=int, default=None, help="seed for the data order")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (model default)")
+    p.add_argument("--layer", default=None, help="prototype layer to record as the default")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", required=True, type=Path, help="run folder to create")
+    p.set_defaults(handler=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from whylook.train import train
+
+    run = train(
+        args.data,
+        args.model,
+        epochs=args.epochs,
+        checkpoints=args.checkpoints,
+        schedule=args.schedule,
+        seed=args.seed,
+        data_seed=args.data_seed,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        layer=args.layer,
+        device=args.device,
+        out=args.out,
+    )
+    last = run.checkpoints[-1]
+    print(
+        f"trained {run.config['model']} on {run.config['data']}: {len(run.checkpoints)} "
+        f"checkpoints, final test accuracy {100 * last.test_accuracy:.2f}% -> {run.path}"
+    )
+    return 0
+
+
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="bring checkpoints trained elsewhere into a run folder")
+    p.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint files in training order")
+    p.add_argument("--data", default="mnist5k")
+    p.add_argument("--model", default="smallcnn", help="model name or package.module:factory")
+    p.add_argument("--steps", default=None, help="comma-separated optimizer step per checkpoint")
+    p.add_argument("--layer", default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(handler=_cmd_import)
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from whylook.run import import_checkpoints
+
+    steps = None
+    if args.steps:
+        try:
+            steps = [int(s) for s in args.steps.split(",")]
+        except ValueError:
+            raise WhylookError("--steps must be comma-separated whole numbers") from None
+    run = import_checkpoints(
+        args.checkpoints,
+        data=args.data,
+        model=args.model,
+        steps=steps,
+        layer=args.layer,
+        device=args.device,
+        out=args.out,
+    )
+    print(f"imported {len(run.checkpoints)} checkpoints -> {run.path}")
+    return 0
+
+
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="compute the structured explanation of a run")
+    p.add_argument("run", type=Path)
+    p.add_argument("--k", type=_k_value, default="default", help="prototypes: number or 'auto'")
+    p.add_argument("--layer", default=None)
+    p.add_argument("--analysis-size", type=int, default=None)
+    p.add_argument("--prototype-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(handler=_cmd_explain)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from whylook.explain import explain
+
+    result = explain(
+        args.run,
+        k=args.k,
+        layer=args.layer,
+        analysis_size=args.analysis_size,
+        prototype_size=args.prototype_size,
+        seed=args.seed,
+        device=args.device,
+    )
+    print(result.summary())
+    return 0
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="perturbation fine-tuning from the uncertain prototypes")
+    p.add_argument("run", type=Path)
+    p.add_argument("--pair", default="auto", help="class pair 'a,b' or 'auto'")
+    p.add_argument(
+        "--strategies",
+        default="full>full,curated>curated,curated>full,full,curated",
+        help="comma-separated strategies (A>B = one epoch on A, then one on B)",
+    )
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(handler=_cmd_finetune)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from whylook.finetune import finetune
+
+    result = finetune(
+        args.run,
+        pair=args.pair,
+        strategies=args.strategies.split(","),
+        seeds=args.seeds,
+        lr=args.lr,
+        device=args.device,
+    )
+    print(result.table())
+    return 0
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="compare the strategies of two runs")
+    p.add_argument("run_a", type=Path)
+    p.add_argument("run_b", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="write comparison.json here")
+    p.set_defaults(handler=_cmd_compare)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from whylook.compare import compare
+
+    result = compare(args.run_a, args.run_b, out=args.out)
+    print(result.summary())
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write the HTML report of a run")
+    p.add_argument("run", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="folder (default: RUN/report)")
+    p.set_defaults(handler=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from whylook.report import report
+
+    path = report(args.run, out=args.out)
+    print(f"report: {path}")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="train + explain + report on the built-in mnist5k")
+    p.add_argument("--out", type=Path, default=Path("whylook-demo"))
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(handler=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from whylook.demo import demo
+
+    demo(out=args.out, device=args.device)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="whylook",
+        description="Why does your classifier look there? Structured explanations from "
+        "training checkpoints (I2X).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_demo, _add_train, _add_import, _add_explain, _add_finetune,
+                _add_compare, _add_report):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except WhylookError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
