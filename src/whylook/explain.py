@@ -1,0 +1,447 @@
+"""Steps 1-6 end to end: from a run folder to ``analysis/explanation.json`` and
+``analysis/arrays.npz``.
+
+Every expensive stage works on shards (one checkpoint × a slice of the analysis set) and
+caches each shard under ``analysis/cache`` keyed by the digests of its exact inputs, so an
+interrupted ``whylook explain`` resumes where it stopped and a changed input never reuses
+a stale result. The final files are written atomically, ``explanation.json`` last, so a
+folder that holds it holds a complete analysis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from whylook import __version__
+from whylook._io import file_digest, read_json, run_lock, save_npz, write_json
+from whylook._progress import progress_bar
+from whylook.errors import WhylookError
+from whylook.structure import StructureSettings, assemble, prototype_id
+
+__all__ = ["ExplainSettings", "Explanation", "explain", "load_explanation", "stratified_rows"]
+
+SCHEMA = "whylook.explanation/1"
+# Bump when a stage's output for the same inputs changes, so old caches are not reused.
+_CACHE_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """Every choice of Steps 1-6 that a user can change; all are recorded in the output."""
+
+    k: int | str = "default"
+    layer: str | None = None
+    analysis_size: int | None = None
+    prototype_size: int | None = None
+    seed: int = 0
+    batch_size: int = 256
+    shard_size: int = 2048
+    n_components: int | None = None
+    min_cluster_size: int | None = None
+    ridge_lambda: float | str = "cv"
+    bootstrap: int = 100
+    structure: StructureSettings = field(default_factory=StructureSettings)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The result of :func:`explain`: the content of ``explanation.json`` and the arrays.
+
+    ``data`` is the parsed ``explanation.json``; ``arrays`` maps the names of
+    ``arrays.npz`` (see METHOD's output contract) to numpy arrays.
+    """
+
+    path: Path
+    data: dict[str, Any] = field(repr=False)
+    arrays: dict[str, np.ndarray] = field(repr=False)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.data["classes"])
+
+    @property
+    def k(self) -> int:
+        return int(self.data["k"])
+
+    def summary(self) -> str:
+        """A short human summary: shared prototypes per class, uncertain prototypes,
+        learning order and its correlation."""
+        d = self.data
+        lines = [
+            f"whylook explanation: {len(d['classes'])} classes, K={d['k']} prototypes at "
+            f"layer {d['layer']} ({d['grid'][0]}x{d['grid'][1]}), {len(d['checkpoints'])} "
+            f"checkpoints, {d['settings']['analysis_size']} samples",
+            "",
+            "Shared prototypes per class (strongest first):",
+        ]
+        for c in d["classes_explained"]:
+            shared = ", ".join(c["shared"][:6]) or "(none above noise)"
+            spec = "; ".join(
+                f"group {g['group']} (n={g['size']}): {', '.join(g['prototypes'])}"
+                for g in c["specialized"]
+            )
+            lines.append(f"  {c['class']:>12}: {shared}" + (f"  | specialized: {spec}" if spec
+                                                             else ""))
+        unc = d["uncertain_prototypes"]
+        lines.append("")
+        lines.append(f"Uncertain prototypes: {len(unc)} of {d['k']}")
+        for u in unc[:10]:
+            lines.append(
+                f"  {u['id']}: swings {u['swings']}x between {u['classes'][0]} and "
+                f"{u['classes'][1]} (at steps {', '.join(map(str, u['steps']))})"
+            )
+        order = d["learning_order"]
+        lines.append("")
+        first = [f"{p['pair'][0]}/{p['pair'][1]}" for p in order[:5]]
+        last = [f"{p['pair'][0]}/{p['pair'][1]}" for p in order[-5:]]
+        lines.append(f"Learning order: first separated {', '.join(first)}; last {', '.join(last)}")
+        corr = d["learning_order_correlation"]
+        if corr["spearman"] is None:
+            lines.append("  distinctness vs separation: not measurable (no variation)")
+        else:
+            lines.append(
+                f"  Spearman(distinctness, separation checkpoint) = {corr['spearman']:+.3f} "
+                f"(p = {corr['p_value']:.3g}, {corr['n_pairs']} pairs; negative = more "
+                "distinct pairs separated first)"
+            )
+        lines.append(f"\nwritten to {self.path}")
+        return "\n".join(lines)
+
+
+def stratified_rows(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """A deterministic, class-stratified choice of ``size`` rows, sorted.
+
+    Each class gets a share proportional to its frequency (largest remainder), and its
+    rows are a seeded permutation prefix, so the choice is the same on every machine.
+
+    Example:
+        >>> stratified_rows(np.array([0, 0, 0, 1, 1, 1]), 4, seed=0).shape
+        (4,)
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if not 1 <= size <= n:
+        raise WhylookError(f"a subset of {size} samples cannot be drawn from {n}; choose 1..{n}")
+    if size == n:
+        return np.arange(n, dtype=np.int64)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * size / n
+    take = np.floor(exact).astype(int)
+    rest = size - take.sum()
+    take[np.argsort(-(exact - take), kind="stable")[:rest]] += 1
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c, t in zip(classes, take, strict=True):
+        rows = np.flatnonzero(labels == c)
+        chosen.append(rows[rng.permutation(len(rows))[:t]])
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise WhylookError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if device not in {"cpu", "cuda"}:
+        raise WhylookError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def _shards(n: int, size: int) -> Iterator[tuple[int, slice]]:
+    for i, start in enumerate(range(0, n, size)):
+        yield i, slice(start, min(n, start + size))
+
+
+def explain(
+    run: str | Path | Any,
+    *,
+    k: int | str = "default",
+    layer: str | None = None,
+    analysis_size: int | None = None,
+    prototype_size: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    settings: ExplainSettings | None = None,
+    progress: bool | None = None,
+) -> Explanation:
+    """Compute the structured explanation of a run folder (METHOD Steps 1-6).
+
+    Args:
+        run: a run folder (path or :class:`whylook.run.RunFolder`) with at least 3
+            checkpoints.
+        k: number of prototypes, ``"default"`` (the paper's: 32 for grayscale, 128 for
+            RGB data) or ``"auto"`` (chosen from the data).
+        layer: the prototype layer (default: the run's).
+        analysis_size: samples of the training split to analyse (default: min(2000, N)).
+        prototype_size: samples whose features define the prototypes (default: the
+            analysis size; may be up to the whole training split).
+        seed: seed of the sample choice, K-Means and the bootstrap.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        settings: every other choice; the keyword arguments above override it.
+
+    Returns:
+        The :class:`Explanation`, also written to ``RUN/analysis``.
+
+    Example:
+        >>> import whylook  # doctest: +SKIP
+        >>> run = whylook.train("mnist5k", "smallcnn", epochs=1, out="runs/demo")  # doctest: +SKIP
+        >>> print(whylook.explain(run).summary())  # doctest: +SKIP
+    """
+    from whylook.run import RunFolder
+
+    base = settings or ExplainSettings()
+    settings = ExplainSettings(
+        **{**asdict(base), "structure": base.structure, "k": k if k != "default" else base.k,
+           "layer": layer or base.layer, "analysis_size": analysis_size or base.analysis_size,
+           "prototype_size": prototype_size or base.prototype_size, "seed": seed}
+    )
+    folder = run if isinstance(run, RunFolder) else RunFolder.open(run)
+    with run_lock(folder.path):
+        return _explain_locked(folder, settings, _resolve_device(device), progress)
+
+
+def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device,
+                    progress: bool | None) -> Explanation:
+    from whylook import intensity as inten
+    from whylook.mapping import fit_mapping
+    from whylook.models import get_layer, layer_shape
+    from whylook.patterns import find_patterns
+    from whylook.prototypes import PrototypeFinder, Prototypes, default_k
+    from whylook.saliency import grad_cam, layer_features
+
+    ckpts = folder.checkpoints
+    if len(ckpts) < 3:
+        raise WhylookError(
+            f"run {folder.path} has {len(ckpts)} checkpoints; the analysis needs at least 3 "
+            "(train with --checkpoints 3 or more)"
+        )
+    data = folder.data()
+    train = data.train
+    n_train = len(train.labels)
+    classes = tuple(folder.classes)
+    m = len(classes)
+    layer_name = settings.layer or folder.layer
+    analysis_size = settings.analysis_size or min(2000, n_train)
+    prototype_size = settings.prototype_size or analysis_size
+    for name, size in (("--analysis-size", analysis_size), ("--prototype-size", prototype_size)):
+        if not 1 <= size <= n_train:
+            raise WhylookError(
+                f"{name} {size} is out of range: the training split has {n_train} samples"
+            )
+
+    final = folder.load_model(len(ckpts) - 1, device=str(device))
+    get_layer(final, layer_name)  # unknown names fail here with the list of candidates
+    d, h, w = layer_shape(final, layer_name, (1, data.channels, *data.image_size))
+    if settings.k == "default":
+        k_value: int | str = default_k(data.channels)
+        k_choice = "default"
+    elif settings.k == "auto":
+        k_value, k_choice = "auto", "auto"
+    else:
+        k_value, k_choice = int(settings.k), "user"
+    if isinstance(k_value, int) and k_value > prototype_size * h * w:
+        raise WhylookError(
+            f"K={k_value} is larger than the {prototype_size * h * w} feature vectors of the "
+            "prototype set; choose a smaller --k or a larger --prototype-size"
+        )
+
+    rows = stratified_rows(train.labels, analysis_size, settings.seed)
+    proto_rows = stratified_rows(train.labels, prototype_size, settings.seed + 1)
+    labels = train.labels[rows].astype(np.int64)
+    if np.bincount(labels, minlength=m).min() == 0:
+        raise WhylookError(
+            "the analysis set misses a class; raise --analysis-size so that every class "
+            "is represented"
+        )
+
+    analysis_dir = folder.path / "analysis"
+    cache = analysis_dir / "cache"
+    digests = [file_digest(folder.path / c.file) for c in ckpts]
+    common = {"v": _CACHE_VERSION, "layer": layer_name, "data": folder.config.get("data")}
+
+    # Step 1: prototypes from the final model's features over the prototype set.
+    proto_key = _digest({**common, "ckpt": digests[-1], "rows": _digest(proto_rows.tolist()),
+                         "k": k_value, "p": settings.n_components, "seed": settings.seed})
+    proto_file = cache / f"prototypes-{proto_key[:20]}.npz"
+    if proto_file.is_file():
+        prototypes = Prototypes.from_arrays(dict(np.load(proto_file)))
+    else:
+        finder = PrototypeFinder(k=k_value, n_components=settings.n_components,
+                                 seed=settings.seed)
+        batches = progress_bar(
+            layer_features(final, layer_name, _images(train.images, proto_rows),
+                           batch_size=settings.batch_size, device=device),
+            desc="prototypes: features", total=-(-len(proto_rows) // settings.batch_size),
+            progress=progress,
+        )
+        for feats in batches:
+            finder.partial_fit(feats)
+        prototypes = finder.finalize()
+        save_npz(proto_file, prototypes.to_arrays())
+    k_final = int(prototypes.k)
+    assignments = np.concatenate([
+        prototypes.assign(f) for f in layer_features(
+            final, layer_name, _images(train.images, rows), batch_size=settings.batch_size,
+            device=device)
+    ]).astype(np.int16)
+
+    # Step 2: saliency and confidences at every checkpoint, one cached shard at a time.
+    t1 = len(ckpts)
+    n = len(rows)
+    saliency = np.zeros((t1, n, h, w), dtype=np.float32)
+    confidence = np.zeros((t1, n, m), dtype=np.float32)
+    shards = list(_shards(n, settings.shard_size))
+    rows_digest = _digest(rows.tolist())
+    jobs = [(t, s, sl) for t in range(t1) for s, sl in shards]
+    for t, s, sl in progress_bar(jobs, desc="saliency: checkpoints x shards", total=len(jobs),
+                                 progress=progress):
+        key = _digest({**common, "ckpt": digests[t], "rows": rows_digest, "shard": s,
+                       "size": settings.shard_size})
+        shard_file = cache / f"saliency-t{t:04d}-s{s:04d}-{key[:20]}.npz"
+        if shard_file.is_file():
+            with np.load(shard_file) as z:
+                saliency[t, sl], confidence[t, sl] = z["saliency"], z["confidence"]
+            continue
+        model = final if t == t1 - 1 else folder.load_model(t, device=str(device))
+        res = grad_cam(model, layer_name, _images(train.images, rows[sl]), labels[sl],
+                       batch_size=settings.batch_size, device=device)
+        saliency[t, sl], confidence[t, sl] = res.saliency, res.confidence
+        save_npz(shard_file, {"saliency": res.saliency, "confidence": res.confidence})
+
+    # Step 3: prototype intensity, its presence mask and the final saliency mass shares.
+    intensity, presence = inten.prototype_intensity(saliency, assignments, k_final)
+    mass_share = inten.mass_share(saliency[-1], assignments, k_final)
+
+    # Step 4: learning patterns.
+    patterns = find_patterns(confidence, labels, min_cluster_size=settings.min_cluster_size)
+
+    # Step 5: ridge mapping from intensity changes to confidence changes.
+    mapping = fit_mapping(
+        inten.delta(intensity), inten.delta(confidence), groups=patterns.groups,
+        ridge_lambda=settings.ridge_lambda, bootstrap=settings.bootstrap, seed=settings.seed,
+    )
+
+    # Step 6: the structured explanation.
+    steps = [int(c.step) for c in ckpts]
+    structure = assemble(
+        classes=classes, steps=steps, labels=labels, mass_share=mass_share,
+        confidence=confidence, beta=mapping.beta, beta_se=mapping.beta_se,
+        class_groups=patterns.class_groups, settings=settings.structure,
+    )
+
+    predictions = confidence.argmax(axis=2)
+    confusion = np.zeros((t1, m, m), dtype=np.int64)
+    for t in range(t1):
+        np.add.at(confusion[t], (labels, predictions[t]), 1)
+
+    active = structure.active
+    top_samples = []
+    for p in range(k_final):
+        order = np.argsort(-mass_share[:, p], kind="stable")
+        top_samples.append([int(r) for r in order[:8] if active[r, p]])
+
+    arrays = {
+        "sample_index": rows,
+        "labels": labels,
+        "assignments": assignments,
+        "saliency": saliency,
+        "intensity": intensity.astype(np.float32),
+        "confidence": confidence,
+        "beta": mapping.beta.astype(np.float32),
+        "groups": patterns.groups.astype(np.int16),
+        "beta_z": mapping.z.astype(np.float32),
+        "beta_se": mapping.beta_se.astype(np.float32),
+        "presence": presence.astype(bool),
+        "mass_share": mass_share.astype(np.float32),
+        "active": active,
+        "class_groups": patterns.class_groups.astype(np.int16),
+        "confusion": confusion,
+        "support": structure.support,
+        "support_z": structure.support_z,
+        "prototype_rows": proto_rows,
+    }
+    explanation = {
+        "schema": SCHEMA,
+        "run": {"data": folder.config.get("data"), "model": folder.config.get("model"),
+                "layer": layer_name, "path": str(folder.path.name)},
+        "classes": list(classes),
+        "checkpoints": [
+            {"index": int(c.index), "step": int(c.step), "epoch": float(c.epoch),
+             "test_accuracy": None if c.test_accuracy is None else float(c.test_accuracy)}
+            for c in ckpts
+        ],
+        "k": k_final,
+        "k_choice": k_choice,
+        "layer": layer_name,
+        "grid": [int(h), int(w)],
+        "feature_dim": int(d),
+        "settings": {
+            "analysis_size": int(analysis_size),
+            "prototype_size": int(prototype_size),
+            "seed": int(settings.seed),
+            "n_components": int(prototypes.components.shape[0]),
+            "explained_variance": round(float(np.sum(prototypes.explained_variance_ratio)), 6),
+            "min_cluster_size": patterns.min_cluster_size,
+            "ridge_lambda": settings.ridge_lambda,
+            "bootstrap": int(settings.bootstrap),
+        },
+        "prototypes": [
+            {
+                "id": prototype_id(p),
+                "active_rate_by_class": {
+                    c: round(float(structure.active_rate_by_class[p, i]), 6)
+                    for i, c in enumerate(classes)
+                },
+                "active_rate": round(float(active[:, p].mean()), 6),
+                "presence_rate": round(float(presence[:, p].mean()), 6),
+                "top_samples": top_samples[p],
+            }
+            for p in range(k_final)
+        ],
+        **structure.to_json(),
+        "patterns": patterns.to_json(),
+        "mapping": {"lambdas": [round(float(x), 8) for x in mapping.lambdas],
+                    "bootstrap": int(settings.bootstrap)},
+        "versions": {"whylook": __version__, "torch": torch.__version__,
+                     "numpy": np.__version__, "python": platform.python_version()},
+    }
+    save_npz(analysis_dir / "arrays.npz", arrays)
+    write_json(analysis_dir / "explanation.json", explanation)
+    return Explanation(path=analysis_dir, data=explanation, arrays=arrays)
+
+
+def _images(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    return images[rows]
+
+
+def load_explanation(run: str | Path) -> Explanation:
+    """Read the explanation that :func:`explain` wrote into a run folder."""
+    analysis = Path(run) / "analysis"
+    data = read_json(analysis / "explanation.json", what="explanation")
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise WhylookError(
+            f"{analysis / 'explanation.json'} is not a whylook explanation; rerun "
+            "`whylook explain`"
+        )
+    try:
+        with np.load(analysis / "arrays.npz") as z:
+            arrays = {name: z[name] for name in z.files}
+    except (OSError, ValueError) as exc:
+        raise WhylookError(
+            f"{analysis / 'arrays.npz'} is missing or corrupt ({exc.__class__.__name__}); "
+            "rerun `whylook explain`"
+        ) from None
+    return Explanation(path=analysis, data=data, arrays=arrays)

@@ -1,0 +1,437 @@
+"""Step 6: assemble the structured explanation from the arrays of Steps 1-5.
+
+The paper describes shared, specialized and uncertain prototypes and the learning order
+informally. This module pins each one down as a rule over arrays, and every rule that
+reads β separates signal from noise with the bootstrap standard errors of Step 5:
+
+* **active** – prototype ``k`` is active in sample ``i`` when its share of the sample's
+  final saliency mass is at least ``active_threshold``. Presence alone is not enough:
+  background prototypes are present in every image.
+* **support** – the evidence that more attention to ``k`` raised the confidence in class
+  ``c``, summed over all transitions: ``Σ_t β^t[k, c]``, with a z-score from the per-step
+  standard errors. Summing pools the evidence of every step, which is what makes weak but
+  consistent effects visible above the bootstrap noise.
+* **shared** prototypes of ``c`` – active in at least ``shared_rate`` of class ``c`` and
+  with support for ``c`` at least ``z_threshold`` standard errors above zero; ordered by
+  ``active rate × support``.
+* **specialized** prototypes of ``c`` – for a sub-group of ``c`` (Step 4), active in at
+  least ``shared_rate`` of the group and at least ``specialized_margin`` less often in the
+  rest of ``c``, with a Fisher exact test below ``specialized_p``.
+* **uncertain** prototypes – for a prototype active in both classes of a pair, the class
+  it significantly favours (``|β_a − β_b| / se ≥ z_threshold``) changes at least
+  ``min_swings`` times across the transitions.
+* **learning order** – a pair (a, b) is separated at the first checkpoint from which its
+  pairwise accuracy (the true class scores above the other class of the pair) stays at or
+  above ``1 − separation_tolerance``. Pairwise accuracy rather than raw confusion counts,
+  because an untrained model that predicts one class has zero confusion on every pair
+  that does not involve it. Distinctness is the Jensen-Shannon distance between the two
+  classes' mean prototype saliency profiles; the Spearman correlation between the two is
+  the paper's "more distinct pairs are separated first" as a measured number (negative
+  when the finding holds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+from scipy import stats
+from scipy.spatial.distance import jensenshannon
+
+from whylook.errors import WhylookError
+
+__all__ = [
+    "ClassExplanation",
+    "LearningOrder",
+    "PairSeparation",
+    "SpecializedGroup",
+    "Structure",
+    "StructureSettings",
+    "UncertainPrototype",
+    "assemble",
+    "prototype_id",
+]
+
+
+def prototype_id(k: int) -> str:
+    """The paper's name of prototype ``k``: ``P-k``."""
+    return f"P-{k}"
+
+
+@dataclass(frozen=True)
+class StructureSettings:
+    """Thresholds of Step 6. Every value is recorded in ``explanation.json``."""
+
+    active_threshold: float = 0.1
+    shared_rate: float = 0.5
+    z_threshold: float = 2.0
+    specialized_margin: float = 0.25
+    specialized_p: float = 0.01
+    min_group_size: int = 5
+    uncertain_min_rate: float = 0.1
+    min_swings: int = 2
+    separation_tolerance: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("active_threshold", "shared_rate", "specialized_margin",
+                     "uncertain_min_rate", "separation_tolerance"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise WhylookError(f"{name} must lie in [0, 1], not {value}")
+        if self.z_threshold < 0:
+            raise WhylookError(f"z_threshold must be non-negative, not {self.z_threshold}")
+        if not 0.0 < self.specialized_p <= 1.0:
+            raise WhylookError(f"specialized_p must lie in (0, 1], not {self.specialized_p}")
+        if self.min_swings < 1 or self.min_group_size < 2:
+            raise WhylookError("min_swings must be at least 1 and min_group_size at least 2")
+
+
+@dataclass(frozen=True)
+class SpecializedGroup:
+    group: int
+    size: int
+    prototypes: tuple[str, ...]
+    samples: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ClassExplanation:
+    name: str
+    n: int
+    shared: tuple[str, ...]
+    shared_strength: tuple[float, ...]
+    specialized: tuple[SpecializedGroup, ...]
+
+
+@dataclass(frozen=True)
+class UncertainPrototype:
+    id: str
+    classes: tuple[str, str]
+    swings: int
+    steps: tuple[int, ...]
+    checkpoints: tuple[int, ...]
+    favoured: tuple[str | None, ...]
+
+
+@dataclass(frozen=True)
+class PairSeparation:
+    pair: tuple[str, str]
+    separated_at_step: int | None
+    separated_at_checkpoint: int | None
+    distinctness: float
+    final_pairwise_accuracy: float
+
+
+@dataclass(frozen=True)
+class LearningOrder:
+    pairs: tuple[PairSeparation, ...]
+    spearman: float | None
+    p_value: float | None
+    n_pairs: int
+
+
+@dataclass(frozen=True)
+class Structure:
+    """The structured explanation (Step 6) plus the arrays it was read from."""
+
+    settings: StructureSettings
+    active: np.ndarray = field(repr=False)  # (n, K) bool
+    active_rate_by_class: np.ndarray = field(repr=False)  # (K, M)
+    support: np.ndarray = field(repr=False)  # (K, M) summed significant beta
+    support_z: np.ndarray = field(repr=False)  # (K, M)
+    classes: tuple[ClassExplanation, ...]
+    uncertain: tuple[UncertainPrototype, ...]
+    learning_order: LearningOrder
+
+    def to_json(self) -> dict[str, Any]:
+        """The Step-6 part of ``explanation.json``."""
+        return {
+            "classes_explained": [
+                {
+                    "class": c.name,
+                    "n": c.n,
+                    "shared": list(c.shared),
+                    "shared_strength": [round(s, 6) for s in c.shared_strength],
+                    "specialized": [
+                        {"group": g.group, "size": g.size, "prototypes": list(g.prototypes),
+                         "samples": list(g.samples)}
+                        for g in c.specialized
+                    ],
+                }
+                for c in self.classes
+            ],
+            "uncertain_prototypes": [
+                {"id": u.id, "classes": list(u.classes), "swings": u.swings,
+                 "steps": list(u.steps), "checkpoints": list(u.checkpoints),
+                 "favoured": list(u.favoured)}
+                for u in self.uncertain
+            ],
+            "learning_order": [
+                {"pair": list(p.pair), "separated_at_step": p.separated_at_step,
+                 "separated_at_checkpoint": p.separated_at_checkpoint,
+                 "distinctness": round(p.distinctness, 6),
+                 "final_pairwise_accuracy": round(p.final_pairwise_accuracy, 6)}
+                for p in self.learning_order.pairs
+            ],
+            "learning_order_correlation": {
+                "spearman": _round_or_none(self.learning_order.spearman),
+                "p_value": _round_or_none(self.learning_order.p_value),
+                "n_pairs": self.learning_order.n_pairs,
+            },
+            "structure_settings": asdict(self.settings),
+        }
+
+
+def _round_or_none(x: float | None) -> float | None:
+    return None if x is None or not np.isfinite(x) else round(float(x), 6)
+
+
+def _check_shapes(labels, mass_share, confidence, beta, beta_se, class_groups, steps, m):
+    n, k = mass_share.shape
+    if labels.shape != (n,):
+        raise WhylookError(f"labels must have shape ({n},), not {labels.shape}")
+    if confidence.ndim != 3 or confidence.shape[1:] != (n, m):
+        raise WhylookError(f"confidence must have shape (T+1, {n}, {m}), not {confidence.shape}")
+    t1 = confidence.shape[0]
+    if beta.shape != (t1 - 1, k, m) or beta_se.shape != beta.shape:
+        raise WhylookError(
+            f"beta and beta_se must have shape ({t1 - 1}, {k}, {m}), not {beta.shape} and "
+            f"{beta_se.shape}"
+        )
+    if class_groups.shape != (n,):
+        raise WhylookError(f"class_groups must have shape ({n},), not {class_groups.shape}")
+    if len(steps) != t1:
+        raise WhylookError(f"{len(steps)} checkpoint steps given for {t1} checkpoints")
+    if labels.min(initial=0) < 0 or labels.max(initial=0) >= m:
+        raise WhylookError(f"labels must lie in [0, {m - 1}]")
+
+
+def assemble(
+    *,
+    classes: tuple[str, ...] | list[str],
+    steps: list[int] | tuple[int, ...],
+    labels: np.ndarray,
+    mass_share: np.ndarray,
+    confidence: np.ndarray,
+    beta: np.ndarray,
+    beta_se: np.ndarray,
+    class_groups: np.ndarray,
+    settings: StructureSettings | None = None,
+) -> Structure:
+    """Assemble the structured explanation.
+
+    Args:
+        classes: the M class names.
+        steps: the optimizer step of each of the T+1 checkpoints.
+        labels: (n,) true classes of the analysis set.
+        mass_share: (n, K) each prototype's share of the final saliency mass.
+        confidence: (T+1, n, M) softmax confidences at each checkpoint.
+        beta, beta_se: (T, K, M) ridge coefficients and their bootstrap standard errors.
+        class_groups: (n,) the per-class sub-group of each sample (-1 is noise).
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> n, K, M, T = 40, 4, 2, 3
+        >>> s = assemble(classes=["a", "b"], steps=[0, 1, 2, 3],
+        ...              labels=np.repeat([0, 1], 20), mass_share=rng.dirichlet(np.ones(K), n),
+        ...              confidence=rng.dirichlet(np.ones(M), (T + 1, n)),
+        ...              beta=rng.normal(size=(T, K, M)), beta_se=np.ones((T, K, M)),
+        ...              class_groups=-np.ones(n, dtype=np.int16))
+        >>> [c.name for c in s.classes]
+        ['a', 'b']
+    """
+    settings = settings or StructureSettings()
+    classes = tuple(str(c) for c in classes)
+    m = len(classes)
+    labels = np.asarray(labels, dtype=np.int64)
+    mass_share = np.asarray(mass_share, dtype=np.float64)
+    confidence = np.asarray(confidence, dtype=np.float64)
+    beta = np.asarray(beta, dtype=np.float64)
+    beta_se = np.asarray(beta_se, dtype=np.float64)
+    class_groups = np.asarray(class_groups, dtype=np.int64)
+    _check_shapes(labels, mass_share, confidence, beta, beta_se, class_groups, steps, m)
+    steps = [int(s) for s in steps]
+
+    active = mass_share >= settings.active_threshold
+    counts = np.bincount(labels, minlength=m)
+    if (counts == 0).any():
+        empty = [classes[c] for c in np.flatnonzero(counts == 0)]
+        raise WhylookError(
+            f"class(es) {', '.join(empty)} have no samples in the analysis set; raise "
+            "--analysis-size or check the labels"
+        )
+    onehot = np.eye(m)[labels]  # (n, M)
+    active_rate = (active.T.astype(np.float64) @ onehot) / counts  # (K, M)
+
+    # Standard errors of a sum of per-step estimates, taken as independent across steps.
+    se = np.where(beta_se > 0, beta_se, np.inf)
+    support = beta.sum(axis=0)
+    support_se = np.sqrt((np.where(np.isfinite(se), se, 0.0) ** 2).sum(axis=0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        support_z = np.where(support_se > 0, support / support_se, 0.0)
+
+    class_expl = []
+    for c, name in enumerate(classes):
+        in_c = labels == c
+        shared = np.flatnonzero(
+            (active_rate[:, c] >= settings.shared_rate) & (support_z[:, c] >= settings.z_threshold)
+        )
+        strength = active_rate[shared, c] * np.maximum(support[shared, c], 0.0)
+        order = np.argsort(-strength, kind="stable")
+        top = strength[order[0]] if len(order) and strength[order[0]] > 0 else 1.0
+        class_expl.append(
+            ClassExplanation(
+                name=name,
+                n=int(in_c.sum()),
+                shared=tuple(prototype_id(int(p)) for p in shared[order]),
+                shared_strength=tuple(float(s / top) for s in strength[order]),
+                specialized=_specialized(active, in_c, class_groups, settings),
+            )
+        )
+
+    uncertain = _uncertain(beta, se, active_rate, classes, steps, settings)
+    order = _learning_order(labels, confidence, mass_share, classes, steps, settings)
+    return Structure(
+        settings=settings,
+        active=active,
+        active_rate_by_class=active_rate.astype(np.float32),
+        support=support.astype(np.float32),
+        support_z=support_z.astype(np.float32),
+        classes=tuple(class_expl),
+        uncertain=uncertain,
+        learning_order=order,
+    )
+
+
+def _specialized(
+    active: np.ndarray, in_c: np.ndarray, class_groups: np.ndarray, settings: StructureSettings
+) -> tuple[SpecializedGroup, ...]:
+    rows_c = np.flatnonzero(in_c)
+    groups_c = class_groups[rows_c]
+    out = []
+    for g in sorted(set(groups_c.tolist()) - {-1}):
+        member = groups_c == g
+        size, rest = int(member.sum()), int((~member).sum())
+        if size < settings.min_group_size or rest == 0:
+            continue
+        a_in = active[rows_c[member]].sum(axis=0)
+        a_out = active[rows_c[~member]].sum(axis=0)
+        rate_in, rate_out = a_in / size, a_out / rest
+        candidates = np.flatnonzero(
+            (rate_in >= settings.shared_rate) & (rate_in - rate_out >= settings.specialized_margin)
+        )
+        chosen = []
+        for p in candidates:
+            table = [[int(a_in[p]), size - int(a_in[p])], [int(a_out[p]), rest - int(a_out[p])]]
+            if stats.fisher_exact(table, alternative="greater").pvalue < settings.specialized_p:
+                chosen.append(int(p))
+        chosen.sort(key=lambda p: -(rate_in[p] - rate_out[p]))
+        if chosen:
+            out.append(
+                SpecializedGroup(
+                    group=int(g),
+                    size=size,
+                    prototypes=tuple(prototype_id(p) for p in chosen),
+                    samples=tuple(int(r) for r in rows_c[member][:8]),
+                )
+            )
+    return tuple(out)
+
+
+def _uncertain(
+    beta: np.ndarray,
+    se: np.ndarray,
+    active_rate: np.ndarray,
+    classes: tuple[str, ...],
+    steps: list[int],
+    settings: StructureSettings,
+) -> tuple[UncertainPrototype, ...]:
+    k = beta.shape[1]
+    found = []
+    for p in range(k):
+        used = np.flatnonzero(active_rate[p] >= settings.uncertain_min_rate)
+        for a, b in combinations(used.tolist(), 2):
+            diff = beta[:, p, a] - beta[:, p, b]
+            with np.errstate(invalid="ignore"):
+                z = diff / np.sqrt(se[:, p, a] ** 2 + se[:, p, b] ** 2)
+            z = np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+            favoured = np.where(z >= settings.z_threshold, a,
+                                np.where(z <= -settings.z_threshold, b, -1))
+            decided = np.flatnonzero(favoured >= 0)
+            switches = [int(decided[i]) for i in range(1, len(decided))
+                        if favoured[decided[i]] != favoured[decided[i - 1]]]
+            if len(switches) >= settings.min_swings:
+                found.append(
+                    UncertainPrototype(
+                        id=prototype_id(p),
+                        classes=(classes[a], classes[b]),
+                        swings=len(switches),
+                        # Transition t ends at checkpoint t+1: that is where the swing shows.
+                        steps=tuple(steps[s + 1] for s in switches),
+                        checkpoints=tuple(s + 1 for s in switches),
+                        favoured=tuple(classes[f] if f >= 0 else None for f in favoured),
+                    )
+                )
+    found.sort(key=lambda u: (-u.swings, int(u.id[2:]), u.classes))
+    return tuple(found)
+
+
+def pairwise_accuracy(confidence: np.ndarray, labels: np.ndarray, a: int, b: int) -> np.ndarray:
+    """Per checkpoint, the fraction of samples of classes a and b whose true class scores
+    above the other class of the pair. ``confidence`` is (T+1, n, M); returns (T+1,)."""
+    rows = np.flatnonzero((labels == a) | (labels == b))
+    true = labels[rows]
+    other = np.where(true == a, b, a)
+    conf = confidence[:, rows]
+    idx = np.arange(len(rows))
+    return (conf[:, idx, true] > conf[:, idx, other]).mean(axis=1)
+
+
+def _learning_order(
+    labels: np.ndarray,
+    confidence: np.ndarray,
+    mass_share: np.ndarray,
+    classes: tuple[str, ...],
+    steps: list[int],
+    settings: StructureSettings,
+) -> LearningOrder:
+    m = len(classes)
+    profiles = np.stack([mass_share[labels == c].mean(axis=0) for c in range(m)])
+    level = 1.0 - settings.separation_tolerance
+    pairs = []
+    for a, b in combinations(range(m), 2):
+        acc = pairwise_accuracy(confidence, labels, a, b)
+        below = np.flatnonzero(acc < level)
+        if len(below) == 0:
+            at = 0
+        elif below[-1] == len(acc) - 1:
+            at = None
+        else:
+            at = int(below[-1] + 1)
+        pa, pb = profiles[a], profiles[b]
+        has_mass = pa.sum() > 0 and pb.sum() > 0
+        distinct = float(jensenshannon(pa, pb, base=2)) if has_mass else 0.0
+        pairs.append(
+            PairSeparation(
+                pair=(classes[a], classes[b]),
+                separated_at_step=None if at is None else steps[at],
+                separated_at_checkpoint=at,
+                distinctness=distinct if np.isfinite(distinct) else 0.0,
+                final_pairwise_accuracy=float(acc[-1]),
+            )
+        )
+    # Pairs never separated rank after every separated pair (tied among themselves).
+    late = len(steps)
+    when = np.array([p.separated_at_checkpoint if p.separated_at_checkpoint is not None
+                     else late for p in pairs], dtype=float)
+    dist = np.array([p.distinctness for p in pairs])
+    rho = pval = None
+    if len(pairs) >= 3 and np.ptp(when) > 0 and np.ptp(dist) > 0:
+        res = stats.spearmanr(dist, when)
+        rho, pval = float(res.statistic), float(res.pvalue)
+    pairs.sort(key=lambda p: (p.separated_at_checkpoint if p.separated_at_checkpoint is not None
+                              else late, -p.distinctness, p.pair))
+    return LearningOrder(pairs=tuple(pairs), spearman=rho, p_value=pval, n_pairs=len(pairs))
