@@ -1,0 +1,191 @@
+"""Step 6 rules on hand-made arrays whose right answer is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from whylook.errors import WhylookError
+from whylook.structure import StructureSettings, assemble, pairwise_accuracy
+
+M, K, T = 3, 5, 4
+N_PER = 20
+
+
+def _base():
+    n = M * N_PER
+    labels = np.repeat(np.arange(M), N_PER)
+    mass = np.full((n, K), 0.01)
+    conf = np.full((T + 1, n, M), 1.0 / M)
+    beta = np.zeros((T, K, M))
+    se = np.full((T, K, M), 0.1)
+    groups = -np.ones(n, dtype=np.int16)
+    return labels, mass, conf, beta, se, groups
+
+
+def _run(labels, mass, conf, beta, se, groups, **kw):
+    return assemble(classes=["a", "b", "c"], steps=[0, 1, 10, 100, 1000], labels=labels,
+                    mass_share=mass, confidence=conf, beta=beta, beta_se=se,
+                    class_groups=groups, settings=StructureSettings(**kw))
+
+
+def test_shared_needs_activity_and_significant_support():
+    labels, mass, conf, beta, se, groups = _base()
+    in_a = labels == 0
+    mass[in_a, 0] = 0.5  # P-0: active in every sample of a, positive support
+    mass[in_a, 1] = 0.4  # P-1: active in every sample of a, but beta only noise
+    mass[in_a, 2] = 0.3  # P-2: active in every sample of a, weaker but real support
+    beta[:, 0, 0] = 1.0
+    beta[:, 1, 0] = 0.05
+    beta[:, 2, 0] = 0.4
+    s = _run(labels, mass, conf, beta, se, groups)
+    a = s.classes[0]
+    assert a.shared == ("P-0", "P-2")  # strongest first, P-1 is below the noise
+    assert a.shared_strength[0] == pytest.approx(1.0)
+    # strength = active rate (1.0 for both) x summed support (4 x 0.4 vs 4 x 1.0)
+    assert a.shared_strength[1] == pytest.approx(1.6 / 4.0)
+    assert s.classes[1].shared == ()
+    assert s.active_rate_by_class[0, 0] == pytest.approx(1.0)
+    assert s.active_rate_by_class[0, 1] == pytest.approx(0.0)
+    # z of the summed support: 4 * 1.0 / sqrt(4 * 0.1^2) = 20
+    assert s.support_z[0, 0] == pytest.approx(20.0)
+
+
+def test_presence_without_saliency_mass_is_not_active():
+    labels, mass, conf, beta, se, groups = _base()
+    mass[:, 3] = 0.09  # just below the default threshold of 0.1 everywhere
+    beta[:, 3, :] = 1.0
+    s = _run(labels, mass, conf, beta, se, groups)
+    assert not s.active[:, 3].any()
+    assert all("P-3" not in c.shared for c in s.classes)
+
+
+def test_specialized_prototype_of_a_sub_group():
+    labels, mass, conf, beta, se, groups = _base()
+    rows_b = np.flatnonzero(labels == 1)
+    groups[rows_b[:12]] = 0
+    groups[rows_b[12:]] = 1
+    mass[rows_b[:12], 4] = 0.6  # P-4 only in group 0 of class b
+    mass[rows_b, 0] = 0.3  # P-0 in all of b: not specialized
+    s = _run(labels, mass, conf, beta, se, groups)
+    spec = s.classes[1].specialized
+    assert len(spec) == 1
+    assert spec[0].group == 0
+    assert spec[0].size == 12
+    assert spec[0].prototypes == ("P-4",)
+    assert set(spec[0].samples) <= set(rows_b[:12].tolist())
+
+
+def test_specialized_needs_a_large_enough_group():
+    labels, mass, conf, beta, se, groups = _base()
+    rows_b = np.flatnonzero(labels == 1)
+    groups[rows_b[:3]] = 0
+    mass[rows_b[:3], 4] = 0.6
+    s = _run(labels, mass, conf, beta, se, groups)
+    assert s.classes[1].specialized == ()
+
+
+def test_uncertain_prototype_swings_beyond_noise_only():
+    labels, mass, conf, beta, se, groups = _base()
+    both = (labels == 0) | (labels == 1)
+    mass[both, 3] = 0.3
+    # P-3 favours a, then b, then a, then b: three swings at transitions 1, 2, 3.
+    beta[:, 3, 0] = [1.0, -1.0, 1.0, -1.0]
+    beta[:, 3, 1] = [-1.0, 1.0, -1.0, 1.0]
+    s = _run(labels, mass, conf, beta, se, groups)
+    assert len(s.uncertain) == 1
+    u = s.uncertain[0]
+    assert (u.id, u.classes, u.swings) == ("P-3", ("a", "b"), 3)
+    assert u.checkpoints == (2, 3, 4)
+    assert u.steps == (10, 100, 1000)
+    # The same pattern inside the noise is not a swing.
+    se_noisy = np.full_like(se, 5.0)
+    assert _run(labels, mass, conf, beta, se_noisy, groups).uncertain == ()
+
+
+def test_uncertain_needs_the_prototype_in_both_classes():
+    labels, mass, conf, beta, se, groups = _base()
+    mass[labels == 0, 3] = 0.3  # only in class a
+    beta[:, 3, 0] = [1.0, -1.0, 1.0, -1.0]
+    beta[:, 3, 1] = [-1.0, 1.0, -1.0, 1.0]
+    assert _run(labels, mass, conf, beta, se, groups).uncertain == ()
+
+
+def _confident(conf, rows, t_from, true, other=None):
+    """From checkpoint t_from on, rows score their true class above everything else."""
+    conf[t_from:, rows, :] = 0.1
+    conf[t_from:, rows, true] = 0.8
+
+
+def test_learning_order_reads_pairwise_accuracy_not_raw_confusion():
+    labels, mass, conf, beta, se, groups = _base()
+    # At initialisation every sample is predicted as "c": raw confusion of (a, b) is zero,
+    # but the pair is not yet told apart, so it must not count as separated at step 0.
+    conf[0, :, :] = [0.3, 0.3, 0.4]
+    conf[1:, :, :] = [0.3, 0.3, 0.4]
+    _confident(conf, labels == 0, 2, 0)
+    _confident(conf, labels == 2, 2, 2)
+    _confident(conf, labels == 1, 4, 1)
+    mass[labels == 0, 0] = 0.9
+    mass[labels == 1, 1] = 0.9
+    mass[labels == 2, 2] = 0.9
+    s = _run(labels, mass, conf, beta, se, groups)
+    by_pair = {p.pair: p for p in s.learning_order.pairs}
+    assert by_pair[("a", "c")].separated_at_checkpoint == 2
+    assert by_pair[("a", "c")].separated_at_step == 10
+    assert by_pair[("a", "b")].separated_at_checkpoint == 4
+    assert by_pair[("b", "c")].separated_at_checkpoint == 4
+    assert s.learning_order.pairs[0].pair == ("a", "c")  # first separated comes first
+
+
+def test_never_separated_pair_has_no_step():
+    labels, mass, conf, beta, se, groups = _base()
+    s = _run(labels, mass, conf, beta, se, groups)  # uniform confidences throughout
+    assert all(p.separated_at_step is None for p in s.learning_order.pairs)
+
+
+def test_learning_order_correlation_matches_scipy():
+    rng = np.random.default_rng(1)
+    m, n_per, t1 = 5, 30, 6
+    labels = np.repeat(np.arange(m), n_per)
+    n = len(labels)
+    conf = np.full((t1, n, m), 1.0 / m)
+    # Class c becomes confident at checkpoint c+1: pairs (a, b) separate at max(a, b)+1.
+    for c in range(m):
+        conf[c + 1:, labels == c, :] = 0.05
+        conf[c + 1:, labels == c, c] = 0.8
+    mass = rng.dirichlet(np.ones(8), n)
+    s = assemble(classes=[str(c) for c in range(m)], steps=list(range(t1)), labels=labels,
+                 mass_share=mass, confidence=conf, beta=np.zeros((t1 - 1, 8, m)),
+                 beta_se=np.ones((t1 - 1, 8, m)), class_groups=-np.ones(n, dtype=np.int16))
+    pairs = s.learning_order.pairs
+    when = [p.separated_at_checkpoint if p.separated_at_checkpoint is not None else t1
+            for p in pairs]
+    expected = stats.spearmanr([p.distinctness for p in pairs], when)
+    assert s.learning_order.spearman == pytest.approx(expected.statistic)
+    assert s.learning_order.p_value == pytest.approx(expected.pvalue)
+    # Class 4 never becomes confident before the last checkpoint... it does at 5 = last.
+    assert {p.pair: p.separated_at_checkpoint for p in pairs}[("0", "1")] == 2
+
+
+def test_pairwise_accuracy_closed_form():
+    labels = np.array([0, 0, 1, 1, 2])
+    conf = np.array([[[0.6, 0.4, 0.0], [0.4, 0.6, 0.0], [0.2, 0.7, 0.1], [0.5, 0.4, 0.1],
+                      [0.0, 0.0, 1.0]]])
+    # Rows 0 and 2 are right within the pair (0, 1); rows 1 and 3 are wrong.
+    assert pairwise_accuracy(conf, labels, 0, 1).tolist() == [0.5]
+
+
+def test_bad_shapes_and_settings_are_one_line_errors():
+    labels, mass, conf, beta, se, groups = _base()
+    with pytest.raises(WhylookError, match="beta and beta_se"):
+        _run(labels, mass, conf, beta[:2], se, groups)
+    with pytest.raises(WhylookError, match="labels"):
+        _run(labels[:-1], mass, conf, beta, se, groups)
+    with pytest.raises(WhylookError, match="active_threshold"):
+        StructureSettings(active_threshold=1.5)
+    empty = labels.copy()
+    empty[empty == 2] = 1
+    with pytest.raises(WhylookError, match="no samples"):
+        _run(empty, mass, conf, beta, se, groups)
