@@ -25,9 +25,17 @@ def _base():
 
 
 def _run(labels, mass, conf, beta, se, groups, **kw):
-    return assemble(classes=["a", "b", "c"], steps=[0, 1, 10, 100, 1000], labels=labels,
-                    mass_share=mass, confidence=conf, beta=beta, beta_se=se,
-                    class_groups=groups, settings=StructureSettings(**kw))
+    return assemble(
+        classes=["a", "b", "c"],
+        steps=[0, 1, 10, 100, 1000],
+        labels=labels,
+        mass_share=mass,
+        confidence=conf,
+        beta=beta,
+        beta_se=se,
+        class_groups=groups,
+        settings=StructureSettings(**kw),
+    )
 
 
 def test_shared_needs_activity_and_significant_support():
@@ -153,15 +161,23 @@ def test_learning_order_correlation_matches_scipy():
     conf = np.full((t1, n, m), 1.0 / m)
     # Class c becomes confident at checkpoint c+1: pairs (a, b) separate at max(a, b)+1.
     for c in range(m):
-        conf[c + 1:, labels == c, :] = 0.05
-        conf[c + 1:, labels == c, c] = 0.8
+        conf[c + 1 :, labels == c, :] = 0.05
+        conf[c + 1 :, labels == c, c] = 0.8
     mass = rng.dirichlet(np.ones(8), n)
-    s = assemble(classes=[str(c) for c in range(m)], steps=list(range(t1)), labels=labels,
-                 mass_share=mass, confidence=conf, beta=np.zeros((t1 - 1, 8, m)),
-                 beta_se=np.ones((t1 - 1, 8, m)), class_groups=-np.ones(n, dtype=np.int16))
+    s = assemble(
+        classes=[str(c) for c in range(m)],
+        steps=list(range(t1)),
+        labels=labels,
+        mass_share=mass,
+        confidence=conf,
+        beta=np.zeros((t1 - 1, 8, m)),
+        beta_se=np.ones((t1 - 1, 8, m)),
+        class_groups=-np.ones(n, dtype=np.int16),
+    )
     pairs = s.learning_order.pairs
-    when = [p.separated_at_checkpoint if p.separated_at_checkpoint is not None else t1
-            for p in pairs]
+    when = [
+        p.separated_at_checkpoint if p.separated_at_checkpoint is not None else t1 for p in pairs
+    ]
     expected = stats.spearmanr([p.distinctness for p in pairs], when)
     assert s.learning_order.spearman == pytest.approx(expected.statistic)
     assert s.learning_order.p_value == pytest.approx(expected.pvalue)
@@ -171,8 +187,9 @@ def test_learning_order_correlation_matches_scipy():
 
 def test_pairwise_accuracy_closed_form():
     labels = np.array([0, 0, 1, 1, 2])
-    conf = np.array([[[0.6, 0.4, 0.0], [0.4, 0.6, 0.0], [0.2, 0.7, 0.1], [0.5, 0.4, 0.1],
-                      [0.0, 0.0, 1.0]]])
+    conf = np.array(
+        [[[0.6, 0.4, 0.0], [0.4, 0.6, 0.0], [0.2, 0.7, 0.1], [0.5, 0.4, 0.1], [0.0, 0.0, 1.0]]]
+    )
     # Rows 0 and 2 are right within the pair (0, 1); rows 1 and 3 are wrong.
     assert pairwise_accuracy(conf, labels, 0, 1).tolist() == [0.5]
 

@@ -150,16 +150,6 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise WhylookError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    if device not in {"cpu", "cuda"}:
-        raise WhylookError(f"unknown device {device!r}; use auto, cpu or cuda")
-    return torch.device(device)
-
-
 def _shards(n: int, size: int) -> Iterator[tuple[int, slice]]:
     for i, start in enumerate(range(0, n, size)):
         yield i, slice(start, min(n, start + size))
@@ -200,6 +190,7 @@ def explain(
         >>> run = whylook.train("mnist5k", "smallcnn", epochs=1, out="runs/demo")  # doctest: +SKIP
         >>> print(whylook.explain(run).summary())  # doctest: +SKIP
     """
+    from whylook.models import resolve_device
     from whylook.run import RunFolder
 
     base = settings or ExplainSettings()
@@ -210,7 +201,7 @@ def explain(
     )
     folder = run if isinstance(run, RunFolder) else RunFolder.open(run)
     with run_lock(folder.path):
-        return _explain_locked(folder, settings, _resolve_device(device), progress)
+        return _explain_locked(folder, settings, resolve_device(device), progress)
 
 
 def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device,
@@ -244,7 +235,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
 
     final = folder.load_model(len(ckpts) - 1, device=str(device))
     get_layer(final, layer_name)  # unknown names fail here with the list of candidates
-    d, h, w = layer_shape(final, layer_name, (1, data.channels, *data.image_size))
+    d, h, w = layer_shape(final, layer_name, (data.channels, *data.image_size))
     if settings.k == "default":
         k_value: int | str = default_k(data.channels)
         k_choice = "default"
@@ -322,7 +313,8 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         save_npz(shard_file, {"saliency": res.saliency, "confidence": res.confidence})
 
     # Step 3: prototype intensity, its presence mask and the final saliency mass shares.
-    intensity, presence = inten.prototype_intensity(saliency, assignments, k_final)
+    intensity_result = inten.prototype_intensity(saliency, assignments, k_final)
+    intensity, presence = intensity_result.values, intensity_result.presence
     mass_share = inten.mass_share(saliency[-1], assignments, k_final)
 
     # Step 4: learning patterns.
@@ -331,7 +323,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     # Step 5: ridge mapping from intensity changes to confidence changes.
     mapping = fit_mapping(
         inten.delta(intensity), inten.delta(confidence), groups=patterns.groups,
-        ridge_lambda=settings.ridge_lambda, bootstrap=settings.bootstrap, seed=settings.seed,
+        lam=settings.ridge_lambda, n_boot=settings.bootstrap, seed=settings.seed,
     )
 
     # Step 6: the structured explanation.
@@ -394,7 +386,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
             "seed": int(settings.seed),
             "n_components": int(prototypes.components.shape[0]),
             "explained_variance": round(float(np.sum(prototypes.explained_variance_ratio)), 6),
-            "min_cluster_size": patterns.min_cluster_size,
+            "min_cluster_size": int(patterns.min_cluster_size),
             "ridge_lambda": settings.ridge_lambda,
             "bootstrap": int(settings.bootstrap),
         },
@@ -412,9 +404,23 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
             for p in range(k_final)
         ],
         **structure.to_json(),
-        "patterns": patterns.to_json(),
-        "mapping": {"lambdas": [round(float(x), 8) for x in mapping.lambdas],
-                    "bootstrap": int(settings.bootstrap)},
+        "patterns": {
+            "groups_per_transition": [int(g) for g in patterns.n_groups_per_transition],
+            "noise_fraction": [round(float(f), 6) for f in patterns.noise_fraction],
+            "all_noise_transitions": [int(t) for t in patterns.all_noise_transitions],
+            "groups_per_class": {classes[int(c)]: int(g) for c, g in
+                                 zip(patterns.classes, patterns.n_groups_per_class, strict=True)},
+            "all_noise_classes": [classes[int(c)] for c, f in
+                                  zip(patterns.classes, patterns.class_all_noise, strict=True)
+                                  if f],
+            "min_cluster_size": int(patterns.min_cluster_size),
+        },
+        "mapping": {"lambdas": [float(f"{x:.6g}") for x in mapping.lambdas],
+                    "lambda_mode": mapping.lambda_mode,
+                    "cv_r2": [None if not np.isfinite(r) else round(float(r), 6)
+                              for r in mapping.cv_r2],
+                    "bootstrap": int(mapping.n_boot),
+                    "skipped_groups": len(mapping.skipped_groups)},
         "versions": {"whylook": __version__, "torch": torch.__version__,
                      "numpy": np.__version__, "python": platform.python_version()},
     }

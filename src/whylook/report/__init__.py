@@ -1,0 +1,580 @@
+"""``whylook report RUN``: one self-contained HTML page per run, plus the figures as PNG.
+
+The page (``RUN/report/index.html`` by default) has inline CSS and images (base64 data
+URIs), a Content-Security-Policy that allows no network access and only its own inline
+script, and opens from disk. Beside it, every figure is saved as a PNG file for papers
+and slides (``*.png`` for plots, ``patches/*.png`` for the image patches).
+
+Sections: overview (data, model, layer, K, checkpoints, accuracy/loss, confusion matrix),
+prototype gallery, per-class explanation (shared and specialized prototypes, β heatmap,
+saliency across checkpoints), uncertain prototypes, learning order, and — when the run
+folder has them — fine-tuning (``RUN/finetune/finetune.json``) and comparison
+(``RUN/compare/*.json``) results.
+
+Every string that comes from data or configuration is escaped by Jinja2's autoescape, so
+a class named ``<img src=x onerror=alert(1)>`` shows as text; the CSP would block an
+injected script even if escaping were bypassed.
+
+Page size: the gallery shows each prototype's top samples as one strip of 64-px
+thumbnails (PNG or JPEG, whichever is smaller) and the per-class figures are drawn at 80
+dpi, so a 128-prototype, 10-class CIFAR run stays under :data:`PAGE_BUDGET_BYTES` (8 MB;
+asserted by the tests). The page grows by roughly 100-200 KB per class and 10-20 KB per
+prototype.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from whylook._io import atomic_write, run_lock
+from whylook.report import figures, patches
+from whylook.report._inputs import Inputs, load
+from whylook.report._tables import tables
+
+__all__ = ["PAGE_BUDGET_BYTES", "report"]
+
+#: Size limit of ``index.html`` for a K=128, 10-class CIFAR-10 run (asserted in tests).
+PAGE_BUDGET_BYTES = 8 * 1024 * 1024
+
+_TOP = 6  # thumbnails per prototype in the gallery and per uncertain prototype
+_CLASS_TOP = 5  # thumbnails per shared prototype / specialized sub-group of a class
+_MAX_SHARED_SHOWN = 8  # shared prototypes with patches per class (the rest are named)
+_MAX_BETA_ROWS = 40  # prototypes in a class's β heatmap; all of them when K is this small
+_MAX_UNCERTAIN_SHOWN = 24  # uncertain prototypes drawn in full (the rest in a table)
+_MAX_TIMELINE = 60  # class pairs drawn in the learning-order timeline
+_GALLERY_PAGE = 16  # prototypes per collapsible block of the gallery
+_SALIENCY_PANELS = 6  # checkpoints in a class's saliency strip
+
+# The page's only script: it checks that every image decoded and records what it found
+# on <html> (data-check, data-images-*, data-sections) for a headless browser to read.
+# It reads nothing outside the page and sends nothing anywhere; the CSP allows it by hash.
+_CHECK_SCRIPT = (
+    "window.addEventListener('load',function(){"
+    "var imgs=Array.prototype.slice.call(document.images);"
+    "var bad=imgs.filter(function(i){return !(i.complete&&i.naturalWidth>0);});"
+    "var ids=Array.prototype.map.call(document.querySelectorAll('section[id]'),"
+    "function(s){return s.id;});"
+    "var r=document.documentElement;"
+    "r.setAttribute('data-images-total',String(imgs.length));"
+    "r.setAttribute('data-images-broken',String(bad.length));"
+    "r.setAttribute('data-sections',ids.join(' '));"
+    "r.setAttribute('data-check','done');});"
+)
+_OWN_FILES = re.compile(
+    r"^(overview|prototypes|class|uncertain|learning|finetune|compare)-[\w.-]*\.png$"
+)
+
+
+@dataclass
+class _Files:
+    """Figures gathered while building the page, written together at the end."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    def figure(self, name: str, png: bytes) -> str:
+        self.files[name] = png
+        return _uri(png, "image/png")
+
+    def patch(self, name: str, rgb: np.ndarray) -> str:
+        png, inline, mime = patches.encode(rgb)
+        self.files[f"patches/{name}"] = png
+        return _uri(inline, mime)
+
+
+def _uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+class _Builder:
+    """Turns checked :class:`Inputs` into the template's context (and the figures)."""
+
+    def __init__(self, inp: Inputs) -> None:
+        self.inp = inp
+        self.a = inp.arrays
+        self.exp = inp.explanation
+        self.out = _Files()
+        self.labels = self.a["labels"].astype(np.int64)
+        self.assign = self.a["assignments"]
+        self.k = inp.k
+        self.m = len(inp.classes)
+        self.t = int(self.a["beta"].shape[0])
+        self.end_steps = inp.steps[1:]  # transition t ends at checkpoint t+1
+        self.share = self._mass_share()
+        self.images = inp.images if inp.images is not None else self._stand_in_images()
+
+    # -- shared helpers ------------------------------------------------------------------
+
+    def _mass_share(self) -> np.ndarray:
+        """(n, K) share of final saliency mass per prototype (computed when not stored)."""
+        if "mass_share" in self.a:
+            return np.asarray(self.a["mass_share"], dtype=np.float64)
+        sal = self.a["saliency"][-1].astype(np.float64).reshape(len(self.labels), -1)
+        flat = self.assign.reshape(len(self.labels), -1).astype(np.int64)
+        share = np.zeros((len(self.labels), self.k))
+        rows = np.repeat(np.arange(len(self.labels)), flat.shape[1])
+        np.add.at(share, (rows, flat.ravel()), sal.ravel())
+        total = share.sum(axis=1, keepdims=True)
+        return np.divide(share, total, out=np.zeros_like(share), where=total > 0)
+
+    def _stand_in_images(self) -> np.ndarray:
+        """Final saliency as grey images, so patches still show where, if not what."""
+        sal = self.a["saliency"][-1].astype(np.float64)
+        peak = sal.reshape(len(sal), -1).max(axis=1)[:, None, None]
+        img = np.divide(sal, peak, out=np.zeros_like(sal), where=peak > 0)
+        img = np.repeat(np.repeat(img, 8, axis=1), 8, axis=2)
+        return (img * 255).astype(np.uint8)[:, None]
+
+    def _rank(self, k: int, rows: np.ndarray, top: int) -> list[int]:
+        """Rows where prototype k takes the largest share of the saliency, present only."""
+        rows = np.asarray(rows, dtype=np.int64)
+        present = (self.assign[rows] == k).reshape(len(rows), -1).any(axis=1)
+        rows = rows[present]
+        order = np.lexsort((rows, -self.share[rows, k]))  # stable tie-break on row
+        return [int(r) for r in rows[order][:top]]
+
+    def _strip(self, name: str, rows: Sequence[int], protos: Sequence[int]) -> str | None:
+        if not rows:
+            return None
+        thumbs = [
+            patches.thumbnail(self.images[r], np.isin(self.assign[r], list(protos)))
+            for r in rows
+        ]
+        return self.out.patch(name, patches.strip(thumbs))
+
+    def _valid_rows(self, rows: Any) -> list[int]:
+        n = len(self.labels)
+        if not isinstance(rows, list):
+            return []
+        return [int(r) for r in rows if isinstance(r, int) and 0 <= r < n]
+
+    def _analysis_accuracy(self) -> list[float]:
+        pred = self.a["confidence"].argmax(axis=2)
+        return [float(np.mean(p == self.labels)) for p in pred]
+
+    # -- sections ------------------------------------------------------------------------
+
+    def overview(self) -> dict[str, Any]:
+        inp, exp = self.inp, self.exp
+        run_info = exp.get("run") or {}
+        config = inp.run.get("config") if isinstance(inp.run.get("config"), dict) else {}
+        h, w = inp.grid
+        facts = [
+            ("data", run_info.get("data") or config.get("data") or inp.run.get("data")),
+            ("model", run_info.get("model") or config.get("model")),
+            ("prototype layer", exp.get("layer") or run_info.get("layer")),
+            ("feature grid (h×w)", f"{h}×{w}"),
+            ("prototypes K", f"{self.k}" + (f" ({exp['k_choice']})" if exp.get("k_choice")
+                                           else "")),
+            ("classes", f"{self.m}: " + ", ".join(inp.classes[:20])
+             + (" …" if self.m > 20 else "")),
+            ("checkpoints", f"{len(inp.steps)} (steps {inp.steps[0]} … {inp.steps[-1]})"),
+            ("analysis set", f"{len(self.labels)} training samples"),
+            ("final test accuracy", _pct(inp.test_accuracy[-1])),
+        ]
+        ckpt_rows = []
+        epochs = [c.get("epoch") for c in exp["checkpoints"]]
+        acc_an = self._analysis_accuracy()
+        for i, step in enumerate(inp.steps):
+            loss = inp.test_loss[i]
+            ckpt_rows.append([str(i), str(step), "—" if epochs[i] is None else f"{epochs[i]:.3g}",
+                              _pct(inp.test_accuracy[i]), "—" if loss is None else f"{loss:.4f}",
+                              _pct(acc_an[i])])
+        acc_uri = self.out.figure("overview-accuracy.png", figures.accuracy_loss(
+            inp.steps, inp.test_accuracy, inp.test_loss, acc_an))
+        if "confusion" in self.a:
+            matrix = np.asarray(self.a["confusion"][-1])
+            source = (f"analysis set (n={len(self.labels)}), final checkpoint, from "
+                      "arrays.npz confusion[-1]")
+        else:
+            pred = self.a["confidence"][-1].argmax(axis=1)
+            matrix = np.zeros((self.m, self.m), np.int64)
+            np.add.at(matrix, (self.labels, pred), 1)
+            source = (f"analysis set (n={len(self.labels)}), final checkpoint, recomputed "
+                      "from the stored confidences")
+        conf_uri = self.out.figure("overview-confusion.png", figures.confusion(
+            matrix, inp.classes, "confusion matrix of the final model"))
+        settings = exp.get("settings") if isinstance(exp.get("settings"), dict) else {}
+        return {
+            "facts": [(k, "—" if v is None else str(v)) for k, v in facts],
+            "checkpoints": ckpt_rows,
+            "accuracy": acc_uri,
+            "confusion": conf_uri,
+            "confusion_source": source,
+            "settings": tables(settings, "analysis settings") if settings else [],
+            "config": tables(config, "run configuration") if config else [],
+            "versions": tables(inp.run["versions"], "package versions")
+            if isinstance(inp.run.get("versions"), dict) else [],
+        }
+
+    def _roles(self) -> dict[int, list[str]]:
+        """Prototype -> short notes of where the explanation names it."""
+        roles: dict[int, list[str]] = {}
+        for entry in self.exp["classes_explained"]:
+            c = str(entry.get("class"))
+            for pid in entry.get("shared") or []:
+                roles.setdefault(self.inp.proto_index(pid), []).append(f"shared in {c}")
+            for g in entry.get("specialized") or []:
+                for pid in g.get("prototypes") or []:
+                    roles.setdefault(self.inp.proto_index(pid), []).append(
+                        f"specialized in {c} (group {g.get('group')})")
+        for u in self.exp.get("uncertain_prototypes") or []:
+            a, b = [*(u.get("classes") or []), "?", "?"][:2]
+            roles.setdefault(self.inp.proto_index(u.get("id")), []).append(
+                f"uncertain {a} ↔ {b}")
+        return roles
+
+    def gallery(self) -> dict[str, Any]:
+        inp = self.inp
+        rates = np.zeros((self.k, self.m))
+        protos: dict[int, dict[str, Any]] = {}
+        for p in self.exp["prototypes"]:
+            k = inp.proto_index(p.get("id"))
+            protos[k] = p
+            by_class = p.get("active_rate_by_class") or {}
+            for c, v in by_class.items():
+                if str(c) in inp.classes and isinstance(v, int | float):
+                    rates[k, inp.classes.index(str(c))] = float(v)
+        if not protos and "active" in self.a:
+            # No per-prototype entries: fall back to the stored active mask.
+            for ci in range(self.m):
+                rows = self.labels == ci
+                if rows.any():
+                    rates[:, ci] = self.a["active"][rows].mean(axis=0)
+        roles = self._roles()
+        cards = []
+        all_rows = np.arange(len(self.labels))
+        for k in range(self.k):
+            p = protos.get(k, {})
+            rows = self._valid_rows(p.get("top_samples"))[:_TOP] or self._rank(k, all_rows, _TOP)
+            order = np.argsort(-rates[k], kind="stable")[: min(3, self.m)]
+            cards.append({
+                "id": f"P-{k}",
+                "anchor": f"proto-{k}",
+                "strip": self._strip(f"prototype-P-{k}.png", rows, [k]),
+                "captions": [inp.classes[self.labels[r]] for r in rows],
+                "active_rate": p.get("active_rate"),
+                "presence_rate": p.get("presence_rate"),
+                "top_classes": [(inp.classes[c], float(rates[k, c])) for c in order
+                                if rates[k, c] > 0],
+                "roles": roles.get(k, []),
+            })
+        pages = [
+            {"label": f"P-{i} … P-{min(i + _GALLERY_PAGE, self.k) - 1}",
+             "cards": cards[i : i + _GALLERY_PAGE]}
+            for i in range(0, self.k, _GALLERY_PAGE)
+        ]
+        heat = self.out.figure("prototypes-active-rate.png",
+                               figures.active_rates(rates, inp.classes))
+        return {"pages": pages, "heatmap": heat, "k": self.k}
+
+    def _beta_rows(self, ci: int, named: list[int]) -> list[int]:
+        if self.k <= _MAX_BETA_ROWS:
+            return list(range(self.k))
+        strength = np.abs(self.a["beta"][:, :, ci]).sum(axis=0)
+        chosen = list(dict.fromkeys(named))[:_MAX_BETA_ROWS]
+        for k in np.argsort(-strength, kind="stable"):
+            if len(chosen) >= _MAX_BETA_ROWS:
+                break
+            if int(k) not in chosen:
+                chosen.append(int(k))
+        return sorted(chosen)
+
+    def classes(self) -> list[dict[str, Any]]:
+        inp = self.inp
+        conf = self.a["confidence"]
+        t1 = conf.shape[0]
+        panels = sorted({round(x) for x in np.linspace(0, t1 - 1, min(_SALIENCY_PANELS, t1))})
+        uncertain_by_class: dict[int, list[str]] = {}
+        for u in self.exp.get("uncertain_prototypes") or []:
+            for c in (u.get("classes") or [])[:2]:
+                uncertain_by_class.setdefault(inp.class_index(c), []).append(str(u.get("id")))
+        out = []
+        for entry in self.exp["classes_explained"]:
+            ci = inp.class_index(entry.get("class"))
+            name = inp.classes[ci]
+            rows = np.nonzero(self.labels == ci)[0]
+            shared_ids = [inp.proto_index(p) for p in entry.get("shared") or []]
+            strengths = list(entry.get("shared_strength") or [])
+            shared = []
+            for j, k in enumerate(shared_ids[:_MAX_SHARED_SHOWN]):
+                top = self._rank(k, rows, _CLASS_TOP)
+                shared.append({
+                    "id": f"P-{k}", "anchor": f"proto-{k}",
+                    "strength": strengths[j] if j < len(strengths) else None,
+                    "strip": self._strip(f"class-{ci:03d}-shared-P-{k}.png", top, [k]),
+                })
+            more_shared = [f"P-{k}" for k in shared_ids[_MAX_SHARED_SHOWN:]]
+            specialized = []
+            named = list(shared_ids)
+            for j, g in enumerate(entry.get("specialized") or []):
+                ks = [inp.proto_index(p) for p in g.get("prototypes") or []]
+                named += ks
+                samples = self._valid_rows(g.get("samples"))
+                if not samples and "class_groups" in self.a:
+                    samples = [int(r) for r in rows if self.a["class_groups"][r] == g.get("group")]
+                samples = samples[:_CLASS_TOP]
+                specialized.append({
+                    "group": g.get("group"), "size": g.get("size"),
+                    "prototypes": [{"id": f"P-{k}", "anchor": f"proto-{k}"} for k in ks],
+                    "strip": self._strip(f"class-{ci:03d}-group-{j}.png",
+                                         samples, ks),
+                })
+            beta_rows = self._beta_rows(ci, named)
+            z = self.a["beta_z"][:, beta_rows, ci].T if "beta_z" in self.a else None
+            role = dict.fromkeys(shared_ids, " (shared)")
+            beta_uri = self.out.figure(
+                f"class-{ci:03d}-beta.png",
+                figures.beta_heatmap(self.a["beta"][:, beta_rows, ci].T,
+                                     [f"P-{k}{role.get(k, '')}" for k in beta_rows],
+                                     self.end_steps, name, z))
+            saliency = None
+            if len(rows):
+                # The sample the final model is surest about: its attention has settled,
+                # so the strip shows where it moved from.
+                r = int(rows[np.argmax(conf[-1, rows, ci])])
+                saliency = {
+                    "uri": self.out.figure(
+                        f"class-{ci:03d}-saliency.png",
+                        figures.saliency_strip(
+                            self.images[r], self.a["saliency"][panels, r],
+                            [inp.steps[i] for i in panels],
+                            [float(conf[i, r, ci]) for i in panels], name)),
+                    "row": r,
+                    "sample": int(self.a["sample_index"][r]),
+                }
+            final_acc = float(np.mean(conf[-1, rows].argmax(axis=1) == ci)) if len(rows) else None
+            out.append({
+                "index": ci,
+                "name": name,
+                "n": entry.get("n", len(rows)),
+                "accuracy": _pct(final_acc),
+                "shared": shared,
+                "more_shared": more_shared,
+                "specialized": specialized,
+                "beta": beta_uri,
+                "beta_note": "" if len(beta_rows) == self.k else
+                f"{len(beta_rows)} of {self.k} prototypes: those this class's explanation "
+                "names and those with the largest |β| for it",
+                "saliency": saliency,
+                "uncertain": uncertain_by_class.get(ci, []),
+            })
+        return out
+
+    def uncertain(self) -> dict[str, Any]:
+        inp = self.inp
+        items, rest = [], []
+        for i, u in enumerate(self.exp.get("uncertain_prototypes") or []):
+            k = inp.proto_index(u.get("id"))
+            pair = list(u.get("classes") or [])
+            if len(pair) != 2:
+                continue
+            a, b = inp.class_index(pair[0]), inp.class_index(pair[1])
+            steps = [int(s) for s in u.get("steps") or [] if isinstance(s, int | float)]
+            row = {"id": f"P-{k}", "anchor": f"proto-{k}", "a": inp.classes[a],
+                   "b": inp.classes[b], "swings": u.get("swings"),
+                   "steps": ", ".join(str(s) for s in steps) or "—"}
+            if i >= _MAX_UNCERTAIN_SHOWN:
+                rest.append(row)
+                continue
+            rows = np.nonzero(np.isin(self.labels, [a, b]))[0]
+            top = self._rank(k, rows, _TOP)
+            row["strip"] = self._strip(f"uncertain-P-{k}-{a}-{b}.png", top, [k])
+            row["captions"] = [inp.classes[self.labels[r]] for r in top]
+            row["plot"] = self.out.figure(
+                f"uncertain-P-{k}-{a}-{b}.png",
+                figures.uncertain_support(self.end_steps, self.a["beta"][:, k, a],
+                                          self.a["beta"][:, k, b],
+                                          (inp.classes[a], inp.classes[b]), steps, f"P-{k}"))
+            items.append(row)
+        return {"entries": items, "rest": rest}
+
+    def learning(self) -> dict[str, Any]:
+        order = []
+        for e in self.exp.get("learning_order") or []:
+            pair = [str(x) for x in (e.get("pair") or [])]
+            if len(pair) != 2:
+                continue
+            s = e.get("separated_at_step")
+            d = e.get("distinctness")
+            order.append({"pair": f"{pair[0]} – {pair[1]}",
+                          "step": int(s) if isinstance(s, int | float) else None,
+                          "distinctness": float(d) if isinstance(d, int | float) else None})
+        # Earliest first, never-separated last; stable, so ties keep the explanation's order.
+        order.sort(key=lambda e: (e["step"] is None, e["step"] or 0))
+        corr = self.exp.get("learning_order_correlation") or {}
+        rho, p = corr.get("spearman"), corr.get("p_value")
+        n_pairs = corr.get("n_pairs", len(order))
+        if isinstance(rho, int | float):
+            title = f"Spearman ρ = {rho:.2f}" + (
+                f" (p = {p:.2g}, n = {n_pairs})" if isinstance(p, int | float) else "")
+        else:
+            title = "Spearman ρ undefined (too few separated pairs)"
+        result: dict[str, Any] = {"rows": order, "title": title, "timeline": None,
+                                  "scatter": None, "note": ""}
+        if not order:
+            return result
+        shown = order[:_MAX_TIMELINE]
+        note = f"earliest {len(shown)} of {len(order)} pairs" if len(order) > len(shown) else ""
+        result["note"] = note
+        result["timeline"] = self.out.figure("learning-order-timeline.png",
+                                             figures.learning_timeline(
+                                                 [e["pair"] for e in shown],
+                                                 [e["step"] for e in shown],
+                                                 self.inp.steps, note))
+        pts = [e for e in order if e["step"] is not None and e["distinctness"] is not None]
+        if pts:
+            result["scatter"] = self.out.figure(
+                "learning-order-scatter.png",
+                figures.distinctness_scatter([e["distinctness"] for e in pts],
+                                             [e["step"] for e in pts],
+                                             [e["pair"] for e in pts], title))
+        result["unplotted"] = len(order) - len(pts)
+        return result
+
+    def _result_block(self, prefix: str, content: Any, title: str) -> list[dict[str, Any]]:
+        blocks = []
+        for i, table in enumerate(tables(content, title)):
+            plots = []
+            label, pairs = table.mean_std_columns()
+            if label is not None:
+                for what, mean, std in pairs[:4]:
+                    plots.append(self.out.figure(
+                        f"{prefix}-{i}-{re.sub(r'[^A-Za-z0-9_]', '_', what)[:40]}.png",
+                        figures.bars_mean_std(
+                            [str(r.get(label)) for r in table.records],
+                            [float(r[mean]) for r in table.records],
+                            [float(r[std]) if std and isinstance(r.get(std), int | float)
+                             else None for r in table.records],
+                            what)))
+            blocks.append({"table": table, "plots": plots})
+        return blocks
+
+    def finetune(self) -> dict[str, Any] | None:
+        if self.inp.finetune is None:
+            return None
+        content, err = self.inp.finetune
+        if err:
+            return {"error": err, "blocks": []}
+        return {"error": None, "blocks": self._result_block("finetune", content, "fine-tuning")}
+
+    def compare(self) -> list[dict[str, Any]]:
+        out = []
+        for i, (name, content, err) in enumerate(self.inp.compare):
+            blocks = [] if err else self._result_block(f"compare-{i}", content, name)
+            out.append({"name": name, "error": err, "blocks": blocks})
+        return out
+
+    def build(self) -> dict[str, Any]:
+        from whylook import __version__
+
+        ctx: dict[str, Any] = {
+            "title": self.inp.run_path.resolve().name,
+            "version": __version__,
+            "image_note": self.inp.image_note,
+            "overview": self.overview(),
+            "gallery": self.gallery(),
+            "classes": self.classes(),
+            "uncertain": self.uncertain(),
+            "learning": self.learning(),
+            "finetune": self.finetune(),
+            "compare": self.compare(),
+        }
+        sections = [("overview", "Overview"), ("prototypes", "Prototypes"),
+                    ("classes", "Classes"), ("uncertain", "Uncertain prototypes"),
+                    ("learning-order", "Learning order")]
+        if ctx["finetune"] is not None:
+            sections.append(("finetune", "Fine-tuning"))
+        if ctx["compare"]:
+            sections.append(("compare", "Comparison"))
+        ctx["sections"] = sections
+        return ctx
+
+
+def _render(context: dict[str, Any]) -> str:
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("whylook.report", "templates"),
+        # Every string from data or config is escaped, whatever the template's extension.
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    digest = base64.b64encode(hashlib.sha256(_CHECK_SCRIPT.encode()).digest()).decode()
+    return env.get_template("report.html").render(
+        **context, check_script=_CHECK_SCRIPT, script_hash=f"sha256-{digest}"
+    )
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _write(out: Path, files: dict[str, bytes], html: str) -> Path:
+    for name, data in sorted(files.items()):
+        atomic_write(out / name, lambda fh, data=data: fh.write(data))
+    # Remove figures an earlier report wrote that this one did not (fewer classes, K, ...):
+    # only names this module produces, so a user's own files in --out are never touched.
+    for path in sorted(out.glob("*.png")):
+        if _OWN_FILES.match(path.name) and path.name not in files:
+            path.unlink()
+    if (out / "patches").is_dir():
+        for path in sorted((out / "patches").glob("*.png")):
+            if f"patches/{path.name}" not in files:
+                path.unlink()
+    page = html.encode("utf-8")
+    return atomic_write(out / "index.html", lambda fh: fh.write(page))
+
+
+def report(run: str | Path, out: str | Path | None = None) -> Path:
+    """Write the HTML report of a run folder and return the path of ``index.html``.
+
+    Args:
+        run: a run folder with ``run.json`` and ``analysis/`` (``whylook explain RUN``).
+        out: output folder; default ``RUN/report``. It receives ``index.html``, the plots
+            as ``*.png`` and the image patches as ``patches/*.png``.
+
+    Raises:
+        WhylookError: the folder is not a run, or its analysis is missing, corrupt or
+            inconsistent ("run `whylook explain RUN` first"); or another whylook command
+            holds the run folder (when ``out`` is inside it).
+
+    When ``out`` lies inside the run folder the report holds the folder's ``run_lock``
+    (not re-entrant: callers that already hold it must write the report outside of it).
+
+    Example:
+        >>> from whylook.report import report
+        >>> path = report("whylook-demo")  # doctest: +SKIP
+        >>> path.name
+        'index.html'
+    """
+    run = Path(run)
+    out_dir = Path(out) if out is not None else run / "report"
+    if run.is_dir() and _is_within(out_dir, run):
+        with run_lock(run):
+            return _report(run, out_dir)
+    return _report(run, out_dir)
+
+
+def _report(run: Path, out: Path) -> Path:
+    inputs = load(run)
+    builder = _Builder(inputs)
+    html = _render(builder.build())
+    return _write(out, builder.out.files, html)

@@ -1,0 +1,276 @@
+"""Read and check everything the report shows: run.json, the analysis, images, extras.
+
+The report is read-only over the run folder. It checks the analysis against the output
+contract (METHOD.md, docs/ARCHITECTURE.md) before drawing anything, so a missing, corrupt
+or inconsistent analysis becomes one line that says what to do, not a traceback halfway
+through rendering.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from whylook.errors import WhylookError
+
+SCHEMA = "whylook.explanation/1"
+
+# name -> number of dimensions; the contract's arrays the report cannot do without.
+_REQUIRED = {
+    "sample_index": 1,
+    "labels": 1,
+    "assignments": 3,
+    "saliency": 4,
+    "confidence": 3,
+    "beta": 3,
+}
+# Extra arrays (ARCHITECTURE.md) used when present; each has a fallback.
+_OPTIONAL = ("beta_z", "mass_share", "active", "class_groups", "confusion", "presence")
+_PROTO = re.compile(r"^P-(\d+)$")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything one report is drawn from (arrays are in memory, rows = analysis set)."""
+
+    run_path: Path
+    run: dict[str, Any]
+    explanation: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+    classes: list[str]
+    steps: list[int]
+    test_accuracy: list[float | None]
+    test_loss: list[float | None]
+    images: np.ndarray | None  # (n, C, H, W) uint8, row r = training sample sample_index[r]
+    image_note: str | None  # why the real images are not shown, when they are not
+    finetune: tuple[Any, str | None] | None  # (content, error) of finetune/finetune.json
+    compare: list[tuple[str, Any, str | None]] = field(default_factory=list)
+
+    @property
+    def k(self) -> int:
+        return int(self.arrays["beta"].shape[1])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        h, w = self.arrays["assignments"].shape[1:]
+        return int(h), int(w)
+
+    def class_index(self, name: Any) -> int:
+        try:
+            return self.classes.index(str(name))
+        except ValueError:
+            raise _inconsistent(self.run_path, f"unknown class {str(name)[:40]!r}") from None
+
+    def proto_index(self, pid: Any) -> int:
+        return proto_index(pid, self.k, self.run_path)
+
+
+def _explain_first(run: Path, why: str) -> WhylookError:
+    return WhylookError(f"{why}; run `whylook explain {run}` first")
+
+
+def _inconsistent(run: Path, what: str) -> WhylookError:
+    return _explain_first(run, f"the analysis in {run} is inconsistent ({what})")
+
+
+def proto_index(pid: Any, k: int, run: Path) -> int:
+    """``"P-3"`` -> 3, checked against K."""
+    m = _PROTO.match(str(pid))
+    if not m or int(m.group(1)) >= k:
+        raise _inconsistent(run, f"bad prototype id {str(pid)[:40]!r} for K={k}")
+    return int(m.group(1))
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _load_explanation(run: Path) -> dict[str, Any]:
+    path = run / "analysis" / "explanation.json"
+    if not path.is_file():
+        raise _explain_first(run, f"{run} has no analysis ({path} is missing)")
+    try:
+        exp = _read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise _explain_first(run, f"{path} is corrupt ({exc.__class__.__name__})") from None
+    if not isinstance(exp, dict) or exp.get("schema") != SCHEMA:
+        found = exp.get("schema") if isinstance(exp, dict) else type(exp).__name__
+        raise _explain_first(run, f"{path} is not a {SCHEMA} file (schema {found!r})")
+    for key, kind in (("classes", list), ("checkpoints", list), ("prototypes", list),
+                      ("classes_explained", list)):
+        if not isinstance(exp.get(key), kind):
+            raise _inconsistent(run, f"explanation.json has no list {key!r}")
+    for key in ("uncertain_prototypes", "learning_order"):
+        if not isinstance(exp.get(key, []), list):
+            raise _inconsistent(run, f"explanation.json {key!r} is not a list")
+    return exp
+
+
+def _load_arrays(run: Path) -> dict[str, np.ndarray]:
+    path = run / "analysis" / "arrays.npz"
+    if not path.is_file():
+        raise _explain_first(run, f"{run} has no analysis arrays ({path} is missing)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = set(npz.files)
+            missing = sorted(set(_REQUIRED) - names)
+            if missing:
+                raise _explain_first(run, f"{path} lacks {', '.join(missing)}")
+            return {name: np.asarray(npz[name]) for name in (*_REQUIRED, *_OPTIONAL)
+                    if name in names}
+    except WhylookError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise _explain_first(run, f"{path} is corrupt ({exc.__class__.__name__})") from None
+
+
+def _check(run: Path, exp: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    for name, ndim in _REQUIRED.items():
+        if arrays[name].ndim != ndim:
+            raise _inconsistent(run, f"{name} has {arrays[name].ndim} dimensions, not {ndim}")
+    n = arrays["labels"].shape[0]
+    t1, _, h, w = arrays["saliency"].shape
+    t, k, m = arrays["beta"].shape
+    expect = {
+        "sample_index": (n,),
+        "assignments": (n, h, w),
+        "saliency": (t + 1, n, h, w),
+        "confidence": (t + 1, n, m),
+        "beta_z": (t, k, m),
+        "mass_share": (n, k),
+        "active": (n, k),
+        "presence": (n, k),
+        "class_groups": (n,),
+        "confusion": (t + 1, m, m),
+    }
+    for name, shape in expect.items():
+        if name in arrays and arrays[name].shape != shape:
+            raise _inconsistent(run, f"{name} has shape {arrays[name].shape}, expected {shape}")
+    if len(exp["classes"]) != m:
+        raise _inconsistent(run, f"{len(exp['classes'])} classes named, beta has {m}")
+    if len(exp["checkpoints"]) != t1:
+        raise _inconsistent(run, f"{len(exp['checkpoints'])} checkpoints listed, {t1} in arrays")
+    if int(exp.get("k", k)) != k:
+        raise _inconsistent(run, f"k={exp.get('k')} but beta has {k} prototypes")
+    labels, assign = arrays["labels"], arrays["assignments"]
+    if n and (labels.min() < 0 or labels.max() >= m):
+        raise _inconsistent(run, "labels out of range")
+    if n and (assign.min() < 0 or assign.max() >= k):
+        raise _inconsistent(run, "assignments out of range")
+    if n == 0 or t1 < 2:
+        raise _inconsistent(run, "empty analysis set or fewer than two checkpoints")
+
+
+def _data_spec(run_json: dict[str, Any], exp: dict[str, Any]) -> Any:
+    for candidate in (run_json.get("data"), (run_json.get("config") or {}).get("data"),
+                      (exp.get("run") or {}).get("data")):
+        if isinstance(candidate, dict) and "spec" in candidate:
+            candidate = candidate["spec"]
+        if candidate:
+            return candidate
+    return None
+
+
+def _load_images(spec: Any, sample_index: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+    """The analysis rows' training images, or ``(None, why not)``.
+
+    A report without pictures still explains something, so a data source that cannot be
+    read (moved files, a foreign machine) degrades to a note instead of an error.
+    """
+    if spec is None:
+        return None, "run.json names no data source"
+    try:
+        from whylook.data import load_data
+    except ImportError:  # pragma: no cover - only while data.py is being written
+        return None, "whylook.data is not available"
+    try:
+        source = load_data(spec)
+        images = source.train.images
+        if len(sample_index) and int(np.max(sample_index)) >= len(images):
+            return None, f"the data source {spec} has fewer training samples than the analysis"
+        rows = np.asarray(images[np.asarray(sample_index, dtype=np.int64)])
+    except WhylookError as exc:
+        return None, f"the data source could not be read ({exc})"
+    if rows.ndim != 4 or rows.shape[1] not in (1, 3) or rows.dtype != np.uint8:
+        return None, f"training images have shape {rows.shape} {rows.dtype}, not (N, C, H, W) uint8"
+    return rows, None
+
+
+def _optional_json(path: Path) -> tuple[Any, str | None]:
+    try:
+        return _read_json(path), None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        return None, f"{path.name} could not be read ({exc.__class__.__name__})"
+
+
+def load(run: str | Path) -> Inputs:
+    """Read and check a run folder for the report."""
+    run = Path(run)
+    if not run.is_dir():
+        raise WhylookError(f"run folder {run} does not exist")
+    run_file = run / "run.json"
+    if not run_file.is_file():
+        raise WhylookError(f"{run} is not a whylook run folder (no run.json)")
+    try:
+        run_json = _read_json(run_file)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise WhylookError(f"{run_file} is corrupt ({exc.__class__.__name__})") from None
+    if not isinstance(run_json, dict):
+        raise WhylookError(f"{run_file} is not a whylook run.json")
+    exp = _load_explanation(run)
+    arrays = _load_arrays(run)
+    _check(run, exp, arrays)
+
+    classes = [str(c) for c in exp["classes"]]
+    ckpts = exp["checkpoints"]
+    try:
+        steps = [int(c["step"]) for c in ckpts]
+    except (KeyError, TypeError, ValueError):
+        raise _inconsistent(run, "checkpoints without a step") from None
+    # Test loss lives in run.json (per checkpoint index); accuracy in both.
+    by_index = {}
+    for c in run_json.get("checkpoints") or []:
+        if isinstance(c, dict) and "index" in c:
+            by_index[c["index"]] = c
+    test_acc: list[float | None] = []
+    test_loss: list[float | None] = []
+    for i, c in enumerate(ckpts):
+        rc = by_index.get(c.get("index", i), {})
+        acc = c.get("test_accuracy", rc.get("test_accuracy"))
+        loss = c.get("test_loss", rc.get("test_loss"))
+        test_acc.append(None if acc is None else float(acc))
+        test_loss.append(None if loss is None else float(loss))
+
+    images, note = _load_images(_data_spec(run_json, exp), arrays["sample_index"])
+
+    finetune = None
+    ft = run / "finetune" / "finetune.json"
+    if ft.is_file():
+        finetune = _optional_json(ft)
+    compare = []
+    cdir = run / "compare"
+    if cdir.is_dir():
+        for path in sorted(cdir.glob("*.json")):
+            content, err = _optional_json(path)
+            compare.append((path.name, content, err))
+
+    return Inputs(
+        run_path=run,
+        run=run_json,
+        explanation=exp,
+        arrays=arrays,
+        classes=classes,
+        steps=steps,
+        test_accuracy=test_acc,
+        test_loss=test_loss,
+        images=images,
+        image_note=note,
+        finetune=finetune,
+        compare=compare,
+    )

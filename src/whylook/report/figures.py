@@ -1,0 +1,347 @@
+"""The report's matplotlib figures, each returned as PNG bytes.
+
+Every function builds one figure on an Agg canvas and renders it to PNG. The figures are
+made without pyplot, so they are never registered as open figures (a report over
+hundreds of figures accumulates none), and importing this module leaves the user's
+matplotlib backend alone (no ``matplotlib.use``: a notebook keeps its inline plots).
+
+Strings that come from data (class names) are drawn with math parsing off: a class named
+``$x$`` is drawn as the three characters it is, not as TeX (and a stray ``$`` cannot make
+matplotlib raise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterator, Sequence
+
+import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+__all__ = [
+    "accuracy_loss",
+    "active_rates",
+    "bars_mean_std",
+    "beta_heatmap",
+    "confusion",
+    "distinctness_scatter",
+    "learning_timeline",
+    "saliency_strip",
+    "uncertain_support",
+]
+
+DPI = 80  # laptop-screen size at 1:1; PNG files stay small enough to inline
+_RC = {
+    "text.parse_math": False,
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
+
+
+@contextlib.contextmanager
+def _figure(width: float, height: float) -> Iterator[Figure]:
+    with matplotlib.rc_context(_RC):
+        fig = Figure(figsize=(width, height), dpi=DPI)
+        FigureCanvasAgg(fig)  # render with Agg whatever the user's backend is
+        yield fig
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    # No timestamp in the metadata: the same run gives a byte-identical report.
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _step_axis(ax: Axes, steps: Sequence[float], axis: str = "x") -> None:
+    """Log-like axis when the steps span decades (log schedules), linear otherwise."""
+    pos = [s for s in steps if s is not None and s > 0]
+    if pos and max(pos) / min(pos) >= 50:
+        setter = ax.set_xscale if axis == "x" else ax.set_yscale
+        setter("symlog", linthresh=max(1.0, float(min(pos))))
+        # Plain numbers ("100", not 10²): readable, and math text is off (see _RC).
+        which = ax.xaxis if axis == "x" else ax.yaxis
+        which.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    (ax.set_xlabel if axis == "x" else ax.set_ylabel)("optimizer step")
+
+
+def _short(name: str, n: int = 14) -> str:
+    return name if len(name) <= n else name[: n - 1] + "…"
+
+
+def accuracy_loss(
+    steps: Sequence[int],
+    test_accuracy: Sequence[float | None],
+    test_loss: Sequence[float | None],
+    analysis_accuracy: Sequence[float],
+) -> bytes:
+    """Accuracy (test and analysis set) and test loss over the checkpoints."""
+    has_loss = any(v is not None for v in test_loss)
+    with _figure(9.5 if has_loss else 5.5, 3.0) as fig:
+        axes = fig.subplots(1, 2 if has_loss else 1, squeeze=False)[0]
+        ax = axes[0]
+        if any(v is not None for v in test_accuracy):
+            xs = [s for s, v in zip(steps, test_accuracy, strict=True) if v is not None]
+            ys = [100 * v for v in test_accuracy if v is not None]
+            ax.plot(xs, ys, "o-", ms=3, label="test set")
+        ax.plot(steps, [100 * v for v in analysis_accuracy], "s--", ms=3,
+                label="analysis set")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title("accuracy over checkpoints")
+        ax.legend(loc="lower right", frameon=False)
+        ax.grid(alpha=0.3)
+        _step_axis(ax, steps)
+        if has_loss:
+            ax = axes[1]
+            xs = [s for s, v in zip(steps, test_loss, strict=True) if v is not None]
+            ys = [v for v in test_loss if v is not None]
+            ax.plot(xs, ys, "o-", ms=3, color="C3")
+            ax.set_ylabel("test loss")
+            ax.set_title("test loss over checkpoints")
+            ax.grid(alpha=0.3)
+            _step_axis(ax, steps)
+        fig.tight_layout()
+        return _png(fig)
+
+
+def confusion(matrix: np.ndarray, classes: Sequence[str], title: str) -> bytes:
+    """Confusion matrix (rows = true class), counts annotated when it is small."""
+    m = len(classes)
+    side = min(9.0, 2.0 + 0.42 * m)
+    with _figure(side + 0.8, side) as fig:
+        ax = fig.subplots()
+        im = ax.imshow(matrix, cmap="Blues", interpolation="nearest")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        labels = [_short(c, 10) for c in classes]
+        if m <= 30:
+            ax.set_xticks(range(m), labels, rotation=90 if m > 6 else 0)
+            ax.set_yticks(range(m), labels)
+        if m <= 15:
+            vmax = matrix.max() if matrix.size else 0
+            for i in range(m):
+                for j in range(m):
+                    v = int(matrix[i, j])
+                    if v:
+                        ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                                color="white" if v > 0.6 * vmax else "black")
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        ax.set_title(title)
+        ax.spines[:].set_visible(True)
+        return _png(fig)
+
+
+def active_rates(rates: np.ndarray, classes: Sequence[str]) -> bytes:
+    """Heatmap of each prototype's active rate per class (classes × prototypes)."""
+    k, m = rates.shape
+    with _figure(min(16.0, 2.0 + 0.14 * k), 1.2 + 0.22 * min(m, 40)) as fig:
+        ax = fig.subplots()
+        im = ax.imshow(rates.T, cmap="viridis", vmin=0, vmax=1, aspect="auto",
+                       interpolation="nearest")
+        fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="active rate")
+        step = 1 if k <= 40 else (4 if k <= 160 else 16)
+        ax.set_xticks(range(0, k, step), [f"P-{i}" for i in range(0, k, step)], rotation=90)
+        if m <= 40:
+            ax.set_yticks(range(m), [_short(c) for c in classes])
+        ax.set_ylabel("class")
+        ax.set_title("active rate of each prototype per class (analysis set)")
+        ax.spines[:].set_visible(True)
+        return _png(fig)
+
+
+def beta_heatmap(
+    beta: np.ndarray,
+    rows: Sequence[str],
+    end_steps: Sequence[int],
+    class_name: str,
+    z: np.ndarray | None = None,
+) -> bytes:
+    """β for one class as prototypes × transitions, diverging colormap centred at 0.
+
+    ``beta`` is (n_rows, T); transition t is labelled with the step of checkpoint t+1,
+    where it ends. Where bootstrap z-scores are given, cells with |z| ≥ 2 get a dot, so
+    the reader can tell signal from noise.
+    """
+    n, t = beta.shape
+    v = float(np.nanmax(np.abs(beta))) if beta.size else 0.0
+    v = v if v > 0 else 1e-12
+    with _figure(min(12.0, 2.8 + 0.42 * t), 1.2 + 0.2 * n) as fig:
+        ax = fig.subplots()
+        im = ax.imshow(beta, cmap="RdBu_r", norm=Normalize(-v, v), aspect="auto",
+                       interpolation="nearest")
+        fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="β (support for class)")
+        if z is not None:
+            yy, xx = np.nonzero(np.abs(z) >= 2)
+            ax.scatter(xx, yy, s=4, c="black", marker="o", linewidths=0)
+        ax.set_yticks(range(n), rows)
+        ax.set_xticks(range(t), [f"→{s}" for s in end_steps], rotation=90)
+        ax.set_xlabel("transition (ends at step)")
+        dots = "; • |z| ≥ 2" if z is not None else ""
+        ax.set_title(f"β for class {_short(class_name, 24)} (red: more attention raised "
+                     f"confidence{dots})")
+        ax.spines[:].set_visible(True)
+        return _png(fig)
+
+
+def _overlay(image: np.ndarray, sal: np.ndarray, vmax: float, side: int) -> np.ndarray:
+    """(C,H,W) uint8 image + (h,w) saliency -> (H', W', 3) float blend, saliency bilinear."""
+    from PIL import Image
+
+    rgb = np.moveaxis(np.asarray(image), 0, -1).astype(np.float32) / 255
+    if rgb.shape[-1] == 1:
+        rgb = np.repeat(rgb, 3, axis=-1)
+    H, W = rgb.shape[:2]
+    f = max(1, round(side / max(H, W)))
+    rgb = np.repeat(np.repeat(rgb, f, axis=0), f, axis=1)
+    # PIL's bilinear resize puts the h×w cell centres at the centres of the pixel blocks
+    # they cover, so the upsampled map lines up with the grid cells.
+    up = Image.fromarray(np.asarray(sal, dtype=np.float32), mode="F").resize(
+        (rgb.shape[1], rgb.shape[0]), Image.Resampling.BILINEAR)
+    heat = matplotlib.colormaps["inferno"](np.clip(np.asarray(up) / vmax, 0, 1))[..., :3]
+    return 0.45 * rgb + 0.55 * heat
+
+
+def saliency_strip(
+    image: np.ndarray,
+    saliency: np.ndarray,
+    steps: Sequence[int],
+    confidence: Sequence[float],
+    class_name: str,
+) -> bytes:
+    """One sample's raw Grad-CAM at several checkpoints, upsampled over the image.
+
+    One colour scale for all panels: saliency is kept raw (METHOD Step 2), so the panels
+    compare intensity across checkpoints as well as position. The panels are blended in
+    numpy and drawn as one image (one axes instead of one per panel: several times
+    faster to render).
+    """
+    n = len(steps)
+    vmax = float(saliency.max()) if saliency.size and saliency.max() > 0 else 1.0
+    panels = [_overlay(image, s, vmax, 96) for s in saliency]
+    ph, pw = panels[0].shape[:2]
+    gap = max(2, pw // 12)
+    row = np.ones((ph, n * pw + (n - 1) * gap, 3), np.float32)
+    for i, p in enumerate(panels):
+        row[:, i * (pw + gap) : i * (pw + gap) + pw] = p
+    with _figure(1.45 * n + 0.9, 2.2) as fig:
+        ax = fig.subplots()
+        ax.imshow(row, interpolation="nearest")
+        for i, (step, conf) in enumerate(zip(steps, confidence, strict=True)):
+            ax.text(i * (pw + gap) + pw / 2, -3, f"step {step}\np({_short(class_name, 10)}) "
+                    f"= {conf:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.set_axis_off()
+        sm = ScalarMappable(norm=Normalize(0, vmax), cmap="inferno")
+        fig.colorbar(sm, ax=ax, fraction=0.02, pad=0.01, label="Grad-CAM (raw)")
+        return _png(fig)
+
+
+def uncertain_support(
+    end_steps: Sequence[int],
+    beta_a: np.ndarray,
+    beta_b: np.ndarray,
+    names: tuple[str, str],
+    swing_steps: Sequence[int],
+    proto: str,
+) -> bytes:
+    """A prototype's support β for two classes over the transitions, swings marked."""
+    with _figure(6.5, 2.8) as fig:
+        ax = fig.subplots()
+        ax.axhline(0, color="0.6", lw=0.8)
+        for i, s in enumerate(swing_steps):
+            ax.axvline(s, color="C3", ls=":", lw=1.2, label="swing" if i == 0 else None)
+        ax.plot(end_steps, beta_a, "o-", ms=3, label=f"β[{proto}, {_short(names[0])}]")
+        ax.plot(end_steps, beta_b, "s-", ms=3, label=f"β[{proto}, {_short(names[1])}]")
+        ax.set_ylabel("β (support)")
+        ax.set_title(f"{proto}: support for {_short(names[0])} vs {_short(names[1])}")
+        ax.legend(loc="best", frameon=False, fontsize=8)
+        ax.grid(alpha=0.3)
+        _step_axis(ax, list(end_steps))
+        fig.tight_layout()
+        return _png(fig)
+
+
+def learning_timeline(
+    pairs: Sequence[str],
+    separated: Sequence[int | None],
+    checkpoint_steps: Sequence[int],
+    note: str = "",
+) -> bytes:
+    """When each class pair was separated: one row per pair, earliest first."""
+    n = len(pairs)
+    last = max(checkpoint_steps) if checkpoint_steps else 1
+    never_x = last * 1.6 if last > 0 else 1
+    with _figure(7.5, 1.0 + 0.19 * max(n, 1)) as fig:
+        ax = fig.subplots()
+        for s in checkpoint_steps:
+            ax.axvline(s, color="0.88", lw=0.8, zorder=0)
+        xs = [never_x if s is None else s for s in separated]
+        colors = ["0.55" if s is None else "C0" for s in separated]
+        ax.hlines(range(n), [checkpoint_steps[0] if checkpoint_steps else 0] * n, xs,
+                  colors=colors, lw=1.5)
+        ax.scatter(xs, range(n), c=colors, s=14, zorder=3)
+        ax.set_yticks(range(n), pairs, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_ylim(n - 0.5, -0.5)
+        _step_axis(ax, [*checkpoint_steps, never_x])
+        ax.set_xlim(left=min(checkpoint_steps) if checkpoint_steps else 0)
+        if any(s is None for s in separated):
+            ax.text(never_x, -0.9, "never", ha="center", va="bottom", fontsize=7, color="0.4")
+        ax.set_title("separation step of each class pair" + (f" ({note})" if note else ""))
+        fig.tight_layout()
+        return _png(fig)
+
+
+def distinctness_scatter(
+    distinctness: Sequence[float],
+    separated: Sequence[int],
+    labels: Sequence[str],
+    title: str,
+) -> bytes:
+    """Prototype distinctness vs separation step, one point per separated pair."""
+    with _figure(5.5, 3.8) as fig:
+        ax = fig.subplots()
+        ax.scatter(distinctness, separated, s=16, alpha=0.8)
+        if len(labels) <= 20:
+            for x, y, lab in zip(distinctness, separated, labels, strict=True):
+                ax.annotate(lab, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set_xlabel("prototype distinctness of the pair")
+        _step_axis(ax, list(separated), axis="y")
+        ax.set_ylabel("separated at step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        return _png(fig)
+
+
+def bars_mean_std(
+    labels: Sequence[str], means: Sequence[float], stds: Sequence[float | None], what: str
+) -> bytes:
+    """Bar chart of a mean ± std column of a result table."""
+    n = len(labels)
+    with _figure(min(10.0, 1.5 + 0.8 * n), 2.8) as fig:
+        ax = fig.subplots()
+        err = [0.0 if s is None else s for s in stds]
+        ax.bar(range(n), means, yerr=err, capsize=3, color="C0", alpha=0.85)
+        ax.set_xticks(range(n), [_short(lab, 18) for lab in labels],
+                      rotation=30 if n > 4 else 0, ha="right" if n > 4 else "center")
+        lo = min(m - e for m, e in zip(means, err, strict=True))
+        hi = max(m + e for m, e in zip(means, err, strict=True))
+        if lo > 0 and (hi - lo) < 0.2 * hi:
+            # Accuracies sit within a few points of each other: zoom in on the differences.
+            pad = max(hi - lo, 1e-9) * 0.6
+            ax.set_ylim(lo - pad, hi + pad)
+        ax.set_ylabel(what)
+        ax.set_title(f"{what} (mean ± std)")
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        return _png(fig)

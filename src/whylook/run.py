@@ -1,0 +1,532 @@
+"""Run folders: reading ``run.json`` and checkpoints, and importing foreign checkpoints.
+
+A run folder (METHOD output contract) holds ``run.json`` (schema ``whylook.run/1``) and
+``checkpoints/ckpt-NNNN.safetensors``. ``run.json`` is written last, only when the run is
+complete; a folder that lacks it is not a run. Its keys:
+
+- ``schema``, ``source`` (``"train"`` or ``"import"``)
+- ``config``: ``model``, ``data`` (the data spec), ``data_limit_per_class``, ``layer``,
+  ``layer_shape`` (d, h, w), ``num_classes``, ``in_channels``, ``image_size`` (H, W),
+  ``mean``/``std`` (the built-in models' normalisation), ``epochs``, ``batch_size``, ``lr``,
+  ``optimizer``, ``schedule``, ``checkpoints_requested``, ``steps_per_epoch``,
+  ``total_steps``, ``device`` (null where unknown, as for imports)
+- ``classes``: class names; ``data``: ``spec``, ``train_size``, ``test_size``, ``digest``
+- ``checkpoints``: ``[{index, step, epoch, file, test_accuracy, test_loss}]``; ``epoch`` is
+  ``step / steps_per_epoch`` (fractional), null for imported checkpoints
+- ``seeds``: ``seed``, ``data_seed``; ``versions``: package versions; ``measured``: timings
+  and other figures the run measured; ``imported``: the source files of an import
+
+>>> run = RunFolder.open("runs/demo")  # doctest: +SKIP
+>>> model = run.load_model(-1)  # the final model, in eval mode  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import platform
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from whylook import _io
+from whylook.data import DataSource, is_loadable_spec, load_data
+from whylook.errors import WhylookError
+from whylook.models import (
+    MODEL_NAMES,
+    Normalize,
+    build_model,
+    default_layer,
+    layer_shape,
+    resolve_device,
+)
+
+__all__ = ["RUN_SCHEMA", "CheckpointInfo", "RunFolder", "import_checkpoints"]
+
+RUN_SCHEMA = "whylook.run/1"
+CHECKPOINT_DIR = "checkpoints"
+INCOMPLETE_MARKER = ".whylook-incomplete"
+_LOCK_NAME = ".whylook.lock"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint of a run; ``file`` is relative to the run folder."""
+
+    index: int
+    step: int
+    epoch: float | None
+    file: str
+    test_accuracy: float
+    test_loss: float
+
+
+@dataclass(frozen=True, eq=False)
+class RunFolder:
+    """A complete run folder. Open one with :meth:`RunFolder.open`.
+
+    ``config`` is run.json's ``config``; ``manifest`` is all of run.json.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    classes: tuple[str, ...]
+    checkpoints: list[CheckpointInfo]
+    layer: str
+    manifest: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> RunFolder:
+        """Open and validate a run folder; anything wrong is a one-line WhylookError.
+
+        >>> RunFolder.open("no/such/run")
+        Traceback (most recent call last):
+        whylook.errors.WhylookError: run folder no/such/run does not exist
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise WhylookError(f"run folder {path} does not exist")
+        if not (path / "run.json").is_file():
+            if (path / INCOMPLETE_MARKER).exists():
+                raise WhylookError(
+                    f"run folder {path} is incomplete (its training or import stopped before "
+                    "the end); delete it and run the command again"
+                )
+            raise WhylookError(
+                f"{path} is not a whylook run folder (no run.json); create one with "
+                "'whylook train' or 'whylook import'"
+            )
+        manifest = _io.read_json(path / "run.json", "run file")
+        if not isinstance(manifest, dict) or manifest.get("schema") != RUN_SCHEMA:
+            found = manifest.get("schema") if isinstance(manifest, dict) else None
+            raise WhylookError(
+                f"{path}/run.json has schema {found!r}, not {RUN_SCHEMA!r}; it was not written "
+                "by this version of whylook"
+            )
+        try:
+            config = manifest["config"]
+            classes = tuple(str(c) for c in manifest["classes"])
+            for key, kind in (
+                ("model", str),
+                ("data", str),
+                ("layer", str),
+                ("num_classes", int),
+                ("in_channels", int),
+                ("image_size", list),
+            ):
+                if not isinstance(config[key], kind):
+                    raise TypeError(f"config.{key} is not {kind.__name__}")
+            checkpoints = [
+                CheckpointInfo(
+                    index=int(c["index"]),
+                    step=int(c["step"]),
+                    epoch=None if c["epoch"] is None else float(c["epoch"]),
+                    file=str(c["file"]),
+                    test_accuracy=float(c["test_accuracy"]),
+                    test_loss=float(c["test_loss"]),
+                )
+                for c in manifest["checkpoints"]
+            ]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WhylookError(
+                f"{path}/run.json is malformed ({type(exc).__name__}: {exc}); re-create the run"
+            ) from None
+        if len(classes) != config["num_classes"] or not checkpoints:
+            raise WhylookError(
+                f"{path}/run.json is malformed (class names or checkpoints do not match the "
+                "config); re-create the run"
+            )
+        for i, ck in enumerate(checkpoints):
+            parts = Path(ck.file).parts
+            if ck.index != i or Path(ck.file).is_absolute() or ".." in parts:
+                raise WhylookError(
+                    f"{path}/run.json lists checkpoint {ck.file!r} at position {i} with index "
+                    f"{ck.index}; checkpoints must be numbered 0.. and lie inside the folder"
+                )
+            if not (path / ck.file).is_file():
+                raise WhylookError(
+                    f"checkpoint {path / ck.file} listed in run.json is missing; the run folder "
+                    "is damaged, train or import it again"
+                )
+        return cls(path, config, classes, checkpoints, config["layer"], manifest)
+
+    def data(self) -> DataSource:
+        """Load the run's data source (the same data it was trained on, checked by hash)."""
+        source = load_data(
+            self.config["data"], limit_per_class=self.config.get("data_limit_per_class")
+        )
+        expected = self.manifest.get("data", {}).get("digest")
+        if expected and source.digest != expected:
+            raise WhylookError(
+                f"the data {self.config['data']} has changed since run {self.path} was "
+                "created (content hash differs); point the run at the original data"
+            )
+        return source
+
+    def build_model(self) -> nn.Module:
+        """A fresh, untrained model of the run's architecture (``whylook_layer`` = run.layer)."""
+        model = build_model(
+            self.config["model"],
+            num_classes=int(self.config["num_classes"]),
+            in_channels=int(self.config["in_channels"]),
+            image_size=tuple(self.config["image_size"]),
+            mean=self.config.get("mean"),
+            std=self.config.get("std"),
+        )
+        model.whylook_layer = self.layer
+        return model
+
+    def checkpoint_path(self, index: int) -> Path:
+        """The safetensors file of checkpoint ``index`` (negative counts from the end)."""
+        return self.path / self._checkpoint(index).file
+
+    def state_dict(self, index: int, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """The weights of checkpoint ``index``, checked against ``model`` (or a fresh one)."""
+        path = self.checkpoint_path(index)
+        return fit_state(model or self.build_model(), _io.load_weights(path), path)
+
+    def load_model(self, index: int, device: str | torch.device = "cpu") -> nn.Module:
+        """The model at checkpoint ``index`` (negative counts from the end), in eval mode."""
+        model = self.build_model()
+        model.load_state_dict(self.state_dict(index, model))
+        return model.to(resolve_device(device)).eval()
+
+    def _checkpoint(self, index: int) -> CheckpointInfo:
+        try:
+            return self.checkpoints[index]
+        except (IndexError, TypeError):
+            raise WhylookError(
+                f"run {self.path} has checkpoints 0..{len(self.checkpoints) - 1}, not {index!r}"
+            ) from None
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def fit_state(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    source: str | os.PathLike[str],
+    *,
+    fill_normalize: bool = False,
+) -> dict[str, torch.Tensor]:
+    """``state`` made ready for ``model.load_state_dict``, or a one-line error on the first
+    missing, unexpected or mismatched key. A ``module.`` prefix (DataParallel) is dropped;
+    with ``fill_normalize``, missing :class:`Normalize` buffers are taken from ``model``.
+    """
+    expected = model.state_dict()
+    state = _strip_module(state)
+    if fill_normalize:
+        for key in _normalize_keys(model):
+            state.setdefault(key, expected[key])
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    for keys, what in ((missing, "missing key"), (unexpected, "unexpected key")):
+        if keys:
+            more = f" (+{len(keys) - 1} more)" if len(keys) > 1 else ""
+            problems.append(f"{what} {keys[0]!r}{more}")
+    if mismatched:
+        k = mismatched[0]
+        more = f" (+{len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        problems.append(
+            f"{k!r} is {_shape(state[k])} in the checkpoint but {_shape(expected[k])} in the "
+            f"model{more}"
+        )
+    if problems:
+        raise WhylookError(
+            f"checkpoint {source} does not fit the model: {'; '.join(problems)}; check --model "
+            "and --data (class count, channels and image size must match training)"
+        )
+    return state
+
+
+def _strip_module(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` prefix that DataParallel puts on every key."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k.removeprefix("module."): v for k, v in state.items()}
+    return dict(state)
+
+
+def _normalize_keys(model: nn.Module) -> list[str]:
+    return [
+        f"{name}.{buf}" if name else buf
+        for name, module in model.named_modules()
+        if isinstance(module, Normalize)
+        for buf in ("mean", "std")
+    ]
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "x".join(str(s) for s in t.shape) or "scalar"
+
+
+def as_source(data: str | DataSource) -> DataSource:
+    """A DataSource from a spec, or a given DataSource whose spec can be reloaded later."""
+    if isinstance(data, DataSource):
+        if not is_loadable_spec(data.spec):
+            raise WhylookError(
+                f"DataSource spec {data.spec!r} cannot be loaded again, so the run could not "
+                "find its data; save the arrays with numpy.savez and use npz:PATH"
+            )
+        return data
+    return load_data(data)
+
+
+def resolve_layer(
+    model: nn.Module, layer: str | None, input_shape: Sequence[int]
+) -> tuple[str, tuple[int, int, int]]:
+    """The prototype layer to record (``layer`` or the model's default) and its (d, h, w)."""
+    name = layer or default_layer(model, input_shape)
+    return name, layer_shape(model, name, input_shape)
+
+
+def model_config(
+    model_name: str, source: DataSource, layer: str, shape: tuple[int, int, int]
+) -> dict[str, Any]:
+    """The part of ``config`` that rebuilds the model and names its data and layer."""
+    builtin = model_name in MODEL_NAMES
+    mean, std = source.channel_stats() if builtin else (None, None)
+    return {
+        "model": model_name,
+        "data": source.spec,
+        "data_limit_per_class": source.limit_per_class,
+        "layer": layer,
+        "layer_shape": list(shape),
+        "num_classes": source.num_classes,
+        "in_channels": source.channels,
+        "image_size": list(source.image_size),
+        "mean": list(mean) if mean else None,
+        "std": list(std) if std else None,
+    }
+
+
+def data_info(source: DataSource) -> dict[str, Any]:
+    return {
+        "spec": source.spec,
+        "train_size": len(source.train),
+        "test_size": len(source.test),
+        "digest": source.digest,
+    }
+
+
+def package_versions() -> dict[str, str]:
+    import numpy
+    import safetensors
+    import torchvision
+
+    import whylook
+
+    return {
+        "whylook": whylook.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "safetensors": safetensors.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def checkpoint_file(index: int) -> str:
+    return f"{CHECKPOINT_DIR}/ckpt-{index:04d}.safetensors"
+
+
+def prepare_out(out: str | os.PathLike[str]) -> Path:
+    """Check that ``out`` can become a new run folder, before anything is written."""
+    out = Path(out).expanduser()
+    if out.exists():
+        if not out.is_dir():
+            raise WhylookError(f"--out {out} exists and is not a folder; choose another path")
+        if (out / "run.json").exists():
+            raise WhylookError(
+                f"--out {out} already holds a run; choose a new --out or delete that folder"
+            )
+        leftovers = {p.name for p in out.iterdir()}
+        if leftovers and INCOMPLETE_MARKER not in leftovers:
+            raise WhylookError(
+                f"--out {out} exists and is not empty; choose a new folder for the run"
+            )
+    return out
+
+
+@contextlib.contextmanager
+def creating_run(out: Path) -> Iterator[Path]:
+    """Create run folder ``out`` under its lock; on any failure, take it away again.
+
+    While the body runs the folder holds an incompleteness marker, so a run killed with
+    SIGKILL is recognisable (and may be overwritten by the next attempt).
+    """
+    existed = out.exists()
+    with _io.run_lock(out):
+        try:
+            _clear(out, keep=_LOCK_NAME)  # leftovers of a killed attempt (see prepare_out)
+            (out / INCOMPLETE_MARKER).write_text(
+                "whylook is writing this run folder, or was stopped while doing so\n"
+            )
+            yield out
+            (out / INCOMPLETE_MARKER).unlink()
+        except BaseException:
+            if existed:
+                _clear(out)
+            else:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+
+def _clear(folder: Path, keep: str | None = None) -> None:
+    for child in folder.iterdir():
+        if child.name == keep:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def import_checkpoints(
+    files: Sequence[str | os.PathLike[str]],
+    *,
+    data: str | DataSource,
+    model: str,
+    steps: Sequence[int] | None = None,
+    layer: str | None = None,
+    device: str = "auto",
+    out: str | os.PathLike[str],
+    progress: bool | None = None,
+) -> RunFolder:
+    """Bring checkpoints trained elsewhere (in training order) into a new run folder.
+
+    Each file (``.safetensors``, or ``.pt``/``.pth`` read with ``weights_only=True``) must fit
+    ``model`` built for ``data``; all are checked before anything is written. They are
+    stored as safetensors and their test accuracy is evaluated. ``steps`` (optimizer step
+    of each checkpoint) default to 0, 1, 2, ...; epochs are unknown and recorded as null.
+    Missing ``normalize.mean/std`` buffers of a built-in model are filled with the training
+    split's statistics (recorded per file as ``normalize_filled``).
+
+    >>> run = import_checkpoints(["a.pt", "b.pt"], data="mnist5k", model="smallcnn",
+    ...                          out="runs/imported")  # doctest: +SKIP
+    """
+    from whylook._progress import progress_bar
+    from whylook.train import evaluate
+
+    paths = [Path(f).expanduser() for f in files]
+    if len(paths) < 2:
+        raise WhylookError(
+            f"{len(paths)} checkpoint given; the method needs at least 2 (e.g. the "
+            "initialisation and the final model)"
+        )
+    steps = list(range(len(paths))) if steps is None else [int(s) for s in steps]
+    if len(steps) != len(paths):
+        raise WhylookError(f"{len(paths)} checkpoints but {len(steps)} steps; give one each")
+    if steps[0] < 0 or any(b <= a for a, b in itertools.pairwise(steps)):
+        raise WhylookError(f"steps {steps} must be >= 0 and strictly increasing")
+    out = prepare_out(out)
+    dev = resolve_device(device)
+    source = as_source(data)
+    net = build_for(model, source)
+    name, shape = resolve_layer(net, layer, (source.channels, *source.image_size))
+    config = model_config(model, source, name, shape)
+    for path in paths:  # check every file before anything is written
+        fit_state(net, _io.load_weights(path), path, fill_normalize=True)
+    records, imported = [], []
+    with creating_run(out):
+        for i, path in enumerate(progress_bar(paths, desc="import", progress=progress)):
+            state = _strip_module(_io.load_weights(path))
+            net.load_state_dict(fit_state(net, state, path, fill_normalize=True))
+            _io.save_weights(out / checkpoint_file(i), net.state_dict())
+            accuracy, loss = evaluate(net.to(dev), source.test, device=dev)
+            records.append(checkpoint_record(i, steps[i], None, accuracy, loss))
+            imported.append(
+                {
+                    "file": str(path.resolve()),
+                    "sha256": _io.file_digest(path),
+                    "normalize_filled": any(k not in state for k in _normalize_keys(net)),
+                }
+            )
+        config.update(
+            epochs=None,
+            batch_size=None,
+            lr=None,
+            optimizer=None,
+            schedule="imported",
+            checkpoints_requested=len(paths),
+            steps_per_epoch=None,
+            total_steps=steps[-1],
+            device=str(dev),
+        )
+        write_manifest(
+            out,
+            source="import",
+            config=config,
+            source_data=source,
+            checkpoints=records,
+            seeds={"seed": None, "data_seed": None},
+            measured={},
+            extra={"imported": imported},
+        )
+    return RunFolder.open(out)
+
+
+def build_for(model: str, source: DataSource) -> nn.Module:
+    mean, std = source.channel_stats() if model in MODEL_NAMES else (None, None)
+    return build_model(
+        model,
+        num_classes=source.num_classes,
+        in_channels=source.channels,
+        image_size=source.image_size,
+        mean=mean,
+        std=std,
+    )
+
+
+def checkpoint_record(
+    index: int, step: int, epoch: float | None, accuracy: float, loss: float
+) -> dict[str, Any]:
+    return {
+        "index": index,
+        "step": step,
+        "epoch": epoch,
+        "file": checkpoint_file(index),
+        "test_accuracy": accuracy,
+        "test_loss": loss,
+    }
+
+
+def write_manifest(
+    out: Path,
+    *,
+    source: str,
+    config: dict[str, Any],
+    source_data: DataSource,
+    checkpoints: list[dict[str, Any]],
+    seeds: dict[str, int | None],
+    measured: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write run.json (atomically): the last file of a run, written when it is complete."""
+    manifest = {
+        "schema": RUN_SCHEMA,
+        "source": source,
+        "config": config,
+        "classes": list(source_data.classes),
+        "data": data_info(source_data),
+        "checkpoints": checkpoints,
+        "seeds": seeds,
+        "versions": package_versions(),
+        "measured": measured,
+        **(extra or {}),
+    }
+    _io.write_json(out / "run.json", manifest)

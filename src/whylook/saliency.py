@@ -1,0 +1,607 @@
+"""Step 2: raw Grad-CAM on the true-class logit, plus softmax confidences.
+
+For every sample ``i`` and checkpoint ``t`` this computes
+
+    I_i = ReLU(sum_c alpha_c A_c),   alpha_c = mean_{h,w} d logit_{y_i} / d A_c
+
+at the prototype layer ``L`` (output ``A`` of shape ``(B, d, h, w)``), on ``L``'s own
+``h x w`` grid and without any per-image rescaling, so intensities stay comparable across
+checkpoints and line up with the prototype assignments exactly (METHOD Step 2).
+
+Speed comes from doing only the work Grad-CAM needs:
+
+* parameters are frozen for the duration (``requires_grad_(False)``) and the hook turns
+  ``L``'s output into a fresh leaf tensor, so autograd records nothing before ``L`` and
+  computes no parameter gradient at all;
+* one backward pass per batch, on the *sum* of the selected logits: in eval mode samples
+  are independent, so the gradient of the sum w.r.t. sample ``i``'s activations is the
+  gradient of sample ``i``'s own logit;
+* ``torch.autograd.grad`` w.r.t. that leaf only, in large batches.
+
+Sharding: results are per sample, so a checkpoint's saliency can be computed over slices
+of the samples and joined with :meth:`SaliencyResult.concat`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from whylook._progress import progress_bar
+from whylook.errors import WhylookError
+
+__all__ = [
+    "GradCAM",
+    "SaliencyResult",
+    "grad_cam",
+    "layer_features",
+    "layer_output_shape",
+    "resolve_layer",
+]
+
+ImageArray = np.ndarray | torch.Tensor
+LabelArray = np.ndarray | torch.Tensor | Sequence[int]
+
+
+@dataclass(frozen=True, eq=False)
+class SaliencyResult:
+    """Grad-CAM output of one checkpoint over a set (or shard) of samples.
+
+    Attributes:
+        saliency: ``float32 (n, h, w)``, raw Grad-CAM on the true-class logit.
+        confidence: ``float32 (n, M)``, softmax of the logits.
+        features: ``float32 (n, d, h, w)``, the layer's activations, or ``None`` unless
+            they were asked for.
+    """
+
+    saliency: np.ndarray
+    confidence: np.ndarray
+    features: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.saliency.shape[0])
+
+    @classmethod
+    def concat(cls, parts: Sequence[SaliencyResult]) -> SaliencyResult:
+        """Join the results of consecutive sample shards of the same checkpoint.
+
+        >>> import numpy as np
+        >>> a = SaliencyResult(np.zeros((2, 2, 2), np.float32), np.ones((2, 3), np.float32))
+        >>> len(SaliencyResult.concat([a, a]))
+        4
+        """
+        if not parts:
+            raise WhylookError("SaliencyResult.concat needs at least one result")
+        with_features = [p.features is not None for p in parts]
+        if any(with_features) and not all(with_features):
+            raise WhylookError(
+                "cannot concatenate saliency shards with and without features; compute all "
+                "shards with the same return_features"
+            )
+        try:
+            return cls(
+                saliency=np.concatenate([p.saliency for p in parts]),
+                confidence=np.concatenate([p.confidence for p in parts]),
+                features=(
+                    np.concatenate([p.features for p in parts])  # type: ignore[misc]
+                    if all(with_features)
+                    else None
+                ),
+            )
+        except ValueError as exc:
+            raise WhylookError(
+                f"saliency shards do not fit together ({exc}); compute them with the same "
+                "model and layer"
+            ) from None
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def resolve_layer(model: nn.Module, layer: nn.Module | str) -> tuple[str, nn.Module]:
+    """Return ``(name, module)`` for a layer given as a module or a ``named_modules`` path.
+
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    >>> resolve_layer(net, "0")[0]
+    '0'
+    """
+    modules = dict(model.named_modules())
+    if isinstance(layer, str):
+        if layer in modules and layer != "":
+            return layer, modules[layer]
+        near = [n for n in modules if n and (layer in n or n in layer)][:5]
+        hint = f" (close matches: {', '.join(near)})" if near else ""
+        raise WhylookError(
+            f"layer {layer!r} is not a module of the model{hint}; pass a name from "
+            "model.named_modules()"
+        )
+    if isinstance(layer, nn.Module):
+        for name, module in modules.items():
+            if module is layer and name:
+                return name, module
+        raise WhylookError(
+            "the given layer module is not part of the model; pass a submodule of the model "
+            "or its name from model.named_modules()"
+        )
+    raise WhylookError(f"layer must be a module or a module name, not {type(layer).__name__}")
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        dtype = p.dtype if p.is_floating_point() else torch.float32
+        return p.device, dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _check_images(images: ImageArray) -> ImageArray:
+    if not isinstance(images, np.ndarray | torch.Tensor):
+        raise WhylookError(
+            f"images must be a numpy array or torch tensor (N, C, H, W), not "
+            f"{type(images).__name__}"
+        )
+    if images.ndim != 4:
+        raise WhylookError(
+            f"images must have shape (N, C, H, W), got {tuple(images.shape)}; add the channel "
+            "axis (e.g. images[:, None]) for grayscale"
+        )
+    if isinstance(images, np.ndarray) and images.dtype.kind not in "uif":
+        raise WhylookError(f"images must be uint8 or float, not {images.dtype}")
+    return images
+
+
+def _batch_to_device(
+    images: ImageArray, lo: int, hi: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Slice a batch and make it float in [0, 1] on the device.
+
+    uint8 batches travel as uint8 (4x less to copy) and are scaled on the device.
+    """
+    batch = images[lo:hi]
+    if isinstance(batch, np.ndarray):
+        batch = torch.from_numpy(np.ascontiguousarray(batch))
+    batch = batch.detach().to(device, non_blocking=True)
+    if batch.dtype == torch.uint8:
+        return batch.to(dtype).div_(255.0)
+    return batch.to(dtype)
+
+
+def _check_labels(labels: LabelArray, n: int) -> torch.Tensor:
+    if isinstance(labels, torch.Tensor):
+        y = labels.detach().cpu()
+    else:
+        arr = np.asarray(labels)
+        if arr.dtype.kind not in "iu":
+            raise WhylookError(f"labels must be integers, not {arr.dtype}")
+        y = torch.from_numpy(arr.astype(np.int64, copy=False))
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise WhylookError(f"labels must be integers, not {y.dtype}")
+    if y.shape != (n,):
+        raise WhylookError(
+            f"labels must have shape ({n},) to match the images, got {tuple(y.shape)}"
+        )
+    y = y.to(torch.int64)
+    if n and int(y.min()) < 0:
+        raise WhylookError("labels must be class indices >= 0")
+    return y
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+class _StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by the hook to end a forward pass as soon as the layer has run."""
+
+
+class _LayerOutputError(Exception):
+    """The layer's output is unusable; turned into a WhylookError outside the forward."""
+
+    def __init__(self, shape: tuple[int, ...] | None, reason: str) -> None:
+        super().__init__(reason)
+        self.shape = shape
+        self.reason = reason
+
+
+def _check_layer_output(out: Any) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise _LayerOutputError(None, f"returns {type(out).__name__}, not a tensor")
+    if out.ndim != 4:
+        raise _LayerOutputError(tuple(out.shape), f"returns shape {tuple(out.shape)}, not 4-D")
+    if out.shape[2] * out.shape[3] < 4:
+        raise _LayerOutputError(
+            tuple(out.shape), f"has a {out.shape[2]}x{out.shape[3]} map, smaller than 2x2"
+        )
+    return out
+
+
+def _spatial_candidates(model: nn.Module, sample: torch.Tensor) -> list[str]:
+    """Names of layers with a (B, d, h, w) output and h*w >= 4, the usable ones first.
+
+    Only runs on the error path; it costs one forward pass of one sample.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def record(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
+            if isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[2] * out.shape[3] >= 4:
+                shapes.setdefault(name, tuple(out.shape[1:]))
+
+        handles.append(module.register_forward_hook(record))
+    try:
+        with torch.no_grad(), contextlib.suppress(Exception):
+            model(sample)
+    finally:
+        for h in handles:
+            h.remove()
+    if not shapes:
+        return []
+    # The shallowest names (``layer3`` rather than ``layer3.1.bn2``) that run last are the
+    # ones a user most likely wants: the deepest spatial stage.
+    depth = min(n.count(".") for n in shapes)
+    top = [n for n in shapes if n.count(".") == depth][-3:]
+    return [f"{n} ({'x'.join(map(str, shapes[n]))})" for n in reversed(top)]
+
+
+class _LayerSession:
+    """Context manager that puts the model in analysis state and always restores it.
+
+    On entry: eval mode for every module, parameters frozen (when ``freeze``), a forward
+    hook on the layer. On exit (also on error): the hook is removed and every module's
+    train/eval flag and every parameter's ``requires_grad`` are put back as they were.
+    """
+
+    def __init__(self, model: nn.Module, layer: nn.Module | str, *, freeze: bool) -> None:
+        self.model = model
+        self.name, self.layer = resolve_layer(model, layer)
+        self.freeze = freeze
+        self.mode: str = "grad"  # "grad": make a leaf; "features": stop after the layer
+        self.activation: torch.Tensor | None = None
+        self.calls = 0
+        self._handle: Any = None
+        self._saved_training: list[tuple[nn.Module, bool]] = []
+        self._saved_grad: list[tuple[nn.Parameter, bool]] = []
+
+    def _hook(self, _module: nn.Module, _inputs: Any, out: Any) -> Any:
+        self.calls += 1
+        if self.calls > 1:
+            raise _LayerOutputError(None, "runs more than once per forward pass")
+        out = _check_layer_output(out)
+        if self.mode == "features":
+            self.activation = out.detach()
+            raise _StopForward
+        leaf = out.detach().requires_grad_(True)
+        self.activation = leaf
+        # The network gets a copy: an in-place op after the layer (ReLU(inplace=True),
+        # ``out += identity``) would otherwise be refused on a leaf, or change the stored A.
+        return leaf.clone()
+
+    def __enter__(self) -> _LayerSession:
+        self._saved_training = [(m, m.training) for m in self.model.modules()]
+        self._saved_grad = [(p, p.requires_grad) for p in self.model.parameters()]
+        try:
+            self.model.eval()
+            if self.freeze:
+                for p in self.model.parameters():
+                    p.requires_grad_(False)
+            self._handle = self.layer.register_forward_hook(self._hook)
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        for m, training in self._saved_training:
+            m.training = training
+        for p, requires_grad in self._saved_grad:
+            p.requires_grad_(requires_grad)
+        self.activation = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Run the model; return the logits (``grad`` mode) or ``None`` (``features``)."""
+        self.calls = 0
+        self.activation = None
+        try:
+            out = self.model(x)
+        except _StopForward:
+            return None
+        except _LayerOutputError as exc:
+            raise self._layer_error(exc, x[:1]) from None
+        if self.calls == 0:
+            raise WhylookError(
+                f"layer {self.name!r} did not run in the model's forward pass; choose a layer "
+                "on the path from input to logits"
+            )
+        return out
+
+    def _layer_error(self, exc: _LayerOutputError, sample: torch.Tensor) -> WhylookError:
+        # The hook must be off while we look for candidates, or it would fire again.
+        if self._handle is not None:
+            self._handle.remove()
+        try:
+            candidates = _spatial_candidates(self.model, sample)
+        finally:
+            self._handle = self.layer.register_forward_hook(self._hook)
+        hint = (
+            f"layers that would work: {', '.join(candidates)}"
+            if candidates
+            else "no layer of this model gives a spatial map of at least 2x2 on this input"
+        )
+        return WhylookError(
+            f"prototype layer {self.name!r} {exc.reason}; it must output a (B, d, h, w) "
+            f"feature map with h*w >= 4 — {hint}"
+        )
+
+
+# --------------------------------------------------------------------------- Grad-CAM
+
+
+class GradCAM:
+    """Raw Grad-CAM of the true-class logit at one layer of one model.
+
+    Use it as a context manager to keep the hook and frozen parameters in place across
+    several calls (e.g. many shards); every call outside a ``with`` block sets up and
+    tears down on its own. Either way the model's train/eval flags, its parameters'
+    ``requires_grad`` and its hooks are restored afterwards, also when an error occurs.
+
+    ``device=None`` uses the device the model is on; another device moves the model there
+    (like ``model.to(device)``), and it stays there afterwards.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
+    ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    >>> with GradCAM(net, "0") as cam:
+    ...     res = cam(torch.rand(5, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1]))
+    >>> res.saliency.shape, res.confidence.shape
+    ((5, 8, 8), (5, 3))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: nn.Module | str,
+        *,
+        device: str | torch.device | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise WhylookError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        if device is not None:
+            model.to(torch.device(device))
+        self.model = model
+        self.device, self.dtype = _model_device_dtype(model)
+        self._session = _LayerSession(model, layer, freeze=True)
+        self.layer_name = self._session.name
+        self._depth = 0
+
+    def __enter__(self) -> GradCAM:
+        if self._depth == 0:
+            self._session.__enter__()
+        self._depth += 1
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._session.__exit__(exc_type, exc, tb)
+
+    def _batch(
+        self, x: torch.Tensor, y: torch.Tensor, return_features: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        session = self._session
+        session.mode = "grad"
+        # inference_mode/no_grad set by a caller would silently disable the backward.
+        with torch.inference_mode(False), torch.enable_grad():
+            logits = session.forward(x)
+            acts = session.activation
+            assert logits is not None
+            assert acts is not None
+            if logits.ndim != 2:
+                raise WhylookError(
+                    f"the model must return logits of shape (B, M), got {tuple(logits.shape)}"
+                )
+            n_classes = logits.shape[1]
+            if int(y.max()) >= n_classes:
+                raise WhylookError(
+                    f"label {int(y.max())} is out of range for a model with {n_classes} "
+                    "outputs; check the labels and the model's number of classes"
+                )
+            target = logits.gather(1, y[:, None]).sum()
+            (grads,) = torch.autograd.grad(target, acts, allow_unused=True)
+        if grads is None:
+            raise WhylookError(
+                f"the logits do not depend on layer {self.layer_name!r}; choose a layer on the "
+                "path from input to logits"
+            )
+        alpha = grads.mean(dim=(2, 3))
+        acts = acts.detach()
+        cam = torch.relu(torch.einsum("bc,bchw->bhw", alpha, acts))
+        conf = torch.softmax(logits.detach().float(), dim=1)
+        return cam.float(), conf, (acts.float() if return_features else None)
+
+    def batches(
+        self,
+        images: ImageArray,
+        labels: LabelArray,
+        *,
+        batch_size: int = 256,
+        return_features: bool = False,
+        progress: bool | None = None,
+    ) -> Iterator[SaliencyResult]:
+        """Yield one :class:`SaliencyResult` per batch, e.g. to stream features into
+        :class:`whylook.prototypes.PrototypeFinder` without holding them all."""
+        images = _check_images(images)
+        n = int(images.shape[0])
+        y_all = _check_labels(labels, n)
+        _check_batch_size(batch_size)
+        with self:
+            starts = range(0, n, batch_size)
+            for lo in progress_bar(starts, desc="grad-cam", total=len(starts), progress=progress):
+                hi = min(lo + batch_size, n)
+                x = _batch_to_device(images, lo, hi, self.device, self.dtype)
+                y = y_all[lo:hi].to(self.device)
+                cam, conf, feats = self._batch(x, y, return_features)
+                yield SaliencyResult(
+                    cam.cpu().numpy(),
+                    conf.cpu().numpy(),
+                    None if feats is None else feats.cpu().numpy(),
+                )
+
+    def __call__(
+        self,
+        images: ImageArray,
+        labels: LabelArray,
+        *,
+        batch_size: int = 256,
+        return_features: bool = False,
+        progress: bool | None = None,
+    ) -> SaliencyResult:
+        """Grad-CAM and confidences for all ``images``; see :func:`grad_cam`."""
+        parts = list(
+            self.batches(
+                images,
+                labels,
+                batch_size=batch_size,
+                return_features=return_features,
+                progress=progress,
+            )
+        )
+        if not parts:
+            raise WhylookError("no images given; pass at least one image")
+        return SaliencyResult.concat(parts)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise WhylookError(f"batch_size must be a positive integer, not {batch_size!r}")
+
+
+def grad_cam(
+    model: nn.Module,
+    layer: nn.Module | str,
+    images: ImageArray,
+    labels: LabelArray,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    return_features: bool = False,
+    progress: bool | None = None,
+) -> SaliencyResult:
+    """Raw Grad-CAM on the true-class logit at ``layer``, and softmax confidences.
+
+    Args:
+        model: maps float32 ``(B, C, H, W)`` in [0, 1] to logits ``(B, M)``.
+        layer: the prototype layer, a submodule or its ``named_modules()`` name; its output
+            must be ``(B, d, h, w)`` with ``h*w >= 4``.
+        images: ``(N, C, H, W)``, uint8 (scaled by 1/255) or float in [0, 1].
+        labels: ``(N,)`` true classes; Grad-CAM targets these logits.
+        batch_size: samples per forward/backward pass; larger is faster.
+        device: where to run; ``None`` uses the model's device (see :class:`GradCAM`).
+        return_features: also return the layer's activations ``(N, d, h, w)``.
+
+    Returns:
+        :class:`SaliencyResult` with ``saliency`` (N, h, w), ``confidence`` (N, M) and
+        optionally ``features``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(),
+    ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    >>> images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8).numpy()
+    >>> res = grad_cam(net, "1", images, [3, 1, 4, 1])
+    >>> res.saliency.shape, res.saliency.dtype.name
+    ((4, 7, 7), 'float32')
+    """
+    cam = GradCAM(model, layer, device=device)
+    return cam(
+        images, labels, batch_size=batch_size, return_features=return_features, progress=progress
+    )
+
+
+# --------------------------------------------------------------------------- features only
+
+
+def layer_features(
+    model: nn.Module,
+    layer: nn.Module | str,
+    images: ImageArray,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the layer's activations ``(B, d, h, w)`` batch by batch, on the model's device.
+
+    Forward only, and each pass stops as soon as the layer has run, so nothing after it
+    is computed. Meant for fitting prototypes over a large set without holding all
+    features (feed each batch to ``PrototypeFinder.partial_fit``). The model is in eval
+    mode while the generator runs, and is restored when it finishes or is closed.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(144, 2))
+    >>> [tuple(f.shape) for f in layer_features(net, "0", torch.rand(5, 1, 8, 8), batch_size=3)]
+    [(3, 4, 6, 6), (2, 4, 6, 6)]
+    """
+    images = _check_images(images)
+    _check_batch_size(batch_size)
+    if device is not None:
+        model.to(torch.device(device))
+    dev, dtype = _model_device_dtype(model)
+    n = int(images.shape[0])
+    with _LayerSession(model, layer, freeze=False) as session, torch.no_grad():
+        session.mode = "features"
+        starts = range(0, n, batch_size)
+        for lo in progress_bar(starts, desc="features", total=len(starts), progress=progress):
+            x = _batch_to_device(images, lo, min(lo + batch_size, n), dev, dtype)
+            session.forward(x)
+            if session.activation is None:
+                raise WhylookError(
+                    f"layer {session.name!r} did not run in the model's forward pass; choose a "
+                    "layer on the path from input to logits"
+                )
+            yield session.activation
+
+
+def layer_output_shape(
+    model: nn.Module, layer: nn.Module | str, input_shape: Sequence[int]
+) -> tuple[int, int, int]:
+    """``(d, h, w)`` of the layer's output for one input of shape ``(C, H, W)``.
+
+    >>> from torch import nn
+    >>> layer_output_shape(nn.Sequential(nn.Conv2d(3, 8, 3, stride=2)), "0", (3, 32, 32))
+    (8, 15, 15)
+    """
+    if len(input_shape) != 3:
+        raise WhylookError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
+    dev, dtype = _model_device_dtype(model)
+    x = torch.zeros((1, *input_shape), dtype=dtype, device=dev)
+    with contextlib.closing(layer_features(model, layer, x, batch_size=1)) as batches:
+        feats = next(batches)
+    d, h, w = feats.shape[1:]
+    return int(d), int(h), int(w)

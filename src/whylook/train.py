@@ -1,0 +1,249 @@
+"""Training with checkpoints (METHOD Step 0) into a new run folder.
+
+Two seeds, kept apart: ``seed`` draws the initial weights (and any dropout), ``data_seed``
+the order of the training data (a fresh permutation every epoch). Adam, cross-entropy,
+the last partial batch kept. Checkpoints are taken after the optimizer steps of the
+schedule (:mod:`whylook.schedule`), step 0 being the initialisation; each is evaluated on
+the whole test split. On CPU, the same seeds give bit-identical checkpoints.
+
+Everything is validated before the run folder is created; if training fails or is
+interrupted, the folder is removed again, and ``run.json`` is written last.
+
+>>> run = train("mnist5k", "smallcnn", epochs=1, checkpoints=4, out="runs/quick")  # doctest: +SKIP
+>>> [c.step for c in run.checkpoints]  # doctest: +SKIP
+[0, 1, 6, 32]
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from whylook import _io
+from whylook._progress import progress_bar
+from whylook.data import DataSource, Split, to_tensor
+from whylook.errors import WhylookError
+from whylook.models import resolve_device
+from whylook.run import (
+    RunFolder,
+    as_source,
+    build_for,
+    checkpoint_record,
+    creating_run,
+    model_config,
+    prepare_out,
+    resolve_layer,
+    write_manifest,
+)
+from whylook.schedule import SCHEDULES, checkpoint_steps
+
+__all__ = ["DEFAULT_LR", "evaluate", "train"]
+
+#: Adam's learning rate when none is given: it trains every built-in model well from scratch.
+DEFAULT_LR = 1e-3
+
+
+def train(
+    data: str | DataSource,
+    model: str = "smallcnn",
+    *,
+    epochs: int = 3,
+    checkpoints: int = 12,
+    schedule: str = "log",
+    seed: int = 0,
+    data_seed: int | None = None,
+    batch_size: int = 128,
+    lr: float | None = None,
+    layer: str | None = None,
+    device: str = "auto",
+    out: str | os.PathLike[str],
+    progress: bool | None = None,
+) -> RunFolder:
+    """Train ``model`` on ``data``, saving ``checkpoints`` checkpoints into run folder ``out``.
+
+    ``layer`` is recorded as the run's prototype layer (default: the model's own).
+    ``data_seed`` defaults to ``seed``. The caller's torch RNG state is left untouched.
+
+    >>> run = train("mnist5k", epochs=1, checkpoints=3, out="runs/tiny")  # doctest: +SKIP
+    >>> run.checkpoints[-1].test_accuracy > 0.9  # doctest: +SKIP
+    True
+    """
+    for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1)):
+        if not isinstance(value, int) or value < low:
+            raise WhylookError(f"{name} must be a whole number >= {low}, not {value!r}")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise WhylookError(f"lr must be a positive number, not {lr!r}")
+    if schedule not in SCHEDULES:
+        raise WhylookError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    data_seed = seed if data_seed is None else data_seed
+    lr = DEFAULT_LR if lr is None else float(lr)
+    out = prepare_out(out)
+    dev = resolve_device(device)
+    source = as_source(data)
+    steps_per_epoch = math.ceil(len(source.train) / batch_size)
+    total_steps = epochs * steps_per_epoch
+    steps = checkpoint_steps(total_steps, checkpoints, schedule, steps_per_epoch)  # type: ignore[arg-type]
+
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        net = build_for(model, source)
+        layer_name, shape = resolve_layer(net, layer, (source.channels, *source.image_size))
+        config = model_config(model, source, layer_name, shape)
+        config.update(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer="adam",
+            schedule=schedule,
+            checkpoints_requested=checkpoints,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+            device=str(dev),
+        )
+        with creating_run(out):
+            records, measured = _fit(
+                net,
+                source,
+                steps,
+                steps_per_epoch,
+                data_seed,
+                batch_size,
+                lr,
+                dev,
+                out,
+                progress,
+            )
+            write_manifest(
+                out,
+                source="train",
+                config=config,
+                source_data=source,
+                checkpoints=records,
+                seeds={"seed": seed, "data_seed": data_seed},
+                measured=measured,
+            )
+    return RunFolder.open(out)
+
+
+def _fit(
+    net: nn.Module,
+    source: DataSource,
+    steps: list[int],
+    steps_per_epoch: int,
+    data_seed: int,
+    batch_size: int,
+    lr: float,
+    dev: torch.device,
+    out: os.PathLike[str],
+    progress: bool | None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The training loop: returns the checkpoint records and the measured figures."""
+    images, labels = source.train.images, torch.from_numpy(source.train.labels.copy())
+    net.to(dev).train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    order = torch.Generator().manual_seed(data_seed)
+    save_at = set(steps)
+    records: list[dict[str, Any]] = []
+    checkpoint_seconds = 0.0
+    epoch_seconds: list[float] = []
+
+    def save(step: int) -> None:
+        nonlocal checkpoint_seconds
+        start = time.perf_counter()
+        index = len(records)
+        record = checkpoint_record(index, step, round(step / steps_per_epoch, 6), 0.0, 0.0)
+        _io.save_weights(os.path.join(out, record["file"]), net.state_dict())
+        record["test_accuracy"], record["test_loss"] = evaluate(net, source.test, device=dev)
+        if not math.isfinite(record["test_loss"]):
+            raise WhylookError(
+                f"training diverged (test loss is not finite at step {step}); lower --lr"
+            )
+        records.append(record)
+        checkpoint_seconds += time.perf_counter() - start
+
+    save(0)
+    total = steps[-1]
+    epoch_start, eval_before = time.perf_counter(), 0.0
+    for step in progress_bar(range(total), desc="train", total=total, progress=progress):
+        batch = step % steps_per_epoch
+        if batch == 0:
+            perm = torch.randperm(len(labels), generator=order).numpy()
+        idx = perm[batch * batch_size : (batch + 1) * batch_size]
+        x = to_tensor(images[idx]).to(dev, non_blocking=True)
+        y = labels[idx].to(dev, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        optimizer.step()
+        if step + 1 in save_at:
+            save(step + 1)
+        if batch == steps_per_epoch - 1 or step + 1 == total:
+            now = time.perf_counter()
+            epoch_seconds.append(round(now - epoch_start - (checkpoint_seconds - eval_before), 3))
+            epoch_start, eval_before = now, checkpoint_seconds
+    measured = {
+        "seconds_per_epoch": epoch_seconds,
+        "train_seconds": round(sum(epoch_seconds), 3),
+        "checkpoint_seconds": round(checkpoint_seconds, 3),
+        "final_test_accuracy": records[-1]["test_accuracy"],
+        "device_name": _device_name(dev),
+        "torch_threads": torch.get_num_threads(),
+    }
+    return records, measured
+
+
+def evaluate(
+    model: nn.Module,
+    split: Split,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 500,
+) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of ``model`` on ``split`` (eval mode, no grad).
+
+    The model's train/eval mode is restored afterwards.
+
+    >>> from whylook.data import load_data
+    >>> from whylook.models import build_model
+    >>> ds = load_data("mnist5k", limit_per_class=5)
+    >>> m = build_model("smallcnn", num_classes=10, in_channels=1, image_size=28)
+    >>> acc, loss = evaluate(m, ds.test)
+    >>> 0.0 <= acc <= 1.0
+    True
+    """
+    dev = resolve_device(device)
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    labels = torch.from_numpy(split.labels.copy())
+    try:
+        with torch.no_grad():
+            for start in range(0, len(split), batch_size):
+                x = to_tensor(split.images[start : start + batch_size]).to(dev)
+                y = labels[start : start + batch_size].to(dev)
+                logits = model(x)
+                loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+                correct += int((logits.argmax(1) == y).sum())
+    finally:
+        model.train(was_training)
+    n = max(len(split), 1)
+    return correct / n, loss_sum / n
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"cpu ({os.cpu_count()} cores)"

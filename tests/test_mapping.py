@@ -1,0 +1,137 @@
+"""Step 5: ridge mapping with CV lambda and bootstrap z-scores."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from sklearn.linear_model import RidgeCV
+
+from whylook.errors import WhylookError
+from whylook.mapping import DEFAULT_ALPHAS, fit_mapping, ridge_fit
+
+
+def test_fixed_lambda_is_the_closed_form() -> None:
+    rng = np.random.default_rng(0)
+    pi = rng.normal(size=(50, 6))
+    c = rng.normal(size=(50, 3))
+    for lam in (0.0, 0.3, 25.0):
+        expected = np.linalg.solve(pi.T @ pi + lam * np.eye(6), pi.T @ c)
+        fit = ridge_fit(pi, c, lam=lam, n_boot=0)
+        np.testing.assert_allclose(fit.beta, expected, rtol=1e-10, atol=1e-12)
+        assert fit.lam == lam
+    # More prototypes than samples: the closed form still holds for lambda > 0.
+    pi_wide = rng.normal(size=(5, 8))
+    expected = np.linalg.solve(pi_wide.T @ pi_wide + 0.7 * np.eye(8), pi_wide.T @ c[:5])
+    np.testing.assert_allclose(ridge_fit(pi_wide, c[:5], lam=0.7, n_boot=0).beta, expected)
+
+
+def test_cv_prefers_more_shrinkage_for_noise() -> None:
+    rng = np.random.default_rng(1)
+    pi = rng.normal(size=(300, 8))
+    clean = pi @ rng.normal(size=(8, 4)) + rng.normal(0, 0.05, (300, 4))
+    noise = rng.normal(size=(300, 4))
+    fit_clean = ridge_fit(pi, clean, n_boot=0)
+    fit_noise = ridge_fit(pi, noise, n_boot=0)
+    assert fit_noise.lam > 100 * fit_clean.lam
+    assert fit_clean.cv_r2 > 0.95
+    assert fit_noise.cv_r2 < 0.05
+
+
+def test_cv_agrees_with_sklearn_ridgecv() -> None:
+    rng = np.random.default_rng(2)
+    pi = rng.normal(size=(120, 5))
+    c = pi @ rng.normal(0, 0.3, size=(5, 3)) + rng.normal(size=(120, 3))
+    fit = ridge_fit(pi, c, n_boot=0)
+    grid = np.asarray(DEFAULT_ALPHAS) * (pi**2).sum() / 5
+    ref = RidgeCV(alphas=grid, fit_intercept=False).fit(pi, c)
+    assert fit.lam == pytest.approx(ref.alpha_, rel=1e-9)
+    np.testing.assert_allclose(fit.beta, ref.coef_.T, rtol=1e-8, atol=1e-10)
+
+
+def test_bootstrap_separates_signal_from_noise() -> None:
+    rng = np.random.default_rng(3)
+    n, k, m = 400, 6, 3
+    pi = rng.normal(size=(n, k))
+    true = np.zeros((k, m))
+    true[2, 1] = 0.5  # the one planted effect
+    c = pi @ true + rng.normal(0, 1.0, (n, m))
+    fit = ridge_fit(pi, c, n_boot=200, seed=0)
+    assert fit.z[2, 1] > 6
+    null = np.delete(fit.z.ravel(), 2 * m + 1)
+    assert np.abs(null).max() < 3.5
+    np.testing.assert_allclose(fit.z, fit.beta / fit.beta_se)
+    # Deterministic for a seed, different for another.
+    again = ridge_fit(pi, c, n_boot=200, seed=0)
+    np.testing.assert_array_equal(again.beta_se, fit.beta_se)
+    assert not np.array_equal(ridge_fit(pi, c, n_boot=200, seed=1).beta_se, fit.beta_se)
+
+
+def test_constant_prototype_gets_zero_z() -> None:
+    rng = np.random.default_rng(4)
+    pi = rng.normal(size=(80, 3))
+    pi[:, 1] = 0.0  # a prototype whose intensity never changes
+    fit = ridge_fit(pi, rng.normal(size=(80, 2)), n_boot=50)
+    np.testing.assert_array_equal(fit.z[1], 0.0)
+    assert np.isfinite(fit.z).all()
+
+
+def test_fit_mapping_groups_and_skips() -> None:
+    rng = np.random.default_rng(5)
+    t_count, n, k, m = 2, 200, 4, 3
+    dp = rng.normal(size=(t_count, n, k))
+    groups = np.zeros((t_count, n), np.int16)
+    groups[:, 100:] = 1
+    groups[:, 195:] = 2  # 5 samples: below min_group_size, skipped
+    groups[:, :3] = -1  # noise is never fitted
+    b0, b1 = rng.normal(size=(k, m)), rng.normal(size=(k, m))
+    dy = np.where((groups == 1)[..., None], dp @ b1, dp @ b0) + rng.normal(0, 0.01, (t_count, n, m))
+    mp = fit_mapping(dp, dy, groups=groups, n_boot=30, seed=0)
+    assert mp.beta.shape == mp.z.shape == mp.beta_se.shape == (t_count, k, m)
+    assert mp.beta.dtype == np.float32
+    assert mp.lambdas.shape == (t_count,)
+    assert mp.lambda_mode == "cv"
+    assert sorted(mp.group_betas) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert mp.skipped_groups == ((0, 2, 5), (1, 2, 5))
+    np.testing.assert_allclose(mp.group_betas[(1, 0)], b0, atol=0.01)
+    np.testing.assert_allclose(mp.group_betas[(1, 1)], b1, atol=0.01)
+    assert mp.group_fit(0, 1).n == 95
+    with pytest.raises(WhylookError, match="skipped or absent"):
+        mp.group_fit(0, 2)
+    # Transition t alone gives the same fit as inside fit_mapping (seeded per transition).
+    alone = ridge_fit(dp[1], dy[1], n_boot=30, seed=[0, 1, 0])
+    np.testing.assert_allclose(mp.beta_se[1], alone.beta_se, rtol=1e-6)
+    fixed = fit_mapping(dp, dy, lam=2.0, n_boot=0)
+    assert fixed.lambda_mode == "fixed"
+    np.testing.assert_array_equal(fixed.lambdas, [2.0, 2.0])
+    assert np.isnan(fixed.z).all()
+
+
+def test_fast_at_paper_scale() -> None:
+    rng = np.random.default_rng(6)
+    t_count, n, k, m = 12, 2000, 32, 10
+    dp = rng.normal(size=(t_count, n, k))
+    dy = rng.normal(size=(t_count, n, m))
+    groups = rng.integers(-1, 5, size=(t_count, n))
+    start = time.perf_counter()
+    mp = fit_mapping(dp, dy, groups=groups, n_boot=100)
+    elapsed = time.perf_counter() - start
+    assert len(mp.group_fits) == 5 * t_count
+    assert elapsed < 20, f"fit_mapping took {elapsed:.1f} s"
+
+
+def test_bad_input() -> None:
+    dp = np.zeros((2, 10, 3))
+    with pytest.raises(WhylookError, match="same T and n"):
+        fit_mapping(dp, np.zeros((2, 9, 4)))
+    with pytest.raises(WhylookError, match="lam must"):
+        ridge_fit(dp[0], np.zeros((10, 2)), lam=-1.0)
+    with pytest.raises(WhylookError, match="n_boot"):
+        ridge_fit(dp[0], np.zeros((10, 2)), n_boot=1)
+    with pytest.raises(WhylookError, match="groups"):
+        fit_mapping(dp, np.zeros((2, 10, 4)), groups=np.zeros((2, 9), int))
+    bad = dp.copy()
+    bad[0, 0, 0] = np.inf
+    with pytest.raises(WhylookError, match="NaN or infinite"):
+        fit_mapping(bad, np.zeros((2, 10, 4)))

@@ -1,0 +1,94 @@
+"""Step 4: HDBSCAN learning patterns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from whylook.errors import WhylookError
+from whylook.patterns import default_min_cluster_size, find_patterns
+
+
+def _confidence_from_changes(changes: np.ndarray) -> np.ndarray:
+    """Confidences (T+1, n, M) whose consecutive differences are ``changes`` (T, n, M)."""
+    start = np.full((1, *changes.shape[1:]), 0.5)
+    return np.concatenate([start, start + np.cumsum(changes, axis=0)])
+
+
+def test_planted_transition_patterns_are_recovered() -> None:
+    rng = np.random.default_rng(0)
+    n, m = 300, 10
+    truth = rng.integers(0, 3, size=(2, n))  # two transitions, three patterns each
+    directions = rng.normal(0, 0.3, size=(2, 3, m))
+    changes = np.stack([directions[t][truth[t]] for t in range(2)])
+    changes += rng.normal(0, 0.01, changes.shape)
+    pats = find_patterns(_confidence_from_changes(changes), rng.integers(0, 4, n))
+    assert pats.groups.shape == (2, n)
+    assert pats.groups.dtype == np.int16
+    for t in range(2):
+        assert adjusted_rand_score(truth[t], pats.groups[t]) > 0.95
+    np.testing.assert_array_equal(pats.n_groups_per_transition, [3, 3])
+    assert pats.all_noise_transitions == ()
+    assert pats.min_cluster_size == default_min_cluster_size(n) == 15
+    # Groups are numbered by size, largest first.
+    sizes = np.bincount(pats.groups[0][pats.groups[0] >= 0])
+    assert (np.diff(sizes) <= 0).all()
+
+
+def test_class_subgroups_from_trajectories() -> None:
+    """Class 0 has two variants that differ only in *when* they are learned."""
+    rng = np.random.default_rng(1)
+    n_per, t_count, m = 60, 4, 3
+    early = np.zeros((t_count, m))
+    early[0, 0] = 0.4
+    late = np.zeros((t_count, m))
+    late[2, 0] = 0.4
+    variant = np.repeat([0, 1], n_per // 2)
+    class0 = np.where(variant[None, :, None] == 0, early[:, None], late[:, None])
+    class1 = np.zeros((t_count, n_per, m))
+    class1[1, :, 1] = 0.4
+    changes = np.concatenate([class0, class1], axis=1) + rng.normal(
+        0, 0.01, (t_count, 2 * n_per, m)
+    )
+    labels = np.repeat([0, 1], n_per)
+    pats = find_patterns(_confidence_from_changes(changes), labels)
+    assert pats.class_groups.shape == (2 * n_per,)
+    assert adjusted_rand_score(variant, pats.class_groups[:n_per]) > 0.95
+    np.testing.assert_array_equal(pats.classes, [0, 1])
+    assert pats.n_groups_per_class[0] == 2
+    np.testing.assert_array_equal(pats.class_too_small, [False, False])
+    # Class 1 is one homogeneous blob: no sub-groups, flagged rather than invented.
+    assert pats.class_all_noise[1]
+    assert (pats.class_groups[n_per:] == -1).all()
+
+
+def test_all_noise_is_flagged_not_crashed() -> None:
+    rng = np.random.default_rng(2)
+    # Three samples: too few for any cluster.
+    pats = find_patterns(rng.dirichlet(np.ones(4), size=(3, 3)), np.array([0, 1, 1]))
+    assert (pats.groups == -1).all()
+    assert pats.all_noise_transitions == (0, 1)
+    np.testing.assert_array_equal(pats.n_groups_per_transition, [0, 0])
+    np.testing.assert_array_equal(pats.noise_fraction, [1.0, 1.0])
+    assert pats.class_too_small.all()
+    assert pats.class_all_noise.all()
+    # Uniform noise: no structure, so every sample is noise and the transition is flagged.
+    changes = rng.uniform(-0.5, 0.5, size=(1, 400, 10))
+    pats = find_patterns(_confidence_from_changes(changes), rng.integers(0, 2, 400))
+    assert pats.all_noise_transitions == (0,)
+    assert "all noise at transitions [0]" in pats.summary()
+
+
+def test_bad_input() -> None:
+    conf = np.random.default_rng(0).random((3, 10, 4))
+    with pytest.raises(WhylookError, match=r"\(T\+1, n, M\)"):
+        find_patterns(conf[0], np.zeros(10, int))
+    with pytest.raises(WhylookError, match="labels"):
+        find_patterns(conf, np.zeros(9, int))
+    with pytest.raises(WhylookError, match="min_cluster_size"):
+        find_patterns(conf, np.zeros(10, int), min_cluster_size=1)
+    bad = conf.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(WhylookError, match="finite"):
+        find_patterns(bad, np.zeros(10, int))

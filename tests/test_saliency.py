@@ -1,0 +1,229 @@
+"""Step 2: raw Grad-CAM — hand-computed values, Captum agreement, and model restoration."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from whylook.errors import WhylookError
+from whylook.saliency import (
+    GradCAM,
+    SaliencyResult,
+    grad_cam,
+    layer_features,
+    layer_output_shape,
+)
+
+# A 1x4x4 image (scaled by 1/4 so it lies in [0, 1]) with asymmetric 2x2 blocks:
+#   [[1, 0, 2, 0],
+#    [0, 3, 0, 1],
+#    [4, 0, 0, 2],
+#    [0, 1, 3, 0]] / 4
+_X = (
+    torch.tensor(
+        [[1.0, 0.0, 2.0, 0.0], [0.0, 3.0, 0.0, 1.0], [4.0, 0.0, 0.0, 2.0], [0.0, 1.0, 3.0, 0.0]]
+    ).reshape(1, 1, 4, 4)
+    / 4.0
+)
+_W = [[1.0, 2.0], [-1.0, 3.0], [0.5, -4.0]]  # linear layer: 2 channels -> 3 classes
+
+
+def _tiny_model() -> nn.Sequential:
+    """conv 2x2 stride 2 (no bias) -> 2 channels on a 2x2 grid -> GAP -> linear (no bias).
+
+    Channel 0 sums each 2x2 block; channel 1 is (top-left - bottom-right) of each block.
+    """
+    conv = nn.Conv2d(1, 2, kernel_size=2, stride=2, bias=False)
+    lin = nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[[[1.0, 1.0], [1.0, 1.0]]], [[[1.0, 0.0], [0.0, -1.0]]]]))
+        lin.weight.copy_(torch.tensor(_W))
+    return nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(), lin)
+
+
+# Hand computation (blocks of 4*_X: TL [[1,0],[0,3]], TR [[2,0],[0,1]],
+# BL [[4,0],[0,1]], BR [[0,2],[3,0]]):
+#   A0 = block sums / 4        = [[4, 3], [5, 5]] / 4 = [[1, .75], [1.25, 1.25]]
+#   A1 = (TL - BR) / 4         = [[-2, 1], [3, 0]] / 4 = [[-.5, .25], [.75, 0]]
+#   logit_y = sum_c W[y,c] * mean(A_c);  d logit_y / d A_c[i,j] = W[y,c] / 4
+#   => alpha_c = W[y,c] / 4 and I_y = ReLU(sum_c W[y,c]/4 * A_c)
+# Class 0 (W = [1, 2]):   (A0 + 2 A1) / 4 = [[0, 1.25], [2.75, 1.25]] / 4
+_CAM_CLASS0 = [[0.0, 0.3125], [0.6875, 0.3125]]
+# Class 2 (W = [.5, -4]): (.5 A0 - 4 A1) / 4 = [[2.5, -.625], [-2.375, .625]] / 4,
+# and the ReLU clips the two negative cells.
+_CAM_CLASS2 = [[0.625, 0.0], [0.0, 0.15625]]
+# GAP: mean(A0) = 17/16, mean(A1) = 2/16 -> logits W @ (17/16, 1/8).
+_LOGITS = [17 / 16 + 2 / 8, -17 / 16 + 3 / 8, 0.5 * 17 / 16 - 4 / 8]
+
+
+def _softmax(z: list[float]) -> list[float]:
+    e = [math.exp(v) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def test_hand_computed_values_and_relu() -> None:
+    images = _X.repeat(2, 1, 1, 1)
+    res = grad_cam(_tiny_model(), "0", images, [0, 2], return_features=True)
+    assert res.saliency.dtype == np.float32
+    assert res.saliency.shape == (2, 2, 2)
+    np.testing.assert_allclose(res.saliency[0], _CAM_CLASS0, atol=1e-6)
+    np.testing.assert_allclose(res.saliency[1], _CAM_CLASS2, atol=1e-6)
+    np.testing.assert_allclose(res.confidence, [_softmax(_LOGITS)] * 2, atol=1e-6)
+    assert res.features is not None
+    np.testing.assert_allclose(
+        res.features[0], [[[1, 0.75], [1.25, 1.25]], [[-0.5, 0.25], [0.75, 0]]], atol=1e-6
+    )
+
+
+def test_no_rescaling_and_batch_independence() -> None:
+    """Raw values scale with the image (no per-image normalisation), and batch size
+    does not change the result (the summed backward is per-sample exact)."""
+    images = torch.cat([_X, 0.5 * _X, _X])
+    labels = [0, 0, 2]
+    full = grad_cam(_tiny_model(), "0", images, labels, batch_size=3)
+    single = grad_cam(_tiny_model(), "0", images, labels, batch_size=1)
+    np.testing.assert_allclose(full.saliency, single.saliency, atol=1e-7)
+    # Linear model: halving the image halves both A and nothing else.
+    np.testing.assert_allclose(full.saliency[1], 0.5 * np.array(_CAM_CLASS0), atol=1e-6)
+
+
+def test_uint8_numpy_input_is_scaled() -> None:
+    # 4*_X holds the integers 0..4; times 51 is exact in uint8 and /255 gives 0.8 * _X,
+    # so the (linear) map is 0.8 times the hand-computed one.
+    images = (4 * _X * 51).to(torch.uint8).numpy()
+    res = grad_cam(_tiny_model(), "0", images, np.array([0]))
+    np.testing.assert_allclose(res.saliency[0], 0.8 * np.array(_CAM_CLASS0), atol=1e-6)
+
+
+def _resnet() -> nn.Module:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None, num_classes=10).eval()
+
+
+@pytest.mark.parametrize("layer", ["layer2", "layer3.1.bn2"])
+def test_matches_captum_layer_gradcam(layer: str) -> None:
+    """layer3.1.bn2 is followed by an in-place ``out += identity``."""
+    captum_attr = pytest.importorskip("captum.attr")
+    model = _resnet()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 3, 32, 32, generator=gen)
+    y = torch.tensor([0, 3, 9, 3, 5, 1])
+    module = dict(model.named_modules())[layer]
+    ref = captum_attr.LayerGradCam(model, module).attribute(x, target=y, relu_attributions=True)
+    ref = ref.detach()
+    ours = grad_cam(model, layer, x, y, batch_size=4)
+    assert ours.saliency.shape == tuple(ref.shape[:1]) + tuple(ref.shape[2:])
+    assert float(ref.abs().max()) > 1e-4  # the comparison is not between zeros
+    np.testing.assert_allclose(ours.saliency, ref[:, 0].numpy(), atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        probs = torch.softmax(model(x), dim=1).numpy()
+    np.testing.assert_allclose(ours.confidence, probs, atol=1e-6)
+
+
+def _state(model: nn.Module) -> tuple[list[bool], list[bool], int]:
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    return (
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+        hooks,
+    )
+
+
+def test_restores_mode_grad_flags_and_hooks() -> None:
+    model = _resnet().train()
+    model.layer1.eval()  # mixed modes must come back exactly
+    model.conv1.weight.requires_grad_(False)
+    before = _state(model)
+    x = torch.rand(3, 3, 32, 32)
+    grad_cam(model, model.layer3, x, [1, 2, 3])
+    assert _state(model) == before
+    assert all(p.grad is None for p in model.parameters())  # no parameter gradients
+    # Eval mode was used: same result as an explicit eval-mode model.
+    a = grad_cam(model, "layer3", x, [1, 2, 3]).saliency
+    b = grad_cam(model.eval(), "layer3", x, [1, 2, 3]).saliency
+    np.testing.assert_array_equal(a, b)
+
+
+def test_restores_after_exception_inside_context() -> None:
+    model = _resnet().train()
+    before = _state(model)
+    with pytest.raises(RuntimeError, match="boom"), GradCAM(model, "layer3") as cam:
+        cam(torch.rand(2, 3, 32, 32), [0, 1])
+        assert _state(model) != before  # hook in place, eval mode, frozen parameters
+        raise RuntimeError("boom")
+    assert _state(model) == before
+
+
+def test_restores_after_error_during_forward() -> None:
+    model = _resnet().train()
+    before = _state(model)
+    with pytest.raises(WhylookError, match="out of range"):
+        grad_cam(model, "layer3", torch.rand(2, 3, 32, 32), [0, 10])
+    assert _state(model) == before
+
+    class Exploding(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("explodes after the layer")
+
+    model.fc = Exploding()
+    with pytest.raises(RuntimeError, match="explodes"):
+        grad_cam(model, "layer3", torch.rand(2, 3, 32, 32), [0, 1])
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
+def test_caller_no_grad_context_is_overridden() -> None:
+    with torch.no_grad():
+        res = grad_cam(_tiny_model(), "0", _X, [0])
+    np.testing.assert_allclose(res.saliency[0], _CAM_CLASS0, atol=1e-6)
+
+
+def test_bad_layers_and_inputs() -> None:
+    model = _tiny_model()
+    with pytest.raises(WhylookError, match="not 4-D"):
+        grad_cam(model, "2", _X, [0])  # Flatten: (B, 2)
+    with pytest.raises(WhylookError, match="not a module"):
+        grad_cam(model, "nope", _X, [0])
+    with pytest.raises(WhylookError, match="shape"):
+        grad_cam(model, "0", _X[0], [0])
+    with pytest.raises(WhylookError, match="labels"):
+        grad_cam(model, "0", _X, [0, 1])
+    with pytest.raises(WhylookError, match="labels"):
+        grad_cam(model, "0", _X, np.array([0.5]))
+    with pytest.raises(WhylookError, match="batch_size"):
+        grad_cam(model, "0", _X, [0], batch_size=0)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
+def test_too_small_map_names_working_layers() -> None:
+    model = _resnet()
+    with pytest.raises(WhylookError, match=r"smaller than 2x2.*layer3 \(256x2x2\)"):
+        grad_cam(model, "layer4", torch.rand(2, 3, 32, 32), [0, 1])
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
+def test_layer_features_and_shape() -> None:
+    model = _resnet()
+    x = torch.rand(5, 3, 32, 32)
+    feats = list(layer_features(model, "layer2", x, batch_size=2))
+    assert [tuple(f.shape) for f in feats] == [(2, 128, 4, 4)] * 2 + [(1, 128, 4, 4)]
+    full = grad_cam(model, "layer2", x, [0] * 5, batch_size=2, return_features=True).features
+    np.testing.assert_array_equal(torch.cat(feats).numpy(), full)
+    assert layer_output_shape(model, "layer3", (3, 32, 32)) == (256, 2, 2)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
+def test_concat_shards_equals_whole() -> None:
+    model = _resnet()
+    x = torch.rand(5, 3, 32, 32)
+    y = [1, 2, 3, 4, 5]
+    whole = grad_cam(model, "layer2", x, y)
+    with GradCAM(model, "layer2") as cam:
+        parts = [cam(x[:2], y[:2]), cam(x[2:], y[2:])]
+    joined = SaliencyResult.concat(parts)
+    np.testing.assert_allclose(joined.saliency, whole.saliency, atol=1e-6)
+    np.testing.assert_allclose(joined.confidence, whole.confidence, atol=1e-6)
