@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,8 +39,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-MNIST = "npz:" + str(ROOT.parent / "shared" / "data" / "mnist.npz")
-CIFAR = "folder:" + str(ROOT.parent / "shared" / "data" / "cifar10-jpg.zip")
+# The real data lives beside a developer checkout; elsewhere (a GPU machine) point these
+# variables at copies.
+MNIST = "npz:" + os.environ.get("WHYLOOK_MNIST_NPZ",
+                                str(ROOT.parent / "shared" / "data" / "mnist.npz"))
+CIFAR = "folder:" + os.environ.get("WHYLOOK_CIFAR_ZIP",
+                                   str(ROOT.parent / "shared" / "data" / "cifar10-jpg.zip"))
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,8 @@ SETTINGS: dict[str, Setting] = {
                              note="reduced: 60 images per class (600 train / 600 test), "
                                   "2 epochs"),
                 "gpu": Scale(None, epochs=2, checkpoints=12, analysis_size=2000,
-                             note="full MNIST (60k train / 10k test), 2 epochs"),
+                             batch_size=256,
+                             note="full MNIST (60k train / 10k test), 2 epochs, batch 256"),
             },
         ),
         Setting(
@@ -106,7 +112,8 @@ SETTINGS: dict[str, Setting] = {
                              note="reduced: 60 images per class (600 train / 600 test), "
                                   "3 epochs"),
                 "gpu": Scale(None, epochs=4, checkpoints=12, analysis_size=2000,
-                             note="full CIFAR-10 (50k train / 10k test), 4 epochs"),
+                             batch_size=256,
+                             note="full CIFAR-10 (50k train / 10k test), 4 epochs, batch 256"),
             },
         ),
         Setting(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tracemalloc
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -54,6 +55,15 @@ def test_assign_on_torch_matches_numpy() -> None:
     feats, _, _ = _planted(10)
     protos = PrototypeFinder(k=4).fit([feats])
     np.testing.assert_array_equal(protos.assign(torch.from_numpy(feats)), protos.assign(feats))
+
+
+def test_read_only_arrays_are_accepted_quietly() -> None:
+    feats, _, _ = _planted(10)
+    feats.flags.writeable = False  # as from np.load(..., mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        protos = PrototypeFinder(k=4).fit([feats])
+        assert protos.assign(feats).shape == (10, 4, 4)
 
 
 def test_streaming_and_shards_equal_one_shot() -> None:

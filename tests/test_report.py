@@ -50,11 +50,24 @@ def run(tmp_path: Path) -> Path:
     return make_synthetic_run(tmp_path, finetune=True, compare=True)
 
 
+@pytest.fixture
+def small_run(tmp_path: Path) -> Path:
+    """Two classes: fewer figures, for tests about one behaviour of the page."""
+    return make_synthetic_run(tmp_path, classes=["a", "b"], k=4, finetune=True)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One full report (every section), shared by the read-only checks of the page."""
+    run = make_synthetic_run(tmp_path_factory.mktemp("rendered"), finetune=True, compare=True)
+    return run, report(run)
+
+
 # -- the page and its files ---------------------------------------------------------------
 
 
-def test_report_writes_page_and_png_figures(run: Path) -> None:
-    page = report(run)
+def test_report_writes_page_and_png_figures(rendered: tuple[Path, Path]) -> None:
+    run, page = rendered
     assert page == run / "report" / "index.html"
     html = page.read_text(encoding="utf-8")
     assert _sections(html) == [*CORE_SECTIONS, "finetune", "compare"]
@@ -92,16 +105,19 @@ def test_report_writes_page_and_png_figures(run: Path) -> None:
     assert "from arrays.npz confusion[-1]" in html
 
 
-def test_report_is_deterministic_and_out_folder(run: Path, tmp_path: Path) -> None:
-    a = report(run, out=tmp_path / "a")
-    b = report(run, out=tmp_path / "b")
-    assert a.read_bytes() == b.read_bytes()
-    assert a == tmp_path / "a" / "index.html"
-    assert not (run / "report").exists()
+def test_report_is_deterministic_and_out_folder(
+    rendered: tuple[Path, Path], tmp_path: Path
+) -> None:
+    run, page = rendered
+    other = report(run, out=tmp_path / "b")
+    assert other == tmp_path / "b" / "index.html"
+    assert other.read_bytes() == page.read_bytes()
+    assert sorted(p.name for p in other.parent.rglob("*.png")) == sorted(
+        p.name for p in page.parent.rglob("*.png"))
 
 
 def test_optional_sections_skipped_and_stale_files_removed(tmp_path: Path) -> None:
-    run = make_synthetic_run(tmp_path, k=6)
+    run = make_synthetic_run(tmp_path, classes=["a", "b"], k=6)
     out = run / "report"
     out.mkdir()
     (out / "class-099-beta.png").write_bytes(b"stale")  # a figure of an earlier report
@@ -114,27 +130,27 @@ def test_optional_sections_skipped_and_stale_files_removed(tmp_path: Path) -> No
     assert (out / "notes.png").read_bytes() == b"mine"
 
 
-def test_confusion_recomputed_and_labelled_when_not_stored(run: Path) -> None:
-    path = run / "analysis" / "arrays.npz"
+def test_confusion_recomputed_and_labelled_when_not_stored(small_run: Path) -> None:
+    path = small_run / "analysis" / "arrays.npz"
     with np.load(path) as npz:
         arrays = {k: npz[k] for k in npz.files if k not in {"confusion", "mass_share"}}
     np.savez(path, **arrays)
-    html = report(run).read_text(encoding="utf-8")
+    html = report(small_run).read_text(encoding="utf-8")
     assert "recomputed from the stored confidences" in html
     _decode_all_images(html)
 
 
-def test_unreadable_images_degrade_to_a_note(run: Path, tmp_path: Path) -> None:
+def test_unreadable_images_degrade_to_a_note(small_run: Path, tmp_path: Path) -> None:
     (tmp_path / "data-run.npz").unlink()
-    html = report(run).read_text(encoding="utf-8")
+    html = report(small_run).read_text(encoding="utf-8")
     assert 'class="warn"' in html
     assert "training images are not shown" in html
     _decode_all_images(html)
 
 
-def test_unreadable_finetune_is_a_note_not_an_error(run: Path) -> None:
-    (run / "finetune" / "finetune.json").write_text("{not json")
-    html = report(run).read_text(encoding="utf-8")
+def test_unreadable_finetune_is_a_note_not_an_error(small_run: Path) -> None:
+    (small_run / "finetune" / "finetune.json").write_text("{not json")
+    html = report(small_run).read_text(encoding="utf-8")
     assert "finetune.json could not be read" in html
 
 
@@ -144,7 +160,8 @@ def test_unreadable_finetune_is_a_note_not_an_error(run: Path) -> None:
 def test_class_names_from_data_are_escaped(tmp_path: Path) -> None:
     classes = [XSS, "$x^2$ \\frac", 'say "hi" & <b>bye</b>', "ok"]
     run = make_synthetic_run(tmp_path, classes=classes, finetune=True)
-    html = report(run).read_text(encoding="utf-8")
+    page = report(run)
+    html = page.read_text(encoding="utf-8")
     assert "<img src=x" not in html
     assert "<b>bye" not in html
     assert "&lt;img src=x onerror=alert(1)&gt;" in html
@@ -152,7 +169,7 @@ def test_class_names_from_data_are_escaped(tmp_path: Path) -> None:
     assert html.count("<script") == 1
     _decode_all_images(html)  # "$x^2$" did not break matplotlib
     if CHROMIUM.exists():
-        result = _browser_check(report(run), tmp_path)
+        result = _browser_check(page, tmp_path)
         # An injected <img src=x> would count as a broken image.
         assert result["images_broken"] == 0, result
         assert XSS in result["text"]  # shown to the reader as text
@@ -211,11 +228,13 @@ def test_not_a_run_folder(tmp_path: Path) -> None:
         report(tmp_path)
 
 
-def test_cli_report(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["report", str(run), "--out", str(tmp_path / "out")]) == 0
+def test_cli_report(
+    small_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["report", str(small_run), "--out", str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out.strip() == f"report: {tmp_path / 'out' / 'index.html'}"
-    shutil.rmtree(run / "analysis")
-    assert main(["report", str(run)]) == 2
+    shutil.rmtree(small_run / "analysis")
+    assert main(["report", str(small_run)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ")
     assert err.count("\n") == 1
@@ -365,8 +384,8 @@ def _assert_page_works(page: Path, tmp: Path, sections: list[str]) -> None:
     not CHROMIUM.exists(),
     reason="headless Chromium (/usr/bin/chromium) is not installed; apt-get install chromium",
 )
-def test_page_loads_in_chromium(run: Path, tmp_path: Path) -> None:
-    _assert_page_works(report(run), tmp_path, [*CORE_SECTIONS, "finetune", "compare"])
+def test_page_loads_in_chromium(rendered: tuple[Path, Path], tmp_path: Path) -> None:
+    _assert_page_works(rendered[1], tmp_path, [*CORE_SECTIONS, "finetune", "compare"])
 
 
 _PIPELINE = ("whylook.train", "whylook.explain", "whylook.run", "whylook.models", "whylook.mapping")

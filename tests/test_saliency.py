@@ -152,10 +152,15 @@ def test_restores_mode_grad_flags_and_hooks() -> None:
 def test_restores_after_exception_inside_context() -> None:
     model = _resnet().train()
     before = _state(model)
-    with pytest.raises(RuntimeError, match="boom"), GradCAM(model, "layer3") as cam:
-        cam(torch.rand(2, 3, 32, 32), [0, 1])
-        assert _state(model) != before  # hook in place, eval mode, frozen parameters
-        raise RuntimeError("boom")
+
+    def use_then_fail() -> None:
+        with GradCAM(model, "layer3") as cam:
+            cam(torch.rand(2, 3, 32, 32), [0, 1])
+            assert _state(model) != before  # hook in place, eval mode, frozen parameters
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        use_then_fail()
     assert _state(model) == before
 
 
@@ -203,6 +208,13 @@ def test_too_small_map_names_working_layers() -> None:
     model = _resnet()
     with pytest.raises(WhylookError, match=r"smaller than 2x2.*layer3 \(256x2x2\)"):
         grad_cam(model, "layer4", torch.rand(2, 3, 32, 32), [0, 1])
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
+def test_module_reused_in_forward_is_refused() -> None:
+    model = _resnet()  # each BasicBlock calls its ``relu`` twice
+    with pytest.raises(WhylookError, match=r"more than once.*layer3"):
+        grad_cam(model, "layer3.1.relu", torch.rand(2, 3, 32, 32), [0, 1])
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
 
 

@@ -69,6 +69,7 @@ _SPEC_HELP = (
 )
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "F"})
 _FAST_DECODE = frozenset({".jpg", ".jpeg", ".png"})
+_FAST_DECODE_MIN = 20_000
 _CACHE: OrderedDict[tuple, DataSource] = OrderedDict()
 _CACHE_SIZE = 3
 
@@ -523,7 +524,7 @@ def _image_tree(path: Path, names: list[str]) -> dict[str, dict[str, list[str]]]
         cls_files = tree[p[k]].setdefault(p[k + 1], [])
         if not name.endswith("/") and os.path.splitext(p[-1])[1].lower() in IMAGE_EXTENSIONS:
             cls_files.append(name)
-    if not tree["train"]:
+    if not any(tree["train"].values()):
         raise WhylookError(
             f"{path} has no images under train/<class>/; expected train/<class>/* and "
             "test/<class>/* image files"
@@ -536,16 +537,19 @@ def _hidden(part: str) -> bool:
 
 
 def _decode_all(members: list[str], fetch: Callable[[str], bytes | Path]) -> list[np.ndarray]:
+    # torchvision's decoder is 3x faster than PIL, but importing it costs seconds: worth it
+    # only for large sets.
+    fast = len(members) >= _FAST_DECODE_MIN
     with warnings.catch_warnings():
         # torchvision 0.29 marks its decoders deprecated (pinned here; PIL is the fallback).
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
-        return [_decode_image(fetch(m), m) for m in members]
+        return [_decode_image(fetch(m), m, fast) for m in members]
 
 
-def _decode_image(data: bytes | Path, name: str) -> np.ndarray:
+def _decode_image(data: bytes | Path, name: str, fast: bool) -> np.ndarray:
     """One image as uint8 (C, H, W) with C = 1 (grayscale) or 3 (RGB; alpha dropped)."""
     raw = data.read_bytes() if isinstance(data, Path) else data
-    if os.path.splitext(name)[1].lower() in _FAST_DECODE:
+    if fast and os.path.splitext(name)[1].lower() in _FAST_DECODE:
         # torchvision's libjpeg-turbo/libpng decoder gives the same pixels as PIL, 3x faster.
         try:
             from torchvision.io import ImageReadMode, decode_image

@@ -49,6 +49,12 @@ class ExplainSettings:
     min_cluster_size: int | None = None
     ridge_lambda: float | str = "cv"
     bootstrap: int = 100
+    # Beyond the paper (docs/METHOD-NOTES.md): "support for class c" from class-conditional
+    # ridge fits ("class") or from the global beta ("global"); class sub-groups from the
+    # confidence trajectories plus the final prototype profile ("trajectory+profile") or
+    # from the trajectories alone, as METHOD reads the paper ("trajectory").
+    support: str = "class"
+    subgroups: str = "trajectory+profile"
     structure: StructureSettings = field(default_factory=StructureSettings)
 
 
@@ -194,6 +200,12 @@ def explain(
     from whylook.run import RunFolder
 
     base = settings or ExplainSettings()
+    if base.support not in {"class", "global"}:
+        raise WhylookError(f"support must be 'class' or 'global', not {base.support!r}")
+    if base.subgroups not in {"trajectory+profile", "trajectory"}:
+        raise WhylookError(
+            f"subgroups must be 'trajectory+profile' or 'trajectory', not {base.subgroups!r}"
+        )
     settings = ExplainSettings(
         **{**asdict(base), "structure": base.structure, "k": k if k != "default" else base.k,
            "layer": layer or base.layer, "analysis_size": analysis_size or base.analysis_size,
@@ -207,7 +219,7 @@ def explain(
 def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device,
                     progress: bool | None) -> Explanation:
     from whylook import intensity as inten
-    from whylook.mapping import fit_mapping
+    from whylook.mapping import fit_class_mapping, fit_mapping
     from whylook.models import get_layer, layer_shape
     from whylook.patterns import find_patterns
     from whylook.prototypes import PrototypeFinder, Prototypes, default_k
@@ -278,8 +290,11 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
             desc="prototypes: features", total=-(-len(proto_rows) // settings.batch_size),
             progress=progress,
         )
+        start = 0
         for feats in batches:
-            finder.partial_fit(feats)
+            # Global row numbers make the K-Means subsample independent of batching.
+            finder.partial_fit(feats, sample_index=proto_rows[start:start + len(feats)])
+            start += len(feats)
         prototypes = finder.finalize()
         save_npz(proto_file, prototypes.to_arrays())
     k_final = int(prototypes.k)
@@ -318,13 +333,21 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     mass_share = inten.mass_share(saliency[-1], assignments, k_final)
 
     # Step 4: learning patterns.
-    patterns = find_patterns(confidence, labels, min_cluster_size=settings.min_cluster_size)
+    profile = mass_share if settings.subgroups == "trajectory+profile" else None
+    patterns = find_patterns(confidence, labels, min_cluster_size=settings.min_cluster_size,
+                             profile=profile)
 
     # Step 5: ridge mapping from intensity changes to confidence changes.
+    d_intensity, d_confidence = inten.delta(intensity), inten.delta(confidence)
     mapping = fit_mapping(
-        inten.delta(intensity), inten.delta(confidence), groups=patterns.groups,
+        d_intensity, d_confidence, groups=patterns.groups,
         lam=settings.ridge_lambda, n_boot=settings.bootstrap, seed=settings.seed,
     )
+    class_mapping = None
+    if settings.support == "class":
+        class_mapping = fit_class_mapping(d_intensity, d_confidence, labels,
+                                          lam=settings.ridge_lambda, n_boot=settings.bootstrap,
+                                          seed=settings.seed)
 
     # Step 6: the structured explanation.
     steps = [int(c.step) for c in ckpts]
@@ -332,6 +355,8 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         classes=classes, steps=steps, labels=labels, mass_share=mass_share,
         confidence=confidence, beta=mapping.beta, beta_se=mapping.beta_se,
         class_groups=patterns.class_groups, settings=settings.structure,
+        support_beta=None if class_mapping is None else class_mapping.beta,
+        support_se=None if class_mapping is None else class_mapping.beta_se,
     )
 
     predictions = confidence.argmax(axis=2)
@@ -365,6 +390,9 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         "support_z": structure.support_z,
         "prototype_rows": proto_rows,
     }
+    if class_mapping is not None:
+        arrays["beta_class"] = class_mapping.beta
+        arrays["beta_class_se"] = class_mapping.beta_se
     explanation = {
         "schema": SCHEMA,
         "run": {"data": folder.config.get("data"), "model": folder.config.get("model"),
@@ -389,6 +417,8 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
             "min_cluster_size": int(patterns.min_cluster_size),
             "ridge_lambda": settings.ridge_lambda,
             "bootstrap": int(settings.bootstrap),
+            "support": settings.support,
+            "subgroups": settings.subgroups,
         },
         "prototypes": [
             {

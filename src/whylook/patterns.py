@@ -161,6 +161,7 @@ def find_patterns(
     class_min_cluster_size: int | None = None,
     min_samples: int | None = None,
     allow_single_cluster: bool = False,
+    profile: object | None = None,
 ) -> Patterns:
     """HDBSCAN learning patterns from the confidences ``(T+1, n, M)`` of all checkpoints.
 
@@ -171,6 +172,10 @@ def find_patterns(
         class_min_cluster_size: within each class; default ``max(15, round(0.1 n_c))``.
         min_samples: HDBSCAN's ``min_samples`` (default: equal to the cluster size).
         allow_single_cluster: let HDBSCAN return a single group (see the module notes).
+        profile: optional ``(n, F)`` per-sample features appended to each trajectory for
+            the class sub-groups (``explain`` passes the final prototype saliency shares,
+            so variants that look different but are learned at the same time still
+            split; see docs/METHOD-NOTES.md).
 
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
@@ -201,6 +206,13 @@ def find_patterns(
             raise WhylookError(f"{name} must be an integer >= 2, not {value!r}")
 
     dy = np.diff(conf.astype(np.float64), axis=0)  # (T, n, M)
+    extra = None
+    if profile is not None:
+        extra = _as_array(profile, "profile").astype(np.float64)
+        if extra.ndim != 2 or extra.shape[0] != n or not np.isfinite(extra).all():
+            raise WhylookError(
+                f"profile must be finite numbers of shape ({n}, F), got {extra.shape}"
+            )
     t_count = dy.shape[0]
     mcs = int(min_cluster_size or default_min_cluster_size(n))
     opts = {"min_samples": min_samples, "allow_single_cluster": allow_single_cluster}
@@ -219,6 +231,8 @@ def find_patterns(
         class_mcs[c_idx] = size
         too_small[c_idx] = members.size < max(2, size, min_samples or 0)
         trajectories = dy[:, members].transpose(1, 0, 2).reshape(members.size, -1)
+        if extra is not None:
+            trajectories = np.hstack([trajectories, extra[members]])
         class_groups[members] = cluster(trajectories, min_cluster_size=size, **opts)
     n_class_groups = np.array(
         [int(class_groups[y == c].max()) + 1 for c in classes], dtype=np.int64

@@ -36,6 +36,7 @@ import torch
 from sklearn.cluster import KMeans
 
 from whylook.errors import WhylookError
+from whylook.saliency import from_numpy
 
 __all__ = [
     "DEFAULT_AUTO_CANDIDATES",
@@ -86,7 +87,7 @@ def _as_feature_tensor(features: FeatureArray) -> torch.Tensor:
     if isinstance(features, np.ndarray):
         if features.dtype.kind != "f":
             raise WhylookError(f"features must be floating point, not {features.dtype}")
-        t = torch.from_numpy(features)
+        t = from_numpy(features)
     elif isinstance(features, torch.Tensor):
         if not features.is_floating_point():
             raise WhylookError(f"features must be floating point, not {features.dtype}")

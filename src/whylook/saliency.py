@@ -25,6 +25,7 @@ of the samples and joined with :meth:`SaliencyResult.concat`.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -157,6 +158,19 @@ def _check_images(images: ImageArray) -> ImageArray:
     return images
 
 
+def from_numpy(array: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` that also accepts read-only arrays (e.g. ``np.load(mmap_mode="r")``).
+
+    whylook only ever reads these tensors, so torch's warning about non-writable arrays
+    does not apply.
+    """
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 def _batch_to_device(
     images: ImageArray, lo: int, hi: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -166,7 +180,7 @@ def _batch_to_device(
     """
     batch = images[lo:hi]
     if isinstance(batch, np.ndarray):
-        batch = torch.from_numpy(np.ascontiguousarray(batch))
+        batch = from_numpy(np.ascontiguousarray(batch))
     batch = batch.detach().to(device, non_blocking=True)
     if batch.dtype == torch.uint8:
         return batch.to(dtype).div_(255.0)
@@ -180,7 +194,7 @@ def _check_labels(labels: LabelArray, n: int) -> torch.Tensor:
         arr = np.asarray(labels)
         if arr.dtype.kind not in "iu":
             raise WhylookError(f"labels must be integers, not {arr.dtype}")
-        y = torch.from_numpy(arr.astype(np.int64, copy=False))
+        y = from_numpy(arr.astype(np.int64, copy=False))
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise WhylookError(f"labels must be integers, not {y.dtype}")
     if y.shape != (n,):
@@ -347,10 +361,13 @@ class _LayerSession:
             if candidates
             else "no layer of this model gives a spatial map of at least 2x2 on this input"
         )
-        return WhylookError(
-            f"prototype layer {self.name!r} {exc.reason}; it must output a (B, d, h, w) "
-            f"feature map with h*w >= 4 — {hint}"
+        need = (
+            "it must run once per forward pass (a module reused within the model, like a "
+            "shared ReLU, has no single output)"
+            if exc.shape is None and "more than once" in exc.reason
+            else "it must output a (B, d, h, w) feature map with h*w >= 4"
         )
+        return WhylookError(f"prototype layer {self.name!r} {exc.reason}; {need} — {hint}")
 
 
 # --------------------------------------------------------------------------- Grad-CAM

@@ -8,9 +8,13 @@ reads β separates signal from noise with the bootstrap standard errors of Step 
   final saliency mass is at least ``active_threshold``. Presence alone is not enough:
   background prototypes are present in every image.
 * **support** – the evidence that more attention to ``k`` raised the confidence in class
-  ``c``, summed over all transitions: ``Σ_t β^t[k, c]``, with a z-score from the per-step
-  standard errors. Summing pools the evidence of every step, which is what makes weak but
-  consistent effects visible above the bootstrap noise.
+  ``c`` *while class c was being learned*: ``Σ_t w_t β^t[k, c] / Σ_t w_t`` with
+  ``w_t`` the mean rise of class ``c``'s own confidence over its samples at transition
+  ``t`` (falls count as 0), and a z-score from the per-step bootstrap standard errors.
+  A plain sum over all transitions mixes phases: early on, when the model cannot yet
+  tell classes apart, β trades weight between co-occurring prototypes and its signs are
+  unstable; the transitions in which a class is learned are the ones that say what the
+  class was learned *from*. A class whose confidence never rises gets uniform weights.
 * **shared** prototypes of ``c`` – active in at least ``shared_rate`` of class ``c`` and
   with support for ``c`` at least ``z_threshold`` standard errors above zero; ordered by
   ``active rate × support``.
@@ -139,7 +143,7 @@ class Structure:
     settings: StructureSettings
     active: np.ndarray = field(repr=False)  # (n, K) bool
     active_rate_by_class: np.ndarray = field(repr=False)  # (K, M)
-    support: np.ndarray = field(repr=False)  # (K, M) summed significant beta
+    support: np.ndarray = field(repr=False)  # (K, M) learning-weighted beta
     support_z: np.ndarray = field(repr=False)  # (K, M)
     classes: tuple[ClassExplanation, ...]
     uncertain: tuple[UncertainPrototype, ...]
@@ -219,6 +223,8 @@ def assemble(
     beta_se: np.ndarray,
     class_groups: np.ndarray,
     settings: StructureSettings | None = None,
+    support_beta: np.ndarray | None = None,
+    support_se: np.ndarray | None = None,
 ) -> Structure:
     """Assemble the structured explanation.
 
@@ -230,6 +236,9 @@ def assemble(
         confidence: (T+1, n, M) softmax confidences at each checkpoint.
         beta, beta_se: (T, K, M) ridge coefficients and their bootstrap standard errors.
         class_groups: (n,) the per-class sub-group of each sample (-1 is noise).
+        support_beta, support_se: (T, K, M) the fits that "support for class c" is read
+            from (``explain`` passes the class-conditional fits of
+            :func:`whylook.mapping.fit_class_mapping`); default: ``beta`` and ``beta_se``.
 
     Example:
         >>> import numpy as np
@@ -268,8 +277,14 @@ def assemble(
 
     # Standard errors of a sum of per-step estimates, taken as independent across steps.
     se = np.where(beta_se > 0, beta_se, np.inf)
-    support = beta.sum(axis=0)
-    support_se = np.sqrt((np.where(np.isfinite(se), se, 0.0) ** 2).sum(axis=0))
+    s_beta = beta if support_beta is None else np.asarray(support_beta, dtype=np.float64)
+    s_se = beta_se if support_se is None else np.asarray(support_se, dtype=np.float64)
+    if s_beta.shape != beta.shape or s_se.shape != beta.shape:
+        raise WhylookError(f"support_beta and support_se must have shape {beta.shape}")
+    weights = learning_weights(confidence, labels, m)  # (T, M), columns sum to 1
+    support = np.einsum("tm,tkm->km", weights, np.nan_to_num(s_beta))
+    s_se = np.where(np.isfinite(s_se) & (s_se > 0), s_se, 0.0)
+    support_se = np.sqrt(np.einsum("tm,tkm->km", weights**2, s_se**2))
     with np.errstate(divide="ignore", invalid="ignore"):
         support_z = np.where(support_se > 0, support / support_se, 0.0)
 
@@ -304,6 +319,20 @@ def assemble(
         uncertain=uncertain,
         learning_order=order,
     )
+
+
+def learning_weights(confidence: np.ndarray, labels: np.ndarray, m: int) -> np.ndarray:
+    """Per class, how much of its learning happened at each transition: ``(T, M)``.
+
+    ``w[t, c]`` is the mean rise of class ``c``'s confidence over its own samples from
+    checkpoint ``t`` to ``t+1`` (falls count as 0), normalised to sum to 1 over ``t``.
+    """
+    t1 = confidence.shape[0]
+    own = np.stack([confidence[:, labels == c, c].mean(axis=1) for c in range(m)], axis=1)
+    rise = np.clip(np.diff(own, axis=0), 0.0, None)
+    total = rise.sum(axis=0)
+    uniform = np.full_like(rise, 1.0 / max(t1 - 1, 1))
+    return np.where(total > 0, rise / np.where(total > 0, total, 1.0), uniform)
 
 
 def _specialized(

@@ -10,7 +10,7 @@ the two-variant class gets specialized prototypes for its variants.
 Example:
     >>> ds = planted_dataset(n_train=100, n_test=20, seed=0)
     >>> ds.train.images.shape, ds.classes
-    ((100, 1, 28, 28), ('A+B', 'B+C', 'D+E', 'F|G'))
+    ((100, 1, 28, 28), ('A+B', 'B+C', 'D+E', 'H+F|G'))
 """
 
 from __future__ import annotations
@@ -39,17 +39,19 @@ MOTIFS["C"] = _stamp(["...#...", "...#...", "...#...", "#######", "...#...", "..
 MOTIFS["D"] = _stamp(["#######", ".......", "#######", ".......", "#######", ".......", "#######"])
 MOTIFS["E"] = _stamp(["#.#.#.#", "#.#.#.#", "#.#.#.#", "#.#.#.#", "#.#.#.#", "#.#.#.#", "#.#.#.#"])
 MOTIFS["F"] = _stamp(["..###..", ".#####.", "#######", "#######", "#######", ".#####.", "..###.."])
-MOTIFS["G"] = _stamp(["#......", "##.....", "###....", "####...", "#####..", "######.", "#######"])
+MOTIFS["H"] = _stamp(["...#...", "..#.#..", ".#...#.", "#.....#", ".#...#.", "..#.#..", "...#..."])
+MOTIFS["G"] = _stamp(["......#", ".....#.", "....#..", "...#...", "..#....", ".#.....", "#......"])
 
 # Class -> list of alternatives, each a tuple of motifs. B is shared by classes 0 and 1;
-# class 3 has two variants (F or G), with F three times as frequent as G.
+# class 3 has two variants (H with F, or H with G), F more frequent than G. Every class has
+# two motifs, so the empty background carries no class information.
 PLANTED_CLASSES: dict[str, list[tuple[str, ...]]] = {
     "A+B": [("A", "B")],
     "B+C": [("B", "C")],
     "D+E": [("D", "E")],
-    "F|G": [("F",), ("G",)],
+    "H+F|G": [("H", "F"), ("H", "G")],
 }
-_VARIANT_WEIGHTS = {"F|G": (0.7, 0.3)}
+_VARIANT_WEIGHTS = {"H+F|G": (0.6, 0.4)}
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ _CLASS_TOP = 5  # thumbnails per shared prototype / specialized sub-group of a c
 _MAX_SHARED_SHOWN = 8  # shared prototypes with patches per class (the rest are named)
 _MAX_BETA_ROWS = 40  # prototypes in a class's β heatmap; all of them when K is this small
 _MAX_UNCERTAIN_SHOWN = 24  # uncertain prototypes drawn in full (the rest in a table)
+_UNCERTAIN_OPEN = 6  # of those, shown expanded (the others in one collapsed block)
 _MAX_TIMELINE = 60  # class pairs drawn in the learning-order timeline
 _GALLERY_PAGE = 16  # prototypes per collapsible block of the gallery
 _SALIENCY_PANELS = 6  # checkpoints in a class's saliency strip
@@ -79,8 +80,12 @@ class _Files:
 
     files: dict[str, bytes] = field(default_factory=dict)
 
-    def figure(self, name: str, png: bytes) -> str:
+    def figure(self, name: str, png: bytes, photo: bool = False) -> str:
         self.files[name] = png
+        if photo:
+            # Image-like figures (saliency over photos) are several times smaller as JPEG;
+            # the PNG file on disk stays lossless.
+            return _uri(*patches.smaller_inline(png))
         return _uri(png, "image/png")
 
     def patch(self, name: str, rgb: np.ndarray) -> str:
@@ -298,8 +303,11 @@ class _Builder:
         panels = sorted({round(x) for x in np.linspace(0, t1 - 1, min(_SALIENCY_PANELS, t1))})
         uncertain_by_class: dict[int, list[str]] = {}
         for u in self.exp.get("uncertain_prototypes") or []:
-            for c in (u.get("classes") or [])[:2]:
-                uncertain_by_class.setdefault(inp.class_index(c), []).append(str(u.get("id")))
+            pair = [str(c) for c in (u.get("classes") or [])[:2]]
+            for c in pair:
+                # One prototype can swing in several pairs: name the pair, not just the id.
+                uncertain_by_class.setdefault(inp.class_index(c), []).append(
+                    f"{u.get('id')} ({' ↔ '.join(pair)})")
         out = []
         for entry in self.exp["classes_explained"]:
             ci = inp.class_index(entry.get("class"))
@@ -350,7 +358,7 @@ class _Builder:
                         figures.saliency_strip(
                             self.images[r], self.a["saliency"][panels, r],
                             [inp.steps[i] for i in panels],
-                            [float(conf[i, r, ci]) for i in panels], name)),
+                            [float(conf[i, r, ci]) for i in panels], name), photo=True),
                     "row": r,
                     "sample": int(self.a["sample_index"][r]),
                 }
@@ -388,8 +396,13 @@ class _Builder:
             if i >= _MAX_UNCERTAIN_SHOWN:
                 rest.append(row)
                 continue
-            rows = np.nonzero(np.isin(self.labels, [a, b]))[0]
-            top = self._rank(k, rows, _TOP)
+            # Half the patches from each class of the pair: the point is that the same
+            # prototype shows up in both (a prototype strongest in one class would
+            # otherwise fill the strip with that class alone).
+            top_a = self._rank(k, np.nonzero(self.labels == a)[0], _TOP)
+            top_b = self._rank(k, np.nonzero(self.labels == b)[0], _TOP)
+            half = max(_TOP // 2, _TOP - len(top_b))
+            top = top_a[:half] + top_b[: _TOP - min(half, len(top_a))]
             row["strip"] = self._strip(f"uncertain-P-{k}-{a}-{b}.png", top, [k])
             row["captions"] = [inp.classes[self.labels[r]] for r in top]
             row["plot"] = self.out.figure(
@@ -398,7 +411,8 @@ class _Builder:
                                           self.a["beta"][:, k, b],
                                           (inp.classes[a], inp.classes[b]), steps, f"P-{k}"))
             items.append(row)
-        return {"entries": items, "rest": rest}
+        return {"entries": items[:_UNCERTAIN_OPEN], "folded": items[_UNCERTAIN_OPEN:],
+                "rest": rest}
 
     def learning(self) -> dict[str, Any]:
         order = []
@@ -481,6 +495,8 @@ class _Builder:
 
         ctx: dict[str, Any] = {
             "title": self.inp.run_path.resolve().name,
+            # Caption cells under a strip line up with its thumbnails (plus the gap).
+            "cap_w": patches.thumbnail(self.images[0]).shape[1] + patches.GAP,
             "version": __version__,
             "image_note": self.inp.image_note,
             "overview": self.overview(),

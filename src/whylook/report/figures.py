@@ -218,30 +218,38 @@ def saliency_strip(
     confidence: Sequence[float],
     class_name: str,
 ) -> bytes:
-    """One sample's raw Grad-CAM at several checkpoints, upsampled over the image.
+    """One sample's Grad-CAM at several checkpoints, upsampled over the image.
 
-    One colour scale for all panels: saliency is kept raw (METHOD Step 2), so the panels
-    compare intensity across checkpoints as well as position. The panels are blended in
-    numpy and drawn as one image (one axes instead of one per panel: several times
-    faster to render).
+    Top row: raw saliency on one colour scale for all panels. Saliency is kept raw
+    (METHOD Step 2), so this row compares how strong the attention is across checkpoints.
+    Early checkpoints are often near zero on that scale, so the bottom row scales each
+    panel to its own maximum and shows where the attention is, i.e. how it moves. The
+    panels are blended in numpy and drawn as one image (one axes instead of one per
+    panel: several times faster to render).
     """
     n = len(steps)
     vmax = float(saliency.max()) if saliency.size and saliency.max() > 0 else 1.0
-    panels = [_overlay(image, s, vmax, 96) for s in saliency]
-    ph, pw = panels[0].shape[:2]
+    raw = [_overlay(image, s, vmax, 96) for s in saliency]
+    own = [_overlay(image, s, float(s.max()) if s.max() > 0 else 1.0, 96) for s in saliency]
+    ph, pw = raw[0].shape[:2]
     gap = max(2, pw // 12)
-    row = np.ones((ph, n * pw + (n - 1) * gap, 3), np.float32)
-    for i, p in enumerate(panels):
-        row[:, i * (pw + gap) : i * (pw + gap) + pw] = p
-    with _figure(1.45 * n + 0.9, 2.2) as fig:
+    grid = np.ones((2 * ph + gap, n * pw + (n - 1) * gap, 3), np.float32)
+    for i in range(n):
+        x = i * (pw + gap)
+        grid[:ph, x : x + pw] = raw[i]
+        grid[ph + gap :, x : x + pw] = own[i]
+    with _figure(1.45 * n + 1.6, 3.7) as fig:
         ax = fig.subplots()
-        ax.imshow(row, interpolation="nearest")
+        ax.imshow(grid, interpolation="nearest")
         for i, (step, conf) in enumerate(zip(steps, confidence, strict=True)):
             ax.text(i * (pw + gap) + pw / 2, -3, f"step {step}\np({_short(class_name, 10)}) "
                     f"= {conf:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.text(-4, ph / 2, "raw,\none scale", ha="right", va="center", fontsize=8)
+        ax.text(-4, ph + gap + ph / 2, "each panel\nto its max", ha="right", va="center",
+                fontsize=8)
         ax.set_axis_off()
         sm = ScalarMappable(norm=Normalize(0, vmax), cmap="inferno")
-        fig.colorbar(sm, ax=ax, fraction=0.02, pad=0.01, label="Grad-CAM (raw)")
+        fig.colorbar(sm, ax=ax, fraction=0.02, pad=0.01, label="Grad-CAM (top row, raw)")
         return _png(fig)
 
 

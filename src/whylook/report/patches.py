@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["THUMB", "encode", "strip", "thumbnail"]
+__all__ = ["GAP", "THUMB", "encode", "smaller_inline", "strip", "thumbnail"]
 
 #: Target side of a thumbnail in pixels. Small images are enlarged by a whole factor
 #: (nearest neighbour, so MNIST strokes stay crisp); large ones are shrunk to it. 64 px
@@ -23,7 +23,7 @@ __all__ = ["THUMB", "encode", "strip", "thumbnail"]
 THUMB = 64
 
 _OUTLINE = np.array([255, 208, 0], dtype=np.uint8)  # amber: visible on black MNIST and photos
-_GAP = 2  # white pixels between the thumbnails of a strip
+GAP = 2  #: white pixels between the thumbnails of a strip
 
 
 def _to_rgb(image: np.ndarray) -> np.ndarray:
@@ -100,12 +100,21 @@ def strip(thumbs: Sequence[np.ndarray]) -> np.ndarray:
     parts: list[np.ndarray] = []
     for i, t in enumerate(thumbs):
         if i:
-            parts.append(np.full((height, _GAP, 3), 255, np.uint8))
+            parts.append(np.full((height, GAP, 3), 255, np.uint8))
         if t.shape[0] < height:
             pad = np.full((height - t.shape[0], t.shape[1], 3), 255, np.uint8)
             t = np.concatenate([t, pad], axis=0)
         parts.append(t)
     return np.concatenate(parts, axis=1)
+
+
+def smaller_inline(png: bytes) -> tuple[bytes, str]:
+    """``(data, mime)``: the PNG itself, or a JPEG of it when that is much smaller."""
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    jpeg = buf.getvalue()
+    return (jpeg, "image/jpeg") if len(jpeg) < 0.8 * len(png) else (png, "image/png")
 
 
 def encode(rgb: np.ndarray) -> tuple[bytes, bytes, str]:

@@ -1,0 +1,151 @@
+"""Every built-in model on MNIST- and CIFAR-shaped input, prototype layers, user factories."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from whylook.errors import WhylookError
+from whylook.models import (
+    MODEL_NAMES,
+    Normalize,
+    build_model,
+    default_layer,
+    get_layer,
+    layer_shape,
+    resolve_device,
+)
+
+EXPECTED_LAYER = {
+    # model: (default layer, (d, h, w) on 1x28x28, (d, h, w) on 3x32x32)
+    "smallcnn": ("block3", (64, 7, 7), (64, 8, 8)),
+    "resnet18": ("layer3", (256, 7, 7), (256, 8, 8)),
+    "resnet50": ("layer3", (1024, 7, 7), (1024, 8, 8)),
+    "inception_v3": ("Mixed_7c", (2048, 8, 8), (2048, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)], ids=["mnist", "cifar"])
+def test_forward_and_default_prototype_layer(name: str, shape: tuple[int, int, int]) -> None:
+    model = build_model(name, num_classes=10, in_channels=shape[0], image_size=shape[1:])
+    layer, mnist_shape, cifar_shape = EXPECTED_LAYER[name]
+    assert default_layer(model) == layer
+    assert layer_shape(model, layer, shape) == (mnist_shape if shape[0] == 1 else cifar_shape)
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.rand(2, *shape))
+    assert logits.shape == (2, 10)
+    assert torch.isfinite(logits).all()
+
+
+def test_built_in_models_normalise_inside_and_keep_it_in_the_state_dict() -> None:
+    model = build_model(
+        "smallcnn",
+        num_classes=3,
+        in_channels=2,
+        image_size=(16, 12),
+        mean=(0.1, 0.2),
+        std=(0.5, 0.25),
+    )
+    state = model.state_dict()
+    assert state["normalize.mean"].flatten().tolist() == pytest.approx([0.1, 0.2])
+    assert state["normalize.std"].flatten().tolist() == pytest.approx([0.5, 0.25])
+    x = torch.rand(1, 2, 16, 12)
+    expected = (x - torch.tensor([0.1, 0.2]).view(1, 2, 1, 1)) / torch.tensor([0.5, 0.25]).view(
+        1, 2, 1, 1
+    )
+    assert torch.allclose(model.normalize(x), expected)
+    assert isinstance(get_layer(model, "normalize"), Normalize)
+    resnet = build_model("resnet18", num_classes=3, in_channels=1, image_size=28)
+    assert "normalize.mean" in resnet.state_dict()
+    assert resnet.conv1.kernel_size == (3, 3)  # CIFAR-style stem on small images
+
+
+def test_large_images_keep_the_imagenet_stem_and_a_deeper_layer() -> None:
+    model = build_model("resnet18", num_classes=5, in_channels=3, image_size=224)
+    assert model.conv1.kernel_size == (7, 7)
+    assert default_layer(model) == "layer4"
+    assert layer_shape(model, "layer4", (3, 224, 224)) == (512, 7, 7)
+
+
+def test_a_layer_without_a_spatial_map_names_layers_that_work() -> None:
+    model = build_model("resnet18", num_classes=10, in_channels=1, image_size=8)
+    with pytest.raises(WhylookError, match=r"1x1 map .* layers that work: .*layer1 \(64x8x8\)"):
+        layer_shape(model, "layer4", (1, 8, 8))
+    with pytest.raises(WhylookError, match=r"not \(B, d, h, w\)"):
+        layer_shape(model, "fc", (1, 8, 8))
+
+
+def test_unknown_layer_lists_candidates() -> None:
+    model = build_model("smallcnn", num_classes=10, in_channels=1, image_size=28)
+    with pytest.raises(WhylookError, match=r"did you mean block3\?.*block1, block2, block3"):
+        get_layer(model, "blok3")
+    assert isinstance(get_layer(model, "block3.conv"), torch.nn.Conv2d)
+
+
+def test_unknown_model_and_too_small_images() -> None:
+    with pytest.raises(WhylookError, match="did you mean resnet50"):
+        build_model("resnet5O", num_classes=10, in_channels=1, image_size=28)
+    with pytest.raises(WhylookError, match="at least 8x8"):
+        build_model("smallcnn", num_classes=10, in_channels=1, image_size=4)
+    with pytest.raises(WhylookError, match=">= 2 classes"):
+        build_model("smallcnn", num_classes=1, in_channels=1, image_size=28)
+
+
+@pytest.fixture
+def user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    (tmp_path / "my_models.py").write_text(
+        textwrap.dedent(
+            """
+            from torch import nn
+
+            def tiny(num_classes, in_channels, image_size):
+                return nn.Sequential(
+                    nn.Conv2d(in_channels, 4, 3, padding=1), nn.ReLU(),
+                    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+
+            def tagged(num_classes, in_channels, image_size):
+                model = tiny(num_classes, in_channels, image_size)
+                model.whylook_layer = "0"
+                return model
+
+            def not_a_model(**kwargs):
+                return 42
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_models"
+    sys.modules.pop("my_models", None)
+
+
+def test_user_factory(user_package: str) -> None:
+    tagged = build_model(f"{user_package}:tagged", num_classes=4, in_channels=3, image_size=9)
+    assert default_layer(tagged) == "0"
+    plain = build_model(f"{user_package}:tiny", num_classes=4, in_channels=3, image_size=9)
+    # Without whylook_layer, the deepest top-level layer with a map >= 2x2 is chosen.
+    assert default_layer(plain, (3, 9, 9)) == "1"
+    with pytest.raises(WhylookError, match="no whylook_layer"):
+        default_layer(plain)
+    assert plain(torch.rand(2, 3, 9, 9)).shape == (2, 4)
+    with pytest.raises(WhylookError, match=r"not a torch\.nn\.Module"):
+        build_model(f"{user_package}:not_a_model", num_classes=4, in_channels=3, image_size=9)
+    with pytest.raises(WhylookError, match="no callable 'nope'"):
+        build_model(f"{user_package}:nope", num_classes=4, in_channels=3, image_size=9)
+    with pytest.raises(WhylookError, match="cannot import"):
+        build_model("no_such_pkg_xyz:f", num_classes=4, in_channels=3, image_size=9)
+
+
+def test_resolve_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(WhylookError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(WhylookError, match="unknown device"):
+        resolve_device("tpu")

@@ -1,0 +1,247 @@
+"""Run folders: importing foreign checkpoints, loading models, and every way a run folder
+can be broken."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from whylook import _io
+from whylook.data import DataSource, load_data
+from whylook.errors import WhylookError
+from whylook.models import build_model
+from whylook.run import INCOMPLETE_MARKER, RunFolder, import_checkpoints
+from whylook.train import evaluate
+
+
+@pytest.fixture(scope="module")
+def tiny_data() -> DataSource:
+    return load_data("mnist5k", limit_per_class=10)
+
+
+def _model(seed: int, num_classes: int = 10) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model("smallcnn", num_classes=num_classes, in_channels=1, image_size=28)
+
+
+@pytest.fixture(scope="module")
+def foreign(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three checkpoints 'trained elsewhere', in three file formats."""
+    folder = tmp_path_factory.mktemp("foreign")
+    files = [folder / "a.pt", folder / "b.safetensors", folder / "c.pth"]
+    torch.save(_model(0).state_dict(), files[0])
+    save_file(dict(_model(1).state_dict()), str(files[1]))
+    torch.save({"state_dict": _model(2).state_dict()}, files[2])  # Lightning-style wrapper
+    return files
+
+
+@pytest.fixture(scope="module")
+def imported(foreign, tiny_data, tmp_path_factory: pytest.TempPathFactory) -> RunFolder:
+    out = tmp_path_factory.mktemp("runs") / "imported"
+    return import_checkpoints(
+        foreign,
+        data=tiny_data,
+        model="smallcnn",
+        steps=[0, 5, 20],
+        device="cpu",
+        out=out,
+        progress=False,
+    )
+
+
+def test_import_converts_to_safetensors_and_evaluates(imported, foreign, tiny_data) -> None:
+    assert [c.step for c in imported.checkpoints] == [0, 5, 20]
+    assert all(c.epoch is None for c in imported.checkpoints)
+    assert imported.layer == "block3"
+    assert imported.classes == tuple("0123456789")
+    assert imported.manifest["source"] == "import"
+    for info, source, seed in zip(imported.checkpoints, foreign, range(3), strict=True):
+        assert info.file.endswith(".safetensors")
+        stored = _io.load_weights(imported.path / info.file)
+        original = _model(seed).state_dict()
+        assert stored.keys() == original.keys()
+        assert all(torch.equal(stored[k], original[k]) for k in original)
+        accuracy, loss = evaluate(_model(seed), tiny_data.test)
+        assert info.test_accuracy == accuracy
+        assert info.test_loss == pytest.approx(loss, rel=1e-6)
+    record = imported.manifest["imported"][0]
+    assert record["file"] == str(foreign[0].resolve())
+    assert record["sha256"] == _io.file_digest(foreign[0])
+    assert record["normalize_filled"] is False
+
+
+def test_load_model_and_friends(imported: RunFolder, tiny_data) -> None:
+    model = imported.load_model(1)
+    assert not model.training
+    expected = _model(1).state_dict()
+    assert all(torch.equal(model.state_dict()[k], expected[k]) for k in expected)
+    assert torch.equal(
+        imported.load_model(-1).state_dict()["classifier.fc2.bias"],
+        _model(2).state_dict()["classifier.fc2.bias"],
+    )
+    fresh = imported.build_model()
+    assert fresh.whylook_layer == "block3"
+    assert fresh.training
+    assert imported.data().digest == tiny_data.digest
+    with pytest.raises(WhylookError, match="checkpoints 0..2, not 7"):
+        imported.load_model(7)
+    reopened = RunFolder.open(imported.path)
+    assert reopened.checkpoints == imported.checkpoints
+
+
+def test_import_fills_missing_normalisation_and_strips_dataparallel(
+    tiny_data, tmp_path: Path
+) -> None:
+    state = {
+        f"module.{k}": v
+        for k, v in _model(0).state_dict().items()
+        if not k.startswith("normalize.")
+    }
+    torch.save(state, tmp_path / "dp.pt")
+    torch.save(_model(1).state_dict(), tmp_path / "full.pt")
+    run = import_checkpoints(
+        [tmp_path / "dp.pt", tmp_path / "full.pt"],
+        data=tiny_data,
+        model="smallcnn",
+        device="cpu",
+        out=tmp_path / "run",
+    )
+    assert [c.step for c in run.checkpoints] == [0, 1]
+    assert [r["normalize_filled"] for r in run.manifest["imported"]] == [True, False]
+    mean = run.load_model(0).state_dict()["normalize.mean"].flatten().tolist()
+    assert mean == pytest.approx(list(tiny_data.channel_stats()[0]))
+
+
+def test_import_refuses_before_writing_anything(foreign, tiny_data, tmp_path: Path) -> None:
+    torch.save(_model(0, num_classes=3).state_dict(), tmp_path / "three.pt")
+    out = tmp_path / "out"
+    # The bad checkpoint is last: the good ones before it must not have been written.
+    with pytest.raises(WhylookError, match=r"three\.pt does not fit the model"):
+        import_checkpoints(
+            [*foreign, tmp_path / "three.pt"], data=tiny_data, model="smallcnn", out=out
+        )
+    assert not out.exists()
+    for steps, message in (([0, 3, 3], "strictly increasing"), ([0, 1], "give one each")):
+        with pytest.raises(WhylookError, match=message):
+            import_checkpoints(foreign, data=tiny_data, model="smallcnn", steps=steps, out=out)
+    with pytest.raises(WhylookError, match="at least 2"):
+        import_checkpoints(foreign[:1], data=tiny_data, model="smallcnn", out=out)
+    torch.save({"weights": "not tensors"}, tmp_path / "odd.pt")
+    with pytest.raises(WhylookError, match="state dict of tensors"):
+        import_checkpoints(
+            [foreign[0], tmp_path / "odd.pt"], data=tiny_data, model="smallcnn", out=out
+        )
+    assert not out.exists()
+
+
+def test_cli_import(foreign, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from whylook.cli import main
+
+    out = tmp_path / "cli"
+    argv = [
+        "import",
+        *map(str, foreign),
+        "--steps",
+        "0,10,30",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    assert "imported 3 checkpoints" in capsys.readouterr().out
+    assert [c.step for c in RunFolder.open(out).checkpoints] == [0, 10, 30]
+
+
+# ----------------------------------------------------------------------------- broken runs
+
+
+def _copy(run: RunFolder, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run.path, tmp_path / "copy"))
+
+
+def _edit_manifest(path: Path, edit) -> None:
+    manifest = json.loads((path / "run.json").read_text())
+    edit(manifest)
+    (path / "run.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: shutil.rmtree(p), "does not exist"),
+        (lambda p: (p / "run.json").unlink(), "not a whylook run folder"),
+        (
+            lambda p: ((p / "run.json").unlink(), (p / INCOMPLETE_MARKER).write_text("")),
+            "incomplete",
+        ),
+        (lambda p: (p / "run.json").write_text('{"schema": "whylook.run/1", "conf'), "corrupt"),
+        (lambda p: _edit_manifest(p, lambda m: m.update(schema="other/2")), "schema 'other/2'"),
+        (lambda p: (p / "checkpoints" / "ckpt-0001.safetensors").unlink(), "is missing"),
+        (lambda p: _edit_manifest(p, lambda m: m.pop("checkpoints")), "malformed"),
+        (lambda p: _edit_manifest(p, lambda m: m["config"].pop("model")), "malformed"),
+        (
+            lambda p: _edit_manifest(p, lambda m: m["checkpoints"][0].update(file="../x")),
+            "inside the folder",
+        ),
+    ],
+)
+def test_broken_run_folders_are_one_line_errors(
+    imported: RunFolder, tmp_path: Path, damage, message: str
+) -> None:
+    path = _copy(imported, tmp_path)
+    damage(path)
+    with pytest.raises(WhylookError, match=message) as info:
+        RunFolder.open(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_checkpoint_that_does_not_fit_names_the_key(imported, tmp_path: Path) -> None:
+    path = _copy(imported, tmp_path)
+    state = dict(_model(0).state_dict())
+    state["classifier.fc2.weight"] = torch.zeros(10, 64)
+    state["extra.weight"] = torch.zeros(1)
+    del state["block1.conv.bias"]
+    save_file(state, str(path / "checkpoints" / "ckpt-0001.safetensors"))
+    run = RunFolder.open(path)
+    with pytest.raises(
+        WhylookError,
+        match=(
+            r"missing key 'block1\.conv\.bias'; unexpected key 'extra\.weight'; "
+            r"'classifier\.fc2\.weight' is 10x64 in the checkpoint but 10x128 in the model"
+        ),
+    ):
+        run.load_model(1)
+    run.load_model(0)  # the others still load
+
+
+def test_changed_data_is_detected(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x_train": rng.integers(0, 256, (8, 12, 12), dtype=np.uint8),
+        "y_train": np.arange(8) % 2,
+        "x_test": rng.integers(0, 256, (4, 12, 12), dtype=np.uint8),
+        "y_test": np.arange(4) % 2,
+    }
+    np.savez(tmp_path / "d.npz", **arrays)
+    for i in range(2):
+        torch.manual_seed(i)
+        m = build_model("smallcnn", num_classes=2, in_channels=1, image_size=12)
+        torch.save(m.state_dict(), tmp_path / f"{i}.pt")
+    run = import_checkpoints(
+        [tmp_path / "0.pt", tmp_path / "1.pt"],
+        data=f"npz:{tmp_path / 'd.npz'}",
+        model="smallcnn",
+        out=tmp_path / "r",
+    )
+    assert len(run.data().train) == 8
+    arrays["x_train"] = arrays["x_train"][::-1].copy()
+    np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises(WhylookError, match="has changed since"):
+        run.data()
