@@ -41,10 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 # The real data lives beside a developer checkout; elsewhere (a GPU machine) point these
 # variables at copies.
-MNIST = "npz:" + os.environ.get("WHYLOOK_MNIST_NPZ",
-                                str(ROOT.parent / "shared" / "data" / "mnist.npz"))
-CIFAR = "folder:" + os.environ.get("WHYLOOK_CIFAR_ZIP",
-                                   str(ROOT.parent / "shared" / "data" / "cifar10-jpg.zip"))
+MNIST = "npz:" + os.environ.get(
+    "WHYLOOK_MNIST_NPZ", str(ROOT.parent / "shared" / "data" / "mnist.npz")
+)
+CIFAR = "folder:" + os.environ.get(
+    "WHYLOOK_CIFAR_ZIP", str(ROOT.parent / "shared" / "data" / "cifar10-jpg.zip")
+)
 
 
 @dataclass(frozen=True)
@@ -83,49 +85,103 @@ SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in (
         Setting(
-            "mnist-smallcnn", MNIST, "smallcnn",
-            "MNIST / ResNet-50 (the paper has no smallcnn row; same data)", ("2", "7"),
+            "mnist-smallcnn",
+            MNIST,
+            "smallcnn",
+            "MNIST / ResNet-50 (the paper has no smallcnn row; same data)",
+            ("2", "7"),
             _MNIST_R50,
             {
-                "cpu": Scale(None, epochs=2, checkpoints=12, analysis_size=2000,
-                             note="full MNIST (60k train / 10k test)"),
-                "gpu": Scale(None, epochs=2, checkpoints=12, analysis_size=2000,
-                             note="full MNIST (60k train / 10k test)"),
+                "cpu": Scale(
+                    None,
+                    epochs=2,
+                    checkpoints=12,
+                    analysis_size=2000,
+                    note="full MNIST (60k train / 10k test)",
+                ),
+                "gpu": Scale(
+                    None,
+                    epochs=2,
+                    checkpoints=12,
+                    analysis_size=2000,
+                    note="full MNIST (60k train / 10k test)",
+                ),
             },
         ),
         Setting(
-            "mnist-resnet50", MNIST, "resnet50", "MNIST / ResNet-50", ("2", "7"), _MNIST_R50,
+            "mnist-resnet50",
+            MNIST,
+            "resnet50",
+            "MNIST / ResNet-50",
+            ("2", "7"),
+            _MNIST_R50,
             {
-                "cpu": Scale(60, epochs=2, checkpoints=8, analysis_size=400,
-                             note="reduced: 60 images per class (600 train / 600 test), "
-                                  "2 epochs"),
-                "gpu": Scale(None, epochs=2, checkpoints=12, analysis_size=2000,
-                             batch_size=256,
-                             note="full MNIST (60k train / 10k test), 2 epochs, batch 256"),
+                "cpu": Scale(
+                    60,
+                    epochs=2,
+                    checkpoints=8,
+                    analysis_size=400,
+                    note="reduced: 60 images per class (600 train / 600 test), 2 epochs",
+                ),
+                "gpu": Scale(
+                    None,
+                    epochs=2,
+                    checkpoints=12,
+                    analysis_size=2000,
+                    batch_size=256,
+                    note="full MNIST (60k train / 10k test), 2 epochs, batch 256",
+                ),
             },
         ),
         Setting(
-            "cifar10-resnet50", CIFAR, "resnet50", "CIFAR-10 / ResNet-50", ("cat", "dog"),
+            "cifar10-resnet50",
+            CIFAR,
+            "resnet50",
+            "CIFAR-10 / ResNet-50",
+            ("cat", "dog"),
             {"full>full": (81.43, 2.79, 261.2, None), "curated>full": (84.02, 2.70, 238.6, None)},
             {
-                "cpu": Scale(60, epochs=3, checkpoints=8, analysis_size=400,
-                             note="reduced: 60 images per class (600 train / 600 test), "
-                                  "3 epochs"),
-                "gpu": Scale(None, epochs=4, checkpoints=12, analysis_size=2000,
-                             batch_size=256,
-                             note="full CIFAR-10 (50k train / 10k test), 4 epochs, batch 256"),
+                "cpu": Scale(
+                    60,
+                    epochs=3,
+                    checkpoints=8,
+                    analysis_size=400,
+                    note="reduced: 60 images per class (600 train / 600 test), 3 epochs",
+                ),
+                "gpu": Scale(
+                    None,
+                    epochs=4,
+                    checkpoints=12,
+                    analysis_size=2000,
+                    batch_size=256,
+                    note="full CIFAR-10 (50k train / 10k test), 4 epochs, batch 256",
+                ),
             },
         ),
         Setting(
-            "mnist-inceptionv3", MNIST, "inception_v3", "MNIST / InceptionV3", ("4", "9"),
+            "mnist-inceptionv3",
+            MNIST,
+            "inception_v3",
+            "MNIST / InceptionV3",
+            ("4", "9"),
             {"full>full": (99.13, 0.29, 12.6, None), "curated>full": (99.11, 0.27, 10.8, None)},
             {
-                "cpu": Scale(20, epochs=2, checkpoints=6, analysis_size=200, seeds=3,
-                             note="reduced: 20 images per class (200 train / 200 test), "
-                                  "2 epochs, 3 seeds (InceptionV3 runs at 299 px)"),
-                "gpu": Scale(None, epochs=1, checkpoints=10, analysis_size=1000,
-                             note="full MNIST (60k train / 10k test), 1 epoch "
-                                  "(InceptionV3 at 299 px)"),
+                "cpu": Scale(
+                    20,
+                    epochs=2,
+                    checkpoints=6,
+                    analysis_size=200,
+                    seeds=3,
+                    note="reduced: 20 images per class (200 train / 200 test), "
+                    "2 epochs, 3 seeds (InceptionV3 runs at 299 px)",
+                ),
+                "gpu": Scale(
+                    None,
+                    epochs=1,
+                    checkpoints=10,
+                    analysis_size=1000,
+                    note="full MNIST (60k train / 10k test), 1 epoch (InceptionV3 at 299 px)",
+                ),
             },
         ),
     )
@@ -136,8 +192,14 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _run(setting: Setting, scale: Scale, folder: Path, data_seed: int, device: str,
-         timings: dict[str, float]) -> Any:
+def _run(
+    setting: Setting,
+    scale: Scale,
+    folder: Path,
+    data_seed: int,
+    device: str,
+    timings: dict[str, float],
+) -> Any:
     """Train (or reuse) and explain (or reuse) one run."""
     from whylook.data import load_data
     from whylook.explain import explain, load_explanation
@@ -152,9 +214,17 @@ def _run(setting: Setting, scale: Scale, folder: Path, data_seed: int, device: s
         _log(f"{tag}: training {setting.model} ({scale.epochs} epochs) -> {folder}")
         t0 = time.perf_counter()
         source = load_data(setting.data, limit_per_class=scale.limit_per_class)
-        run = train(source, setting.model, epochs=scale.epochs, checkpoints=scale.checkpoints,
-                    seed=0, data_seed=data_seed, batch_size=scale.batch_size, device=device,
-                    out=folder)
+        run = train(
+            source,
+            setting.model,
+            epochs=scale.epochs,
+            checkpoints=scale.checkpoints,
+            seed=0,
+            data_seed=data_seed,
+            batch_size=scale.batch_size,
+            device=device,
+            out=folder,
+        )
         timings[f"train_{tag}"] = round(time.perf_counter() - t0, 1)
     if (folder / "analysis" / "explanation.json").is_file():
         exp = load_explanation(folder)
@@ -167,8 +237,15 @@ def _run(setting: Setting, scale: Scale, folder: Path, data_seed: int, device: s
     return run, exp
 
 
-def run_setting(name: str, scale_name: str, *, device: str = "auto", seeds: int | None = None,
-                runs: Path = ROOT / "runs" / "paper", pair: str = "auto") -> dict[str, Any]:
+def run_setting(
+    name: str,
+    scale_name: str,
+    *,
+    device: str = "auto",
+    seeds: int | None = None,
+    runs: Path = ROOT / "runs" / "paper",
+    pair: str = "auto",
+) -> dict[str, Any]:
     """Run one setting end to end and write its results; returns them."""
     from whylook.compare import compare
     from whylook.finetune import finetune
@@ -204,30 +281,42 @@ def run_setting(name: str, scale_name: str, *, device: str = "auto", seeds: int 
         "data": setting.data.replace(str(ROOT.parent), ".."),
         "model": setting.model,
         "device": str(ft.settings["device"]),
-        "final_test_accuracy": {"a": run_a.checkpoints[-1].test_accuracy,
-                                "b": run_b.checkpoints[-1].test_accuracy},
+        "final_test_accuracy": {
+            "a": run_a.checkpoints[-1].test_accuracy,
+            "b": run_b.checkpoints[-1].test_accuracy,
+        },
         "train_seconds_per_epoch": run_a.manifest.get("measured", {}).get("seconds_per_epoch"),
         "explanation": {
-            "k": exp_a.k, "layer": exp_a.data["layer"], "grid": exp_a.data["grid"],
-            "uncertain": [{"id": u["id"], "classes": u["classes"], "swings": u["swings"]}
-                          for u in exp_a.data["uncertain_prototypes"]],
-            "learning_order_correlation": {"a": exp_a.data["learning_order_correlation"],
-                                           "b": exp_b.data["learning_order_correlation"]},
+            "k": exp_a.k,
+            "layer": exp_a.data["layer"],
+            "grid": exp_a.data["grid"],
+            "uncertain": [
+                {"id": u["id"], "classes": u["classes"], "swings": u["swings"]}
+                for u in exp_a.data["uncertain_prototypes"]
+            ],
+            "learning_order_correlation": {
+                "a": exp_a.data["learning_order_correlation"],
+                "b": exp_b.data["learning_order_correlation"],
+            },
             "learning_order_first": [p["pair"] for p in exp_a.data["learning_order"][:5]],
             "learning_order_last": [p["pair"] for p in exp_a.data["learning_order"][-5:]],
         },
         "finetune": ft.to_json(),
         "compare": cmp.data,
-        "paper": {"title": setting.paper_title, "pair": list(setting.paper_pair),
-                  "rows": {k: list(v) for k, v in setting.paper.items()}},
+        "paper": {
+            "title": setting.paper_title,
+            "pair": list(setting.paper_pair),
+            "rows": {k: list(v) for k, v in setting.paper.items()},
+        },
         "timings_seconds": timings,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"{name}-{scale_name}"
     # The per-seed confusion matrices of compare are large and live in the run folder.
     slim = json.loads(json.dumps(result))
-    slim["compare"]["confusion"] = {k: v for k, v in slim["compare"]["confusion"].items()
-                                    if k not in {"a", "b"}}
+    slim["compare"]["confusion"] = {
+        k: v for k, v in slim["compare"]["confusion"].items() if k not in {"a", "b"}
+    }
     slim["compare"]["matching"]["pairs"] = slim["compare"]["matching"]["pairs"][:10]
     stem.with_suffix(".json").write_text(json.dumps(slim, indent=2, sort_keys=True) + "\n")
     stem.with_suffix(".md").write_text(markdown(slim) + "\n")
@@ -283,10 +372,13 @@ def markdown(r: dict[str, Any]) -> str:
     paired = ft.get("paired_vs_full_full", {}).get("curated>full")
     if paired:
         c, acc = paired["confusions"], paired["accuracy"]
-        lines += ["", f"curated→full − full→full, paired by seed: confusions "
-                      f"{_pm(c['mean'], c['std'])} (t-test p = {_num(c['p_value'], '.3g')}), "
-                      f"accuracy {_pm(acc['mean'], acc['std'])} points (p = "
-                      f"{_num(acc['p_value'], '.3g')})."]
+        lines += [
+            "",
+            f"curated→full − full→full, paired by seed: confusions "
+            f"{_pm(c['mean'], c['std'])} (t-test p = {_num(c['p_value'], '.3g')}), "
+            f"accuracy {_pm(acc['mean'], acc['std'])} points (p = "
+            f"{_num(acc['p_value'], '.3g')}).",
+        ]
     lo = r["explanation"]["learning_order_correlation"]
     lines += [
         "",
@@ -323,8 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pair", default="auto", help="'auto', 'paper' or 'a,b'")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "paper")
     p.add_argument("--list", action="store_true", help="list the settings and scales")
-    p.add_argument("--markdown", type=Path, default=None,
-                   help="only re-render the .md of an existing results .json")
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="only re-render the .md of an existing results .json",
+    )
     args = p.parse_args(argv)
     if args.list:
         for s in SETTINGS.values():
@@ -340,8 +436,14 @@ def main(argv: list[str] | None = None) -> int:
     from whylook.errors import WhylookError
 
     try:
-        run_setting(args.setting, args.scale, device=args.device, seeds=args.seeds,
-                    runs=args.runs, pair=args.pair)
+        run_setting(
+            args.setting,
+            args.scale,
+            device=args.device,
+            seeds=args.seeds,
+            runs=args.runs,
+            pair=args.pair,
+        )
     except WhylookError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,9 @@ from whylook.compare import (
 )
 from whylook.errors import WhylookError
 
+# Images per class of the small real runs: enough for every stage, small for a 2-core CPU.
+SMALL = 80
+
 
 def test_iou_matching_recovers_a_relabelling():
     rng = np.random.default_rng(0)
@@ -88,6 +91,7 @@ def test_confusion_difference_by_hand():
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     """Two small smallcnn runs on mnist5k that differ only in the data-order seed."""
+    from whylook.data import load_data
     from whylook.explain import explain
     from whylook.train import train
 
@@ -95,7 +99,7 @@ def two_runs(tmp_path_factory):
     runs = []
     for data_seed in (0, 1):
         run = train(
-            "mnist5k",
+            load_data("mnist5k", limit_per_class=SMALL),
             "smallcnn",
             epochs=1,
             checkpoints=4,

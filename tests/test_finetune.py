@@ -22,6 +22,9 @@ from whylook.finetune import (
     stage_order,
 )
 
+# Images per class of the small real run: enough for every stage, small for a 2-core CPU.
+SMALL = 80
+
 # --------------------------------------------------------------------------- hand-made
 
 
@@ -176,12 +179,13 @@ def small_run(tmp_path_factory) -> Path:
     is under test here, so when none is found the prototype most active in both 4s and 9s
     is declared uncertain between them in ``explanation.json``.
     """
+    from whylook.data import load_data
     from whylook.explain import explain
     from whylook.train import train
 
     out = tmp_path_factory.mktemp("finetune") / "run"
     run = train(
-        "mnist5k",
+        load_data("mnist5k", limit_per_class=SMALL),
         "smallcnn",
         epochs=1,
         checkpoints=4,

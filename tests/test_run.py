@@ -61,7 +61,7 @@ def test_import_converts_to_safetensors_and_evaluates(imported, foreign, tiny_da
     assert imported.layer == "block3"
     assert imported.classes == tuple("0123456789")
     assert imported.manifest["source"] == "import"
-    for info, source, seed in zip(imported.checkpoints, foreign, range(3), strict=True):
+    for seed, info in enumerate(imported.checkpoints):
         assert info.file.endswith(".safetensors")
         stored = _io.load_weights(imported.path / info.file)
         original = _model(seed).state_dict()
@@ -89,7 +89,7 @@ def test_load_model_and_friends(imported: RunFolder, tiny_data) -> None:
     assert fresh.whylook_layer == "block3"
     assert fresh.training
     assert imported.data().digest == tiny_data.digest
-    with pytest.raises(WhylookError, match="checkpoints 0..2, not 7"):
+    with pytest.raises(WhylookError, match=r"checkpoints 0\.\.2, not 7"):
         imported.load_model(7)
     reopened = RunFolder.open(imported.path)
     assert reopened.checkpoints == imported.checkpoints

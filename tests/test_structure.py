@@ -25,11 +25,12 @@ def _base():
 
 
 def _run(labels, mass, conf, beta, se, groups, **kw):
+    kw.setdefault("active_threshold", 0.1)
     return assemble(
         classes=["a", "b", "c"],
         steps=[0, 1, 10, 100, 1000],
         labels=labels,
-        mass_share=mass,
+        activity=mass,
         confidence=conf,
         beta=beta,
         beta_se=se,
@@ -168,7 +169,7 @@ def test_learning_order_correlation_matches_scipy():
         classes=[str(c) for c in range(m)],
         steps=list(range(t1)),
         labels=labels,
-        mass_share=mass,
+        activity=mass,
         confidence=conf,
         beta=np.zeros((t1 - 1, 8, m)),
         beta_se=np.ones((t1 - 1, 8, m)),

@@ -146,8 +146,8 @@ def test_an_explicit_layer_is_recorded_and_validated(tiny_data, tmp_path: Path) 
     assert run.layer == "block2"
     assert run.config["layer_shape"] == [64, 7, 7]
     assert run.build_model().whylook_layer == "block2"
+    custom = DataSource("my arrays", tiny_data.classes, tiny_data.train, tiny_data.test)
     with pytest.raises(WhylookError, match="cannot be loaded again"):
-        custom = DataSource("my arrays", tiny_data.classes, tiny_data.train, tiny_data.test)
         train(custom, out=tmp_path / "x", **TINY)
     assert not (tmp_path / "x").exists()
 

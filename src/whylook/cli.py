@@ -22,7 +22,8 @@ def _k_value(text: str) -> int | str:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"K must be a whole number or 'auto', not {text!r}") from None
+        msg = f"K must be a whole number or 'auto', not {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
     if value < 2:
         raise argparse.ArgumentTypeError(f"K must be at least 2, not {value}")
     return value

@@ -105,8 +105,9 @@ def _corr(x: np.ndarray, y: np.ndarray) -> float | None:
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def beta_correlations(beta_a: np.ndarray, beta_b: np.ndarray,
-                      pairs: list[tuple[int, int]]) -> list[float | None]:
+def beta_correlations(
+    beta_a: np.ndarray, beta_b: np.ndarray, pairs: list[tuple[int, int]]
+) -> list[float | None]:
     """Pearson correlation of ``β_A[:, p, :]`` and ``β_B[:, q, :]`` for each ``(p, q)``.
 
     Example:
@@ -122,8 +123,9 @@ def beta_correlations(beta_a: np.ndarray, beta_b: np.ndarray,
     return [_corr(beta_a[:, p, :], beta_b[:, q, :]) for p, q in pairs]
 
 
-def shared_jaccard(shared_a: dict[str, list[str]], shared_b: dict[str, list[str]],
-                   a_to_b: dict[str, str]) -> dict[str, float | None]:
+def shared_jaccard(
+    shared_a: dict[str, list[str]], shared_b: dict[str, list[str]], a_to_b: dict[str, str]
+) -> dict[str, float | None]:
     """Per class, Jaccard of A's shared prototypes (mapped to B's ids) and B's.
 
     A prototype of A without a match maps to nothing and so counts as not shared by B.
@@ -162,12 +164,17 @@ def confusion_difference(conf_a: np.ndarray, conf_b: np.ndarray) -> dict[str, An
     rho = None
     if len(pa) >= 3 and np.ptp(pa) > 0 and np.ptp(pb) > 0:
         rho = float(stats.spearmanr(pa, pb).statistic)
-    return {"l1": round(l1, 6), "pair_spearman": None if rho is None else round(rho, 6),
-            "errors_a": int(a[off].sum()), "errors_b": int(b[off].sum())}
+    return {
+        "l1": round(l1, 6),
+        "pair_spearman": None if rho is None else round(rho, 6),
+        "errors_a": int(a[off].sum()),
+        "errors_b": int(b[off].sum()),
+    }
 
 
-def strategy_difference(support_a: np.ndarray, support_b: np.ndarray,
-                        pairs: list[tuple[int, int]]) -> tuple[float | None, dict[int, float]]:
+def strategy_difference(
+    support_a: np.ndarray, support_b: np.ndarray, pairs: list[tuple[int, int]]
+) -> tuple[float | None, dict[int, float]]:
     """``1 − mean_c corr(S_A[P, c], S_B[Q, c])`` over the matched prototypes ``(P, Q)``.
 
     ``S`` is the support ``Σ_t β^t`` ``(K, M)``. Returns the number and the per-class
@@ -226,8 +233,10 @@ class Comparison:
         ]
         if sd["per_class"]:
             worst = sorted(sd["per_class"].items(), key=lambda kv: kv[1])[:3]
-            lines.append("  classes whose strategies differ most: " + ", ".join(
-                f"{c} (r={r:+.2f})" for c, r in worst))
+            lines.append(
+                "  classes whose strategies differ most: "
+                + ", ".join(f"{c} (r={r:+.2f})" for c, r in worst)
+            )
         jac = d["shared_prototypes"]
         lines.append(
             f"shared prototypes per class: mean Jaccard {num(jac['mean_jaccard'], '.3f')} "
@@ -263,33 +272,43 @@ def _check_comparable(fa: Any, fb: Any, ea: Any, eb: Any) -> list[str]:
                 "seed"
             )
     if ea.data["grid"] != eb.data["grid"]:
-        raise WhylookError(f"the runs' prototype grids differ ({ea.data['grid']} vs "
-                           f"{eb.data['grid']}); explain both at the same layer")
+        raise WhylookError(
+            f"the runs' prototype grids differ ({ea.data['grid']} vs "
+            f"{eb.data['grid']}); explain both at the same layer"
+        )
     if len(ea.data["checkpoints"]) != len(eb.data["checkpoints"]):
         raise WhylookError(
             f"the runs have {len(ea.data['checkpoints'])} and {len(eb.data['checkpoints'])} "
             "checkpoints; compare runs trained with the same --checkpoints"
         )
     keys = sorted(set(fa.config) | set(fb.config))
-    return [f"{k} {fa.config.get(k)!r} vs {fb.config.get(k)!r}" for k in keys
-            if fa.config.get(k) != fb.config.get(k) and k not in {"out", "path"}]
+    return [
+        f"{k} {fa.config.get(k)!r} vs {fb.config.get(k)!r}"
+        for k in keys
+        if fa.config.get(k) != fb.config.get(k) and k not in {"out", "path"}
+    ]
 
 
-def _common_assignments(fa: Any, fb: Any, ea: Any, eb: Any, device: str
-                        ) -> tuple[np.ndarray, np.ndarray, str]:
+def _common_assignments(
+    fa: Any, fb: Any, ea: Any, eb: Any, device: str
+) -> tuple[np.ndarray, np.ndarray, str]:
     sa, sb = ea.arrays["sample_index"], eb.arrays["sample_index"]
     common, ia, ib = np.intersect1d(sa, sb, return_indices=True)
     if len(common) >= 0.5 * min(len(sa), len(sb)):
-        return (ea.arrays["assignments"][ia], eb.arrays["assignments"][ib],
-                "analysis rows shared by both explanations")
+        return (
+            ea.arrays["assignments"][ia],
+            eb.arrays["assignments"][ib],
+            "analysis rows shared by both explanations",
+        )
     # Too few shared rows: assign B's prototypes, through B's own final model, on A's rows.
     from whylook.saliency import layer_features
 
     protos = load_prototypes(fb, eb, device=device)
     model = fb.load_model(len(fb.checkpoints) - 1, device=str(resolve_device(device)))
     images = fb.data().train.images[sa]
-    assign_b = np.concatenate([protos.assign(f) for f in layer_features(
-        model, eb.data["layer"], images)])
+    assign_b = np.concatenate(
+        [protos.assign(f) for f in layer_features(model, eb.data["layer"], images)]
+    )
     return ea.arrays["assignments"], assign_b, "A's analysis rows, B's prototypes reassigned"
 
 
@@ -332,8 +351,9 @@ def compare(
     corrs = beta_correlations(beta_a, beta_b, good)
     # Baseline: the same correlation for arbitrary (p, q), to show what "unrelated" looks like.
     rng = np.random.default_rng(0)
-    base_pairs = list(zip(rng.integers(0, ka, 500).tolist(), rng.integers(0, kb, 500).tolist(),
-                          strict=True))
+    base_pairs = list(
+        zip(rng.integers(0, ka, 500).tolist(), rng.integers(0, kb, 500).tolist(), strict=True)
+    )
     base = [c for c in beta_correlations(beta_a, beta_b, base_pairs) if c is not None]
     valid = [c for c in corrs if c is not None]
 
@@ -342,8 +362,9 @@ def compare(
     random_diffs = []
     for _ in range(random_matchings if good else 0):
         q_perm = rng.permutation(kb)[: len(good)]
-        d, _ = strategy_difference(support_a, support_b,
-                                   [(p, int(q)) for (p, _), q in zip(good, q_perm, strict=True)])
+        d, _ = strategy_difference(
+            support_a, support_b, [(p, int(q)) for (p, _), q in zip(good, q_perm, strict=True)]
+        )
         if d is not None:
             random_diffs.append(d)
 
@@ -363,9 +384,12 @@ def compare(
 
     def order(e: Any) -> dict[tuple[str, str], int]:
         late = len(e.data["checkpoints"])
-        return {tuple(map(str, p["pair"])): (late if p["separated_at_checkpoint"] is None
-                                            else int(p["separated_at_checkpoint"]))
-                for p in e.data["learning_order"]}
+        return {
+            tuple(map(str, p["pair"])): (
+                late if p["separated_at_checkpoint"] is None else int(p["separated_at_checkpoint"])
+            )
+            for p in e.data["learning_order"]
+        }
 
     oa, ob = order(ea), order(eb)
     keys = sorted(set(oa) & set(ob))
@@ -379,34 +403,54 @@ def compare(
 
     result = {
         "schema": SCHEMA,
-        "run_a": {"name": fa.path.name, "path": str(fa.path), "k": ka,
-                  "test_accuracy": round(confs[0][0], 6)},
-        "run_b": {"name": fb.path.name, "path": str(fb.path), "k": kb,
-                  "test_accuracy": round(confs[1][0], 6)},
+        "run_a": {
+            "name": fa.path.name,
+            "path": str(fa.path),
+            "k": ka,
+            "test_accuracy": round(confs[0][0], 6),
+        },
+        "run_b": {
+            "name": fb.path.name,
+            "path": str(fb.path),
+            "k": kb,
+            "test_accuracy": round(confs[1][0], 6),
+        },
         "classes": classes,
         "config_differences": differences,
         "matching": {
-            "rows": rows_how, "n_images": int(assign_a.shape[0]), "k_a": ka, "k_b": kb,
-            "min_iou": min_iou, "n_matched": len(good),
+            "rows": rows_how,
+            "n_images": int(assign_a.shape[0]),
+            "k_a": ka,
+            "k_b": kb,
+            "min_iou": min_iou,
+            "n_matched": len(good),
             "mean_iou": round(float(np.mean([v for *_, v in matches if v >= min_iou])), 6)
-            if good else 0.0,
-            "pairs": [{"a": f"P-{p}", "b": f"P-{q}", "iou": round(v, 6),
-                       "beta_correlation": r6(corrs[good.index((p, q))])
-                       if (p, q) in good else None}
-                      for p, q, v in matches],
+            if good
+            else 0.0,
+            "pairs": [
+                {
+                    "a": f"P-{p}",
+                    "b": f"P-{q}",
+                    "iou": round(v, 6),
+                    "beta_correlation": r6(corrs[good.index((p, q))]) if (p, q) in good else None,
+                }
+                for p, q, v in matches
+            ],
         },
-        "beta": {"mean": r6(np.mean(valid)) if valid else None,
-                 "median": r6(np.median(valid)) if valid else None,
-                 "baseline_mean": r6(np.mean(base)) if base else None,
-                 "definition": "Pearson correlation of beta[:, p, :] (A) and beta[:, q, :] "
-                               "(B) over transitions x classes, per matched pair"},
+        "beta": {
+            "mean": r6(np.mean(valid)) if valid else None,
+            "median": r6(np.median(valid)) if valid else None,
+            "baseline_mean": r6(np.mean(base)) if base else None,
+            "definition": "Pearson correlation of beta[:, p, :] (A) and beta[:, q, :] "
+            "(B) over transitions x classes, per matched pair",
+        },
         "strategy_difference": {
             "value": r6(diff),
             "random_matching": r6(np.mean(random_diffs)) if random_diffs else None,
             "per_class": {classes[c]: round(r, 6) for c, r in per_class.items()},
             "definition": "1 - mean over classes of the Pearson correlation between the two "
-                          "runs' support (sum over t of beta) for the class, over matched "
-                          "prototypes; 0 = same strategy, ~1 = unrelated",
+            "runs' support (sum over t of beta) for the class, over matched "
+            "prototypes; 0 = same strategy, ~1 = unrelated",
         },
         "shared_prototypes": {
             "jaccard": {c: r6(v) for c, v in jac.items()},
@@ -415,7 +459,8 @@ def compare(
         },
         "confusion": {**conf_diff, "a": confs[0][1].tolist(), "b": confs[1][1].tolist()},
         "learning_order": {
-            "spearman": r6(lo_rho), "n_pairs": len(keys),
+            "spearman": r6(lo_rho),
+            "n_pairs": len(keys),
             "correlation_a": ea.data["learning_order_correlation"].get("spearman"),
             "correlation_b": eb.data["learning_order_correlation"].get("spearman"),
         },

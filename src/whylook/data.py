@@ -211,14 +211,14 @@ def load_data(spec: str = "mnist5k", *, limit_per_class: int | None = None) -> D
     if key[2] is not None and key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    loaders: dict[str, Callable[[str, int | None], tuple[tuple[str, ...], Split, Split]]] = {
-        "mnist5k": lambda _a, _l: _load_mnist5k(),
-        "npz": lambda a, _l: _load_npz(Path(a)),
-        "folder": lambda a, lim: _load_folder(Path(a), lim),
-        "torchvision:mnist": lambda a, _l: _load_torchvision("mnist", Path(a)),
-        "torchvision:cifar10": lambda a, _l: _load_torchvision("cifar10", Path(a)),
-    }
-    classes, train, test = loaders[kind](arg, limit_per_class)
+    if kind == "mnist5k":
+        classes, train, test = _load_mnist5k()
+    elif kind == "npz":
+        classes, train, test = _load_npz(Path(arg))
+    elif kind == "folder":
+        classes, train, test = _load_folder(Path(arg), limit_per_class)
+    else:
+        classes, train, test = _load_torchvision(kind.removeprefix("torchvision:"), Path(arg))
     if limit_per_class is not None and kind != "folder":
         train, test = _limit(train, limit_per_class), _limit(test, limit_per_class)
     _validate(canonical, classes, train, test)

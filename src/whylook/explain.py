@@ -331,9 +331,11 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     intensity_result = inten.prototype_intensity(saliency, assignments, k_final)
     intensity, presence = intensity_result.values, intensity_result.presence
     mass_share = inten.mass_share(saliency[-1], assignments, k_final)
+    activity = inten.activity(saliency[-1], assignments, k_final,
+                              rule=settings.structure.active_rule)
 
     # Step 4: learning patterns.
-    profile = mass_share if settings.subgroups == "trajectory+profile" else None
+    profile = activity if settings.subgroups == "trajectory+profile" else None
     patterns = find_patterns(confidence, labels, min_cluster_size=settings.min_cluster_size,
                              profile=profile)
 
@@ -352,7 +354,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     # Step 6: the structured explanation.
     steps = [int(c.step) for c in ckpts]
     structure = assemble(
-        classes=classes, steps=steps, labels=labels, mass_share=mass_share,
+        classes=classes, steps=steps, labels=labels, activity=activity,
         confidence=confidence, beta=mapping.beta, beta_se=mapping.beta_se,
         class_groups=patterns.class_groups, settings=settings.structure,
         support_beta=None if class_mapping is None else class_mapping.beta,
@@ -367,7 +369,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     active = structure.active
     top_samples = []
     for p in range(k_final):
-        order = np.argsort(-mass_share[:, p], kind="stable")
+        order = np.argsort(-activity[:, p], kind="stable")
         top_samples.append([int(r) for r in order[:8] if active[r, p]])
 
     arrays = {
@@ -383,6 +385,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         "beta_se": mapping.beta_se.astype(np.float32),
         "presence": presence.astype(bool),
         "mass_share": mass_share.astype(np.float32),
+        "activity": activity.astype(np.float32),
         "active": active,
         "class_groups": patterns.class_groups.astype(np.int16),
         "confusion": confusion,

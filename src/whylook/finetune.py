@@ -210,8 +210,9 @@ def load_prototypes(run: Any, explanation: Any = None, *, device: str = "auto") 
     rows = exp.arrays["sample_index"][:256]
     stored = exp.arrays["assignments"][: len(rows)]
     model = folder.load_model(len(folder.checkpoints) - 1, device=str(resolve_device(device)))
-    feats = torch.cat(list(layer_features(model, exp.data["layer"],
-                                          folder.data().train.images[rows])))
+    feats = torch.cat(
+        list(layer_features(model, exp.data["layer"], folder.data().train.images[rows]))
+    )
     best, best_agree = None, -1.0
     for path in candidates:
         with np.load(path) as z:
@@ -230,9 +231,15 @@ def load_prototypes(run: Any, explanation: Any = None, *, device: str = "auto") 
     return best
 
 
-def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, m: int, *,
-             batch_size: int = 512, device: torch.device | str = "cpu") -> tuple[float, float,
-                                                                                 np.ndarray]:
+def evaluate(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    m: int,
+    *,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+) -> tuple[float, float, np.ndarray]:
     """``(accuracy, mean cross-entropy, confusion (M, M))`` of ``model`` on a split.
 
     Example:
@@ -251,8 +258,10 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, m: int, *
     try:
         with torch.no_grad():
             for lo in range(0, len(labels), batch_size):
-                x = to_tensor(np.asarray(images[lo:lo + batch_size])).to(device)
-                y = torch.from_numpy(np.asarray(labels[lo:lo + batch_size], np.int64)).to(device)
+                x = to_tensor(np.asarray(images[lo : lo + batch_size])).to(device)
+                # astype copies: the data's arrays are read-only, torch wants writable ones.
+                y = torch.from_numpy(np.asarray(labels[lo : lo + batch_size]).astype(np.int64))
+                y = y.to(device)
                 logits = model(x)
                 loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
                 preds.append(logits.argmax(1).cpu().numpy())
@@ -299,10 +308,14 @@ class CuratedSet:
 
     def describe(self) -> str:
         """One sentence: how many samples were removed, and why."""
-        by_class = ", ".join(f"{n} of {self.class_sizes[c]} '{c}'"
-                             for c, n in self.removed_by_class.items() if n)
-        only = ("samples of the two classes each prototype swings between"
-                if self.rule["only_swing_classes"] else "samples of any class")
+        by_class = ", ".join(
+            f"{n} of {self.class_sizes[c]} '{c}'" for c, n in self.removed_by_class.items() if n
+        )
+        only = (
+            "samples of the two classes each prototype swings between"
+            if self.rule["only_swing_classes"]
+            else "samples of any class"
+        )
         return (
             f"curated set: removed {self.n_removed} of {self.n_full} training samples "
             f"({100 * self.n_removed / max(self.n_full, 1):.2f}%: {by_class or 'none'}) - "
@@ -357,9 +370,7 @@ def curated_mask(
     labels = np.asarray(labels)
     share = np.asarray(mass_share)
     if share.ndim != 2 or share.shape[0] != labels.shape[0]:
-        raise WhylookError(
-            f"mass_share must have shape ({labels.shape[0]}, K), not {share.shape}"
-        )
+        raise WhylookError(f"mass_share must have shape ({labels.shape[0]}, K), not {share.shape}")
     remove = np.zeros(labels.shape[0], dtype=bool)
     removed: dict[int, int] = {}
     for p, a, b in uncertain:
@@ -371,9 +382,15 @@ def curated_mask(
     return ~remove, removed
 
 
-def training_mass_share(folder: Any, explanation: Any, prototypes: Any, *,
-                        device: torch.device, batch_size: int = 256,
-                        progress: bool | None = None) -> np.ndarray:
+def training_mass_share(
+    folder: Any,
+    explanation: Any,
+    prototypes: Any,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+    progress: bool | None = None,
+) -> np.ndarray:
     """``(N, K)`` float32: each prototype's share of the final Grad-CAM mass, for every
     sample of the training split (not only the analysis set).
 
@@ -389,18 +406,25 @@ def training_mass_share(folder: Any, explanation: Any, prototypes: Any, *,
     n, k = len(train.labels), int(prototypes.k)
     layer = explanation.data["layer"]
     last = len(folder.checkpoints) - 1
-    key = _digest({
-        "v": _CACHE_VERSION, "ckpt": file_digest(folder.path / folder.checkpoints[last].file),
-        "protos": _digest({n: prototypes.to_arrays()[n].tolist() for n in ("mean", "centers")}),
-        "layer": layer, "data": getattr(data, "digest", folder.config.get("data")),
-        "shard": _SHARD,
-    })[:20]
+    key = _digest(
+        {
+            "v": _CACHE_VERSION,
+            "ckpt": file_digest(folder.path / folder.checkpoints[last].file),
+            "protos": _digest({n: prototypes.to_arrays()[n].tolist() for n in ("mean", "centers")}),
+            "layer": layer,
+            "data": getattr(data, "digest", folder.config.get("data")),
+            "shard": _SHARD,
+        }
+    )[:20]
     cache = folder.path / "finetune" / "cache"
     out = np.zeros((n, k), dtype=np.float32)
     model = None
     shards = list(range(0, n, _SHARD))
-    for s, lo in enumerate(progress_bar(shards, desc="curated set: final Grad-CAM",
-                                        total=len(shards), progress=progress)):
+    for s, lo in enumerate(
+        progress_bar(
+            shards, desc="curated set: final Grad-CAM", total=len(shards), progress=progress
+        )
+    ):
         hi = min(lo + _SHARD, n)
         path = cache / f"mass-share-s{s:04d}-{key}.npz"
         if path.is_file():
@@ -411,8 +435,9 @@ def training_mass_share(folder: Any, explanation: Any, prototypes: Any, *,
             model = folder.load_model(last, device=str(device))
         cam = GradCAM(model, layer)
         parts = []
-        for res in cam.batches(train.images[lo:hi], train.labels[lo:hi], batch_size=batch_size,
-                               return_features=True):
+        for res in cam.batches(
+            train.images[lo:hi], train.labels[lo:hi], batch_size=batch_size, return_features=True
+        ):
             assign = prototypes.assign(res.features)
             parts.append(mass_share(res.saliency, assign, k))
         out[lo:hi] = np.concatenate(parts)
@@ -452,8 +477,12 @@ def choose_pair(
             )
         scored = sorted(
             by_pair.items(),
-            key=lambda kv: (-confusion_count(confusion, *kv[0]), -len(kv[1]),
-                            -sum(u["swings"] for u in kv[1]), kv[0]),
+            key=lambda kv: (
+                -confusion_count(confusion, *kv[0]),
+                -len(kv[1]),
+                -sum(u["swings"] for u in kv[1]),
+                kv[0],
+            ),
         )
         (a, b), protos = scored[0]
         reason = (
@@ -462,8 +491,9 @@ def choose_pair(
             f"checkpoint ({confusion_count(confusion, a, b)})"
         )
         return (a, b), protos, reason
-    names = [s.strip() for s in pair.split(",")] if isinstance(pair, str) else [
-        str(s) for s in pair]
+    names = (
+        [s.strip() for s in pair.split(",")] if isinstance(pair, str) else [str(s) for s in pair]
+    )
     if len(names) != 2 or names[0] == names[1]:
         raise WhylookError(
             f"--pair must be two different class names 'a,b' or 'auto', not {pair!r}"
@@ -533,14 +563,19 @@ class FinetuneResult:
             return None
         out: dict[str, Any] = {"baseline": baseline}
         for what, scale in (("accuracy", 100.0), ("confusions", 1.0)):
-            d = scale * (np.asarray(getattr(by[name], what), float)
-                         - np.asarray(getattr(by[baseline], what), float))
+            d = scale * (
+                np.asarray(getattr(by[name], what), float)
+                - np.asarray(getattr(by[baseline], what), float)
+            )
             mean, std = _mean_std(d)
             p = None
             if len(d) > 1 and np.ptp(d) > 0:
                 p = float(stats.ttest_1samp(d, 0.0).pvalue)
-            out[what] = {"mean": round(mean, 6), "std": None if std is None else round(std, 6),
-                         "p_value": None if p is None else round(p, 6)}
+            out[what] = {
+                "mean": round(mean, 6),
+                "std": None if std is None else round(std, 6),
+                "p_value": None if p is None else round(p, 6),
+            }
         return out
 
     def rows(self) -> list[dict[str, Any]]:
@@ -550,25 +585,39 @@ class FinetuneResult:
         for s in self.strategies:
             acc, acc_sd = s.accuracy_mean_std()
             con, con_sd = s.confusions_mean_std()
-            rows.append({
-                "strategy": s.label, "name": s.name, "n_seeds": len(s.seeds),
-                "accuracy_mean": round(100 * acc, 4),
-                "accuracy_std": None if acc_sd is None else round(100 * acc_sd, 4),
-                "confusions_mean": round(con, 4),
-                "confusions_std": None if con_sd is None else round(con_sd, 4),
-                "pair": f"{a}↔{b}",
-            })
+            rows.append(
+                {
+                    "strategy": s.label,
+                    "name": s.name,
+                    "n_seeds": len(s.seeds),
+                    "accuracy_mean": round(100 * acc, 4),
+                    "accuracy_std": None if acc_sd is None else round(100 * acc_sd, 4),
+                    "confusions_mean": round(con, 4),
+                    "confusions_std": None if con_sd is None else round(con_sd, 4),
+                    "pair": f"{a}↔{b}",
+                }
+            )
         return rows
 
     def _table_rows(self) -> list[tuple[str, str, str]]:
         def pm(mean: float, sd: float | None, digits: int) -> str:
             return f"{mean:.{digits}f}" + ("" if sd is None else f" ± {sd:.{digits}f}")
 
-        out = [("θ_T (no fine-tuning)", f"{100 * self.start['test_accuracy']:.2f}",
-                str(self.start["confusions"]))]
+        out = [
+            (
+                "θ_T (no fine-tuning)",
+                f"{100 * self.start['test_accuracy']:.2f}",
+                str(self.start["confusions"]),
+            )
+        ]
         for r in self.rows():
-            out.append((r["strategy"], pm(r["accuracy_mean"], r["accuracy_std"], 2),
-                        pm(r["confusions_mean"], r["confusions_std"], 2)))
+            out.append(
+                (
+                    r["strategy"],
+                    pm(r["accuracy_mean"], r["accuracy_std"], 2),
+                    pm(r["confusions_mean"], r["confusions_std"], 2),
+                )
+            )
         return out
 
     def table(self) -> str:
@@ -579,13 +628,16 @@ class FinetuneResult:
         body = self._table_rows()
         widths = [max(len(r[i]) for r in [head, *body]) for i in range(3)]
         line = "  ".join("-" * w for w in widths)
-        fmt = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}"
-               for r in [head, *body]]
+        fmt = [
+            f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}" for r in [head, *body]
+        ]
         lines = [
             f"whylook finetune: pair {a}↔{b} ({self.pair_reason})",
             self.curated.describe(),
             "",
-            fmt[0], line, *fmt[1:],
+            fmt[0],
+            line,
+            *fmt[1:],
             "",
             f"mean ± sample std (ddof=1) over {n} seed(s) {list(self.settings['seeds'])}; "
             f"one epoch per stage from checkpoint {self.start['index']} (step "
@@ -596,8 +648,8 @@ class FinetuneResult:
             c = paired["confusions"]
             lines.append(
                 f"curated→full − full→full, paired by seed: confusions {c['mean']:+.2f} ± "
-                f"{c['std']:.2f}" + (f" (paired t-test p = {c['p_value']:.3g})"
-                                     if c["p_value"] is not None else "")
+                f"{c['std']:.2f}"
+                + (f" (paired t-test p = {c['p_value']:.3g})" if c["p_value"] is not None else "")
             )
         lines.append(f"written to {self.path}")
         return "\n".join(lines)
@@ -637,11 +689,17 @@ class FinetuneResult:
             "settings": self.settings,
             "strategies": self.rows(),
             "per_seed": [
-                {"strategy": s.label, "seed": seed, "accuracy": round(100 * acc, 4),
-                 "confusions": con, "loss": round(loss, 6)}
+                {
+                    "strategy": s.label,
+                    "seed": seed,
+                    "accuracy": round(100 * acc, 4),
+                    "confusions": con,
+                    "loss": round(loss, 6),
+                }
                 for s in self.strategies
-                for seed, acc, con, loss in zip(s.seeds, s.accuracy, s.confusions, s.loss,
-                                                strict=True)
+                for seed, acc, con, loss in zip(
+                    s.seeds, s.accuracy, s.confusions, s.loss, strict=True
+                )
             ],
             "paired_vs_full_full": {
                 s.name: self.paired(s.name) for s in self.strategies if self.paired(s.name)
@@ -660,9 +718,15 @@ def _optimizer(model: nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
     raise WhylookError(f"unknown optimizer {name!r}; use adam or sgd")
 
 
-def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: np.ndarray,
-                 labels: np.ndarray, order: np.ndarray, batch_size: int,
-                 device: torch.device) -> None:
+def _train_epoch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    images: np.ndarray,
+    labels: np.ndarray,
+    order: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+) -> None:
     from whylook.data import to_tensor
 
     model.train()
@@ -680,10 +744,21 @@ def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: np.ndarra
         opt.step()
 
 
-def _run_seed(folder: Any, strategies: Sequence[tuple[str, ...]], seed: int,
-              keep: np.ndarray, *, optimizer: str, lr: float, batch_size: int,
-              device: torch.device, test: Any, m: int, pair: tuple[int, int],
-              progress: bool | None) -> dict[tuple[str, ...], tuple[float, int, float]]:
+def _run_seed(
+    folder: Any,
+    strategies: Sequence[tuple[str, ...]],
+    seed: int,
+    keep: np.ndarray,
+    *,
+    optimizer: str,
+    lr: float,
+    batch_size: int,
+    device: torch.device,
+    test: Any,
+    m: int,
+    pair: tuple[int, int],
+    progress: bool | None,
+) -> dict[tuple[str, ...], tuple[float, int, float]]:
     """All strategies under one seed; shared stage prefixes are computed once."""
     train = folder.data().train
     n = len(train.labels)
@@ -706,8 +781,10 @@ def _run_seed(folder: Any, strategies: Sequence[tuple[str, ...]], seed: int,
             _train_epoch(model, opt, train.images, train.labels, order, batch_size, device)
             prefix = stages[: j + 1]
             if prefix in needed_prefixes and prefix not in saved:
-                saved[prefix] = ({k: v.detach().clone() for k, v in model.state_dict().items()},
-                                 _clone_state(opt.state_dict()))
+                saved[prefix] = (
+                    {k: v.detach().clone() for k, v in model.state_dict().items()},
+                    _clone_state(opt.state_dict()),
+                )
             if prefix in wanted and prefix not in results:
                 acc, loss, conf = evaluate(model, test.images, test.labels, m, device=device)
                 results[prefix] = (acc, confusion_count(conf, *pair), loss)
@@ -773,8 +850,20 @@ def finetune(
         raise WhylookError(f"scope must be 'pair' or 'all', not {scope!r}")
     dev = resolve_device(device)
     with run_lock(folder.path):
-        return _finetune_locked(folder, exp, pair, parsed, seed_list, lr, optimizer, batch_size,
-                                scope, only_swing_classes, dev, progress)
+        return _finetune_locked(
+            folder,
+            exp,
+            pair,
+            parsed,
+            seed_list,
+            lr,
+            optimizer,
+            batch_size,
+            scope,
+            only_swing_classes,
+            dev,
+            progress,
+        )
 
 
 def _training_defaults(folder: Any) -> tuple[str, float, int]:
@@ -788,10 +877,20 @@ def _training_defaults(folder: Any) -> tuple[str, float, int]:
     return name, lr, int(cfg.get("batch_size") or 128)
 
 
-def _finetune_locked(folder: Any, exp: Any, pair: Any, parsed: list[tuple[str, ...]],
-                     seed_list: list[int], lr: float | None, optimizer: str | None,
-                     batch_size: int | None, scope: str, only_swing_classes: bool,
-                     dev: torch.device, progress: bool | None) -> FinetuneResult:
+def _finetune_locked(
+    folder: Any,
+    exp: Any,
+    pair: Any,
+    parsed: list[tuple[str, ...]],
+    seed_list: list[int],
+    lr: float | None,
+    optimizer: str | None,
+    batch_size: int | None,
+    scope: str,
+    only_swing_classes: bool,
+    dev: torch.device,
+    progress: bool | None,
+) -> FinetuneResult:
     t0 = time.perf_counter()
     classes = tuple(str(c) for c in exp.data["classes"])
     if tuple(str(c) for c in folder.classes) != classes:
@@ -812,25 +911,38 @@ def _finetune_locked(folder: Any, exp: Any, pair: Any, parsed: list[tuple[str, .
     threshold = float(exp.data["structure_settings"]["active_threshold"])
     prototypes = load_prototypes(folder, exp, device=str(dev))
     share = training_mass_share(folder, exp, prototypes, device=dev, progress=progress)
-    uncertain = [(int(u["id"].split("-")[1]), *(classes.index(str(c)) for c in u["classes"]))
-                 for u in protos]
-    keep, removed_by_proto = curated_mask(data.train.labels, share, uncertain, threshold,
-                                          only_swing_classes=only_swing_classes)
+    uncertain = [
+        (int(u["id"].split("-")[1]), *(classes.index(str(c)) for c in u["classes"])) for u in protos
+    ]
+    keep, removed_by_proto = curated_mask(
+        data.train.labels, share, uncertain, threshold, only_swing_classes=only_swing_classes
+    )
     # The same rule on the analysis rows, read from the explanation's own `active` matrix:
     # how far the whole-split recomputation agrees with what `explain` stored.
     agreement = None
     if "mass_share" in exp.arrays:
-        keep_rows, _ = curated_mask(exp.arrays["labels"], exp.arrays["mass_share"], uncertain,
-                                    threshold, only_swing_classes=only_swing_classes)
+        keep_rows, _ = curated_mask(
+            exp.arrays["labels"],
+            exp.arrays["mass_share"],
+            uncertain,
+            threshold,
+            only_swing_classes=only_swing_classes,
+        )
         agreement = round(float((keep_rows == keep[exp.arrays["sample_index"]]).mean()), 6)
     labels = data.train.labels
     curated = CuratedSet(
         pair=(classes[a], classes[b]),
         prototypes=tuple(u["id"] for u in protos),
-        rule={"contain": "active", "active_threshold": threshold, "scope": scope,
-              "only_swing_classes": bool(only_swing_classes),
-              "uncertain": [{"id": u["id"], "classes": list(u["classes"]),
-                             "swings": u["swings"]} for u in protos]},
+        rule={
+            "contain": "active",
+            "active_threshold": threshold,
+            "scope": scope,
+            "only_swing_classes": bool(only_swing_classes),
+            "uncertain": [
+                {"id": u["id"], "classes": list(u["classes"]), "swings": u["swings"]}
+                for u in protos
+            ],
+        },
         keep=keep,
         removed_by_class={c: int((~keep & (labels == i)).sum()) for i, c in enumerate(classes)},
         removed_by_prototype={f"P-{p}": n for p, n in removed_by_proto.items()},
@@ -838,8 +950,10 @@ def _finetune_locked(folder: Any, exp: Any, pair: Any, parsed: list[tuple[str, .
         explanation_agreement=agreement,
     )
     if curated.n_curated == 0:
-        raise WhylookError("the curated set is empty: every sample contains an uncertain "
-                           "prototype; use scope='pair' or a higher active threshold")
+        raise WhylookError(
+            "the curated set is empty: every sample contains an uncertain "
+            "prototype; use scope='pair' or a higher active threshold"
+        )
 
     opt_name, run_lr, run_bs = _training_defaults(folder)
     opt_name = (optimizer or opt_name).lower()
@@ -848,32 +962,56 @@ def _finetune_locked(folder: Any, exp: Any, pair: Any, parsed: list[tuple[str, .
     lr = float(lr) if lr is not None else run_lr
     batch_size = int(batch_size or run_bs)
     settings = {
-        "seeds": seed_list, "std": "sample standard deviation (ddof=1)",
-        "optimizer": opt_name, "lr": lr, "batch_size": batch_size, "epochs_per_stage": 1,
-        "strategies": [">".join(s) for s in parsed], "device": str(dev),
+        "seeds": seed_list,
+        "std": "sample standard deviation (ddof=1)",
+        "optimizer": opt_name,
+        "lr": lr,
+        "batch_size": batch_size,
+        "epochs_per_stage": 1,
+        "strategies": [">".join(s) for s in parsed],
+        "device": str(dev),
         "order": "stage j of seed s visits permutation rng([s, j]) of the training rows; "
-                 "curated stages skip the removed rows",
+        "curated stages skip the removed rows",
     }
-    key = _digest({"v": _CACHE_VERSION, "ckpt": file_digest(folder.path / ckpt.file),
-                   "keep": hashlib.sha256(np.packbits(keep).tobytes()).hexdigest(),
-                   "pair": [a, b], **{k: v for k, v in settings.items() if k != "seeds"}})[:20]
+    key = _digest(
+        {
+            "v": _CACHE_VERSION,
+            "ckpt": file_digest(folder.path / ckpt.file),
+            "keep": hashlib.sha256(np.packbits(keep).tobytes()).hexdigest(),
+            "pair": [a, b],
+            **{k: v for k, v in settings.items() if k != "seeds"},
+        }
+    )[:20]
     cache = folder.path / "finetune" / "cache"
     per_seed: dict[int, dict[tuple[str, ...], tuple[float, int, float]]] = {}
-    for seed in progress_bar(seed_list, desc="fine-tuning: seeds", total=len(seed_list),
-                             progress=progress):
+    for seed in progress_bar(
+        seed_list, desc="fine-tuning: seeds", total=len(seed_list), progress=progress
+    ):
         path = cache / f"seed-{seed}-{key}.json"
         if path.is_file():
             stored = read_json(path, what="fine-tuning cache")
             per_seed[seed] = {parse_strategy(k): tuple(v) for k, v in stored.items()}
             continue
-        per_seed[seed] = _run_seed(folder, parsed, seed, keep, optimizer=opt_name, lr=lr,
-                                   batch_size=batch_size, device=dev, test=data.test, m=m,
-                                   pair=(a, b), progress=progress)
+        per_seed[seed] = _run_seed(
+            folder,
+            parsed,
+            seed,
+            keep,
+            optimizer=opt_name,
+            lr=lr,
+            batch_size=batch_size,
+            device=dev,
+            test=data.test,
+            m=m,
+            pair=(a, b),
+            progress=progress,
+        )
         write_json(path, {">".join(k): list(v) for k, v in per_seed[seed].items()})
 
     results = tuple(
         StrategyResult(
-            stages=s, seeds=tuple(seed_list),
+            stages=s,
+            seeds=tuple(seed_list),
             accuracy=tuple(float(per_seed[x][s][0]) for x in seed_list),
             confusions=tuple(int(per_seed[x][s][1]) for x in seed_list),
             loss=tuple(float(per_seed[x][s][2]) for x in seed_list),
@@ -887,9 +1025,15 @@ def _finetune_locked(folder: Any, exp: Any, pair: Any, parsed: list[tuple[str, .
         pair=(classes[a], classes[b]),
         pair_reason=reason,
         curated=curated,
-        start={"index": int(ckpt.index), "step": int(ckpt.step), "file": str(ckpt.file),
-               "sha256": file_digest(folder.path / ckpt.file), "test_accuracy": round(acc0, 6),
-               "test_loss": round(loss0, 6), "confusions": confusion_count(conf0, a, b)},
+        start={
+            "index": int(ckpt.index),
+            "step": int(ckpt.step),
+            "file": str(ckpt.file),
+            "sha256": file_digest(folder.path / ckpt.file),
+            "test_accuracy": round(acc0, 6),
+            "test_loss": round(loss0, 6),
+            "confusions": confusion_count(conf0, a, b),
+        },
         strategies=results,
         settings=settings,
         seconds=time.perf_counter() - t0,

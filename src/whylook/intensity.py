@@ -20,7 +20,7 @@ import torch
 
 from whylook.errors import WhylookError
 
-__all__ = ["Intensity", "delta", "mass_share", "prototype_intensity"]
+__all__ = ["ACTIVITY_RULES", "Intensity", "activity", "delta", "mass_share", "prototype_intensity"]
 
 
 def _as_array(x: object, name: str) -> np.ndarray:
@@ -157,3 +157,35 @@ def delta(x: object) -> np.ndarray:
             f"need values at two or more checkpoints along axis 0, got shape {arr.shape}"
         )
     return arr[1:] - arr[:-1]
+
+
+ACTIVITY_RULES = ("intensity", "mass")
+
+
+def activity(saliency: object, assignments: object, k: int, rule: str = "intensity") -> np.ndarray:
+    """How strongly each prototype is looked at in each sample: ``(n, h, w) -> float32 (n, K)``.
+
+    ``rule="intensity"`` (the default): the prototype's intensity relative to the sample's
+    most intense prototype, in [0, 1]. It is free of area: a background prototype that
+    covers most of the grid with weak saliency scores low, however much mass it adds up.
+    ``rule="mass"``: the prototype's share of the sample's saliency mass (METHOD's reading),
+    which such a background prototype can reach by area alone.
+
+    >>> import numpy as np
+    >>> sal = np.array([[[4.0, 1.0], [1.0, 1.0]]])   # one salient cell, weak background
+    >>> ass = np.array([[[0, 1], [1, 1]]])
+    >>> activity(sal, ass, 2).tolist()
+    [[1.0, 0.25]]
+    >>> [round(float(x), 2) for x in activity(sal, ass, 2, "mass")[0]]
+    [0.57, 0.43]
+    """
+    if rule == "mass":
+        return mass_share(saliency, assignments, k)
+    if rule != "intensity":
+        raise WhylookError(f"unknown activity rule {rule!r}; use one of {ACTIVITY_RULES}")
+    values = prototype_intensity(saliency, assignments, k).values
+    if values.ndim != 2:
+        raise WhylookError(f"saliency must have shape (n, h, w) here, got {values.shape[:-1]}")
+    top = values.max(axis=1, keepdims=True)
+    return np.divide(values, top, out=np.zeros_like(values), where=top > 0).astype(np.float32)
+

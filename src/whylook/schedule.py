@@ -20,8 +20,6 @@ Step ``s`` means "after ``s`` optimizer steps": step 0 is the initialisation and
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 
 from whylook.errors import WhylookError
@@ -29,11 +27,10 @@ from whylook.errors import WhylookError
 __all__ = ["SCHEDULES", "checkpoint_steps"]
 
 SCHEDULES = ("log", "linear", "epoch")
-Kind = Literal["log", "linear", "epoch"]
 
 
 def checkpoint_steps(
-    total_steps: int, n: int, kind: Kind = "log", steps_per_epoch: int | None = None
+    total_steps: int, n: int, kind: str = "log", steps_per_epoch: int | None = None
 ) -> list[int]:
     """``n`` checkpoint steps from 0 to ``total_steps`` (see the module docstring).
 

@@ -4,9 +4,11 @@ The paper describes shared, specialized and uncertain prototypes and the learnin
 informally. This module pins each one down as a rule over arrays, and every rule that
 reads β separates signal from noise with the bootstrap standard errors of Step 5:
 
-* **active** – prototype ``k`` is active in sample ``i`` when its share of the sample's
-  final saliency mass is at least ``active_threshold``. Presence alone is not enough:
-  background prototypes are present in every image.
+* **active** – prototype ``k`` is active in sample ``i`` when its *activity* (see
+  :func:`whylook.intensity.activity`) is at least ``active_threshold``: by default its
+  final intensity relative to the sample's most intense prototype (threshold 0.5), or, with
+  ``active_rule="mass"``, its share of the final saliency mass (threshold 0.1). Presence
+  alone is not enough: background prototypes are present in every image.
 * **support** – the evidence that more attention to ``k`` raised the confidence in class
   ``c`` *while class c was being learned*: ``Σ_t w_t β^t[k, c] / Σ_t w_t`` with
   ``w_t`` the mean rise of class ``c``'s own confidence over its samples at transition
@@ -29,8 +31,8 @@ reads β separates signal from noise with the bootstrap standard errors of Step 
   above ``1 − separation_tolerance``. Pairwise accuracy rather than raw confusion counts,
   because an untrained model that predicts one class has zero confusion on every pair
   that does not involve it. Distinctness is the Jensen-Shannon distance between the two
-  classes' mean prototype saliency profiles; the Spearman correlation between the two is
-  the paper's "more distinct pairs are separated first" as a measured number (negative
+  classes' mean prototype activity profiles (normalised to distributions); the Spearman
+  correlation between the two is the paper's "more distinct pairs are separated first" as a measured number (negative
   when the finding holds).
 """
 
@@ -68,7 +70,8 @@ def prototype_id(k: int) -> str:
 class StructureSettings:
     """Thresholds of Step 6. Every value is recorded in ``explanation.json``."""
 
-    active_threshold: float = 0.1
+    active_rule: str = "intensity"
+    active_threshold: float = -1.0  # < 0: the rule's default (0.5 intensity, 0.1 mass)
     shared_rate: float = 0.5
     z_threshold: float = 2.0
     specialized_margin: float = 0.25
@@ -79,6 +82,13 @@ class StructureSettings:
     separation_tolerance: float = 0.05
 
     def __post_init__(self) -> None:
+        if self.active_rule not in ("intensity", "mass"):
+            raise WhylookError(
+                f"active_rule must be 'intensity' or 'mass', not {self.active_rule!r}"
+            )
+        if self.active_threshold < 0:
+            default = 0.5 if self.active_rule == "intensity" else 0.1
+            object.__setattr__(self, "active_threshold", default)
         for name in ("active_threshold", "shared_rate", "specialized_margin",
                      "uncertain_min_rate", "separation_tolerance"):
             value = getattr(self, name)
@@ -192,8 +202,8 @@ def _round_or_none(x: float | None) -> float | None:
     return None if x is None or not np.isfinite(x) else round(float(x), 6)
 
 
-def _check_shapes(labels, mass_share, confidence, beta, beta_se, class_groups, steps, m):
-    n, k = mass_share.shape
+def _check_shapes(labels, activity, confidence, beta, beta_se, class_groups, steps, m):
+    n, k = activity.shape
     if labels.shape != (n,):
         raise WhylookError(f"labels must have shape ({n},), not {labels.shape}")
     if confidence.ndim != 3 or confidence.shape[1:] != (n, m):
@@ -217,7 +227,7 @@ def assemble(
     classes: tuple[str, ...] | list[str],
     steps: list[int] | tuple[int, ...],
     labels: np.ndarray,
-    mass_share: np.ndarray,
+    activity: np.ndarray,
     confidence: np.ndarray,
     beta: np.ndarray,
     beta_se: np.ndarray,
@@ -232,7 +242,9 @@ def assemble(
         classes: the M class names.
         steps: the optimizer step of each of the T+1 checkpoints.
         labels: (n,) true classes of the analysis set.
-        mass_share: (n, K) each prototype's share of the final saliency mass.
+        activity: (n, K) how strongly each prototype is looked at in each sample at the
+            final checkpoint (:func:`whylook.intensity.activity` under
+            ``settings.active_rule``).
         confidence: (T+1, n, M) softmax confidences at each checkpoint.
         beta, beta_se: (T, K, M) ridge coefficients and their bootstrap standard errors.
         class_groups: (n,) the per-class sub-group of each sample (-1 is noise).
@@ -245,7 +257,7 @@ def assemble(
         >>> rng = np.random.default_rng(0)
         >>> n, K, M, T = 40, 4, 2, 3
         >>> s = assemble(classes=["a", "b"], steps=[0, 1, 2, 3],
-        ...              labels=np.repeat([0, 1], 20), mass_share=rng.dirichlet(np.ones(K), n),
+        ...              labels=np.repeat([0, 1], 20), activity=rng.dirichlet(np.ones(K), n),
         ...              confidence=rng.dirichlet(np.ones(M), (T + 1, n)),
         ...              beta=rng.normal(size=(T, K, M)), beta_se=np.ones((T, K, M)),
         ...              class_groups=-np.ones(n, dtype=np.int16))
@@ -256,15 +268,15 @@ def assemble(
     classes = tuple(str(c) for c in classes)
     m = len(classes)
     labels = np.asarray(labels, dtype=np.int64)
-    mass_share = np.asarray(mass_share, dtype=np.float64)
+    activity = np.asarray(activity, dtype=np.float64)
     confidence = np.asarray(confidence, dtype=np.float64)
     beta = np.asarray(beta, dtype=np.float64)
     beta_se = np.asarray(beta_se, dtype=np.float64)
     class_groups = np.asarray(class_groups, dtype=np.int64)
-    _check_shapes(labels, mass_share, confidence, beta, beta_se, class_groups, steps, m)
+    _check_shapes(labels, activity, confidence, beta, beta_se, class_groups, steps, m)
     steps = [int(s) for s in steps]
 
-    active = mass_share >= settings.active_threshold
+    active = activity >= settings.active_threshold
     counts = np.bincount(labels, minlength=m)
     if (counts == 0).any():
         empty = [classes[c] for c in np.flatnonzero(counts == 0)]
@@ -308,7 +320,7 @@ def assemble(
         )
 
     uncertain = _uncertain(beta, se, active_rate, classes, steps, settings)
-    order = _learning_order(labels, confidence, mass_share, classes, steps, settings)
+    order = _learning_order(labels, confidence, activity, classes, steps, settings)
     return Structure(
         settings=settings,
         active=active,
@@ -422,13 +434,13 @@ def pairwise_accuracy(confidence: np.ndarray, labels: np.ndarray, a: int, b: int
 def _learning_order(
     labels: np.ndarray,
     confidence: np.ndarray,
-    mass_share: np.ndarray,
+    activity: np.ndarray,
     classes: tuple[str, ...],
     steps: list[int],
     settings: StructureSettings,
 ) -> LearningOrder:
     m = len(classes)
-    profiles = np.stack([mass_share[labels == c].mean(axis=0) for c in range(m)])
+    profiles = np.stack([activity[labels == c].mean(axis=0) for c in range(m)])
     level = 1.0 - settings.separation_tolerance
     pairs = []
     for a, b in combinations(range(m), 2):

@@ -88,7 +88,7 @@ def train(
     source = as_source(data)
     steps_per_epoch = math.ceil(len(source.train) / batch_size)
     total_steps = epochs * steps_per_epoch
-    steps = checkpoint_steps(total_steps, checkpoints, schedule, steps_per_epoch)  # type: ignore[arg-type]
+    steps = checkpoint_steps(total_steps, checkpoints, schedule, steps_per_epoch)
 
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)

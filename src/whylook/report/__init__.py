@@ -114,7 +114,6 @@ class _Builder:
         self.assign = self.a["assignments"]
         self.k = inp.k
         self.m = len(inp.classes)
-        self.t = int(self.a["beta"].shape[0])
         self.end_steps = inp.steps[1:]  # transition t ends at checkpoint t+1
         self.share = self._mass_share()
         self.images = inp.images if inp.images is not None else self._stand_in_images()
@@ -144,7 +143,7 @@ class _Builder:
     def _rank(self, k: int, rows: np.ndarray, top: int) -> list[int]:
         """Rows where prototype k takes the largest share of the saliency, present only."""
         rows = np.asarray(rows, dtype=np.int64)
-        present = (self.assign[rows] == k).reshape(len(rows), -1).any(axis=1)
+        present = (self.assign[rows] == k).any(axis=(1, 2))  # also fine for no rows
         rows = rows[present]
         order = np.lexsort((rows, -self.share[rows, k]))  # stable tie-break on row
         return [int(r) for r in rows[order][:top]]
@@ -193,7 +192,9 @@ class _Builder:
         acc_an = self._analysis_accuracy()
         for i, step in enumerate(inp.steps):
             loss = inp.test_loss[i]
-            ckpt_rows.append([str(i), str(step), "—" if epochs[i] is None else f"{epochs[i]:.3g}",
+            epoch = epochs[i]
+            ckpt_rows.append([str(i), str(step),
+                              f"{epoch:.3g}" if isinstance(epoch, int | float) else "—",
                               _pct(inp.test_accuracy[i]), "—" if loss is None else f"{loss:.4f}",
                               _pct(acc_an[i])])
         acc_uri = self.out.figure("overview-accuracy.png", figures.accuracy_loss(
