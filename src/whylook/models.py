@@ -26,6 +26,7 @@ attribute ``whylook_layer`` (its default prototype layer).
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import math
 from collections import OrderedDict
@@ -133,6 +134,9 @@ class SmallCNN(nn.Module):
         return self.classifier(self.pool(x))
 
 
+# torchvision is imported on first use only (it takes seconds); the classes are cached so
+# every build returns the same type.
+@functools.cache
 def _resnet_class() -> type[nn.Module]:
     from torchvision.models.resnet import ResNet
 
@@ -173,6 +177,7 @@ def _resnet_class() -> type[nn.Module]:
     return WhylookResNet
 
 
+@functools.cache
 def _inception_class() -> type[nn.Module]:
     from torchvision.models.inception import BasicConv2d, Inception3
 

@@ -32,8 +32,8 @@ reads β separates signal from noise with the bootstrap standard errors of Step 
   because an untrained model that predicts one class has zero confusion on every pair
   that does not involve it. Distinctness is the Jensen-Shannon distance between the two
   classes' mean prototype activity profiles (normalised to distributions); the Spearman
-  correlation between the two is the paper's "more distinct pairs are separated first" as a measured number (negative
-  when the finding holds).
+  correlation between the two is the paper's "more distinct pairs are separated first"
+  as a measured number (negative when the finding holds).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ the two-variant class gets specialized prototypes for its variants.
 Example:
     >>> ds = planted_dataset(n_train=100, n_test=20, seed=0)
     >>> ds.train.images.shape, ds.classes
-    ((100, 1, 28, 28), ('A+B', 'B+C', 'D+E', 'H+F|G'))
+    ((100, 1, 28, 28), ('A+B', 'B+C', 'D+E', 'H+F|G+I'))
 """
 
 from __future__ import annotations
@@ -40,18 +40,20 @@ MOTIFS["D"] = _stamp(["#######", ".......", "#######", ".......", "#######", "..
 MOTIFS["E"] = _stamp(["#.#.#.#", "#.#.#.#", "#.#.#.#", "#.#.#.#", "#.#.#.#", "#.#.#.#", "#.#.#.#"])
 MOTIFS["F"] = _stamp(["..###..", ".#####.", "#######", "#######", "#######", ".#####.", "..###.."])
 MOTIFS["H"] = _stamp(["...#...", "..#.#..", ".#...#.", "#.....#", ".#...#.", "..#.#..", "...#..."])
+MOTIFS["I"] = _stamp(["#######", "#######", "...#...", "...#...", "...#...", "...#...", "...#..."])
 MOTIFS["G"] = _stamp(["......#", ".....#.", "....#..", "...#...", "..#....", ".#.....", "#......"])
 
 # Class -> list of alternatives, each a tuple of motifs. B is shared by classes 0 and 1;
-# class 3 has two variants (H with F, or H with G), F more frequent than G. Every class has
-# two motifs, so the empty background carries no class information.
+# class 3 has two variants that share no motif (H with F, or G with I), so the model must
+# learn both. Every class has two motifs, so the empty background carries no class
+# information.
 PLANTED_CLASSES: dict[str, list[tuple[str, ...]]] = {
     "A+B": [("A", "B")],
     "B+C": [("B", "C")],
     "D+E": [("D", "E")],
-    "H+F|G": [("H", "F"), ("H", "G")],
+    "H+F|G+I": [("H", "F"), ("G", "I")],
 }
-_VARIANT_WEIGHTS = {"H+F|G": (0.6, 0.4)}
+_VARIANT_WEIGHTS = {"H+F|G+I": (0.55, 0.45)}
 
 
 @dataclass(frozen=True)

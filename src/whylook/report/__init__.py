@@ -115,15 +115,21 @@ class _Builder:
         self.k = inp.k
         self.m = len(inp.classes)
         self.end_steps = inp.steps[1:]  # transition t ends at checkpoint t+1
-        self.share = self._mass_share()
+        self.share = self._activity()
         self.images = inp.images if inp.images is not None else self._stand_in_images()
 
     # -- shared helpers ------------------------------------------------------------------
 
-    def _mass_share(self) -> np.ndarray:
-        """(n, K) share of final saliency mass per prototype (computed when not stored)."""
-        if "mass_share" in self.a:
-            return np.asarray(self.a["mass_share"], dtype=np.float64)
+    def _activity(self) -> np.ndarray:
+        """(n, K): how strongly each prototype is looked at in each sample, for ranking.
+
+        The analysis's own measure when stored (``activity``: the rule that decides
+        "active"), else the share of final saliency mass (``mass_share``, METHOD's
+        reading), else that share computed from the final saliency and assignments.
+        """
+        for name in ("activity", "mass_share"):
+            if name in self.a:
+                return np.asarray(self.a[name], dtype=np.float64)
         sal = self.a["saliency"][-1].astype(np.float64).reshape(len(self.labels), -1)
         flat = self.assign.reshape(len(self.labels), -1).astype(np.int64)
         share = np.zeros((len(self.labels), self.k))
@@ -141,7 +147,7 @@ class _Builder:
         return (img * 255).astype(np.uint8)[:, None]
 
     def _rank(self, k: int, rows: np.ndarray, top: int) -> list[int]:
-        """Rows where prototype k takes the largest share of the saliency, present only."""
+        """Rows where prototype k is most active (among those where it is present)."""
         rows = np.asarray(rows, dtype=np.int64)
         present = (self.assign[rows] == k).any(axis=(1, 2))  # also fine for no rows
         rows = rows[present]

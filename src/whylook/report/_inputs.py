@@ -31,7 +31,8 @@ _REQUIRED = {
     "beta": 3,
 }
 # Extra arrays (ARCHITECTURE.md) used when present; each has a fallback.
-_OPTIONAL = ("beta_z", "mass_share", "active", "class_groups", "confusion", "presence")
+_OPTIONAL = ("beta_z", "mass_share", "activity", "active", "class_groups", "confusion",
+             "presence")
 _PROTO = re.compile(r"^P-(\d+)$")
 
 
@@ -144,6 +145,7 @@ def _check(run: Path, exp: dict[str, Any], arrays: dict[str, np.ndarray]) -> Non
         "confidence": (t + 1, n, m),
         "beta_z": (t, k, m),
         "mass_share": (n, k),
+        "activity": (n, k),
         "active": (n, k),
         "presence": (n, k),
         "class_groups": (n,),

@@ -67,7 +67,14 @@ def _step_axis(ax: Axes, steps: Sequence[float], axis: str = "x") -> None:
     pos = [s for s in steps if s is not None and s > 0]
     if pos and max(pos) / min(pos) >= 50:
         setter = ax.set_xscale if axis == "x" else ax.set_yscale
-        setter("symlog", linthresh=max(1.0, float(min(pos))))
+        linthresh = max(1.0, float(min(pos)))
+        setter("symlog", linthresh=linthresh)
+        # Autoscale margins reach into negative steps on a symlog axis ("-1", "-10"):
+        # steps are never negative, so start just left of 0.
+        get, set_ = (ax.get_xlim, ax.set_xlim) if axis == "x" else (ax.get_ylim, ax.set_ylim)
+        lo, hi = get()
+        if lo < 0 and min(s for s in steps if s is not None) >= 0:
+            set_(-0.15 * linthresh, hi)
         # Plain numbers ("100", not 10²): readable, and math text is off (see _RC).
         which = ax.xaxis if axis == "x" else ax.yaxis
         which.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
@@ -301,7 +308,6 @@ def learning_timeline(
         ax.invert_yaxis()
         ax.set_ylim(n - 0.5, -0.5)
         _step_axis(ax, [*checkpoint_steps, never_x])
-        ax.set_xlim(left=min(checkpoint_steps) if checkpoint_steps else 0)
         if any(s is None for s in separated):
             ax.text(never_x, -0.9, "never", ha="center", va="bottom", fontsize=7, color="0.4")
         ax.set_title("separation step of each class pair" + (f" ({note})" if note else ""))
