@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import tempfile
 import time
@@ -51,6 +52,7 @@ def bench_smallcnn(data: str, epochs: int, device: str, out: Path) -> dict:
         "epochs": epochs,
         "test_accuracy_after_epoch": [c.test_accuracy for c in run.checkpoints[1:]],
         "seconds_per_epoch": measured["seconds_per_epoch"],
+        "cpu_seconds_per_epoch": measured["cpu_seconds_per_epoch"],
         "checkpoint_seconds": measured["checkpoint_seconds"],
         "wall_seconds": round(time.perf_counter() - start, 1),
         "device": measured["device_name"],
@@ -77,10 +79,10 @@ def bench_resnet50_steps(data: str, steps: int, warmup: int, batch_size: int, de
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     perm = torch.randperm(len(source.train), generator=torch.Generator().manual_seed(0)).numpy()
     labels = torch.from_numpy(source.train.labels.copy())
-    times = []
+    times, cpu_times = [], []
     for i in range(warmup + steps):
         idx = perm[i * batch_size : (i + 1) * batch_size]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         x, y = to_tensor(source.train.images[idx]).to(dev), labels[idx].to(dev)
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
@@ -89,6 +91,7 @@ def bench_resnet50_steps(data: str, steps: int, warmup: int, batch_size: int, de
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     per_step = sum(times) / len(times)
     steps_per_epoch = math.ceil(len(source.train) / batch_size)
     return {
@@ -97,6 +100,7 @@ def bench_resnet50_steps(data: str, steps: int, warmup: int, batch_size: int, de
         "warmup_steps": warmup,
         "batch_size": batch_size,
         "seconds_per_step": round(per_step, 3),
+        "cpu_seconds_per_step": round(sum(cpu_times) / len(cpu_times), 3),
         "steps_per_epoch": steps_per_epoch,
         "extrapolated_seconds_per_epoch": round(per_step * steps_per_epoch, 1),
         "device": str(dev),
@@ -146,6 +150,8 @@ def main() -> None:
                     args.data, args.resnet_steps, args.resnet_warmup, 128, args.device
                 )
             print(json.dumps(results["resnet50"]), flush=True)
+    results["load_after"] = os.getloadavg()
+    print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

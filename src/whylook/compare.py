@@ -60,8 +60,6 @@ __all__ = [
 ]
 
 SCHEMA = "whylook.compare/1"
-#: Config keys that may differ between the runs without making the comparison moot.
-_SEED_KEYS = {"seed", "data_seed", "out", "path", "created", "seconds", "versions"}
 #: Runs must agree on these to be comparable at all.
 _SAME_KEYS = ("model", "data", "layer")
 
@@ -281,11 +279,13 @@ def _check_comparable(fa: Any, fb: Any, ea: Any, eb: Any) -> list[str]:
             f"the runs have {len(ea.data['checkpoints'])} and {len(eb.data['checkpoints'])} "
             "checkpoints; compare runs trained with the same --checkpoints"
         )
-    keys = sorted(set(fa.config) | set(fb.config))
+    # What the runs were made with: the config plus the seeds (run.json keeps them apart).
+    made_a = {**fa.config, **(fa.manifest.get("seeds") or {})}
+    made_b = {**fb.config, **(fb.manifest.get("seeds") or {})}
     return [
-        f"{k} {fa.config.get(k)!r} vs {fb.config.get(k)!r}"
-        for k in keys
-        if fa.config.get(k) != fb.config.get(k) and k not in {"out", "path"}
+        f"{k} {made_a.get(k)!r} vs {made_b.get(k)!r}"
+        for k in sorted(set(made_a) | set(made_b))
+        if made_a.get(k) != made_b.get(k)
     ]
 
 

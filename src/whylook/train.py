@@ -150,47 +150,50 @@ def _fit(
     order = torch.Generator().manual_seed(data_seed)
     save_at = set(steps)
     records: list[dict[str, Any]] = []
-    checkpoint_seconds = 0.0
+    steps_clock, checkpoint_clock = _Stopwatch(dev), _Stopwatch(dev)
     epoch_seconds: list[float] = []
+    epoch_cpu: list[float] = []
+    marks = (0.0, 0.0)  # the steps clock at the end of the previous epoch
 
     def save(step: int) -> None:
-        nonlocal checkpoint_seconds
-        start = time.perf_counter()
-        index = len(records)
-        record = checkpoint_record(index, step, round(step / steps_per_epoch, 6), 0.0, 0.0)
-        _io.save_weights(os.path.join(out, record["file"]), net.state_dict())
-        record["test_accuracy"], record["test_loss"] = evaluate(net, source.test, device=dev)
+        with checkpoint_clock:
+            index = len(records)
+            record = checkpoint_record(index, step, round(step / steps_per_epoch, 6), 0.0, 0.0)
+            _io.save_weights(os.path.join(out, record["file"]), net.state_dict())
+            record["test_accuracy"], record["test_loss"] = evaluate(net, source.test, device=dev)
         if not math.isfinite(record["test_loss"]):
             raise WhylookError(
                 f"training diverged (test loss is not finite at step {step}); lower --lr"
             )
         records.append(record)
-        checkpoint_seconds += time.perf_counter() - start
 
     save(0)
     total = steps[-1]
-    epoch_start, eval_before = time.perf_counter(), 0.0
     for step in progress_bar(range(total), desc="train", total=total, progress=progress):
         batch = step % steps_per_epoch
-        if batch == 0:
-            perm = torch.randperm(len(labels), generator=order).numpy()
-        idx = perm[batch * batch_size : (batch + 1) * batch_size]
-        x = to_tensor(images[idx]).to(dev, non_blocking=True)
-        y = labels[idx].to(dev, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(net(x), y)
-        loss.backward()
-        optimizer.step()
+        epoch_end = batch == steps_per_epoch - 1  # the last step always ends an epoch
+        with steps_clock:
+            if batch == 0:
+                perm = torch.randperm(len(labels), generator=order).numpy()
+            idx = perm[batch * batch_size : (batch + 1) * batch_size]
+            x = to_tensor(images[idx]).to(dev, non_blocking=True)
+            y = labels[idx].to(dev, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+            # Count queued GPU work in the steps' time before the clocks are read.
+            steps_clock.sync = epoch_end or step + 1 in save_at
         if step + 1 in save_at:
             save(step + 1)
-        if batch == steps_per_epoch - 1 or step + 1 == total:
-            now = time.perf_counter()
-            epoch_seconds.append(round(now - epoch_start - (checkpoint_seconds - eval_before), 3))
-            epoch_start, eval_before = now, checkpoint_seconds
+        if epoch_end:
+            epoch_seconds.append(round(steps_clock.wall - marks[0], 3))
+            epoch_cpu.append(round(steps_clock.cpu - marks[1], 3))
+            marks = (steps_clock.wall, steps_clock.cpu)
     measured = {
         "seconds_per_epoch": epoch_seconds,
         "train_seconds": round(sum(epoch_seconds), 3),
-        "checkpoint_seconds": round(checkpoint_seconds, 3),
+        "checkpoint_seconds": round(checkpoint_clock.wall, 3),
+        "cpu_seconds_per_epoch": epoch_cpu,
         "final_test_accuracy": records[-1]["test_accuracy"],
         "device_name": _device_name(dev),
         "torch_threads": torch.get_num_threads(),
@@ -234,6 +237,31 @@ def evaluate(
         model.train(was_training)
     n = max(len(split), 1)
     return correct / n, loss_sum / n
+
+
+class _Stopwatch:
+    """Accumulated wall and CPU seconds (all threads) of the ``with`` blocks it times.
+
+    CPU seconds are kept because on a shared machine the wall time measures the
+    neighbours too. Set ``sync`` inside a block to wait for queued CUDA work before its end.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.wall = self.cpu = 0.0
+        self.sync = True
+        self._cuda = device.type == "cuda"
+        self._start = (0.0, 0.0)
+
+    def __enter__(self) -> _Stopwatch:
+        self.sync = True
+        self._start = (time.perf_counter(), time.process_time())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._cuda and self.sync:
+            torch.cuda.synchronize()
+        self.wall += time.perf_counter() - self._start[0]
+        self.cpu += time.process_time() - self._start[1]
 
 
 def _device_name(dev: torch.device) -> str:

@@ -1,0 +1,107 @@
+"""The explanation recovers planted structure.
+
+A small CNN is trained on `whylook.synthetic.planted_dataset`: four classes, each defined
+by two known motifs at random places; motif B is shared by the first two classes, and the
+last class comes in two variants that share no motif (H+F or G+I). The generator records
+where every motif went, so the test can check where each prototype lands.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.ndimage import binary_dilation
+
+from whylook.explain import explain
+from whylook.synthetic import PLANTED_CLASSES, planted_dataset
+from whylook.train import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("planted")
+    ds = planted_dataset(n_train=1600, n_test=400, seed=0)
+    path = ds.save_npz(folder / "planted.npz")
+    run = train(f"npz:{path}", "smallcnn", epochs=3, checkpoints=10, batch_size=32,
+                seed=0, out=folder / "run", progress=False)
+    assert run.checkpoints[-1].test_accuracy >= 0.95, "the model must learn the motifs"
+    result = explain(run, k=24, analysis_size=800, progress=False)
+    return ds, result
+
+
+def _landing(ds, result, cls: int, proto: int, motifs, rows=None) -> float:
+    """Fraction of the prototype's grid cells, over the class's samples where it is
+    active, that lie on (or one cell next to) the given motifs. One cell of slack, because
+    a 7x7 cell's features see a neighbourhood larger than the cell."""
+    a = result.arrays
+    h, w = a["assignments"].shape[1:]
+    if rows is None:
+        rows = np.flatnonzero(a["labels"] == cls)
+    rows = rows[a["active"][rows, proto]]
+    on = total = 0
+    for r in rows:
+        cells = a["assignments"][r] == proto
+        src = a["sample_index"][r]
+        mask = np.zeros((h, w), bool)
+        for m in motifs:
+            pix = ds.train.motif_masks[m][src]
+            mask |= pix.reshape(h, pix.shape[0] // h, w, pix.shape[1] // w).any(axis=(1, 3))
+        on += (cells & binary_dilation(mask)).sum()
+        total += cells.sum()
+    return on / max(total, 1)
+
+
+def test_shared_prototypes_land_on_each_class_motifs(planted):
+    ds, result = planted
+    names = list(PLANTED_CLASSES)
+    for c, entry in enumerate(result.data["classes_explained"]):
+        motifs = sorted({m for alt in PLANTED_CLASSES[names[c]] for m in alt})
+        assert entry["shared"], f"class {names[c]} has no shared prototype"
+        for pid in entry["shared"]:
+            frac = _landing(ds, result, c, int(pid[2:]), motifs)
+            assert frac >= 0.5, f"{pid} of class {names[c]} lands on its motifs {frac:.0%}"
+
+
+def test_two_variant_class_gets_specialized_prototypes_for_its_variants(planted):
+    ds, result = planted
+    c = list(PLANTED_CLASSES).index("H+F|G+I")
+    a = result.arrays
+    rows_c = np.flatnonzero(a["labels"] == c)
+    variants = ds.train.variants[a["sample_index"][rows_c]]
+    groups = a["class_groups"][rows_c]
+    entry = result.data["classes_explained"][c]
+    assert entry["specialized"], "the two-variant class has no specialized prototypes"
+    checked = 0
+    for spec in entry["specialized"]:
+        in_group = groups == spec["group"]
+        share = np.bincount(variants[in_group], minlength=2) / in_group.sum()
+        v = int(share.argmax())
+        if share[v] < 0.8:
+            continue  # a group that mixes the variants says nothing about them
+        own = PLANTED_CLASSES["H+F|G+I"][v]
+        other = PLANTED_CLASSES["H+F|G+I"][1 - v]
+        top = int(spec["prototypes"][0][2:])
+        group_rows = rows_c[in_group]
+        assert _landing(ds, result, c, top, own, group_rows) >= 0.5
+        assert _landing(ds, result, c, top, other, group_rows) <= 0.2
+        # It marks the variant: looked at far more often in this variant than the other.
+        act = a["active"][rows_c, top]
+        assert act[variants == v].mean() - act[variants != v].mean() >= 0.25
+        checked += 1
+    assert checked >= 1, "no specialized group corresponds to one variant"
+
+
+def test_explanation_is_well_formed(planted):
+    _, result = planted
+    d = result.data
+    k = d["k"]
+    ids = {p["id"] for p in d["prototypes"]}
+    assert ids == {f"P-{i}" for i in range(k)}
+    for entry in d["classes_explained"]:
+        assert set(entry["shared"]) <= ids
+        assert entry["shared_strength"] == sorted(entry["shared_strength"], reverse=True)
+    # Most prototypes are not uncertain.
+    assert len({u["id"] for u in d["uncertain_prototypes"]}) <= k // 2
+    assert len(d["learning_order"]) == 6
