@@ -18,8 +18,9 @@ injected script even if escaping were bypassed.
 Page size: the gallery shows each prototype's top samples as one strip of 64-px
 thumbnails (PNG or JPEG, whichever is smaller) and the per-class figures are drawn at 80
 dpi, so a 128-prototype, 10-class CIFAR run stays under :data:`PAGE_BUDGET_BYTES` (8 MB;
-asserted by the tests). The page grows by roughly 100-200 KB per class and 10-20 KB per
-prototype.
+asserted by the tests). Measured: 3.5 MB for a synthetic K=128, 10-class 32×32 RGB run;
+2.4 MB for ``whylook demo`` (MNIST, K=32). The page grows by roughly 100-200 KB per
+class and 10-20 KB per prototype.
 """
 
 from __future__ import annotations
