@@ -26,6 +26,7 @@ export PYTHONUNBUFFERED=1 WHYLOOK_PROGRESS=0
 [[ -f .gpu-data/cifar10-jpg.zip ]] && export WHYLOOK_CIFAR_ZIP="$PWD/.gpu-data/cifar10-jpg.zip"
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET_S:-470}   # seconds for all settings together: 8 minutes, less start-up
+mkdir -p "${OUT:-/tmp}"
 
 "$PY" - <<'EOF'
 import torch

@@ -246,7 +246,11 @@ def run_setting(
     runs: Path = ROOT / "runs" / "paper",
     pair: str = "auto",
 ) -> dict[str, Any]:
-    """Run one setting end to end and write its results; returns them."""
+    """Run one setting end to end and write its results; returns them.
+
+    The results are written after the fine-tuning and again at the end, so a run cut
+    short by a time limit still leaves its fine-tuning table behind.
+    """
     from whylook.compare import compare
     from whylook.finetune import finetune
 
@@ -265,15 +269,7 @@ def run_setting(
     ft = finetune(run_a, pair=chosen, seeds=n_seeds, device=device)
     timings["finetune"] = round(time.perf_counter() - t0, 1)
     print(ft.table(), flush=True)
-
-    run_b, exp_b = _run(setting, scale, base / "seed1", 1, device, timings)
-    t0 = time.perf_counter()
-    cmp = compare(run_a, run_b, device=device)
-    timings["compare"] = round(time.perf_counter() - t0, 1)
-    print(cmp.summary(), flush=True)
-    timings["total_this_call"] = round(time.perf_counter() - t_all, 1)
-
-    result = {
+    result: dict[str, Any] = {
         "setting": name,
         "scale": scale_name,
         "scale_settings": asdict(scale),
@@ -281,10 +277,7 @@ def run_setting(
         "data": setting.data.replace(str(ROOT.parent), ".."),
         "model": setting.model,
         "device": str(ft.settings["device"]),
-        "final_test_accuracy": {
-            "a": run_a.checkpoints[-1].test_accuracy,
-            "b": run_b.checkpoints[-1].test_accuracy,
-        },
+        "final_test_accuracy": {"a": run_a.checkpoints[-1].test_accuracy, "b": None},
         "train_seconds_per_epoch": run_a.manifest.get("measured", {}).get("seconds_per_epoch"),
         "explanation": {
             "k": exp_a.k,
@@ -296,13 +289,13 @@ def run_setting(
             ],
             "learning_order_correlation": {
                 "a": exp_a.data["learning_order_correlation"],
-                "b": exp_b.data["learning_order_correlation"],
+                "b": None,
             },
             "learning_order_first": [p["pair"] for p in exp_a.data["learning_order"][:5]],
             "learning_order_last": [p["pair"] for p in exp_a.data["learning_order"][-5:]],
         },
         "finetune": ft.to_json(),
-        "compare": cmp.data,
+        "compare": None,
         "paper": {
             "title": setting.paper_title,
             "pair": list(setting.paper_pair),
@@ -310,18 +303,33 @@ def run_setting(
         },
         "timings_seconds": timings,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"{name}-{scale_name}"
-    # The per-seed confusion matrices of compare are large and live in the run folder.
-    slim = json.loads(json.dumps(result))
-    slim["compare"]["confusion"] = {
-        k: v for k, v in slim["compare"]["confusion"].items() if k not in {"a", "b"}
-    }
-    slim["compare"]["matching"]["pairs"] = slim["compare"]["matching"]["pairs"][:10]
-    stem.with_suffix(".json").write_text(json.dumps(slim, indent=2, sort_keys=True) + "\n")
-    stem.with_suffix(".md").write_text(markdown(slim) + "\n")
-    _log(f"wrote {stem}.json and .md")
+    _write(stem, result)
+
+    run_b, exp_b = _run(setting, scale, base / "seed1", 1, device, timings)
+    t0 = time.perf_counter()
+    cmp = compare(run_a, run_b, device=device)
+    timings["compare"] = round(time.perf_counter() - t0, 1)
+    print(cmp.summary(), flush=True)
+    timings["total_this_call"] = round(time.perf_counter() - t_all, 1)
+    result["final_test_accuracy"]["b"] = run_b.checkpoints[-1].test_accuracy
+    result["explanation"]["learning_order_correlation"]["b"] = exp_b.data[
+        "learning_order_correlation"
+    ]
+    # The confusion matrices and the full matching live in RUN_A/compare; keep the summary.
+    slim = json.loads(json.dumps(cmp.data))
+    slim["confusion"] = {k: v for k, v in slim["confusion"].items() if k not in {"a", "b"}}
+    slim["matching"]["pairs"] = slim["matching"]["pairs"][:10]
+    result["compare"] = slim
+    _write(stem, result)
     return result
+
+
+def _write(stem: Path, result: dict[str, Any]) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result) + "\n")
+    _log(f"wrote {stem}.json and .md")
 
 
 def _pm(mean: float | None, std: float | None, digits: int = 2) -> str:
@@ -332,6 +340,10 @@ def _pm(mean: float | None, std: float | None, digits: int = 2) -> str:
 
 def _num(x: float | None, fmt: str = "+.3f") -> str:
     return "n/a" if x is None else format(x, fmt)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
 def _pairs(pairs: list[list[str]]) -> str:
@@ -351,8 +363,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"checkpoints, K = {r['explanation']['k']} at `{r['explanation']['layer']}` "
         f"({r['explanation']['grid'][0]}×{r['explanation']['grid'][1]}), analysis set "
         f"{sc['analysis_size']}, {r['seeds']} fine-tuning seeds, device {r['device']}. "
-        f"Final test accuracy of run A {100 * r['final_test_accuracy']['a']:.2f}%, run B "
-        f"{100 * r['final_test_accuracy']['b']:.2f}%.",
+        f"Final test accuracy of run A {_pct(r['final_test_accuracy']['a'])}, run B "
+        f"{_pct(r['final_test_accuracy']['b'])}.",
         "",
         f"Pair: {ft['pair_reason']}. {ft['curated']['description']}.",
         "",
@@ -380,29 +392,35 @@ def markdown(r: dict[str, Any]) -> str:
             f"{_num(acc['p_value'], '.3g')}).",
         ]
     lo = r["explanation"]["learning_order_correlation"]
+    lo_b = lo["b"] or {"spearman": None, "p_value": None}
     lines += [
         "",
         f"Learning order (Spearman of pair distinctness vs. separation checkpoint; negative = "
         f"more distinct pairs separated first): run A ρ = {_num(lo['a']['spearman'])} "
         f"(p = {_num(lo['a']['p_value'], '.3g')}, {lo['a']['n_pairs']} pairs), run B ρ = "
-        f"{_num(lo['b']['spearman'])} (p = {_num(lo['b']['p_value'], '.3g')}). First "
+        f"{_num(lo_b['spearman'])} (p = {_num(lo_b['p_value'], '.3g')}). First "
         f"separated in A: {_pairs(r['explanation']['learning_order_first'])}; last: "
         f"{_pairs(r['explanation']['learning_order_last'])}.",
         "",
-        f"Seed comparison (A vs. B, data order only): {cmp['matching']['n_matched']} of "
-        f"{cmp['matching']['k_a']} prototypes matched (IoU ≥ {cmp['matching']['min_iou']}, mean "
-        f"IoU {cmp['matching']['mean_iou']:.2f}); β-trajectory correlation of matched "
-        f"prototypes {_num(cmp['beta']['mean'])} (arbitrary pairs "
-        f"{_num(cmp['beta']['baseline_mean'])}); strategy difference "
-        f"{_num(cmp['strategy_difference']['value'], '.3f')} (random matching "
-        f"{_num(cmp['strategy_difference']['random_matching'], '.3f')}); shared-prototype "
-        f"Jaccard {_num(cmp['shared_prototypes']['mean_jaccard'], '.2f')}; test-error "
-        f"difference (off-diagonal L1) {cmp['confusion']['l1']:.2f} with per-pair Spearman "
-        f"{_num(cmp['confusion']['pair_spearman'])}; learning-order agreement ρ = "
-        f"{_num(cmp['learning_order']['spearman'])}.",
-        "",
-        "Wall time (s): " + ", ".join(f"{k} {v}" for k, v in r["timings_seconds"].items()) + ".",
     ]
+    if cmp is None:
+        lines.append("Seed comparison: not run yet (run B or the comparison did not finish).")
+    else:
+        m = cmp["matching"]
+        lines.append(
+            f"Seed comparison (A vs. B, data order only): {m['n_matched']} of {m['k_a']} "
+            f"prototypes matched (IoU ≥ {m['min_iou']}, mean IoU {m['mean_iou']:.2f}); "
+            f"β-trajectory correlation of matched prototypes {_num(cmp['beta']['mean'])} "
+            f"(arbitrary pairs {_num(cmp['beta']['baseline_mean'])}); strategy difference "
+            f"{_num(cmp['strategy_difference']['value'], '.3f')} (random matching "
+            f"{_num(cmp['strategy_difference']['random_matching'], '.3f')}); shared-prototype "
+            f"Jaccard {_num(cmp['shared_prototypes']['mean_jaccard'], '.2f')}; test-error "
+            f"difference (off-diagonal L1) {cmp['confusion']['l1']:.2f} with per-pair Spearman "
+            f"{_num(cmp['confusion']['pair_spearman'])}; learning-order agreement ρ = "
+            f"{_num(cmp['learning_order']['spearman'])}."
+        )
+    timings = ", ".join(f"{k} {v}" for k, v in r["timings_seconds"].items())
+    lines += ["", f"Wall time (s): {timings}."]
     return "\n".join(lines)
 
 

@@ -34,13 +34,19 @@ EXPECTED_LAYER = {
 def test_forward_and_default_prototype_layer(name: str, shape: tuple[int, int, int]) -> None:
     model = build_model(name, num_classes=10, in_channels=shape[0], image_size=shape[1:])
     layer, mnist_shape, cifar_shape = EXPECTED_LAYER[name]
+    expected = mnist_shape if shape[0] == 1 else cifar_shape
     assert default_layer(model) == layer
-    assert layer_shape(model, layer, shape) == (mnist_shape if shape[0] == 1 else cifar_shape)
+    # One batch-2 forward checks the logits and the layer's map (the big models are slow).
+    seen = []
+    get_layer(model, layer).register_forward_hook(lambda m, i, out: seen.append(out.shape))
     model.eval()
     with torch.no_grad():
         logits = model(torch.rand(2, *shape))
     assert logits.shape == (2, 10)
     assert torch.isfinite(logits).all()
+    assert seen == [(2, *expected)]
+    if name in {"smallcnn", "resnet18"}:
+        assert layer_shape(model, layer, shape) == expected
 
 
 def test_built_in_models_normalise_inside_and_keep_it_in_the_state_dict() -> None:

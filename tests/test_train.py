@@ -3,6 +3,7 @@ bad CLI input (one ``error:`` line, exit 2, no run folder left behind)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from pathlib import Path
@@ -11,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-import whylook.train as train_mod
 from whylook import _io
 from whylook.cli import main
 from whylook.data import DataSource, load_data
@@ -20,6 +20,9 @@ from whylook.models import build_model
 from whylook.run import INCOMPLETE_MARKER, RunFolder
 from whylook.schedule import checkpoint_steps
 from whylook.train import evaluate, train
+
+# whylook.train is the function (re-exported by the package); this is the module.
+train_mod = importlib.import_module("whylook.train")
 
 # 20 digits per class: 200 training images, batches of 50 -> 4 steps per epoch, 8 in all.
 TINY = {"epochs": 2, "checkpoints": 4, "batch_size": 50, "device": "cpu", "progress": False}

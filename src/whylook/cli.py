@@ -142,8 +142,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         default="full>full,curated>curated,curated>full,full,curated",
         help="comma-separated strategies (A>B = one epoch on A, then one on B)",
     )
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
+    p.add_argument("--lr", type=float, default=None, help="default: the run's training rate")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(handler=_cmd_finetune)
 
@@ -167,14 +167,20 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="compare the strategies of two runs")
     p.add_argument("run_a", type=Path)
     p.add_argument("run_b", type=Path)
-    p.add_argument("--out", type=Path, default=None, help="write comparison.json here")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="a .json file or a folder for compare.json (default: RUN_A/compare/<RUN_B>.json)",
+    )
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(handler=_cmd_compare)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from whylook.compare import compare
 
-    result = compare(args.run_a, args.run_b, out=args.out)
+    result = compare(args.run_a, args.run_b, out=args.out, device=args.device)
     print(result.summary())
     return 0
 

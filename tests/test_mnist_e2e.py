@@ -1,0 +1,97 @@
+"""Real MNIST end to end: train on the full 60k, explain, and check the result."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from whylook.cli import main
+from whylook.explain import load_explanation
+
+pytestmark = pytest.mark.slow
+
+CONTRACT = {  # METHOD's output contract: name -> (dtype, shape as a function of T1, n, h, w, K, M)
+    "sample_index": ("int64", lambda t1, n, h, w, k, m: (n,)),
+    "labels": ("int64", lambda t1, n, h, w, k, m: (n,)),
+    "assignments": ("int16", lambda t1, n, h, w, k, m: (n, h, w)),
+    "saliency": ("float32", lambda t1, n, h, w, k, m: (t1, n, h, w)),
+    "intensity": ("float32", lambda t1, n, h, w, k, m: (t1, n, k)),
+    "confidence": ("float32", lambda t1, n, h, w, k, m: (t1, n, m)),
+    "beta": ("float32", lambda t1, n, h, w, k, m: (t1 - 1, k, m)),
+    "groups": ("int16", lambda t1, n, h, w, k, m: (t1 - 1, n)),
+}
+
+
+@pytest.fixture(scope="module")
+def mnist_run(tmp_path_factory, request):
+    mnist = request.getfixturevalue("mnist_npz")
+    out = tmp_path_factory.mktemp("mnist") / "run"
+    assert main(["train", "--data", f"npz:{mnist}", "--epochs", "1", "--checkpoints", "10",
+                 "--out", str(out)]) == 0
+    assert main(["explain", str(out), "--analysis-size", "2000"]) == 0
+    return out
+
+
+def test_explanation_follows_the_output_contract(mnist_run):
+    exp = load_explanation(mnist_run)
+    d = exp.data
+    raw = json.loads((mnist_run / "analysis" / "explanation.json").read_text())
+    assert raw == d
+    assert d["schema"] == "whylook.explanation/1"
+    assert d["classes"] == [str(i) for i in range(10)]
+    t1, k, m = len(d["checkpoints"]), d["k"], 10
+    assert k == 32  # the paper's K for MNIST
+    h, w = d["grid"]
+    n = d["settings"]["analysis_size"]
+    for name, (dtype, shape) in CONTRACT.items():
+        arr = exp.arrays[name]
+        assert arr.dtype == np.dtype(dtype), name
+        assert arr.shape == shape(t1, n, h, w, k, m), name
+    steps = [c["step"] for c in d["checkpoints"]]
+    assert steps[0] == 0
+    assert steps == sorted(steps)
+    assert [p["id"] for p in d["prototypes"]] == [f"P-{i}" for i in range(k)]
+    for p in d["prototypes"]:
+        assert set(p["active_rate_by_class"]) == set(d["classes"])
+    for u in d["uncertain_prototypes"]:
+        assert len(u["classes"]) == 2
+        assert u["swings"] >= 2
+        assert len(u["steps"]) == u["swings"]
+    assert len(d["learning_order"]) == 45
+    assert set(d["learning_order_correlation"]) >= {"spearman", "p_value"}
+    # Rows of the analysis set are rows of the real training split, with their labels.
+    with np.load(_mnist_path(mnist_run)) as z:
+        assert (z["y_train"][exp.arrays["sample_index"]] == exp.arrays["labels"]).all()
+    # The model learned: the final checkpoint is accurate on the analysis set.
+    final = exp.arrays["confidence"][-1].argmax(1)
+    assert (final == exp.arrays["labels"]).mean() > 0.95
+
+
+def _mnist_path(run):
+    spec = json.loads((run / "run.json").read_text())["data"]
+    return spec.split(":", 1)[1]
+
+
+def test_every_digit_has_shared_prototypes(mnist_run):
+    d = load_explanation(mnist_run).data
+    missing = [c["class"] for c in d["classes_explained"] if not c["shared"]]
+    assert not missing, f"digits without shared prototypes: {missing}"
+
+
+def test_uncertain_prototypes_sit_on_pairs_the_model_confuses(mnist_run):
+    exp = load_explanation(mnist_run)
+    d = exp.data
+    unc = d["uncertain_prototypes"]
+    assert unc, "no uncertain prototype found"
+    # Most prototypes are not uncertain: the decisions separate signal from noise.
+    assert len({u["id"] for u in unc}) <= d["k"] // 2
+    conf = exp.arrays["confusion"][1:].sum(axis=0)  # every checkpoint after initialisation
+    pair_conf = conf + conf.T
+    names = d["classes"]
+    flagged = {tuple(sorted(names.index(c) for c in u["classes"])) for u in unc}
+    flagged_mean = np.mean([pair_conf[a, b] for a, b in flagged])
+    all_mean = np.mean([pair_conf[a, b] for a in range(10) for b in range(a + 1, 10)])
+    assert all(pair_conf[a, b] > 0 for a, b in flagged)
+    assert flagged_mean > all_mean
