@@ -116,13 +116,19 @@ def main() -> None:
     parser.add_argument("--resnet-warmup", type=int, default=2)
     parser.add_argument("--resnet-full", action="store_true", help="train one real epoch")
     parser.add_argument("--skip", choices=["smallcnn", "resnet50"], default=None)
-    parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="raw results (default: benchmarks/results/train-mnist-DEVICE.json)",
+    )
     args = parser.parse_args()
 
     results: dict = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
+        "load_before": os.getloadavg(),  # the machine may be shared: wall times depend on it
     }
     with tempfile.TemporaryDirectory() as tmp:
         if args.skip != "smallcnn":
@@ -152,8 +158,9 @@ def main() -> None:
             print(json.dumps(results["resnet50"]), flush=True)
     results["load_after"] = os.getloadavg()
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    target = args.json or Path(__file__).parent / "results" / f"train-mnist-{args.device}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,13 +18,13 @@ def _shared_file(name: str) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def mnist_npz() -> Path:
     """The full real MNIST (60k/10k) as a Keras-style npz."""
     return _shared_file("mnist.npz")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cifar_zip() -> Path:
     """The real CIFAR-10 (50k/10k) as a zipped image-folder tree of JPEGs."""
     return _shared_file("cifar10-jpg.zip")

@@ -99,15 +99,21 @@ def test_uncertain_prototype_swings_beyond_noise_only():
     labels, mass, conf, beta, se, groups = _base()
     both = (labels == 0) | (labels == 1)
     mass[both, 3] = 0.3
-    # P-3 favours a, then b, then a, then b: three swings at transitions 1, 2, 3.
-    beta[:, 3, 0] = [1.0, -1.0, 1.0, -1.0]
-    beta[:, 3, 1] = [-1.0, 1.0, -1.0, 1.0]
+    # The accumulated lead of a over b is +2, -2, +2, -2: P-3 favours a, then b, then a,
+    # then b, three swings, seen at checkpoints 2, 3 and 4.
+    beta[:, 3, 0] = [1.0, -2.0, 2.0, -2.0]
+    beta[:, 3, 1] = [-1.0, 2.0, -2.0, 2.0]
     s = _run(labels, mass, conf, beta, se, groups)
     assert len(s.uncertain) == 1
     u = s.uncertain[0]
     assert (u.id, u.classes, u.swings) == ("P-3", ("a", "b"), 3)
     assert u.checkpoints == (2, 3, 4)
     assert u.steps == (10, 100, 1000)
+    # Per-transition flips whose accumulated lead never changes side are not swings.
+    beta_steady = beta.copy()
+    beta_steady[:, 3, 0] = [1.0, -1.0, 1.0, -1.0]
+    beta_steady[:, 3, 1] = [-1.0, 1.0, -1.0, 1.0]
+    assert _run(labels, mass, conf, beta_steady, se, groups).uncertain == ()
     # The same pattern inside the noise is not a swing.
     se_noisy = np.full_like(se, 5.0)
     assert _run(labels, mass, conf, beta, se_noisy, groups).uncertain == ()
@@ -116,8 +122,8 @@ def test_uncertain_prototype_swings_beyond_noise_only():
 def test_uncertain_needs_the_prototype_in_both_classes():
     labels, mass, conf, beta, se, groups = _base()
     mass[labels == 0, 3] = 0.3  # only in class a
-    beta[:, 3, 0] = [1.0, -1.0, 1.0, -1.0]
-    beta[:, 3, 1] = [-1.0, 1.0, -1.0, 1.0]
+    beta[:, 3, 0] = [1.0, -2.0, 2.0, -2.0]
+    beta[:, 3, 1] = [-1.0, 2.0, -2.0, 2.0]
     assert _run(labels, mass, conf, beta, se, groups).uncertain == ()
 
 

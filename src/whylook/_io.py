@@ -13,7 +13,9 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -114,13 +116,15 @@ def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             ) from None
     if path.suffix in {".pt", ".pth", ".bin", ".ckpt"}:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            # torch warns about odd pickles (protocol 4, legacy format) before refusing or
+            # loading them; the outcome is reported here in one line, without its noise.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise WhylookError(
-                f"checkpoint {path} cannot be loaded safely ({first[:160]}); if you trust it, "
-                "convert it once with: python -c \"import torch, safetensors.torch as s; "
-                "s.save_file(torch.load('IN.pt', weights_only=False), 'OUT.safetensors')\""
+                f"checkpoint {path} cannot be loaded safely ({_unsafe_reason(exc)}); if you "
+                f"trust it, convert it once with: {CONVERT_COMMAND}"
             ) from None
         if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(
             obj["state_dict"], Mapping
@@ -136,8 +140,36 @@ def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         return dict(obj)
     raise WhylookError(
         f"checkpoint {path} has an unknown extension {path.suffix!r}; use .safetensors, "
-        ".pt or .pth"
+        ".pt, .pth, .bin or .ckpt"
     )
+
+
+#: What the user can run, on a checkpoint they trust, to turn a pickle that whylook refuses
+#: (a whole model, a training-state dict, tied weights) into a plain safetensors file.
+CONVERT_COMMAND = (
+    "python -c \"import torch, safetensors.torch as s; m = torch.load('IN.pt', "
+    "weights_only=False); m = m.state_dict() if hasattr(m, 'state_dict') else "
+    "m.get('state_dict', m); s.save_file({k: v.detach().clone().contiguous() for k, v in "
+    "m.items()}, 'OUT.safetensors')\""
+)
+
+
+def _unsafe_reason(exc: BaseException) -> str:
+    """Why torch's weights-only loader refused a file, in a few words.
+
+    torch's message runs over many lines (with terminal colour codes) and mostly advises
+    loading with ``weights_only=False``, which is exactly what must not happen to a file
+    from an unknown source.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if named:
+        return f"it holds a pickled reference to {named[1]}, which loading would import and call"
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if detail:
+        return f"not a weights-only pickle: {detail[1].strip()[:120]}"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return first[:160] or type(exc).__name__
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:

@@ -10,10 +10,22 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from whylook.errors import WhylookError
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors keep the CLI's contract: one ``error:`` line, exit 2.
+
+    argparse's default prints the usage block first, so a bad option (``--k 1``) would
+    look different from every other bad input.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {' '.join(message.split())}; see '{self.prog} --help'\n")
 
 
 def _k_value(text: str) -> int | str:
@@ -215,7 +227,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="whylook",
         description="Why does your classifier look there? Structured explanations from "
         "training checkpoints (I2X).",

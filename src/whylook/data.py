@@ -287,6 +287,11 @@ def _validate(spec: str, classes: tuple[str, ...], train: Split, test: Split) ->
     m = len(classes)
     if m < 2:
         raise WhylookError(f"{spec} has {m} class; a classifier needs at least 2 classes")
+    if len(set(classes)) != m:
+        # Results are keyed by class name (explanation.json, reports): two equal names
+        # would silently merge two classes.
+        twice = next(c for i, c in enumerate(classes) if c in classes[:i])
+        raise WhylookError(f"{spec}: class name {twice!r} is used twice; give each class its own")
     if len(train) == 0 or len(test) == 0:
         which = "train" if len(train) == 0 else "test"
         raise WhylookError(f"{spec} has no {which} images; add images to the {which} split")
@@ -445,11 +450,26 @@ def _load_folder(path: Path, limit: int | None) -> tuple[tuple[str, ...], Split,
         raise WhylookError(f"folder:{path} is neither a folder nor a zip archive")
     try:
         with zipfile.ZipFile(path) as zf:
-            # Each member yields at most its declared size (CRC-checked), so the size
-            # check in _safe_zip_names bounds what is read.
-            return _load_tree(path, _safe_zip_names(path, zf), zf.read, limit)
+            names = _safe_zip_names(path, zf)
+            return _load_tree(path, names, lambda name: _read_member(zf, name), limit)
     except (zipfile.BadZipFile, OSError) as exc:
         raise WhylookError(f"zip {path} is unreadable ({exc}); re-create the archive") from None
+
+
+def _read_member(zf: zipfile.ZipFile, name: str) -> bytes:
+    """A member's bytes, never more than its declared size.
+
+    ``ZipFile.read`` inflates a member whole before it compares the result with the
+    declared size, so a member that understates its size (to pass the check in
+    _safe_zip_names) would still expand ~1000x in memory. A read bounded by the declared
+    size stops inflating there, and the CRC check then fails (BadZipFile).
+    """
+    info = zf.getinfo(name)
+    with zf.open(info) as fh:
+        data = fh.read(info.file_size + 1)
+    if len(data) > info.file_size:
+        raise zipfile.BadZipFile(f"member {name!r} is larger than it declares")
+    return data
 
 
 def _load_tree(
@@ -578,7 +598,9 @@ def _decode_image(data: bytes | Path, name: str, fast: bool) -> np.ndarray:
                 return np.asarray(im.convert("L"))[None]
             return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise WhylookError(f"image {name} cannot be decoded ({exc}); fix or remove it") from None
+        # PIL's UnidentifiedImageError names the in-memory buffer (an address), not the file.
+        reason = "not an image format PIL reads" if isinstance(exc, UnidentifiedImageError) else exc
+        raise WhylookError(f"image {name} cannot be decoded ({reason}); fix or remove it") from None
 
 
 def _stack(decoded: list[np.ndarray], names: list[str], path: Path) -> np.ndarray:

@@ -444,8 +444,10 @@ def fit_class_mapping(
             if rows.size < 3:
                 continue
             for t in range(t_count):
-                fit = ridge_fit(dp[t, rows], dy[t, rows, c:c + 1], lam=lam, alphas=alphas,
-                                n_boot=n_boot, seed=[seed, t, 1000 + c])
+                # _ridge_fit, not ridge_fit: BLAS is already limited above, and setting up
+                # threadpool_limits per call (T*M times) cost ~10 ms each, as much as the fits.
+                fit = _ridge_fit(dp[t, rows], dy[t, rows, c:c + 1], lam=lam, alphas=alphas,
+                                 n_boot=n_boot, seed=[seed, t, 1000 + c])
                 beta[t, :, c] = fit.beta[:, 0]
                 se[t, :, c] = fit.beta_se[:, 0]
                 lambdas[t, c] = fit.lam

@@ -27,7 +27,7 @@ import itertools
 import os
 import platform
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +96,7 @@ class RunFolder:
             if (path / INCOMPLETE_MARKER).exists():
                 raise WhylookError(
                     f"run folder {path} is incomplete (its training or import stopped before "
-                    "the end); delete it and run the command again"
+                    "the end); run that command again with the same --out to redo it"
                 )
             raise WhylookError(
                 f"{path} is not a whylook run folder (no run.json); create one with "
@@ -351,7 +351,9 @@ def prepare_out(out: str | os.PathLike[str]) -> Path:
             raise WhylookError(
                 f"--out {out} already holds a run; choose a new --out or delete that folder"
             )
-        leftovers = {p.name for p in out.iterdir()}
+        # A lone lock file is ours: a command killed between taking the lock and marking
+        # the folder incomplete leaves it behind (see creating_run).
+        leftovers = {p.name for p in out.iterdir()} - {_LOCK_NAME}
         if leftovers and INCOMPLETE_MARKER not in leftovers:
             raise WhylookError(
                 f"--out {out} exists and is not empty; choose a new folder for the run"
@@ -369,10 +371,12 @@ def creating_run(out: Path) -> Iterator[Path]:
     existed = out.exists()
     with _io.run_lock(out):
         try:
-            _clear(out, keep=_LOCK_NAME)  # leftovers of a killed attempt (see prepare_out)
+            # Mark the folder before clearing the leftovers of a killed attempt (see
+            # prepare_out): a kill while clearing must still leave a folder marked as ours.
             (out / INCOMPLETE_MARKER).write_text(
                 "whylook is writing this run folder, or was stopped while doing so\n"
             )
+            _clear(out, keep={_LOCK_NAME, INCOMPLETE_MARKER})
             yield out
             (out / INCOMPLETE_MARKER).unlink()
         except BaseException:
@@ -383,9 +387,9 @@ def creating_run(out: Path) -> Iterator[Path]:
             raise
 
 
-def _clear(folder: Path, keep: str | None = None) -> None:
+def _clear(folder: Path, keep: Set[str] = frozenset()) -> None:
     for child in folder.iterdir():
-        if child.name == keep:
+        if child.name in keep:
             continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)

@@ -24,8 +24,12 @@ reads β separates signal from noise with the bootstrap standard errors of Step 
   least ``shared_rate`` of the group and at least ``specialized_margin`` less often in the
   rest of ``c``, with a Fisher exact test below ``specialized_p``.
 * **uncertain** prototypes – for a prototype active in both classes of a pair, the class
-  it significantly favours (``|β_a − β_b| / se ≥ z_threshold``) changes at least
-  ``min_swings`` times across the transitions.
+  it significantly favours changes at least ``min_swings`` times across the checkpoints.
+  It favours ``a`` at checkpoint t when its support accumulated so far,
+  ``Σ_{s<t} (β^s[k, a] − β^s[k, b])``, is at least ``z_threshold`` bootstrap standard
+  errors above zero (and ``b`` when below). Per-transition coefficients flip sign often as
+  co-occurring prototypes trade weight; only a flip of the accumulated lead is a
+  sustained change of which class the prototype serves.
 * **learning order** – a pair (a, b) is separated at the first checkpoint from which its
   pairwise accuracy (the true class scores above the other class of the pair) stays at or
   above ``1 − separation_tolerance``. Pairwise accuracy rather than raw confusion counts,
@@ -395,9 +399,14 @@ def _uncertain(
     for p in range(k):
         used = np.flatnonzero(active_rate[p] >= settings.uncertain_min_rate)
         for a, b in combinations(used.tolist(), 2):
-            diff = beta[:, p, a] - beta[:, p, b]
-            with np.errstate(invalid="ignore"):
-                z = diff / np.sqrt(se[:, p, a] ** 2 + se[:, p, b] ** 2)
+            # The lead of a over b in the support accumulated up to each checkpoint, in
+            # units of its bootstrap standard error. Per-transition coefficients flip sign
+            # all the time as co-occurring prototypes trade weight; a flip of the
+            # accumulated lead is a sustained change of which class the prototype serves.
+            lead = np.cumsum(beta[:, p, a] - beta[:, p, b])
+            lead_se = np.sqrt(np.cumsum(se[:, p, a] ** 2 + se[:, p, b] ** 2))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                z = lead / lead_se
             z = np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
             favoured = np.where(z >= settings.z_threshold, a,
                                 np.where(z <= -settings.z_threshold, b, -1))

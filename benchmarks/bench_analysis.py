@@ -1,0 +1,887 @@
+"""Analysis-performance benchmark: whylook's saliency stage and ``whylook explain`` against
+Captum, pytorch-grad-cam and the floor, in one run, with ratios.
+
+Usage::
+
+    python benchmarks/bench_analysis.py              # full (CPU: ~10 min + a one-off training)
+    python benchmarks/bench_analysis.py --quick      # small sizes, ~2-3 min
+    python benchmarks/bench_analysis.py --threads 1  # the same thread count for everything
+    python benchmarks/bench_analysis.py --model resnet50 --device cuda   # see gpu_bench.sh
+
+Data: ``npz:../shared/data/mnist.npz`` beside the checkout when present, else ``mnist5k``
+(``--data`` overrides). The checkpoints come from one ``whylook.train`` run (1 epoch, 24
+checkpoints on the log schedule), trained once into ``--runs-dir`` (default
+``/tmp/whylook-bench-runs``) and reused; subsets of its checkpoints (hard links) give the
+12- and 3-checkpoint runs.
+
+What is measured (all in one process unless said otherwise, on the same model, data,
+checkpoints, batch size and threads; every contender is warmed up once, contenders are
+interleaved and rotated, and medians of ``--repeats`` are reported):
+
+1. **Saliency stage** in sample-checkpoints per second over T+1 checkpoints x n samples,
+   models already loaded:
+
+   * ``whylook``: :func:`whylook.grad_cam` (raw Grad-CAM + softmax confidences, numpy out).
+   * ``floor``: per batch, the bare forward pass of the whole model with frozen parameters,
+     the layer's output replaced by a leaf that requires grad, and one
+     ``torch.autograd.grad`` of the summed true-class logits w.r.t. that leaf: the backward
+     runs from the logits to the layer's output and no further, with no parameter
+     gradients. No CAM, no softmax, no copy off the device. Measured in both memory layouts
+     (NCHW and NHWC); the faster one is *the* floor.
+   * ``captum``: ``captum.attr.LayerGradCam(model, layer).attribute(x, target=y,
+     relu_attributions=True)``, with the logits caught by a forward hook (no second pass)
+     for the softmax: the same two outputs as whylook. ``captum (NHWC model)`` is the same
+     after ``model.to(memory_format=torch.channels_last)``, the layout whylook uses on CPU.
+   * ``grad-cam``: ``pytorch_grad_cam.GradCAM`` with ``ClassifierOutputTarget`` per sample;
+     confidences from ``cam.outputs``. It also upsamples and min-max normalises each map
+     (part of what the package does).
+
+2. **``whylook explain`` end to end** (fresh cache), broken down by stage by timing the
+   functions explain calls (anything not covered is "other"), against the floor for the
+   same T+1 checkpoints and n samples, measured before and after it. Also a rerun with all
+   shards cached.
+
+3. **Peak memory of the prototype stage** at two prototype-set sizes (10k and 60k images, 6x),
+   each in a fresh subprocess: explain on a 3-checkpoint run with a small analysis set and
+   ``--prototype-size P``; growth = peak RSS (VmHWM, reset just before) minus the RSS just
+   before explain (data and model already loaded).
+
+4. **Scaling**: explain at (n, T+1), (2n, T+1) and (n, 2(T+1)); exponents
+   ``log2(t(2x) / t(x))`` (1.0 = linear) for explain and for its saliency stage.
+
+Writes ``benchmarks/results/analysis-<model>-<device>[-quick].json`` and ``.md`` (the
+tables) and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
+sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
+
+import whylook  # noqa: E402
+from whylook.run import RunFolder  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much of everything one benchmark run uses."""
+
+    limit_per_class: int | None  # training data per class (None: all)
+    train_checkpoints: int  # checkpoints of the trained run (subsets are taken from it)
+    saliency_checkpoints: int  # T+1 for the saliency comparison and the main explain
+    saliency_n: int  # samples of the saliency comparison
+    explain_n: int  # analysis set of the main explain (= 2 * scaling_n)
+    scaling_n: int
+    proto_sizes: tuple[int, int]  # prototype-set sizes of the memory test (6x apart)
+    memory_analysis_n: int
+    repeats: int
+
+
+FULL = Sizes(None, 24, 12, 1000, 2000, 1000, (10_000, 60_000), 200, 3)
+QUICK = Sizes(300, 8, 4, 256, 256, 128, (300, 1_800), 60, 2)
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_info(threads: int, device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu": cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "whylook": whylook.__version__,
+        "device": str(device),
+        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    for mod in ("captum", "pytorch_grad_cam", "sklearn"):
+        try:
+            module = __import__(mod)
+            info[mod] = getattr(module, "__version__", "?")
+        except ImportError:
+            info[mod] = None
+    return info
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def default_data() -> str:
+    return f"npz:{SHARED_MNIST}" if SHARED_MNIST.is_file() else "mnist5k"
+
+
+def ensure_run(data: str, model: str, sizes: Sizes, runs_dir: Path, device: str) -> RunFolder:
+    """The benchmark's trained run (trained once, then reused)."""
+    from whylook.data import load_data
+    from whylook.train import train
+
+    tag = "".join(c if c.isalnum() else "-" for c in data.rsplit("/", 1)[-1])
+    path = runs_dir / f"{model}-{tag}-l{sizes.limit_per_class}-c{sizes.train_checkpoints}"
+    if (path / "run.json").is_file():
+        return RunFolder.open(path)
+    if path.exists():
+        shutil.rmtree(path)  # an interrupted training
+    print(f"training the benchmark run into {path} (once; reused afterwards) ...", flush=True)
+    start = time.perf_counter()
+    source = load_data(data, limit_per_class=sizes.limit_per_class)
+    run = train(source, model, epochs=1, checkpoints=sizes.train_checkpoints, out=path,
+                device=device, progress=False)
+    print(f"  trained in {time.perf_counter() - start:.0f} s", flush=True)
+    return run
+
+
+def spread(count: int, total: int) -> list[int]:
+    """``count`` checkpoint indices spread evenly over ``total``, both ends included."""
+    return sorted({round(float(x)) for x in np.linspace(0, total - 1, count)})
+
+
+def subset_run(run: RunFolder, indices: Sequence[int], dst: Path) -> RunFolder:
+    """A run folder holding only the checkpoints ``indices`` of ``run`` (hard links)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    (dst / "checkpoints").mkdir(parents=True)
+    manifest = json.loads((run.path / "run.json").read_text())
+    records = []
+    for new, old in enumerate(indices):
+        record = dict(manifest["checkpoints"][old])
+        src = run.path / record["file"]
+        record["index"], record["file"] = new, f"checkpoints/ckpt-{new:04d}.safetensors"
+        try:
+            os.link(src, dst / record["file"])
+        except OSError:
+            shutil.copyfile(src, dst / record["file"])
+        records.append(record)
+    manifest["checkpoints"] = records
+    (dst / "run.json").write_text(json.dumps(manifest, indent=2))
+    return RunFolder.open(dst)
+
+
+def load_models(run: RunFolder, device: torch.device) -> list[nn.Module]:
+    return [run.load_model(i, device=str(device)) for i in range(len(run.checkpoints))]
+
+
+# ----------------------------------------------------------------------------- contenders
+
+
+def _batches(images: np.ndarray, labels: np.ndarray, bs: int, device: torch.device
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The same input preparation for every contender: uint8 -> float [0, 1] on the device."""
+    y_all = torch.from_numpy(labels)
+    for lo in range(0, len(images), bs):
+        x = torch.from_numpy(images[lo:lo + bs]).to(device).float().div_(255.0)
+        yield x, y_all[lo:lo + bs].to(device)
+
+
+#: whylook's memory layout in the saliency section: None = its automatic choice (NHWC on
+#: CPU), True / False to force it (``--whylook-layout``).
+WHYLOOK_CHANNELS_LAST: bool | None = None
+
+
+def run_whylook(models: list[nn.Module], layer: str, images: np.ndarray, labels: np.ndarray,
+                bs: int, device: torch.device) -> Any:
+    out = None
+    for m in models:
+        res = whylook.grad_cam(m, layer, images, labels, batch_size=bs, device=device,
+                               channels_last=WHYLOOK_CHANNELS_LAST)
+        out = out if out is not None else res.saliency
+    return out
+
+
+@contextlib.contextmanager
+def _layout(model: nn.Module, nhwc: bool) -> Iterator[None]:
+    if not nhwc:
+        yield
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
+def run_floor(models: list[nn.Module], layer: str, images: np.ndarray, labels: np.ndarray,
+              bs: int, device: torch.device, nhwc: bool) -> None:
+    """Bare forward + backward from the true-class logits to the layer's output (see top)."""
+    for m in models:
+        module = dict(m.named_modules())[layer]
+        flags = [p.requires_grad for p in m.parameters()]
+        for p in m.parameters():
+            p.requires_grad_(False)
+        store: dict[str, torch.Tensor] = {}
+
+        def leaf(_m: nn.Module, _i: Any, out: torch.Tensor, store: dict = store) -> torch.Tensor:
+            store["a"] = out.detach().requires_grad_(True)
+            return store["a"]
+
+        handle = module.register_forward_hook(leaf)
+        try:
+            with _layout(m, nhwc):
+                for x, y in _batches(images, labels, bs, device):
+                    if nhwc:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    logits = m(x)
+                    torch.autograd.grad(logits.gather(1, y[:, None]).sum(), store["a"])
+        finally:
+            handle.remove()
+            for p, f in zip(m.parameters(), flags, strict=True):
+                p.requires_grad_(f)
+    sync(device)
+
+
+def run_captum(models: list[nn.Module], layer: str, images: np.ndarray, labels: np.ndarray,
+               bs: int, device: torch.device, nhwc: bool = False) -> Any:
+    from captum.attr import LayerGradCam
+
+    out = None
+    for m in models:
+        caught: dict[str, torch.Tensor] = {}
+
+        def catch(_m: nn.Module, _i: Any, out: torch.Tensor, caught: dict = caught) -> None:
+            caught["logits"] = out
+
+        handle = m.register_forward_hook(catch)
+        try:
+            with _layout(m, nhwc):
+                lgc = LayerGradCam(m, dict(m.named_modules())[layer])
+                for x, y in _batches(images, labels, bs, device):
+                    if nhwc:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    attr = lgc.attribute(x, target=y, relu_attributions=True)
+                    sal = attr[:, 0].detach().cpu().numpy()
+                    torch.softmax(caught["logits"].detach(), 1).cpu().numpy()
+                    out = out if out is not None else sal
+        finally:
+            handle.remove()
+    return out
+
+
+def run_gradcam(models: list[nn.Module], layer: str, images: np.ndarray, labels: np.ndarray,
+                bs: int, device: torch.device) -> None:
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    for m in models:
+        with GradCAM(model=m, target_layers=[dict(m.named_modules())[layer]]) as cam:
+            for x, y in _batches(images, labels, bs, device):
+                cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in y])
+                torch.softmax(cam.outputs.detach(), 1).cpu().numpy()
+
+
+def available(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def bench_saliency(run: RunFolder, models: list[nn.Module], sizes: Sizes, device: torch.device,
+                   bs: int) -> dict[str, Any]:
+    """Section 1: the saliency stage of every contender, interleaved and repeated."""
+    from whylook.explain import stratified_rows
+
+    layer = run.layer
+    train = run.data().train
+    rows = stratified_rows(train.labels, sizes.saliency_n, seed=0)
+    images = np.ascontiguousarray(train.images[rows])
+    labels = train.labels[rows].astype(np.int64)
+    work = len(models) * len(rows)
+
+    def call(fn: Callable[..., Any], **kw: Any) -> Callable[[list[nn.Module], np.ndarray,
+                                                              np.ndarray], Any]:
+        return lambda ms, im, lb: fn(ms, layer, im, lb, bs, device, **kw)
+
+    contenders: dict[str, Callable[[list[nn.Module], np.ndarray, np.ndarray], Any]] = {
+        "whylook": call(run_whylook),
+        "floor (NHWC)": call(run_floor, nhwc=True),
+        "floor (NCHW)": call(run_floor, nhwc=False),
+    }
+    if available("captum"):
+        contenders["captum"] = call(run_captum)
+        contenders["captum (NHWC model)"] = call(run_captum, nhwc=True)
+    else:
+        print("captum is not installed (pip install -e '.[bench]'): skipped")
+    if available("pytorch_grad_cam"):
+        contenders["grad-cam"] = call(run_gradcam)
+    else:
+        print("grad-cam is not installed (pip install -e '.[bench]'): skipped")
+
+    # Agreement: whylook's raw maps equal Captum's LayerGradCam (up to float rounding).
+    agreement = None
+    if "captum" in contenders:
+        a = run_whylook(models[-1:], layer, images[:bs], labels[:bs], bs, device)
+        b = run_captum(models[-1:], layer, images[:bs], labels[:bs], bs, device)
+        agreement = float(np.abs(a - b).max() / max(float(np.abs(b).max()), 1e-12))
+    for fn in contenders.values():  # warm-up: one model, one batch
+        fn(models[-1:], images[:bs], labels[:bs])
+
+    times: dict[str, list[float]] = defaultdict(list)
+    names = list(contenders)
+    for r in range(sizes.repeats):
+        order = names[r % len(names):] + names[:r % len(names)]  # rotate against drift
+        for name in order:
+            gc.collect()
+            sync(device)
+            start = time.perf_counter()
+            contenders[name](models, images, labels)
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+            print(f"  saliency {name:22s} {times[name][-1]:7.2f} s", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    floor_name = min(("floor (NHWC)", "floor (NCHW)"), key=med.__getitem__)
+    rivals = [k for k in ("captum", "grad-cam") if k in med]
+    fastest_rival = min(rivals, key=med.__getitem__) if rivals else None
+    return {
+        "checkpoints": len(models),
+        "n": len(rows),
+        "batch_size": bs,
+        "layer": layer,
+        "work": work,
+        "seconds": dict(times),
+        "median_seconds": med,
+        "rate": {k: work / v for k, v in med.items()},
+        "floor": floor_name,
+        "fastest_rival": fastest_rival,
+        "speedup_vs_fastest_rival": (med[fastest_rival] / med["whylook"]
+                                     if fastest_rival else None),
+        "whylook_over_floor": med["whylook"] / med[floor_name],
+        "max_rel_diff_vs_captum": agreement,
+    }
+
+
+# ----------------------------------------------------------------------------- explain
+
+
+class StageClock:
+    """Times the functions ``explain`` calls, by patching them for the duration.
+
+    Generators are timed step by step, so work their consumer does between steps (e.g.
+    K-Means statistics between feature batches) is not counted twice. Nested timed calls
+    count only once, in the outermost stage.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._busy = False
+        self._patches: list[tuple[Any, str, Any]] = []
+
+    def _timed(self, stage: str, fn: Callable[[], Any]) -> Any:
+        if self._busy:
+            return fn()
+        self._busy = True
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+            self._busy = False
+
+    def patch(self, owner: Any, name: str, stage: str, *, generator: bool = False) -> None:
+        if not hasattr(owner, name):
+            return
+        orig = getattr(owner, name)
+        clock = self
+
+        if generator:
+            def wrapper(*args: Any, **kwargs: Any) -> Iterator[Any]:
+                it = clock._timed(stage, lambda: iter(orig(*args, **kwargs)))
+                while True:
+                    try:
+                        item = clock._timed(stage, lambda: next(it))
+                    except StopIteration:
+                        return
+                    yield item
+        else:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return clock._timed(stage, lambda: orig(*args, **kwargs))
+
+        setattr(owner, name, wrapper)
+        self._patches.append((owner, name, orig))
+
+    def __enter__(self) -> StageClock:
+        import whylook.explain as ex
+        import whylook.intensity as inten
+        import whylook.mapping as mapping
+        import whylook.patterns as patterns
+        import whylook.saliency as sal
+        from whylook.prototypes import PrototypeFinder, Prototypes
+
+        self.patch(RunFolder, "data", "load data")
+        self.patch(RunFolder, "load_model", "load checkpoints")
+        self.patch(ex, "_checkpoint_model", "load checkpoints")
+        self.patch(ex, "file_digest", "checkpoint digests")
+        self.patch(PrototypeFinder, "partial_fit", "prototypes: feature statistics")
+        self.patch(PrototypeFinder, "finalize", "prototypes: PCA + K-Means")
+        self.patch(sal, "layer_features", "prototypes: feature pass", generator=True)
+        self.patch(Prototypes, "assign", "assignments")
+        self.patch(sal.GradCAM, "batches", "saliency (Grad-CAM, T+1 passes)", generator=True)
+        self.patch(ex, "_load_cached", "cache reads")
+        self.patch(ex, "save_npz", "writes (cache shards, arrays.npz)")
+        self.patch(ex, "write_json", "writes (cache shards, arrays.npz)")
+        for fn in ("prototype_intensity", "mass_share", "activity"):
+            self.patch(inten, fn, "intensity")
+        self.patch(patterns, "find_patterns", "patterns (HDBSCAN)")
+        self.patch(mapping, "fit_mapping", "mapping (ridge + bootstrap)")
+        self.patch(mapping, "fit_class_mapping", "mapping (ridge + bootstrap)")
+        self.patch(ex, "assemble", "structure")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, name, orig in reversed(self._patches):
+            setattr(owner, name, orig)
+        self._patches.clear()
+
+
+def timed_explain(run: RunFolder, device: torch.device, *, fresh: bool = True,
+                  **kwargs: Any) -> tuple[float, dict[str, float]]:
+    if fresh:
+        shutil.rmtree(run.path / "analysis", ignore_errors=True)
+    # whylook.data keeps loaded data sources in memory; a CLI user's explain loads the data
+    # from disk, so the benchmark does too.
+    import whylook.data
+
+    getattr(whylook.data, "_CACHE", {}).clear()
+    gc.collect()
+    with StageClock() as clock:
+        start = time.perf_counter()
+        whylook.explain(run, device=str(device), progress=False, **kwargs)
+        sync(device)
+        total = time.perf_counter() - start
+    stages = dict(clock.seconds)
+    stages["other"] = total - sum(stages.values())
+    return total, stages
+
+
+def explain_floor(run: RunFolder, models: list[nn.Module], n: int, device: torch.device,
+                  bs: int, nhwc: bool) -> float:
+    """The floor of an explain: one bare saliency pass per sample per checkpoint."""
+    from whylook.explain import stratified_rows
+
+    train = run.data().train
+    rows = stratified_rows(train.labels, n, seed=0)
+    images = np.ascontiguousarray(train.images[rows])
+    gc.collect()
+    start = time.perf_counter()
+    run_floor(models, run.layer, images, train.labels[rows].astype(np.int64), bs, device, nhwc)
+    return time.perf_counter() - start
+
+
+def import_seconds() -> float:
+    """Python import time of the analysis modules in a fresh process (a CLI pays it once;
+    the in-process explain timings below exclude it)."""
+    code = ("import time; t = time.perf_counter(); import whylook.explain, whylook.patterns, "
+            "whylook.mapping, whylook.prototypes, whylook.run; print(time.perf_counter() - t)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, check=False)
+    try:
+        return float(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return float("nan")
+
+
+def bench_explain(run: RunFolder, models: list[nn.Module], n: int, device: torch.device,
+                  bs: int, nhwc: bool) -> dict[str, Any]:
+    """Section 2: explain end to end by stage, against the floor measured around it."""
+    explain_floor(run, models[-1:], 256, device, bs, nhwc)  # warm-up
+    floor_before = explain_floor(run, models, n, device, bs, nhwc)
+    print(f"  floor (T+1={len(models)}, n={n}) {floor_before:.2f} s", flush=True)
+    total, stages = timed_explain(run, device, analysis_size=n)
+    print(f"  explain {total:.2f} s", flush=True)
+    floor_after = explain_floor(run, models, n, device, bs, nhwc)
+    print(f"  floor again {floor_after:.2f} s", flush=True)
+    cached_total, cached_stages = timed_explain(run, device, fresh=False, analysis_size=n)
+    print(f"  explain, all shards cached {cached_total:.2f} s", flush=True)
+    floor = (floor_before + floor_after) / 2
+    return {
+        "checkpoints": len(models),
+        "n": n,
+        "seconds": total,
+        "stages": stages,
+        "floor_seconds": [floor_before, floor_after],
+        "floor": floor,
+        "over_floor": total / floor,
+        "cached_seconds": cached_total,
+        "cached_stages": cached_stages,
+        "import_seconds": import_seconds(),
+    }
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def memory_child(run_path: str, proto_size: int, analysis_n: int, device: str) -> None:
+    """In a fresh process: the prototype stage's peak-RSS growth (prints one JSON line)."""
+    dev = torch.device(device)
+    run = RunFolder.open(run_path)
+    run.data()  # loaded (and cached by whylook.data) before the baseline
+    # Imports are not the stage's memory: done before the baseline.
+    import sklearn.cluster  # noqa: F401
+
+    import whylook.mapping
+    import whylook.patterns  # noqa: F401
+
+    shutil.rmtree(run.path / "analysis", ignore_errors=True)
+    gc.collect()
+    try:  # "5" resets the peak (VmHWM) to the current RSS (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+        reset = True
+    except OSError:
+        reset = False
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    base = _rss_kib("VmRSS")
+    total, stages = timed_explain(run, dev, analysis_size=analysis_n, prototype_size=proto_size)
+    peak = _rss_kib("VmHWM")
+    out = {
+        "prototype_size": proto_size,
+        "baseline_rss_mib": base / 1024,
+        "peak_rss_mib": peak / 1024,
+        "growth_mib": (peak - base) / 1024,
+        "peak_reset": reset,
+        "explain_seconds": total,
+        "prototype_seconds": sum(v for k, v in stages.items() if k.startswith("prototypes")),
+        "stages": stages,
+    }
+    if dev.type == "cuda":
+        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    print("MEMORY-RESULT " + json.dumps(out), flush=True)
+
+
+def bench_memory(run: RunFolder, sizes: Sizes, threads: int, device: torch.device,
+                 runs_dir: Path) -> dict[str, Any]:
+    """Section 3: prototype-stage peak memory at two prototype-set sizes (subprocesses)."""
+    small = subset_run(run, spread(3, len(run.checkpoints)), runs_dir / "memory-3ckpt")
+    n_train = len(run.data().train)
+    results = []
+    for p in sizes.proto_sizes:
+        if p > n_train:
+            print(f"  prototype set {p} > {n_train} training images: skipped")
+            continue
+        cmd = [sys.executable, __file__, "--threads", str(threads), "--device", str(device),
+               "--memory-child", str(small.path), str(p), str(sizes.memory_analysis_n)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("MEMORY-RESULT ")]
+        if proc.returncode != 0 or not line:
+            raise RuntimeError(f"memory child failed:\n{proc.stdout}\n{proc.stderr}")
+        res = json.loads(line[-1].split(" ", 1)[1])
+        print(f"  prototype set {p}: growth {res['growth_mib']:.0f} MiB, prototype stage "
+              f"{res['prototype_seconds']:.1f} s", flush=True)
+        results.append(res)
+    ratio = (results[1]["growth_mib"] / results[0]["growth_mib"]
+             if len(results) == 2 and results[0]["growth_mib"] > 0 else None)
+    return {"runs": results, "growth_ratio": ratio,
+            "size_ratio": sizes.proto_sizes[1] / sizes.proto_sizes[0]}
+
+
+# ----------------------------------------------------------------------------- scaling
+
+
+def bench_scaling(run24: RunFolder, run12: RunFolder, sizes: Sizes, device: torch.device,
+                  main: dict[str, Any]) -> dict[str, Any]:
+    """Section 4: explain at (n, T+1), (2n, T+1) [the main run], (n, 2(T+1))."""
+    n = sizes.scaling_n
+    points = {}
+    for name, run, size in (("base", run12, n), ("2T", run24, n)):
+        total, stages = timed_explain(run, device, analysis_size=size)
+        points[name] = {"n": size, "checkpoints": len(run.checkpoints), "seconds": total,
+                        "saliency_seconds": stages.get("saliency (Grad-CAM, T+1 passes)", 0.0)}
+        print(f"  scaling {name}: n={size}, T+1={len(run.checkpoints)}: {total:.2f} s",
+              flush=True)
+    points["2n"] = {"n": main["n"], "checkpoints": main["checkpoints"],
+                    "seconds": main["seconds"],
+                    "saliency_seconds": main["stages"].get("saliency (Grad-CAM, T+1 passes)",
+                                                           0.0)}
+
+    def exponent(key: str, other: str, factor: float) -> float:
+        return math.log(points[other][key] / points["base"][key]) / math.log(factor)
+
+    n_factor = points["2n"]["n"] / points["base"]["n"]
+    t_factor = points["2T"]["checkpoints"] / points["base"]["checkpoints"]
+    return {
+        "points": points,
+        "exponent_n": exponent("seconds", "2n", n_factor),
+        "exponent_T": exponent("seconds", "2T", t_factor),
+        "saliency_exponent_n": exponent("saliency_seconds", "2n", n_factor),
+        "saliency_exponent_T": exponent("saliency_seconds", "2T", t_factor),
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def render(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [
+        f"Machine: {m['cpu']} ({m['cpu_cores']} cores), device {m['device']}"
+        + (f" ({m['gpu']})" if m.get("gpu") else "")
+        + f"; torch {m['torch']}, {m['threads']} thread(s) for every contender (torch and "
+        f"BLAS/OpenMP); load average {m['load_average_start']} at start, "
+        f"{m.get('load_average_end')} at the end; {m['date']}.",
+        f"Command: `{res['command']}`; data `{res['data']}`, model `{res['model']}`.",
+        "",
+    ]
+    s = res.get("saliency")
+    if s:
+        lines += [
+            f"**Saliency stage**: T+1 = {s['checkpoints']} checkpoints x n = {s['n']} samples, "
+            f"batch {s['batch_size']}, layer `{s['layer']}`, models loaded beforehand; median "
+            f"of {len(next(iter(s['seconds'].values())))} interleaved repeats.",
+            "",
+            "| contender | sample·checkpoints/s | seconds (median) | whylook speed-up |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, sec in sorted(s["median_seconds"].items(), key=lambda kv: kv[1]):
+            mark = " (floor)" if name == s["floor"] else ""
+            lines.append(f"| {name}{mark} | {s['rate'][name]:.0f} | {sec:.2f} | "
+                         f"{sec / s['median_seconds']['whylook']:.2f}x |")
+        if s["speedup_vs_fastest_rival"] is not None:
+            lines.append("")
+            lines.append(f"whylook is {s['speedup_vs_fastest_rival']:.2f}x the faster of Captum "
+                         f"and grad-cam ({s['fastest_rival']}); whylook / floor = "
+                         f"{s['whylook_over_floor']:.2f}; max relative difference of the maps "
+                         f"vs Captum {s['max_rel_diff_vs_captum']:.1e}.")
+        lines.append("")
+    e = res.get("explain")
+    if e:
+        lines += [
+            f"**`whylook explain` end to end** (fresh cache): T+1 = {e['checkpoints']}, "
+            f"n = {e['n']}.",
+            "",
+            "| stage | seconds | share |",
+            "|---|---:|---:|",
+        ]
+        for name, sec in sorted(e["stages"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {name} | {sec:.2f} | {100 * sec / e['seconds']:.0f}% |")
+        lines += [
+            f"| **total** | **{e['seconds']:.2f}** | |",
+            f"| floor: {e['checkpoints']} x {e['n']} bare passes (before / after) | "
+            f"{e['floor']:.2f} ({e['floor_seconds'][0]:.2f} / {e['floor_seconds'][1]:.2f}) | |",
+            f"| **explain / floor** | **{e['over_floor']:.2f}x** | |",
+            f"| rerun with every shard cached | {e['cached_seconds']:.2f} | |",
+            "",
+            f"Python imports of the analysis modules (not in the total; a CLI call pays them "
+            f"once): {e['import_seconds']:.2f} s.",
+            "",
+        ]
+    mem = res.get("memory")
+    if mem and mem["runs"]:
+        lines += [
+            "**Prototype stage memory** (fresh process each; explain on 3 checkpoints with a "
+            "small analysis set; growth = peak RSS minus RSS before explain):",
+            "",
+            "| prototype set | peak RSS growth (MiB) | peak RSS (MiB) | prototype stage (s) |",
+            "|---:|---:|---:|---:|",
+        ]
+        for r in mem["runs"]:
+            lines.append(f"| {r['prototype_size']} | {r['growth_mib']:.0f} | "
+                         f"{r['peak_rss_mib']:.0f} | {r['prototype_seconds']:.1f} |")
+        if mem["growth_ratio"] is not None:
+            lines.append("")
+            lines.append(f"Growth ratio {mem['growth_ratio']:.2f}x for a "
+                         f"{mem['size_ratio']:.0f}x larger prototype set.")
+        lines.append("")
+    sc = res.get("scaling")
+    if sc:
+        lines += [
+            "**Scaling** (explain, fresh cache each):",
+            "",
+            "| point | n | T+1 | explain (s) | its saliency stage (s) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name in ("base", "2n", "2T"):
+            p = sc["points"][name]
+            lines.append(f"| {name} | {p['n']} | {p['checkpoints']} | {p['seconds']:.2f} | "
+                         f"{p['saliency_seconds']:.2f} |")
+        lines += [
+            "",
+            f"Exponents (1.0 = linear): explain {sc['exponent_n']:.2f} in n, "
+            f"{sc['exponent_T']:.2f} in T+1; saliency stage {sc['saliency_exponent_n']:.2f} "
+            f"in n, {sc['saliency_exponent_T']:.2f} in T+1.",
+            "",
+        ]
+    t = res.get("targets")
+    if t:
+        lines += ["**Targets**:", ""]
+        lines += [f"- {k}: {v}" for k, v in t.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def targets(res: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    s, e, mem, sc = (res.get(k) for k in ("saliency", "explain", "memory", "scaling"))
+    if s and s["speedup_vs_fastest_rival"] is not None:
+        v = s["speedup_vs_fastest_rival"]
+        out["saliency >= 1.5x the faster of Captum and grad-cam"] = (
+            f"{v:.2f}x — {'met' if v >= 1.5 else 'NOT met'}")
+    if e:
+        v = e["over_floor"]
+        out["explain within 1.3x of the floor"] = f"{v:.2f}x — {'met' if v <= 1.3 else 'NOT met'}"
+    if mem and mem["growth_ratio"] is not None:
+        v = mem["growth_ratio"]
+        out["prototype-stage peak memory grows <= 1.5x for a 6x prototype set"] = (
+            f"{v:.2f}x — {'met' if v <= 1.5 else 'NOT met'}")
+    if sc:
+        worst = max(sc["exponent_n"], sc["exponent_T"])
+        out["time linear in n and T"] = (
+            f"exponents {sc['exponent_n']:.2f} (n), {sc['exponent_T']:.2f} (T+1) — "
+            f"{'met' if worst <= 1.15 else 'NOT met'} (<= 1.15 counts as linear)")
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
+    ap.add_argument("--data", default=None, help="data spec (default: shared MNIST or mnist5k)")
+    ap.add_argument("--model", default="smallcnn")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch and BLAS/OpenMP threads for every contender (default: all "
+                         "cores; on a shared machine 1 measures more steadily)")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--whylook-layout", choices=("auto", "nhwc", "nchw"), default="auto",
+                    help="whylook's memory layout in the saliency section (default: its own "
+                         "choice, NHWC on CPU)")
+    ap.add_argument("--runs-dir", type=Path,
+                    default=Path(os.environ.get("WHYLOOK_BENCH_RUNS",
+                                                "/tmp/whylook-bench-runs")))
+    ap.add_argument("--only", default="saliency,explain,memory,scaling",
+                    help="comma-separated sections to run")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="JSON result path")
+    ap.add_argument("--memory-child", nargs=3, metavar=("RUN", "P", "N"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    from threadpoolctl import threadpool_limits
+
+    # One thread budget for torch and for BLAS/OpenMP (scikit-learn's K-Means, HDBSCAN).
+    with threadpool_limits(limits=args.threads):
+        if args.memory_child:
+            run_path, p, n = args.memory_child
+            memory_child(run_path, int(p), int(n), args.device)
+            return 0
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
+    global WHYLOOK_CHANNELS_LAST
+    WHYLOOK_CHANNELS_LAST = {"auto": None, "nhwc": True, "nchw": False}[args.whylook_layout]
+    sizes = QUICK if args.quick else FULL
+    if args.repeats:
+        sizes = Sizes(**{**sizes.__dict__, "repeats": args.repeats})
+    device = torch.device(args.device)
+    data = args.data or default_data()
+    sections = set(args.only.split(","))
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/bench_analysis.py " + " ".join(sys.argv[1:])
+    res: dict[str, Any] = {"command": command.strip(), "data": data, "model": args.model,
+                           "whylook_layout": args.whylook_layout,
+                           "sizes": sizes.__dict__,
+                           "machine": machine_info(args.threads, device)}
+    print(json.dumps(res["machine"]), flush=True)
+    suffix = f"{args.model}-{device.type}" + ("-quick" if args.quick else "")
+    out = args.out or RESULTS / f"analysis-{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> str:
+        """Write what is measured so far (a killed run keeps its finished sections)."""
+        res["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+        res["targets"] = targets(res)
+        out.write_text(json.dumps(res, indent=2) + "\n")
+        table = render(res)
+        out.with_suffix(".md").write_text(table + "\n")
+        return table
+
+    run = ensure_run(data, args.model, sizes, args.runs_dir, args.device)
+    base = run.path.name
+    run_main = subset_run(run, spread(sizes.saliency_checkpoints, len(run.checkpoints)),
+                          args.runs_dir / f"{base}-sub{sizes.saliency_checkpoints}")
+    models = (load_models(run_main, device)  # loaded once, shared by both sections
+              if sections & {"saliency", "explain", "scaling"} else [])
+    if "saliency" in sections:
+        print("saliency stage ...", flush=True)
+        res["saliency"] = bench_saliency(run_main, models, sizes, device, args.batch_size)
+        save()
+    nhwc = res.get("saliency", {}).get("floor", "floor (NHWC)") == "floor (NHWC)"
+    if "explain" in sections or "scaling" in sections:
+        print("explain ...", flush=True)
+        res["explain"] = bench_explain(run_main, models, sizes.explain_n, device,
+                                       args.batch_size, nhwc)
+        save()
+    del models
+    if "scaling" in sections:
+        print("scaling ...", flush=True)
+        double = subset_run(run, spread(2 * sizes.saliency_checkpoints, len(run.checkpoints)),
+                            args.runs_dir / f"{base}-sub{2 * sizes.saliency_checkpoints}")
+        res["scaling"] = bench_scaling(double, run_main, sizes, device, res["explain"])
+        save()
+    if "memory" in sections:
+        print("prototype-stage memory ...", flush=True)
+        res["memory"] = bench_memory(run, sizes, args.threads, device, args.runs_dir)
+    table = save()
+    print()
+    print(table)
+    print(f"written: {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
