@@ -70,7 +70,7 @@ def test_explanation_follows_the_output_contract(mnist_run):
 
 
 def _mnist_path(run):
-    spec = json.loads((run / "run.json").read_text())["data"]
+    spec = json.loads((run / "run.json").read_text())["data"]["spec"]
     return spec.split(":", 1)[1]
 
 

@@ -129,6 +129,13 @@ def plausible_labels() -> st.SearchStrategy[np.ndarray]:
     )
 
 
+def _astype(value: np.ndarray, dtype: str) -> np.ndarray:
+    try:
+        return value.astype(dtype)
+    except (ValueError, TypeError, OverflowError):  # e.g. class names to integers
+        return value
+
+
 MUTATIONS = ("drop", "random", "dtype", "poke", "truncate", "scale", "axis", "plausible")
 
 
@@ -163,7 +170,7 @@ def npz_contents(draw: st.DrawFn) -> dict[str, np.ndarray]:
             elif kind == "plausible":
                 value = draw(plausible_images() if key.startswith("x") else plausible_labels())
             elif kind == "dtype":
-                value = value.astype(draw(DTYPES))
+                value = _astype(value, draw(DTYPES))
             elif kind == "poke" and value.size:
                 value = value.astype(np.float64) if value.dtype.kind in "iub" else value.copy()
                 if value.dtype.kind == "f":
@@ -226,7 +233,7 @@ def images_and_labels(draw: st.DrawFn, channels: int | None = None) -> tuple:
             elif kind == "plausible":
                 value = draw(plausible_images() if target == "images" else plausible_labels())
             elif kind == "dtype":
-                value = value.astype(draw(DTYPES))
+                value = _astype(value, draw(DTYPES))
             elif kind == "poke" and value.size:
                 value = value.astype(np.float64)
                 value.flat[draw(st.integers(0, value.size - 1))] = draw(

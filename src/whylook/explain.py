@@ -491,7 +491,9 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
                 "layer": layer_name, "path": str(folder.path.name)},
         "classes": list(classes),
         "checkpoints": [
-            {"index": int(c.index), "step": int(c.step), "epoch": float(c.epoch),
+            {"index": int(c.index), "step": int(c.step),
+             # Imported checkpoints may not know their epoch or accuracy.
+             "epoch": None if c.epoch is None else float(c.epoch),
              "test_accuracy": None if c.test_accuracy is None else float(c.test_accuracy)}
             for c in ckpts
         ],

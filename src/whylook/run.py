@@ -485,6 +485,7 @@ def import_checkpoints(
 
 
 def build_for(model: str, source: DataSource) -> nn.Module:
+    """A fresh ``model`` shaped for ``source`` (built-in models normalise with its stats)."""
     mean, std = source.channel_stats() if model in MODEL_NAMES else (None, None)
     return build_model(
         model,
@@ -499,6 +500,7 @@ def build_for(model: str, source: DataSource) -> nn.Module:
 def checkpoint_record(
     index: int, step: int, epoch: float | None, accuracy: float, loss: float
 ) -> dict[str, Any]:
+    """One entry of run.json's ``checkpoints``."""
     return {
         "index": index,
         "step": step,
