@@ -133,12 +133,13 @@ def machine_info(threads: int, device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    for mod in ("captum", "pytorch_grad_cam", "sklearn"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("captum", "grad-cam", "scikit-learn", "numpy"):
         try:
-            module = __import__(mod)
-            info[mod] = getattr(module, "__version__", "?")
-        except ImportError:
-            info[mod] = None
+            info[dist] = version(dist)
+        except PackageNotFoundError:
+            info[dist] = None
     return info
 
 

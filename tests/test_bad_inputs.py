@@ -379,6 +379,11 @@ CASES: dict[str, Case] = {
         "whylook train", lambda c: c.train(c.npz(y_test=np.arange(24) % 3 + (np.arange(24) == 5)
                                                  * 4))
     ),
+    "label-far-out-of-range": (
+        "whylook train",
+        lambda c: c.train(c.npz(y_test=np.where(np.arange(24) == 3, 1e9, np.arange(24) % 3),
+                                classes=None)),
+    ),
     "label-negative": ("whylook train", lambda c: c.train(c.npz(y_train=Y - (Y == 2) * 3))),
     # ------------------------------------------------------------------ K, sizes, options
     "k-below-2": ("whylook explain", lambda c: c.explain(c.run(), "--k", "1")),

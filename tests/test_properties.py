@@ -176,7 +176,7 @@ def npz_contents(draw: st.DrawFn) -> dict[str, np.ndarray]:
                 if value.dtype.kind == "f":
                     value.flat[draw(st.integers(0, value.size - 1))] = draw(
                         st.sampled_from([np.nan, np.inf, -1.0, 256.0, 0.5, 1e9, 2.0]))
-            elif kind == "truncate":
+            elif kind == "truncate" and value.ndim:
                 value = value[: draw(st.integers(0, max(len(value) - 1, 0)))]
             elif kind == "scale" and value.dtype.kind in "iuf":
                 value = value / draw(st.sampled_from([255.0, 1.0, -1.0, 0.5]))
@@ -238,7 +238,7 @@ def images_and_labels(draw: st.DrawFn, channels: int | None = None) -> tuple:
                 value = value.astype(np.float64)
                 value.flat[draw(st.integers(0, value.size - 1))] = draw(
                     st.sampled_from([np.nan, np.inf, -1.0, 256.0, 0.5, 3.0, 1e9]))
-            elif kind == "truncate":
+            elif kind == "truncate" and value.ndim:
                 value = value[: draw(st.integers(0, max(len(value) - 1, 0)))]
             elif kind == "scale":
                 value = value / draw(st.sampled_from([255.0, 1.0, -1.0]))

@@ -239,3 +239,56 @@ def test_concat_shards_equals_whole() -> None:
     joined = SaliencyResult.concat(parts)
     np.testing.assert_allclose(joined.saliency, whole.saliency, atol=1e-6)
     np.testing.assert_allclose(joined.confidence, whole.confidence, atol=1e-6)
+
+
+def test_channels_last_matches_and_restores_layout() -> None:
+    """The NHWC pass (the CPU default) gives the NCHW values and leaves the model's layout."""
+    model = _resnet()
+    x = torch.rand(4, 3, 32, 32)
+    y = [1, 2, 3, 4]
+    nhwc = grad_cam(model, "layer2", x, y, channels_last=True, return_features=True)
+    assert all(p.is_contiguous() for p in model.parameters())
+    nchw = grad_cam(model, "layer2", x, y, channels_last=False, return_features=True)
+    np.testing.assert_allclose(nhwc.saliency, nchw.saliency, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(nhwc.confidence, nchw.confidence, atol=1e-6)
+    np.testing.assert_allclose(nhwc.features, nchw.features, rtol=1e-4, atol=1e-5)
+    # A model the user laid out in NHWC stays NHWC.
+    model.to(memory_format=torch.channels_last)
+    grad_cam(model, "layer2", x, y)
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_channels_last_falls_back_for_models_that_need_nchw() -> None:
+    class ViewNet(nn.Module):  # .view() after a convolution needs NCHW strides
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 8 * 8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = self.conv(x)
+            return self.fc(a.view(a.shape[0], -1))
+
+    net = ViewNet()
+    x = torch.rand(3, 3, 8, 8)
+    res = grad_cam(net, "conv", x, [0, 1, 0], channels_last=True)
+    ref = grad_cam(net, "conv", x, [0, 1, 0], channels_last=False)
+    np.testing.assert_allclose(res.saliency, ref.saliency, atol=1e-6)
+    assert all(p.is_contiguous() for p in net.parameters())
+
+
+def test_rows_gather_equals_slicing() -> None:
+    model = _resnet()
+    images = torch.randint(0, 256, (9, 3, 32, 32), dtype=torch.uint8).numpy()
+    rows = np.array([7, 2, 2, 5])
+    labels = np.array([1, 2, 3, 4])
+    picked = grad_cam(model, "layer2", images, labels, rows=rows, batch_size=3)
+    sliced = grad_cam(model, "layer2", images[rows], labels, batch_size=3)
+    np.testing.assert_array_equal(picked.saliency, sliced.saliency)
+    feats = torch.cat(list(layer_features(model, "layer2", images, rows=rows, batch_size=3)))
+    np.testing.assert_array_equal(
+        feats.numpy(),
+        torch.cat(list(layer_features(model, "layer2", images[rows], batch_size=3))).numpy(),
+    )
+    with pytest.raises(WhylookError, match="rows"):
+        grad_cam(model, "layer2", images, labels, rows=np.array([0, 1, 2, 9]))

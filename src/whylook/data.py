@@ -379,6 +379,15 @@ def _load_npz(path: Path) -> tuple[tuple[str, ...], Split, Split]:
         classes = tuple(str(n) for n in np.asarray(names).ravel())
     else:
         top = max(int(s.labels.max(initial=-1)) for s in splits)
+        # Without names, the classes are 0..top. Every class needs a training image, so a
+        # larger top is a labelling error, refused before it is taken as a class count (a
+        # stray label 1e9 would otherwise make a billion class names).
+        if top >= len(splits[0]):
+            raise WhylookError(
+                f"npz {path}: labels go up to {top} but there are only {len(splits[0])} "
+                "training images; labels must be class indices 0..M-1 (or add a classes "
+                "array naming the M classes)"
+            )
         classes = tuple(str(c) for c in range(top + 1))
     return classes, splits[0], splits[1]
 
@@ -429,7 +438,8 @@ def _labels_from_array(y: np.ndarray, name: str) -> np.ndarray:
             "labels save y.argmax(1))"
         )
     if np.issubdtype(y.dtype, np.floating):
-        if not (np.isfinite(y).all() and (y == np.rint(y)).all()):
+        # Beyond 2**53 a float is no exact integer (and the int64 cast would overflow).
+        if not (np.isfinite(y).all() and (y == np.rint(y)).all() and (abs(y) < 2**53).all()):
             raise WhylookError(f"{name} holds non-integer labels; labels must be class indices")
     elif not np.issubdtype(y.dtype, np.integer):
         raise WhylookError(f"{name} has dtype {y.dtype}; labels must be integer class indices")
