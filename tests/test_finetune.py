@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -276,8 +277,6 @@ def test_curated_set_excludes_exactly_the_samples_the_rule_says(small_run):
 def test_strategies_start_from_the_final_checkpoint_and_seeds_only_change_the_order(
     small_run, monkeypatch
 ):
-    import shutil
-
     from whylook.finetune import finetune
     from whylook.run import RunFolder
 
@@ -298,8 +297,8 @@ def test_strategies_start_from_the_final_checkpoint_and_seeds_only_change_the_or
     # Seeds change the data order, so results differ between seeds ...
     assert by["full>full"].loss[0] != by["full>full"].loss[1]
     # ... and the same seed reproduces them exactly, computed alone or together.
-    shutil.rmtree(small_run / "finetune" / "cache")
-    (small_run / "finetune" / "cache").mkdir()
+    for entry in (small_run / "finetune" / "cache").glob("*-seed*.json"):
+        entry.unlink()
     again = finetune(
         small_run, strategies=["full", "curated>full"], seeds=[1], device="cpu", progress=False
     )
@@ -309,6 +308,40 @@ def test_strategies_start_from_the_final_checkpoint_and_seeds_only_change_the_or
     assert by_again["curated>full"].confusions[0] == by["curated>full"].confusions[1]
     # The curated set is a property of the run, not of the seed.
     assert np.array_equal(again.curated.keep, res.curated.keep)
+
+
+@pytest.mark.slow
+def test_another_curated_set_reruns_only_the_strategies_that_use_it(small_run, monkeypatch):
+    # The module, not the function that whylook/__init__ binds to the same name.
+    ft = importlib.import_module("whylook.finetune")
+
+    strategies = ["full>full", "curated>full"]
+    first = ft.finetune(small_run, strategies=strategies, seeds=[0], device="cpu", progress=False)
+    visited = []
+    original = ft._train_epoch
+
+    def counting(model, opt, images, labels, order, *args):
+        visited.append(len(order))
+        return original(model, opt, images, labels, order, *args)
+
+    monkeypatch.setattr(ft, "_train_epoch", counting)
+    res = ft.finetune(
+        small_run,
+        strategies=strategies,
+        seeds=[0],
+        only_swing_classes=False,  # also samples of other classes: another curated set
+        device="cpu",
+        progress=False,
+    )
+    by_first = {s.name: s for s in first.strategies}
+    by = {s.name: s for s in res.strategies}
+    assert by["full>full"] == by_first["full>full"]  # from the cache: it has no curated stage
+    if np.array_equal(res.curated.keep, first.curated.keep):
+        assert visited == []
+    else:
+        # Only curated>full ran: a curated epoch, then a full one.
+        assert visited == [res.curated.n_curated, res.curated.n_full]
+        assert res.curated.n_removed > first.curated.n_removed
 
 
 @pytest.mark.slow

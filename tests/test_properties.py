@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
@@ -181,7 +181,8 @@ def npz_contents(draw: st.DrawFn) -> dict[str, np.ndarray]:
             elif kind == "scale" and value.dtype.kind in "iuf":
                 value = value / draw(st.sampled_from([255.0, 1.0, -1.0, 0.5]))
             elif kind == "axis" and value.ndim:
-                value = value[:, None] if draw(st.booleans()) else value.reshape(len(value), -1)
+                flat = draw(st.booleans()) and value.size > 0
+                value = value.reshape(len(value), -1) if flat else value[:, None]
         arrays[key] = value
     return arrays
 
@@ -234,16 +235,17 @@ def images_and_labels(draw: st.DrawFn, channels: int | None = None) -> tuple:
                 value = draw(plausible_images() if target == "images" else plausible_labels())
             elif kind == "dtype":
                 value = _astype(value, draw(DTYPES))
-            elif kind == "poke" and value.size:
+            elif kind == "poke" and value.size and value.dtype.kind in "iubf":
                 value = value.astype(np.float64)
                 value.flat[draw(st.integers(0, value.size - 1))] = draw(
                     st.sampled_from([np.nan, np.inf, -1.0, 256.0, 0.5, 3.0, 1e9]))
             elif kind == "truncate" and value.ndim:
                 value = value[: draw(st.integers(0, max(len(value) - 1, 0)))]
-            elif kind == "scale":
+            elif kind == "scale" and value.dtype.kind in "iuf":
                 value = value / draw(st.sampled_from([255.0, 1.0, -1.0]))
             elif kind == "axis":
-                value = value[None] if draw(st.booleans()) else value.reshape(len(value), -1)
+                flat = draw(st.booleans()) and value.size > 0
+                value = value.reshape(len(value), -1) if flat else value[None]
         if target == "images":
             images = value
         else:
@@ -325,6 +327,9 @@ def test_random_grad_cam_inputs_give_a_result_or_a_whylook_error(
     data: tuple, layer: str, batch_size: int
 ) -> None:
     images, labels = data
+    # The model is the caller's: its own errors (here, a convolution given 3 channels
+    # instead of 1) propagate unchanged by design (tests/test_saliency.py).
+    assume(not (images.ndim == 4 and images.shape[1] != 1))
     res = expect_result_or_whylook_error(
         lambda: grad_cam(NET, layer, images, labels, batch_size=batch_size, device="cpu")
     )
@@ -381,7 +386,7 @@ def explain_calls(draw: st.DrawFn) -> tuple[dict, ExplainSettings | None]:
         return keywords, None
 
 
-@settings(FAST, max_examples=DEEP or 25)
+@settings(FAST, max_examples=DEEP or 20)
 @given(call=explain_calls())
 def test_random_explain_options_give_an_explanation_or_a_whylook_error(
     analysis_run: Path, call: tuple[dict, ExplainSettings | None]

@@ -31,6 +31,9 @@ The rules, as this module pins them down (every value is recorded in ``finetune.
 * **Measures.** Test accuracy and the pair's confusion count ``C[a,b] + C[b,a]`` on the
   test split (rows = true class), as mean ± sample standard deviation (ddof = 1) over
   seeds, plus the paired difference of each strategy to ``full>full`` (same seeds).
+* **Resuming.** Each (strategy, seed) result, with its whole test confusion matrix, is
+  cached under ``RUN/finetune/cache``; a strategy without a curated stage is keyed without
+  the curated set, so trying another pair or rule reruns only the curated strategies.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ SCHEMA = "whylook.finetune/1"
 SETS = ("full", "curated")
 DEFAULT_STRATEGIES = ("full>full", "curated>curated", "curated>full", "full", "curated")
 # Bump when the fine-tuning or the curated-set computation changes for the same inputs.
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"
 _SHARD = 8192
 
 
@@ -756,10 +759,9 @@ def _run_seed(
     device: torch.device,
     test: Any,
     m: int,
-    pair: tuple[int, int],
-    progress: bool | None,
-) -> dict[tuple[str, ...], tuple[float, int, float]]:
-    """All strategies under one seed; shared stage prefixes are computed once."""
+) -> dict[tuple[str, ...], tuple[float, float, np.ndarray]]:
+    """``(accuracy, loss, test confusion)`` of each strategy under one seed; shared stage
+    prefixes are computed once."""
     train = folder.data().train
     n = len(train.labels)
     last = len(folder.checkpoints) - 1
@@ -767,7 +769,7 @@ def _run_seed(
     needed_prefixes = {s[:j] for s in strategies for j in range(1, len(s))}
     # prefix -> (model state, optimizer state); only prefixes another strategy continues.
     saved: dict[tuple[str, ...], tuple[dict, dict]] = {}
-    results: dict[tuple[str, ...], tuple[float, int, float]] = {}
+    results: dict[tuple[str, ...], tuple[float, float, np.ndarray]] = {}
     for stages in sorted(wanted, key=lambda s: (len(s), s)):
         start = max((p for p in saved if stages[: len(p)] == p), key=len, default=())
         model = folder.load_model(last, device=str(device))
@@ -786,8 +788,7 @@ def _run_seed(
                     _clone_state(opt.state_dict()),
                 )
             if prefix in wanted and prefix not in results:
-                acc, loss, conf = evaluate(model, test.images, test.labels, m, device=device)
-                results[prefix] = (acc, confusion_count(conf, *pair), loss)
+                results[prefix] = evaluate(model, test.images, test.labels, m, device=device)
     return results
 
 
@@ -973,28 +974,37 @@ def _finetune_locked(
         "order": "stage j of seed s visits permutation rng([s, j]) of the training rows; "
         "curated stages skip the removed rows",
     }
-    key = _digest(
-        {
-            "v": _CACHE_VERSION,
-            "ckpt": file_digest(folder.path / ckpt.file),
-            "keep": hashlib.sha256(np.packbits(keep).tobytes()).hexdigest(),
-            "pair": [a, b],
-            **{k: v for k, v in settings.items() if k != "seeds"},
-        }
-    )[:20]
+    # One cache entry per (strategy, seed). It holds the whole test confusion matrix, and
+    # its key names the curated set only for strategies that use it: a full-only strategy
+    # is the same for every pair, so trying another pair reruns only the curated ones.
+    common = {
+        "v": _CACHE_VERSION,
+        "ckpt": file_digest(folder.path / ckpt.file),
+        **{k: v for k, v in settings.items() if k not in {"seeds", "strategies"}},
+    }
+    keep_digest = hashlib.sha256(np.packbits(keep).tobytes()).hexdigest()
     cache = folder.path / "finetune" / "cache"
-    per_seed: dict[int, dict[tuple[str, ...], tuple[float, int, float]]] = {}
+
+    def entry(stages: tuple[str, ...], seed: int) -> Path:
+        used = keep_digest if "curated" in stages else None
+        key = _digest({**common, "stages": stages, "keep": used, "seed": seed})[:20]
+        return cache / f"{'-'.join(stages)}-seed{seed}-{key}.json"
+
+    per_seed: dict[int, dict[tuple[str, ...], tuple[float, float, np.ndarray]]] = {}
     for seed in progress_bar(
         seed_list, desc="fine-tuning: seeds", total=len(seed_list), progress=progress
     ):
-        path = cache / f"seed-{seed}-{key}.json"
-        if path.is_file():
-            stored = read_json(path, what="fine-tuning cache")
-            per_seed[seed] = {parse_strategy(k): tuple(v) for k, v in stored.items()}
+        per_seed[seed] = {}
+        for stages in parsed:
+            if entry(stages, seed).is_file():
+                got = read_json(entry(stages, seed), what="fine-tuning cache")
+                per_seed[seed][stages] = (got["accuracy"], got["loss"], np.array(got["confusion"]))
+        missing = [s for s in parsed if s not in per_seed[seed]]
+        if not missing:
             continue
-        per_seed[seed] = _run_seed(
+        fresh = _run_seed(
             folder,
-            parsed,
+            missing,
             seed,
             keep,
             optimizer=opt_name,
@@ -1003,18 +1013,21 @@ def _finetune_locked(
             device=dev,
             test=data.test,
             m=m,
-            pair=(a, b),
-            progress=progress,
         )
-        write_json(path, {">".join(k): list(v) for k, v in per_seed[seed].items()})
+        for stages, (acc, loss, conf) in fresh.items():
+            write_json(
+                entry(stages, seed),
+                {"accuracy": acc, "loss": loss, "confusion": conf.tolist()},
+            )
+        per_seed[seed].update(fresh)
 
     results = tuple(
         StrategyResult(
             stages=s,
             seeds=tuple(seed_list),
             accuracy=tuple(float(per_seed[x][s][0]) for x in seed_list),
-            confusions=tuple(int(per_seed[x][s][1]) for x in seed_list),
-            loss=tuple(float(per_seed[x][s][2]) for x in seed_list),
+            confusions=tuple(confusion_count(per_seed[x][s][2], a, b) for x in seed_list),
+            loss=tuple(float(per_seed[x][s][1]) for x in seed_list),
         )
         for s in parsed
     )

@@ -6,7 +6,7 @@ reads β separates signal from noise with the bootstrap standard errors of Step 
 
 * **active** – prototype ``k`` is active in sample ``i`` when its *activity* (see
   :func:`whylook.intensity.activity`) is at least ``active_threshold``: by default its
-  final intensity relative to the sample's most intense prototype (threshold 0.5), or, with
+  final intensity relative to the sample's most intense prototype (threshold 0.3), or, with
   ``active_rule="mass"``, its share of the final saliency mass (threshold 0.1). Presence
   alone is not enough: background prototypes are present in every image.
 * **support** – the evidence that more attention to ``k`` raised the confidence in class
@@ -75,7 +75,7 @@ class StructureSettings:
     """Thresholds of Step 6. Every value is recorded in ``explanation.json``."""
 
     active_rule: str = "intensity"
-    active_threshold: float = -1.0  # < 0: the rule's default (0.5 intensity, 0.1 mass)
+    active_threshold: float = -1.0  # < 0: the rule's default (0.3 intensity, 0.1 mass)
     shared_rate: float = 0.5
     z_threshold: float = 2.0
     specialized_margin: float = 0.25
@@ -91,7 +91,7 @@ class StructureSettings:
                 f"active_rule must be 'intensity' or 'mass', not {self.active_rule!r}"
             )
         if self.active_threshold < 0:
-            default = 0.5 if self.active_rule == "intensity" else 0.1
+            default = 0.3 if self.active_rule == "intensity" else 0.1
             object.__setattr__(self, "active_threshold", default)
         for name in ("active_threshold", "shared_rate", "specialized_margin",
                      "uncertain_min_rate", "separation_tolerance"):

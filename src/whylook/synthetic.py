@@ -66,10 +66,11 @@ class PlantedDataset:
 
     def save_npz(self, path: str | Path) -> Path:
         """Write Keras-style ``x_train, y_train, x_test, y_test`` for ``npz:PATH``."""
-        path = Path(path)
-        np.savez(path, x_train=self.train.images[:, 0], y_train=self.train.labels,
-                 x_test=self.test.images[:, 0], y_test=self.test.labels)
-        return path
+        from whylook._io import save_npz
+
+        # Atomic like every file whylook writes (a data file cut short would be read as data).
+        return save_npz(path, {"x_train": self.train.images[:, 0], "y_train": self.train.labels,
+                               "x_test": self.test.images[:, 0], "y_test": self.test.labels})
 
 
 @dataclass(frozen=True)
