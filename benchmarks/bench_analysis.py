@@ -275,11 +275,23 @@ def run_floor(models: list[nn.Module], layer: str, images: np.ndarray, labels: n
 
 
 def run_captum(models: list[nn.Module], layer: str, images: np.ndarray, labels: np.ndarray,
-               bs: int, device: torch.device, nhwc: bool = False) -> Any:
+               bs: int, device: torch.device, nhwc: bool = False, second_pass: bool = False
+               ) -> Any:
+    """Captum's LayerGradCam plus softmax confidences: from logits caught by a hook on the
+    model (favourable to Captum), or (``second_pass``) from a separate no-grad forward pass,
+    which is what Captum's API offers (``attribute`` returns no logits)."""
     from captum.attr import LayerGradCam
 
     out = None
     for m in models:
+        if second_pass:
+            lgc = LayerGradCam(m, dict(m.named_modules())[layer])
+            for x, y in _batches(images, labels, bs, device):
+                sal = lgc.attribute(x, target=y, relu_attributions=True)[:, 0].detach()
+                with torch.no_grad():
+                    torch.softmax(m(x), 1).cpu().numpy()
+                out = out if out is not None else sal.cpu().numpy()
+            continue
         caught: dict[str, torch.Tensor] = {}
 
         def catch(_m: nn.Module, _i: Any, out: torch.Tensor, caught: dict = caught) -> None:
@@ -353,6 +365,7 @@ def bench_saliency(run: RunFolder, models: list[nn.Module], sizes: Sizes, device
     if available("captum"):
         contenders["captum"] = call(run_captum)
         contenders["captum (NHWC model)"] = call(run_captum, nhwc=True)
+        contenders["captum, 2nd pass for softmax"] = call(run_captum, second_pass=True)
     else:
         print("captum is not installed (pip install -e '.[bench]'): skipped")
     if available("pytorch_grad_cam"):
@@ -383,8 +396,11 @@ def bench_saliency(run: RunFolder, models: list[nn.Module], sizes: Sizes, device
             print(f"  saliency {name:22s} {times[name][-1]:7.2f} s", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     floor_name = min(("floor (NHWC)", "floor (NCHW)"), key=med.__getitem__)
+    # The strict comparison: Captum with the hook (its fastest way to both outputs).
     rivals = [k for k in ("captum", "grad-cam") if k in med]
     fastest_rival = min(rivals, key=med.__getitem__) if rivals else None
+    plain = [k for k in ("captum, 2nd pass for softmax", "grad-cam") if k in med]
+    fastest_plain = min(plain, key=med.__getitem__) if plain else None
     return {
         "checkpoints": len(models),
         "n": len(rows),
@@ -399,6 +415,9 @@ def bench_saliency(run: RunFolder, models: list[nn.Module], sizes: Sizes, device
         "fastest_rival": fastest_rival,
         "speedup_vs_fastest_rival": (med[fastest_rival] / med["whylook"]
                                      if fastest_rival else None),
+        "fastest_plain_rival": fastest_plain,
+        "speedup_vs_fastest_plain_rival": (med[fastest_plain] / med["whylook"]
+                                           if fastest_plain else None),
         "whylook_over_floor": med["whylook"] / med[floor_name],
         "max_rel_diff_vs_captum": agreement,
     }
@@ -704,7 +723,9 @@ def render(res: dict[str, Any]) -> str:
         if s["speedup_vs_fastest_rival"] is not None:
             lines.append("")
             lines.append(f"whylook is {s['speedup_vs_fastest_rival']:.2f}x the faster of Captum "
-                         f"and grad-cam ({s['fastest_rival']}); whylook / floor = "
+                         f"(logits by a hook) and grad-cam ({s['fastest_rival']}), "
+                         f"{s['speedup_vs_fastest_plain_rival']:.2f}x the faster of the two as "
+                         f"their APIs are used ({s['fastest_plain_rival']}); whylook / floor = "
                          f"{s['whylook_over_floor']:.2f}; max relative difference of the maps "
                          f"vs Captum {s['max_rel_diff_vs_captum']:.1e}.")
         lines.append("")
@@ -779,7 +800,10 @@ def targets(res: dict[str, Any]) -> dict[str, str]:
     s, e, mem, sc = (res.get(k) for k in ("saliency", "explain", "memory", "scaling"))
     if s and s["speedup_vs_fastest_rival"] is not None:
         v = s["speedup_vs_fastest_rival"]
-        out["saliency >= 1.5x the faster of Captum and grad-cam"] = (
+        out["saliency >= 1.5x the faster of Captum (logits by a hook) and grad-cam"] = (
+            f"{v:.2f}x — {'met' if v >= 1.5 else 'NOT met'}")
+        v = s["speedup_vs_fastest_plain_rival"]
+        out["saliency >= 1.5x the faster of Captum (2nd pass for softmax) and grad-cam"] = (
             f"{v:.2f}x — {'met' if v >= 1.5 else 'NOT met'}")
     if e:
         v = e["over_floor"]

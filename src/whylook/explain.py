@@ -100,7 +100,8 @@ class Explanation:
                                                              else ""))
         unc = d["uncertain_prototypes"]
         lines.append("")
-        lines.append(f"Uncertain prototypes: {len(unc)} of {d['k']}")
+        n_unc = len({u["id"] for u in unc})
+        lines.append(f"Uncertain prototypes: {n_unc} of {d['k']} ({len(unc)} class pairs)")
         for u in unc[:10]:
             lines.append(
                 f"  {u['id']}: swings {u['swings']}x between {u['classes'][0]} and "
