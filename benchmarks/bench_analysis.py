@@ -659,21 +659,29 @@ def bench_memory(run: RunFolder, sizes: Sizes, threads: int, device: torch.devic
 # ----------------------------------------------------------------------------- scaling
 
 
-def bench_scaling(run24: RunFolder, run12: RunFolder, sizes: Sizes, device: torch.device,
-                  main: dict[str, Any]) -> dict[str, Any]:
-    """Section 4: explain at (n, T+1), (2n, T+1) [the main run], (n, 2(T+1))."""
+def bench_scaling(run24: RunFolder, run12: RunFolder, sizes: Sizes, device: torch.device
+                  ) -> dict[str, Any]:
+    """Section 4: explain at (n, T+1), (2n, T+1) and (n, 2(T+1)).
+
+    The points run in the order A B C C B A and each is the mean of its two runs, which
+    cancels a load that drifts linearly over the section (on a shared machine it does).
+    """
     n = sizes.scaling_n
-    points = {}
-    for name, run, size in (("base", run12, n), ("2T", run24, n)):
+    plan = {"base": (run12, n), "2n": (run12, 2 * n), "2T": (run24, n)}
+    runs: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for name in ["base", "2n", "2T", "2T", "2n", "base"]:
+        run, size = plan[name]
         total, stages = timed_explain(run, device, analysis_size=size)
-        points[name] = {"n": size, "checkpoints": len(run.checkpoints), "seconds": total,
-                        "saliency_seconds": stages.get("saliency (Grad-CAM, T+1 passes)", 0.0)}
+        runs[name].append((total, stages.get("saliency (Grad-CAM, T+1 passes)", 0.0)))
         print(f"  scaling {name}: n={size}, T+1={len(run.checkpoints)}: {total:.2f} s",
               flush=True)
-    points["2n"] = {"n": main["n"], "checkpoints": main["checkpoints"],
-                    "seconds": main["seconds"],
-                    "saliency_seconds": main["stages"].get("saliency (Grad-CAM, T+1 passes)",
-                                                           0.0)}
+    points = {
+        name: {"n": plan[name][1], "checkpoints": len(plan[name][0].checkpoints),
+               "seconds": statistics.mean(t for t, _ in runs[name]),
+               "saliency_seconds": statistics.mean(s for _, s in runs[name]),
+               "runs": runs[name]}
+        for name in plan
+    }
 
     def exponent(key: str, other: str, factor: float) -> float:
         return math.log(points[other][key] / points["base"][key]) / math.log(factor)
@@ -771,7 +779,7 @@ def render(res: dict[str, Any]) -> str:
     sc = res.get("scaling")
     if sc:
         lines += [
-            "**Scaling** (explain, fresh cache each):",
+            "**Scaling** (explain, fresh cache each; points run A B C C B A, mean of two):",
             "",
             "| point | n | T+1 | explain (s) | its saliency stage (s) |",
             "|---|---:|---:|---:|---:|",
@@ -893,13 +901,13 @@ def _main(args: argparse.Namespace) -> int:
     run_main = subset_run(run, spread(sizes.saliency_checkpoints, len(run.checkpoints)),
                           args.runs_dir / f"{base}-sub{sizes.saliency_checkpoints}")
     models = (load_models(run_main, device)  # loaded once, shared by both sections
-              if sections & {"saliency", "explain", "scaling"} else [])
+              if sections & {"saliency", "explain"} else [])
     if "saliency" in sections:
         print("saliency stage ...", flush=True)
         res["saliency"] = bench_saliency(run_main, models, sizes, device, args.batch_size)
         save()
     nhwc = res.get("saliency", {}).get("floor", "floor (NHWC)") == "floor (NHWC)"
-    if "explain" in sections or "scaling" in sections:
+    if "explain" in sections:
         print("explain ...", flush=True)
         res["explain"] = bench_explain(run_main, models, sizes.explain_n, device,
                                        args.batch_size, nhwc)
@@ -909,7 +917,7 @@ def _main(args: argparse.Namespace) -> int:
         print("scaling ...", flush=True)
         double = subset_run(run, spread(2 * sizes.saliency_checkpoints, len(run.checkpoints)),
                             args.runs_dir / f"{base}-sub{2 * sizes.saliency_checkpoints}")
-        res["scaling"] = bench_scaling(double, run_main, sizes, device, res["explain"])
+        res["scaling"] = bench_scaling(double, run_main, sizes, device)
         save()
     if "memory" in sections:
         print("prototype-stage memory ...", flush=True)

@@ -55,21 +55,21 @@ def test_confusion_matrix_rows_are_true_classes():
 
 def test_curated_rule_removes_exactly_active_samples_of_the_swing_classes():
     labels = np.array([2, 2, 7, 7, 1, 1, 2, 7])
-    share = np.zeros((8, 3))
-    share[:, 0] = [0.10, 0.09, 0.5, 0.0, 0.9, 0.2, 0.0, 0.0]  # P-0 swings 2<->7
-    share[:, 1] = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.3, 0.1]  # P-1 swings 1<->7
-    keep, removed = curated_mask(labels, share, [(0, 2, 7)], 0.1)
+    act = np.zeros((8, 3))  # activity by the explanation's rule
+    act[:, 0] = [0.10, 0.09, 0.5, 0.0, 0.9, 0.2, 0.0, 0.0]  # P-0 swings 2<->7
+    act[:, 1] = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.3, 0.1]  # P-1 swings 1<->7
+    keep, removed = curated_mask(labels, act, [(0, 2, 7)], 0.1)
     # 0: a 2 at exactly the threshold (>=) -> out; 1: below -> in; 2: a 7 -> out;
     # 4, 5: ones that contain P-0, but 1 is not a class P-0 swings between -> in.
     assert np.flatnonzero(~keep).tolist() == [0, 2]
     assert removed == {0: 2}
-    keep_any, _ = curated_mask(labels, share, [(0, 2, 7)], 0.1, only_swing_classes=False)
+    keep_any, _ = curated_mask(labels, act, [(0, 2, 7)], 0.1, only_swing_classes=False)
     assert np.flatnonzero(~keep_any).tolist() == [0, 2, 4, 5]
-    keep2, removed2 = curated_mask(labels, share, [(0, 2, 7), (1, 1, 7)], 0.1)
+    keep2, removed2 = curated_mask(labels, act, [(0, 2, 7), (1, 1, 7)], 0.1)
     assert np.flatnonzero(~keep2).tolist() == [0, 2, 7]  # row 6 is a 2: P-1 is about 1<->7
     assert removed2 == {0: 2, 1: 1}
-    with pytest.raises(WhylookError, match="mass_share"):
-        curated_mask(labels, share[:3], [(0, 2, 7)], 0.1)
+    with pytest.raises(WhylookError, match="activity must have shape"):
+        curated_mask(labels, act[:3], [(0, 2, 7)], 0.1)
 
 
 def test_seed_fixes_the_order_and_nothing_else():
@@ -218,12 +218,13 @@ def small_run(tmp_path_factory) -> Path:
     return out
 
 
-def _train_share(run_path: Path) -> tuple[np.ndarray, np.ndarray, float, list]:
+def _train_activity(run_path: Path) -> tuple[np.ndarray, np.ndarray, float, list]:
     """The rule's inputs, recomputed independently of finetune's cache: Grad-CAM and
-    features of every training sample, one small batch at a time."""
+    features of every training sample, in other batches, and the explanation's activity
+    rule applied to them."""
     from whylook.explain import load_explanation
     from whylook.finetune import load_prototypes
-    from whylook.intensity import mass_share
+    from whylook.intensity import activity
     from whylook.run import RunFolder
     from whylook.saliency import grad_cam
 
@@ -235,9 +236,10 @@ def _train_share(run_path: Path) -> tuple[np.ndarray, np.ndarray, float, list]:
     res = grad_cam(
         model, exp.data["layer"], train.images, train.labels, batch_size=97, return_features=True
     )
-    share = mass_share(res.saliency, protos.assign(res.features), protos.k)
+    rule = exp.data["structure_settings"]["active_rule"]
+    act = activity(res.saliency, protos.assign(res.features), protos.k, rule=rule)
     thr = exp.data["structure_settings"]["active_threshold"]
-    return train.labels, share, thr, exp.data["uncertain_prototypes"]
+    return train.labels, act, thr, exp.data["uncertain_prototypes"]
 
 
 @pytest.mark.slow
@@ -247,16 +249,16 @@ def test_curated_set_excludes_exactly_the_samples_the_rule_says(small_run):
     res = finetune(
         small_run, pair="auto", strategies=["curated"], seeds=[0], device="cpu", progress=False
     )
-    labels, share, thr, unc = _train_share(small_run)
+    labels, act, thr, unc = _train_activity(small_run)
     a, b = res.pair
     ids = [int(u["id"][2:]) for u in unc if sorted(u["classes"]) == sorted([a, b])]
     expect_removed = np.zeros(len(labels), bool)
     for p in ids:
-        expect_removed |= (share[:, p] >= thr) & np.isin(labels, [int(a), int(b)])
+        expect_removed |= (act[:, p] >= thr) & np.isin(labels, [int(a), int(b)])
     # Independent recomputation; only a sample on the threshold's float edge may differ.
     edge = np.zeros(len(labels), bool)
     for p in ids:
-        edge |= np.abs(share[:, p] - thr) < 1e-5
+        edge |= np.abs(act[:, p] - thr) < 1e-5
     diff = (~res.curated.keep) != expect_removed
     assert not (diff & ~edge).any()
     assert res.curated.n_removed == int((~res.curated.keep).sum()) > 0

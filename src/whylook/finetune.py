@@ -13,8 +13,9 @@ The rules, as this module pins them down (every value is recorded in ``finetune.
   the final checkpoint. A pair without an uncertain prototype is refused: its curated set
   would equal the full set, and the experiment would measure nothing.
 * **Curated set.** The training split minus every sample ``i`` that *contains* one of the
-  pair's uncertain prototypes ``p``: ``p`` is active in ``i`` (its share of ``i``'s final
-  Grad-CAM mass is at least the explanation's ``active_threshold``) and, by default,
+  pair's uncertain prototypes ``p``: ``p`` is active in ``i`` by the explanation's own
+  rule (its final-checkpoint activity, :func:`whylook.intensity.activity` with the
+  explanation's ``active_rule``, is at least its ``active_threshold``) and, by default,
   ``i`` belongs to one of the two classes ``p`` swings between (METHOD Step 7). That needs
   the prototype assignments and final saliency for the *whole* training split; they are
   computed in shards and cached under ``RUN/finetune/cache``.
@@ -63,6 +64,7 @@ __all__ = [
     "CuratedSet",
     "FinetuneResult",
     "StrategyResult",
+    "active_rule",
     "choose_pair",
     "confusion_count",
     "confusion_matrix",
@@ -73,7 +75,7 @@ __all__ = [
     "parse_strategy",
     "require_explanation",
     "stage_order",
-    "training_mass_share",
+    "training_activity",
 ]
 
 SCHEMA = "whylook.finetune/1"
@@ -319,11 +321,16 @@ class CuratedSet:
             if self.rule["only_swing_classes"]
             else "samples of any class"
         )
+        measure = (
+            "hold at least {t:g} of the final Grad-CAM mass"
+            if self.rule.get("active_rule") == "mass"
+            else "reach at least {t:g} of the intensity of the sample's most looked-at "
+            "prototype (final Grad-CAM)"
+        ).format(t=self.rule["active_threshold"])
         return (
             f"curated set: removed {self.n_removed} of {self.n_full} training samples "
             f"({100 * self.n_removed / max(self.n_full, 1):.2f}%: {by_class or 'none'}) - "
-            f"{only} in which uncertain prototype(s) {', '.join(self.prototypes)} hold at "
-            f"least {self.rule['active_threshold']:g} of the final Grad-CAM mass"
+            f"{only} in which uncertain prototype(s) {', '.join(self.prototypes)} {measure}"
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -344,7 +351,7 @@ class CuratedSet:
 
 def curated_mask(
     labels: np.ndarray,
-    mass_share: np.ndarray,
+    activity: np.ndarray,
     uncertain: Sequence[tuple[int, int, int]],
     threshold: float,
     *,
@@ -354,9 +361,12 @@ def curated_mask(
 
     Args:
         labels: ``(N,)`` classes of the training split.
-        mass_share: ``(N, K)`` each prototype's share of the sample's final saliency mass.
+        activity: ``(N, K)`` how strongly each prototype is looked at in each sample at
+            the final checkpoint, by the explanation's rule
+            (:func:`whylook.intensity.activity`).
         uncertain: ``(prototype, class_a, class_b)`` for each uncertain prototype used.
-        threshold: the explanation's ``active_threshold``.
+        threshold: the explanation's ``active_threshold``: ``activity >= threshold`` is
+            "active", the same rule ``explain`` used.
         only_swing_classes: remove only samples of ``class_a``/``class_b`` (the default,
             METHOD Step 7); otherwise samples of any class that contain the prototype.
 
@@ -365,19 +375,19 @@ def curated_mask(
 
     Example:
         >>> labels = np.array([0, 1, 2, 0])
-        >>> share = np.array([[0.5, 0.5], [0.05, 0.95], [0.6, 0.4], [0.0, 1.0]])
-        >>> keep, removed = curated_mask(labels, share, [(0, 0, 1)], 0.1)
+        >>> act = np.array([[0.5, 0.5], [0.05, 0.95], [0.6, 0.4], [0.0, 1.0]])
+        >>> keep, removed = curated_mask(labels, act, [(0, 0, 1)], 0.1)
         >>> keep.tolist(), removed
         ([False, True, True, True], {0: 1})
     """
     labels = np.asarray(labels)
-    share = np.asarray(mass_share)
-    if share.ndim != 2 or share.shape[0] != labels.shape[0]:
-        raise WhylookError(f"mass_share must have shape ({labels.shape[0]}, K), not {share.shape}")
+    act = np.asarray(activity)
+    if act.ndim != 2 or act.shape[0] != labels.shape[0]:
+        raise WhylookError(f"activity must have shape ({labels.shape[0]}, K), not {act.shape}")
     remove = np.zeros(labels.shape[0], dtype=bool)
     removed: dict[int, int] = {}
     for p, a, b in uncertain:
-        hit = share[:, p] >= threshold
+        hit = act[:, p] >= threshold
         if only_swing_classes:
             hit &= (labels == a) | (labels == b)
         removed[int(p)] = int(hit.sum())
@@ -385,7 +395,20 @@ def curated_mask(
     return ~remove, removed
 
 
-def training_mass_share(
+def active_rule(explanation: Any) -> tuple[str, float]:
+    """The explanation's activity rule and threshold (``"mass"`` for explanations written
+    before the rule was recorded).
+
+    >>> from types import SimpleNamespace
+    >>> active_rule(SimpleNamespace(data={"structure_settings": {"active_threshold": 0.3,
+    ...                                                           "active_rule": "intensity"}}))
+    ('intensity', 0.3)
+    """
+    settings = explanation.data["structure_settings"]
+    return str(settings.get("active_rule", "mass")), float(settings["active_threshold"])
+
+
+def training_activity(
     folder: Any,
     explanation: Any,
     prototypes: Any,
@@ -394,14 +417,15 @@ def training_mass_share(
     batch_size: int = 256,
     progress: bool | None = None,
 ) -> np.ndarray:
-    """``(N, K)`` float32: each prototype's share of the final Grad-CAM mass, for every
-    sample of the training split (not only the analysis set).
+    """``(N, K)`` float32: how strongly each prototype is looked at in every sample of the
+    training split (not only the analysis set) at the final checkpoint, by the
+    explanation's activity rule (:func:`whylook.intensity.activity`).
 
     Computed in shards with the final checkpoint, and each shard cached under
-    ``RUN/finetune/cache`` keyed by the checkpoint, prototypes, layer and data, so an
+    ``RUN/finetune/cache`` keyed by the checkpoint, prototypes, rule, layer and data, so an
     interrupted run resumes and a changed input never reuses a stale shard.
     """
-    from whylook.intensity import mass_share
+    from whylook.intensity import activity
     from whylook.saliency import GradCAM
 
     data = folder.data()
@@ -415,6 +439,7 @@ def training_mass_share(
             "ckpt": file_digest(folder.path / folder.checkpoints[last].file),
             "protos": _digest({n: prototypes.to_arrays()[n].tolist() for n in ("mean", "centers")}),
             "layer": layer,
+            "rule": active_rule(explanation)[0],
             "data": getattr(data, "digest", folder.config.get("data")),
             "shard": _SHARD,
         }
@@ -429,10 +454,10 @@ def training_mass_share(
         )
     ):
         hi = min(lo + _SHARD, n)
-        path = cache / f"mass-share-s{s:04d}-{key}.npz"
+        path = cache / f"activity-s{s:04d}-{key}.npz"
         if path.is_file():
             with np.load(path) as z:
-                out[lo:hi] = z["mass_share"]
+                out[lo:hi] = z["activity"]
             continue
         if model is None:
             model = folder.load_model(last, device=str(device))
@@ -442,9 +467,9 @@ def training_mass_share(
             train.images[lo:hi], train.labels[lo:hi], batch_size=batch_size, return_features=True
         ):
             assign = prototypes.assign(res.features)
-            parts.append(mass_share(res.saliency, assign, k))
+            parts.append(activity(res.saliency, assign, k, rule=active_rule(explanation)[0]))
         out[lo:hi] = np.concatenate(parts)
-        save_npz(path, {"mass_share": out[lo:hi]})
+        save_npz(path, {"activity": out[lo:hi]})
     return out
 
 
@@ -909,33 +934,33 @@ def _finetune_locked(
     if scope == "all":
         protos = list(exp.data.get("uncertain_prototypes", []))
 
-    threshold = float(exp.data["structure_settings"]["active_threshold"])
+    rule, threshold = active_rule(exp)
     prototypes = load_prototypes(folder, exp, device=str(dev))
-    share = training_mass_share(folder, exp, prototypes, device=dev, progress=progress)
+    act = training_activity(folder, exp, prototypes, device=dev, progress=progress)
     uncertain = [
         (int(u["id"].split("-")[1]), *(classes.index(str(c)) for c in u["classes"])) for u in protos
     ]
     keep, removed_by_proto = curated_mask(
-        data.train.labels, share, uncertain, threshold, only_swing_classes=only_swing_classes
+        data.train.labels, act, uncertain, threshold, only_swing_classes=only_swing_classes
     )
-    # The same rule on the analysis rows, read from the explanation's own `active` matrix:
-    # how far the whole-split recomputation agrees with what `explain` stored.
-    agreement = None
-    if "mass_share" in exp.arrays:
-        keep_rows, _ = curated_mask(
-            exp.arrays["labels"],
-            exp.arrays["mass_share"],
-            uncertain,
-            threshold,
-            only_swing_classes=only_swing_classes,
-        )
-        agreement = round(float((keep_rows == keep[exp.arrays["sample_index"]]).mean()), 6)
+    # The same rule on the analysis rows, read from the explanation's own `active` matrix
+    # (True/False as 1/0, so a threshold of 1 keeps its verdicts): how far the whole-split
+    # recomputation agrees with what `explain` stored.
+    keep_rows, _ = curated_mask(
+        exp.arrays["labels"],
+        exp.arrays["active"].astype(np.float32),
+        uncertain,
+        1.0,
+        only_swing_classes=only_swing_classes,
+    )
+    agreement = round(float((keep_rows == keep[exp.arrays["sample_index"]]).mean()), 6)
     labels = data.train.labels
     curated = CuratedSet(
         pair=(classes[a], classes[b]),
         prototypes=tuple(u["id"] for u in protos),
         rule={
             "contain": "active",
+            "active_rule": rule,
             "active_threshold": threshold,
             "scope": scope,
             "only_swing_classes": bool(only_swing_classes),
