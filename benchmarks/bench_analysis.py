@@ -663,8 +663,10 @@ def bench_scaling(run24: RunFolder, run12: RunFolder, sizes: Sizes, device: torc
                   ) -> dict[str, Any]:
     """Section 4: explain at (n, T+1), (2n, T+1) and (n, 2(T+1)).
 
-    The points run in the order A B C C B A and each is the mean of its two runs, which
-    cancels a load that drifts linearly over the section (on a shared machine it does).
+    The points run in the order A B C C B A and each takes the faster of its two runs:
+    other work on a shared machine only ever adds time, and a load spike during one run
+    (two OpenMP threads on two busy cores can run 5x slower) would otherwise decide the
+    exponent. All runs are kept in the JSON.
     """
     n = sizes.scaling_n
     plan = {"base": (run12, n), "2n": (run12, 2 * n), "2T": (run24, n)}
@@ -677,8 +679,8 @@ def bench_scaling(run24: RunFolder, run12: RunFolder, sizes: Sizes, device: torc
               flush=True)
     points = {
         name: {"n": plan[name][1], "checkpoints": len(plan[name][0].checkpoints),
-               "seconds": statistics.mean(t for t, _ in runs[name]),
-               "saliency_seconds": statistics.mean(s for _, s in runs[name]),
+               "seconds": min(t for t, _ in runs[name]),
+               "saliency_seconds": min(s for _, s in runs[name]),
                "runs": runs[name]}
         for name in plan
     }
@@ -779,7 +781,8 @@ def render(res: dict[str, Any]) -> str:
     sc = res.get("scaling")
     if sc:
         lines += [
-            "**Scaling** (explain, fresh cache each; points run A B C C B A, mean of two):",
+            "**Scaling** (explain, fresh cache each; points run A B C C B A, the faster of "
+            "each point's two runs):",
             "",
             "| point | n | T+1 | explain (s) | its saliency stage (s) |",
             "|---|---:|---:|---:|---:|",
@@ -815,11 +818,18 @@ def targets(res: dict[str, Any]) -> dict[str, str]:
             f"{v:.2f}x — {'met' if v >= 1.5 else 'NOT met'}")
     if e:
         v = e["over_floor"]
-        out["explain within 1.3x of the floor"] = f"{v:.2f}x — {'met' if v <= 1.3 else 'NOT met'}"
+        note = " (--quick: fixed costs dominate at these sizes)" if res.get("quick") else ""
+        out["explain within 1.3x of the floor"] = (
+            f"{v:.2f}x — {'met' if v <= 1.3 else 'NOT met'}{note}")
     if mem and mem["growth_ratio"] is not None:
         v = mem["growth_ratio"]
+        verdict = "met" if v <= 1.5 else "NOT met"
+        if res.get("quick"):
+            # Both quick sizes stay below the fixed K-Means subsample (200,000 vectors), so the
+            # subsample itself grows with the set: no test of the flat-memory design.
+            verdict = "not a test in --quick (both sets are below the K-Means subsample)"
         out["prototype-stage peak memory grows <= 1.5x for a 6x prototype set"] = (
-            f"{v:.2f}x — {'met' if v <= 1.5 else 'NOT met'}")
+            f"{v:.2f}x — {verdict}")
     if sc:
         worst = max(sc["exponent_n"], sc["exponent_T"])
         out["time linear in n and T"] = (
@@ -879,7 +889,7 @@ def _main(args: argparse.Namespace) -> int:
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/bench_analysis.py " + " ".join(sys.argv[1:])
     res: dict[str, Any] = {"command": command.strip(), "data": data, "model": args.model,
-                           "whylook_layout": args.whylook_layout,
+                           "whylook_layout": args.whylook_layout, "quick": args.quick,
                            "sizes": sizes.__dict__,
                            "machine": machine_info(args.threads, device)}
     print(json.dumps(res["machine"]), flush=True)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -308,7 +309,9 @@ def run_setting(
         },
         "timings_seconds": timings,
     }
-    stem = RESULTS / f"{name}-{scale_name}"
+    # Another pair is a variant of the setting: its own results files, same runs.
+    variant = "" if pair == "auto" else "-pair-" + "-".join(ft.pair)
+    stem = RESULTS / f"{name}-{scale_name}{variant}"
     _write(stem, result)
 
     run_b, exp_b = _run(setting, scale, base / "seed1", 1, device, timings)
@@ -316,18 +319,45 @@ def run_setting(
     cmp = compare(run_a, run_b, device=device)
     timings["compare"] = round(time.perf_counter() - t0, 1)
     print(cmp.summary(), flush=True)
+    # The noise floor of the comparison: the same run, explained again with another analysis
+    # seed (other analysis rows, another K-Means start). What A vs. B adds beyond this is
+    # the difference in strategy.
+    t0 = time.perf_counter()
+    again = _reexplained(run_a, scale, base / "seed0-analysis-seed1", device)
+    floor = compare(run_a, again, out=base / "noise-floor.json", device=device)
+    timings["noise_floor"] = round(time.perf_counter() - t0, 1)
+    print(floor.summary(), flush=True)
     timings["total_this_call"] = round(time.perf_counter() - t_all, 1)
     result["final_test_accuracy"]["b"] = run_b.checkpoints[-1].test_accuracy
     result["explanation"]["learning_order_correlation"]["b"] = exp_b.data[
         "learning_order_correlation"
     ]
-    # The confusion matrices and the full matching live in RUN_A/compare; keep the summary.
-    slim = json.loads(json.dumps(cmp.data))
-    slim["confusion"] = {k: v for k, v in slim["confusion"].items() if k not in {"a", "b"}}
-    slim["matching"]["pairs"] = slim["matching"]["pairs"][:10]
-    result["compare"] = slim
+    result["compare"] = _slim(cmp.data)
+    result["noise_floor"] = _slim(floor.data)
     _write(stem, result)
     return result
+
+
+def _slim(data: dict[str, Any]) -> dict[str, Any]:
+    """A comparison without its confusion matrices and with 10 matches (the whole of it
+    lives beside the runs)."""
+    slim = json.loads(json.dumps(data))
+    slim["confusion"] = {k: v for k, v in slim["confusion"].items() if k not in {"a", "b"}}
+    slim["matching"]["pairs"] = slim["matching"]["pairs"][:10]
+    return slim
+
+
+def _reexplained(run: Any, scale: Scale, folder: Path, device: str) -> Any:
+    """A copy of ``run`` (checkpoints hard-linked) explained with analysis seed 1."""
+    from whylook.explain import explain
+    from whylook.run import RunFolder
+
+    if not (folder / "analysis" / "explanation.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(run.path / "checkpoints", folder / "checkpoints", copy_function=os.link)
+        shutil.copy2(run.path / "run.json", folder / "run.json")
+        explain(folder, k=scale.k, analysis_size=scale.analysis_size, seed=1, device=device)
+    return RunFolder.open(folder)
 
 
 def _write(stem: Path, result: dict[str, Any]) -> None:
@@ -424,6 +454,18 @@ def markdown(r: dict[str, Any]) -> str:
             f"{_num(cmp['confusion']['pair_spearman'])}; learning-order agreement ρ = "
             f"{_num(cmp['learning_order']['spearman'])}."
         )
+    nf = r.get("noise_floor")
+    if nf is not None:
+        lines += [
+            "",
+            f"Noise floor (run A against itself, explained again with analysis seed 1): "
+            f"{nf['matching']['n_matched']} of {nf['matching']['k_a']} matched (mean IoU "
+            f"{nf['matching']['mean_iou']:.2f}); β-trajectory correlation "
+            f"{_num(nf['beta']['mean'])}; strategy difference "
+            f"{_num(nf['strategy_difference']['value'], '.3f')}; shared-prototype Jaccard "
+            f"{_num(nf['shared_prototypes']['mean_jaccard'], '.2f')}; learning-order agreement "
+            f"ρ = {_num(nf['learning_order']['spearman'])}.",
+        ]
     timings = ", ".join(f"{k} {v}" for k, v in r["timings_seconds"].items())
     lines += ["", f"Wall time (s): {timings}."]
     return "\n".join(lines)
