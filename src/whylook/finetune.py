@@ -1016,6 +1016,7 @@ def _finetune_locked(
         return cache / f"{'-'.join(stages)}-seed{seed}-{key}.json"
 
     per_seed: dict[int, dict[tuple[str, ...], tuple[float, float, np.ndarray]]] = {}
+    computed = 0
     for seed in progress_bar(
         seed_list, desc="fine-tuning: seeds", total=len(seed_list), progress=progress
     ):
@@ -1045,6 +1046,9 @@ def _finetune_locked(
                 {"accuracy": acc, "loss": loss, "confusion": conf.tolist()},
             )
         per_seed[seed].update(fresh)
+        computed += len(fresh)
+    # Recorded after the cache key was made: it says how much this call computed.
+    settings["computed_now"] = f"{computed} of {len(parsed) * len(seed_list)} strategy-seed results"
 
     results = tuple(
         StrategyResult(
