@@ -83,6 +83,7 @@ SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
 import whylook  # noqa: E402
+from whylook.data import to_tensor  # noqa: E402
 from whylook.run import RunFolder  # noqa: E402
 
 
@@ -604,6 +605,15 @@ def memory_child(run_path: str, proto_size: int, analysis_n: int, device: str) -
     import whylook.patterns  # noqa: F401
 
     shutil.rmtree(run.path / "analysis", ignore_errors=True)
+    if dev.type == "cuda":
+        # The CUDA context, cuDNN and cuBLAS take GBs of host memory at their first use;
+        # they belong to the process, not to the stage, so one pass is made before the
+        # baseline.
+        warm = run.load_model(len(run.checkpoints) - 1, device=device)
+        x = to_tensor(np.asarray(run.data().train.images[:2])).to(dev)
+        warm(x.requires_grad_()).sum().backward()
+        del warm, x
+        torch.cuda.synchronize(dev)
     gc.collect()
     try:  # "5" resets the peak (VmHWM) to the current RSS (Linux >= 4.0)
         Path("/proc/self/clear_refs").write_text("5")

@@ -258,7 +258,9 @@ def run_setting(
     short by a time limit still leaves its fine-tuning table behind.
     """
     from whylook.compare import compare
+    from whylook.errors import WhylookError
     from whylook.finetune import finetune
+    from whylook.models import resolve_device
 
     setting = SETTINGS[name]
     scale = setting.scales[scale_name]
@@ -268,14 +270,23 @@ def run_setting(
     t_all = time.perf_counter()
 
     run_a, exp_a = _run(setting, scale, base / "seed0", 0, device, timings)
-    _log(exp_a.summary().split("\n\n")[0])
+    print(exp_a.summary(), flush=True)
     chosen = ",".join(setting.paper_pair) if pair == "paper" else pair
     _log(f"fine-tuning: pair {chosen}, {n_seeds} seeds")
     t0 = time.perf_counter()
-    ft = finetune(run_a, pair=chosen, seeds=n_seeds, device=device)
-    if not ft.settings["computed_now"].startswith("0 of"):  # else all came from the cache
-        timings["finetune"] = round(time.perf_counter() - t0, 1)
-    print(ft.table(), flush=True)
+    ft: Any = None
+    try:
+        ft = finetune(run_a, pair=chosen, seeds=n_seeds, device=device)
+    except WhylookError as exc:
+        # A refusal is a result too (e.g. no uncertain prototypes: no curated set); the
+        # learning order and the seed comparison do not depend on it.
+        _log(f"fine-tuning refused: {exc}")
+        ft_json: dict[str, Any] = {"error": str(exc), "pair": None}
+    else:
+        if not ft.settings["computed_now"].startswith("0 of"):  # else all from the cache
+            timings["finetune"] = round(time.perf_counter() - t0, 1)
+        print(ft.table(), flush=True)
+        ft_json = ft.to_json()
     result: dict[str, Any] = {
         "setting": name,
         "scale": scale_name,
@@ -283,7 +294,7 @@ def run_setting(
         "seeds": n_seeds,
         "data": setting.data.replace(str(ROOT.parent), ".."),
         "model": setting.model,
-        "device": str(ft.settings["device"]),
+        "device": str(resolve_device(device)),
         "final_test_accuracy": {"a": run_a.checkpoints[-1].test_accuracy, "b": None},
         "train_seconds_per_epoch": run_a.manifest.get("measured", {}).get("seconds_per_epoch"),
         "explanation": {
@@ -301,7 +312,7 @@ def run_setting(
             "learning_order_first": [p["pair"] for p in exp_a.data["learning_order"][:5]],
             "learning_order_last": [p["pair"] for p in exp_a.data["learning_order"][-5:]],
         },
-        "finetune": ft.to_json(),
+        "finetune": ft_json,
         "compare": None,
         "paper": {
             "title": setting.paper_title,
@@ -311,7 +322,7 @@ def run_setting(
         "timings_seconds": timings,
     }
     # Another pair is a variant of the setting: its own results files, same runs.
-    variant = "" if pair == "auto" else "-pair-" + "-".join(ft.pair)
+    variant = "" if pair == "auto" or ft is None else "-pair-" + "-".join(ft.pair)
     stem = RESULTS / f"{name}-{scale_name}{variant}"
     if stem.with_suffix(".json").is_file():
         # Stages reused from an earlier call keep the times that call measured.
@@ -393,7 +404,6 @@ def _pairs(pairs: list[list[str]]) -> str:
 def markdown(r: dict[str, Any]) -> str:
     """The RESULTS.md section of one setting, from its results JSON."""
     ft, cmp, paper = r["finetune"], r["compare"], r["paper"]
-    a, b = ft["pair"]
     pa, pb = paper["pair"]
     sc = r["scale_settings"]
     lines = [
@@ -406,15 +416,21 @@ def markdown(r: dict[str, Any]) -> str:
         f"Final test accuracy of run A {_pct(r['final_test_accuracy']['a'])}, run B "
         f"{_pct(r['final_test_accuracy']['b'])}.",
         "",
-        f"Pair: {ft['pair_reason']}. {ft['curated']['description']}.",
-        "",
-        f"| strategy | whylook accuracy (%) | whylook {a}↔{b} confusions | paper accuracy "
-        f"(%) | paper {pa}↔{pb} confusions |",
-        "|---|---|---|---|---|",
-        f"| θ_T (no fine-tuning) | {100 * ft['start']['test_accuracy']:.2f} | "
-        f"{ft['start']['confusions']} | — | — |",
     ]
-    for row in ft["strategies"]:
+    if "error" in ft:
+        lines.append(f"Fine-tuning: refused, so no table: {ft['error']}")
+    else:
+        a, b = ft["pair"]
+        lines += [
+            f"Pair: {ft['pair_reason']}. {ft['curated']['description']}.",
+            "",
+            f"| strategy | whylook accuracy (%) | whylook {a}↔{b} confusions | paper "
+            f"accuracy (%) | paper {pa}↔{pb} confusions |",
+            "|---|---|---|---|---|",
+            f"| θ_T (no fine-tuning) | {100 * ft['start']['test_accuracy']:.2f} | "
+            f"{ft['start']['confusions']} | — | — |",
+        ]
+    for row in ft.get("strategies", []):
         p = paper["rows"].get(row["name"])
         lines.append(
             f"| {row['strategy']} | {_pm(row['accuracy_mean'], row['accuracy_std'])} | "
