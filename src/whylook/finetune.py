@@ -865,7 +865,7 @@ def finetune(
         >>> print(res.table())  # doctest: +SKIP
     """
     folder = _open(run)
-    exp = require_explanation(folder)
+    require_explanation(folder)  # the one-line error before anything else
     parsed = [parse_strategy(s) for s in strategies]
     if not parsed or len(set(parsed)) != len(parsed):
         raise WhylookError("give at least one strategy, each once (e.g. full>full,curated>full)")
@@ -876,9 +876,10 @@ def finetune(
         raise WhylookError(f"scope must be 'pair' or 'all', not {scope!r}")
     dev = resolve_device(device)
     with run_lock(folder.path):
+        # Read again under the lock: an explain that held it may have rewritten the file.
         return _finetune_locked(
             folder,
-            exp,
+            require_explanation(folder),
             pair,
             parsed,
             seed_list,
