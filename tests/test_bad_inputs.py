@@ -437,6 +437,11 @@ CASES: dict[str, Case] = {
         "whylook explain",
         lambda c: c.explain(c.edit_manifest(c.run(), lambda m: m["config"].pop("model"))),
     ),
+    "run-model-code-untrusted": (
+        "whylook explain",
+        lambda c: c.explain(c.edit_manifest(
+            c.run(), lambda m: m["config"].update(model="whylook_untrusted_probe:build"))),
+    ),
     "explanation-missing": ("whylook report", lambda c: ["report", str(c.run())]),
     "explanation-json-corrupt": (
         "whylook report",

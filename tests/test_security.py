@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import pickle
 import re
 import struct
@@ -229,3 +230,72 @@ def test_the_zip_bomb_limit_is_stated() -> None:
     assert MAX_ZIP_BYTES == 2 * 1024**3
     doc = (Path(__file__).resolve().parents[1] / "docs" / "BAD-INPUTS.md").read_text()
     assert "2 GiB" in doc
+
+
+def test_a_run_folder_naming_model_code_imports_it_only_when_trusted(
+    tmp_path: Path, tmp_path_factory, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """run.json may name a ``module:factory``; building the model imports that module, which
+    runs its code. A run folder from elsewhere must not make whylook do that unasked."""
+    from whylook.models import TRUST_ENV
+
+    _, reference = baseline(tmp_path_factory)
+    run = copy_run(reference, tmp_path / "run", analysis=True)
+    before = (run / "analysis" / "explanation.json").read_bytes()
+    canary = tmp_path / "imported.txt"
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "whylook_probe_model.py").write_text(
+        "from pathlib import Path\n"
+        f"Path({str(canary)!r}).write_text('imported')\n"
+        "from whylook.models import build_model\n"
+        "def build(num_classes, in_channels, image_size):\n"
+        "    return build_model('smallcnn', num_classes=num_classes, in_channels=in_channels,\n"
+        "                       image_size=image_size)\n"
+    )
+    monkeypatch.syspath_prepend(str(modules))
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    manifest = json.loads((run / "run.json").read_text())
+    manifest["config"]["model"] = "whylook_probe_model:build"
+    (run / "run.json").write_text(json.dumps(manifest))
+    twin = copy_run(run, tmp_path / "twin", analysis=True)
+    explain = ["explain", str(run), "--k", "5", "--analysis-size", "60", "--device", "cpu"]
+
+    for argv in (
+        explain,
+        ["finetune", str(run), "--seeds", "1", "--strategies", "full", "--device", "cpu"],
+        ["compare", str(twin), str(run), "--out", str(tmp_path / "c.json")],
+    ):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        line = _one_error_line(capsys)
+        assert "importing 'whylook_probe_model' runs its code" in line
+        assert "--trust-model-code whylook_probe_model" in line
+        assert not canary.exists()
+    assert (run / "analysis" / "explanation.json").read_bytes() == before
+
+    # Trusted by the flag (or the variable it sets), the module is imported and used.
+    assert main([*explain, "--trust-model-code", "whylook_probe_model"]) == 0
+    assert canary.read_text() == "imported"
+    assert json.loads((run / "analysis" / "explanation.json").read_text())["k"] == 5
+    assert "whylook_probe_model" in os.environ[TRUST_ENV].split(",")
+
+
+def test_trust_covers_subpackages_and_an_imported_module() -> None:
+    import sys
+
+    from whylook.models import TRUST_ENV, require_trusted_factory
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delitem(sys.modules, "whylook_not_imported", raising=False)
+        mp.setenv(TRUST_ENV, "")
+        with pytest.raises(WhylookError, match=r"--trust-model-code pkg\.sub\.mod"):
+            require_trusted_factory("pkg.sub.mod:f", "run r")
+        mp.setenv(TRUST_ENV, "other, pkg")
+        require_trusted_factory("pkg.sub.mod:f", "run r")
+        with pytest.raises(WhylookError):
+            require_trusted_factory("pkgx.mod:f", "run r")  # a prefix of a name is not a package
+        mp.setenv(TRUST_ENV, "*")
+        require_trusted_factory("anything:f", "run r")
+    require_trusted_factory("json:loads", "run r")  # json is imported: its code already ran

@@ -7,6 +7,7 @@ summary. Bad input surfaces as ``error: <one line>`` on stderr with exit status 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -126,6 +127,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prototype-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _trust_option(p)
     p.set_defaults(handler=_cmd_explain)
 
 
@@ -157,6 +159,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
     p.add_argument("--lr", type=float, default=None, help="default: the run's training rate")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _trust_option(p)
     p.set_defaults(handler=_cmd_finetune)
 
 
@@ -186,6 +189,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         help="a .json file or a folder for compare.json (default: RUN_A/compare/<RUN_B>.json)",
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _trust_option(p)
     p.set_defaults(handler=_cmd_compare)
 
 
@@ -226,6 +230,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trust_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-model-code",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="let a run folder whose model is MODULE:factory import MODULE (runs its code)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="whylook",
@@ -242,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    trusted = getattr(args, "trust_model_code", None)
+    if trusted:
+        from whylook.models import TRUST_ENV
+
+        os.environ[TRUST_ENV] = ",".join(
+            [m for m in os.environ.get(TRUST_ENV, "").split(",") if m] + trusted
+        )
     try:
         return args.handler(args)
     except WhylookError as exc:

@@ -29,6 +29,8 @@ import difflib
 import functools
 import importlib
 import math
+import os
+import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -257,6 +259,34 @@ def build_model(
     )
 
 
+#: Environment variable: the modules (comma-separated; ``*`` for any) whose model factories a
+#: run folder may import. The CLI's ``--trust-model-code MODULE`` adds to it.
+TRUST_ENV = "WHYLOOK_TRUST_MODEL_CODE"
+
+
+def require_trusted_factory(spec: str, where: str) -> None:
+    """Refuse to import the module of a ``package.module:factory`` named by a file.
+
+    A run folder names its model; for a user factory, building the model imports that
+    module, which runs its code. A run folder from elsewhere must not do that unasked. The
+    factory is trusted when its module is already imported in this process (the caller
+    imported it, so its code runs anyway) or when ``WHYLOOK_TRUST_MODEL_CODE`` names it or a
+    package above it.
+
+    >>> require_trusted_factory("torch.nn:Identity", "run r")  # torch.nn is imported
+    """
+    module = spec.partition(":")[0]
+    if module in sys.modules:
+        return
+    trusted = [m.strip() for m in os.environ.get(TRUST_ENV, "").split(",") if m.strip()]
+    if "*" in trusted or any(module == m or module.startswith(m + ".") for m in trusted):
+        return
+    raise WhylookError(
+        f"{where} builds its model with {spec!r}, and importing {module!r} runs its code; if "
+        f"you trust it, pass --trust-model-code {module} (or set {TRUST_ENV}={module})"
+    )
+
+
 def _build_user_model(
     spec: str, num_classes: int, in_channels: int, image_size: tuple[int, int]
 ) -> nn.Module:
@@ -271,7 +301,13 @@ def _build_user_model(
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise WhylookError(f"{module_name} has no callable {attr!r} for model {spec!r}")
-    model = factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    try:
+        model = factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    except TypeError as exc:
+        raise WhylookError(
+            f"model factory {spec} cannot be called as factory(num_classes=..., in_channels=..., "
+            f"image_size=...) ({exc}); give it those keyword arguments"
+        ) from None
     if not isinstance(model, nn.Module):
         raise WhylookError(
             f"model factory {spec} returned {type(model).__name__}, not a torch.nn.Module"

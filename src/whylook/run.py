@@ -44,6 +44,7 @@ from whylook.models import (
     build_model,
     default_layer,
     layer_shape,
+    require_trusted_factory,
     resolve_device,
 )
 
@@ -171,6 +172,8 @@ class RunFolder:
 
     def build_model(self) -> nn.Module:
         """A fresh, untrained model of the run's architecture (``whylook_layer`` = run.layer)."""
+        if ":" in str(self.config["model"]):
+            require_trusted_factory(str(self.config["model"]), f"run {self.path}")
         model = build_model(
             self.config["model"],
             num_classes=int(self.config["num_classes"]),
