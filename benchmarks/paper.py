@@ -253,6 +253,7 @@ def run_setting(
     seeds: int | None = None,
     runs: Path = ROOT / "runs" / "paper",
     pair: str = "auto",
+    min_swings: int | None = None,
 ) -> dict[str, Any]:
     """Run one setting end to end and write its results; returns them.
 
@@ -261,6 +262,7 @@ def run_setting(
     """
     from whylook.compare import compare
     from whylook.errors import WhylookError
+    from whylook.explain import load_explanation
     from whylook.finetune import finetune
     from whylook.models import resolve_device
 
@@ -275,10 +277,18 @@ def run_setting(
     print(exp_a.summary(), flush=True)
     chosen = ",".join(setting.paper_pair) if pair == "paper" else pair
     _log(f"fine-tuning: pair {chosen}, {n_seeds} seeds")
+    # A looser uncertain rule is a variant: run A explained again with it, in its own folder
+    # (checkpoints hard-linked), fine-tuned there; everything else comes from run A.
+    ft_run, ft_exp = run_a, exp_a
+    if min_swings is not None:
+        ft_run = _reexplained(run_a, scale, base / f"seed0-min-swings-{min_swings}", device,
+                              seed=0, min_swings=min_swings)
+        ft_exp = load_explanation(ft_run.path)
+        print(ft_exp.summary(), flush=True)
     t0 = time.perf_counter()
     ft: Any = None
     try:
-        ft = finetune(run_a, pair=chosen, seeds=n_seeds, device=device)
+        ft = finetune(ft_run, pair=chosen, seeds=n_seeds, device=device)
     except WhylookError as exc:
         # A refusal is a result too (e.g. no uncertain prototypes: no curated set); the
         # learning order and the seed comparison do not depend on it.
@@ -305,7 +315,7 @@ def run_setting(
             "grid": exp_a.data["grid"],
             "uncertain": [
                 {"id": u["id"], "classes": u["classes"], "swings": u["swings"]}
-                for u in exp_a.data["uncertain_prototypes"]
+                for u in ft_exp.data["uncertain_prototypes"]
             ],
             "learning_order_correlation": {
                 "a": exp_a.data["learning_order_correlation"],
@@ -325,6 +335,9 @@ def run_setting(
     }
     # Another pair is a variant of the setting: its own results files, same runs.
     variant = "" if pair == "auto" or ft is None else "-pair-" + "-".join(ft.pair)
+    if min_swings is not None:
+        variant += f"-min-swings-{min_swings}"
+        result["min_swings"] = min_swings
     stem = RESULTS / f"{name}-{scale_name}{variant}"
     if stem.with_suffix(".json").is_file():
         # Stages reused from an earlier call keep the times that call measured.
@@ -367,16 +380,23 @@ def _slim(data: dict[str, Any]) -> dict[str, Any]:
     return slim
 
 
-def _reexplained(run: Any, scale: Scale, folder: Path, device: str) -> Any:
-    """A copy of ``run`` (checkpoints hard-linked) explained with analysis seed 1."""
-    from whylook.explain import explain
+def _reexplained(run: Any, scale: Scale, folder: Path, device: str, *, seed: int = 1,
+                 min_swings: int | None = None) -> Any:
+    """A copy of ``run`` (checkpoints hard-linked) explained with analysis seed ``seed``
+    (and, if given, the uncertain rule's ``min_swings``)."""
+    from whylook.explain import ExplainSettings, explain
     from whylook.run import RunFolder
+    from whylook.structure import StructureSettings
 
     if not (folder / "analysis" / "explanation.json").is_file():
         shutil.rmtree(folder, ignore_errors=True)
         shutil.copytree(run.path / "checkpoints", folder / "checkpoints", copy_function=os.link)
         shutil.copy2(run.path / "run.json", folder / "run.json")
-        explain(folder, k=scale.k, analysis_size=scale.analysis_size, seed=1, device=device)
+        settings = None
+        if min_swings is not None:
+            settings = ExplainSettings(structure=StructureSettings(min_swings=min_swings))
+        explain(folder, k=scale.k, analysis_size=scale.analysis_size, seed=seed,
+                device=device, settings=settings)
     return RunFolder.open(folder)
 
 
@@ -421,6 +441,14 @@ def markdown(r: dict[str, Any]) -> str:
         f"{_pct(r['final_test_accuracy']['b'])}.",
         "",
     ]
+    if r.get("min_swings") is not None:
+        lines += [
+            f"**Variant:** the fine-tuning below reads run A's uncertain prototypes with a "
+            f"looser rule, {r['min_swings']} change(s) of side instead of whylook's 2 "
+            f"(`StructureSettings(min_swings={r['min_swings']})`); the learning order and "
+            f"the seed comparison are the default explanation's.",
+            "",
+        ]
     if "error" in ft:
         lines.append(f"Fine-tuning: refused, so no table: {ft['error']}")
     else:
@@ -504,6 +532,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds (default 5)")
     p.add_argument("--pair", default="auto", help="'auto', 'paper' or 'a,b'")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "paper")
+    p.add_argument(
+        "--min-swings",
+        type=int,
+        default=None,
+        help="variant: fine-tune from uncertain prototypes read with this many swings",
+    )
     p.add_argument("--list", action="store_true", help="list the settings and scales")
     p.add_argument(
         "--markdown",
@@ -533,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
             seeds=args.seeds,
             runs=args.runs,
             pair=args.pair,
+            min_swings=args.min_swings,
         )
     except WhylookError as exc:
         print(f"error: {exc}", file=sys.stderr)
