@@ -122,6 +122,12 @@ def user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
             def not_a_model(**kwargs):
                 return 42
+
+            def wrong_signature(n_classes):
+                return tiny(n_classes, 1, 9)
+
+            def buggy(num_classes, in_channels, image_size):
+                return tiny(num_classes, in_channels, image_size) + 1
             """
         )
     )
@@ -145,6 +151,11 @@ def test_user_factory(user_package: str) -> None:
         build_model(f"{user_package}:nope", num_classes=4, in_channels=3, image_size=9)
     with pytest.raises(WhylookError, match="cannot import"):
         build_model("no_such_pkg_xyz:f", num_classes=4, in_channels=3, image_size=9)
+    with pytest.raises(WhylookError, match=r"cannot be called as factory\(num_classes="):
+        build_model(f"{user_package}:wrong_signature", num_classes=4, in_channels=3, image_size=9)
+    # A bug inside the user's own factory keeps its own error (not a whylook message).
+    with pytest.raises(TypeError, match="unsupported operand"):
+        build_model(f"{user_package}:buggy", num_classes=4, in_channels=3, image_size=9)
 
 
 def test_resolve_device(monkeypatch: pytest.MonkeyPatch) -> None:

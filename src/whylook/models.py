@@ -28,6 +28,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import inspect
 import math
 import os
 import sys
@@ -301,13 +302,17 @@ def _build_user_model(
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise WhylookError(f"{module_name} has no callable {attr!r} for model {spec!r}")
+    kwargs = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
     try:
-        model = factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+        inspect.signature(factory).bind(**kwargs)
     except TypeError as exc:
         raise WhylookError(
             f"model factory {spec} cannot be called as factory(num_classes=..., in_channels=..., "
             f"image_size=...) ({exc}); give it those keyword arguments"
         ) from None
+    except ValueError:
+        pass  # no signature to check (a builtin): the call itself will tell
+    model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise WhylookError(
             f"model factory {spec} returned {type(model).__name__}, not a torch.nn.Module"
