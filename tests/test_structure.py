@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -117,6 +120,13 @@ def test_uncertain_prototype_swings_beyond_noise_only():
     # The same pattern inside the noise is not a swing.
     se_noisy = np.full_like(se, 5.0)
     assert _run(labels, mass, conf, beta, se_noisy, groups).uncertain == ()
+    # One change of side only (a, then b for good): uncertain under min_swings=1 alone.
+    beta_once = beta.copy()
+    beta_once[:, 3, 0] = [1.0, -2.0, 0.0, 0.0]
+    beta_once[:, 3, 1] = [-1.0, 2.0, 0.0, 0.0]
+    assert _run(labels, mass, conf, beta_once, se, groups).uncertain == ()
+    once = _run(labels, mass, conf, beta_once, se, groups, min_swings=1).uncertain
+    assert [(u.id, u.swings, u.checkpoints) for u in once] == [("P-3", 1, (2,))]
 
 
 def test_uncertain_needs_the_prototype_in_both_classes():
@@ -213,3 +223,30 @@ def test_bad_shapes_and_settings_are_one_line_errors():
     empty[empty == 2] = 1
     with pytest.raises(WhylookError, match="no samples"):
         _run(empty, mass, conf, beta, se, groups)
+
+
+def test_cli_min_swings_loosens_the_uncertain_rule(
+    tmp_path: Path, tmp_path_factory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``whylook explain --min-swings 1`` flags every (prototype, pair) that the default
+    rule flags (and on data with single swings more: see the test above); the setting is
+    recorded; 0 is refused in one line."""
+    from _tiny_run import baseline, copy_run, explain_argv
+    from whylook.cli import main
+
+    _, reference = baseline(tmp_path_factory)
+    default = json.loads((reference / "analysis" / "explanation.json").read_text())
+    run = copy_run(reference, tmp_path / "run")
+    assert main(explain_argv(run, "--min-swings", "1")) == 0
+    loose = json.loads((run / "analysis" / "explanation.json").read_text())
+    assert loose["structure_settings"]["min_swings"] == 1
+    assert default["structure_settings"]["min_swings"] == 2
+
+    def flagged(exp: dict) -> set[tuple[str, tuple[str, ...]]]:
+        return {(u["id"], tuple(u["classes"])) for u in exp["uncertain_prototypes"]}
+
+    assert flagged(default) <= flagged(loose)
+    capsys.readouterr()
+    assert main(explain_argv(run, "--min-swings", "0")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: min_swings must be at least 1 and min_group_size at least 2"]

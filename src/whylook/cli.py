@@ -126,14 +126,24 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--analysis-size", type=int, default=None)
     p.add_argument("--prototype-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--min-swings",
+        type=int,
+        default=None,
+        help="changes of side that make a prototype uncertain (default 2; 1 is looser)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     _trust_option(p)
     p.set_defaults(handler=_cmd_explain)
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from whylook.explain import explain
+    from whylook.explain import ExplainSettings, explain
+    from whylook.structure import StructureSettings
 
+    settings = None
+    if args.min_swings is not None:
+        settings = ExplainSettings(structure=StructureSettings(min_swings=args.min_swings))
     result = explain(
         args.run,
         k=args.k,
@@ -142,6 +152,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         prototype_size=args.prototype_size,
         seed=args.seed,
         device=args.device,
+        settings=settings,
     )
     print(result.summary())
     return 0
