@@ -170,15 +170,20 @@ def _digest(obj: Any) -> str:
 # --------------------------------------------------------------------------- inputs
 
 
+def _explained(run: Any) -> Path:
+    """The run folder's path, or a one-line error if it has no explanation yet."""
+    path = Path(getattr(run, "path", run))
+    if not (path / "analysis" / "explanation.json").is_file():
+        raise WhylookError(f"run {path} has no explanation yet; run `whylook explain {path}` first")
+    return path
+
+
 def require_explanation(run: Any) -> Any:
     """The run's :class:`whylook.explain.Explanation`, or a one-line error saying to run
     ``whylook explain`` first."""
     from whylook.explain import load_explanation
 
-    path = Path(getattr(run, "path", run))
-    if not (path / "analysis" / "explanation.json").is_file():
-        raise WhylookError(f"run {path} has no explanation yet; run `whylook explain {path}` first")
-    return load_explanation(path)
+    return load_explanation(_explained(run))
 
 
 def _open(run: Any) -> Any:
@@ -865,7 +870,7 @@ def finetune(
         >>> print(res.table())  # doctest: +SKIP
     """
     folder = _open(run)
-    require_explanation(folder)  # the one-line error before anything else
+    _explained(folder)  # the one-line error before anything else; read under the lock
     parsed = [parse_strategy(s) for s in strategies]
     if not parsed or len(set(parsed)) != len(parsed):
         raise WhylookError("give at least one strategy, each once (e.g. full>full,curated>full)")
