@@ -7,7 +7,6 @@ summary. Bad input surfaces as ``error: <one line>`` on stderr with exit status 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -267,13 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    trusted = getattr(args, "trust_model_code", None)
-    if trusted:
-        from whylook.models import TRUST_ENV
+    if getattr(args, "trust_model_code", None):
+        from whylook.models import trust_model_code
 
-        os.environ[TRUST_ENV] = ",".join(
-            [m for m in os.environ.get(TRUST_ENV, "").split(",") if m] + trusted
-        )
+        trust_model_code(args.trust_model_code)
     try:
         return args.handler(args)
     except WhylookError as exc:

@@ -265,6 +265,16 @@ def build_model(
 TRUST_ENV = "WHYLOOK_TRUST_MODEL_CODE"
 
 
+def _trusted_modules() -> list[str]:
+    return [m.strip() for m in os.environ.get(TRUST_ENV, "").split(",") if m.strip()]
+
+
+def trust_model_code(modules: Sequence[str]) -> None:
+    """Let run folders import these modules' model factories in this process (what the
+    CLI's ``--trust-model-code`` does)."""
+    os.environ[TRUST_ENV] = ",".join([*_trusted_modules(), *modules])
+
+
 def require_trusted_factory(spec: str, where: str) -> None:
     """Refuse to import the module of a ``package.module:factory`` named by a file.
 
@@ -279,7 +289,7 @@ def require_trusted_factory(spec: str, where: str) -> None:
     module = spec.partition(":")[0]
     if module in sys.modules:
         return
-    trusted = [m.strip() for m in os.environ.get(TRUST_ENV, "").split(",") if m.strip()]
+    trusted = _trusted_modules()
     if "*" in trusted or any(module == m or module.startswith(m + ".") for m in trusted):
         return
     raise WhylookError(
