@@ -40,8 +40,6 @@ settings=("$@")
 start=$(date +%s)
 status=0
 for s in "${settings[@]}"; do
-  left=$(( BUDGET - ($(date +%s) - start) ))
-  if (( left < 60 )); then echo "skipping $s: only ${left}s of the budget left"; continue; fi
   # Three fine-tuning seeds first, so that a cut run still leaves a whole table (runs A and B,
   # the comparison); the second call reuses all of it and adds seeds 3 and 4.
   for n in 3 5; do
