@@ -53,15 +53,43 @@ def _landing(ds, result, cls: int, proto: int, motifs, rows=None) -> float:
     return on / max(total, 1)
 
 
+def _chance(ds, result, rows, motifs) -> float:
+    """Where a cell drawn at random from these analysis rows lands: the landing score of a
+    prototype that ignores the motifs (about 0.4-0.5 for a class, the motifs being large)."""
+    a = result.arrays
+    h, w = a["assignments"].shape[1:]
+    fractions = []
+    for src in a["sample_index"][rows]:
+        mask = np.zeros((h, w), bool)
+        for m in motifs:
+            pix = ds.train.motif_masks[m][src]
+            mask |= pix.reshape(h, pix.shape[0] // h, w, pix.shape[1] // w).any(axis=(1, 3))
+        fractions.append(binary_dilation(mask).mean())
+    return float(np.mean(fractions))
+
+
 def test_shared_prototypes_land_on_each_class_motifs(planted):
+    """The strongest shared prototype of every class lies on its motifs, and so does the
+    shared set as a whole, weighted by strength: far above where a motif-blind prototype
+    lands. (A weak shared prototype may sit near chance: over analysis seeds 0-4 the
+    two-variant class's lowest-landing one, of strength ~0.2, landed 46-87 %, a random cell
+    41 %; the strongest landed 87-92 % and the strength-weighted set 84-91 %.)"""
     ds, result = planted
     names = list(PLANTED_CLASSES)
     for c, entry in enumerate(result.data["classes_explained"]):
         motifs = sorted({m for alt in PLANTED_CLASSES[names[c]] for m in alt})
         assert entry["shared"], f"class {names[c]} has no shared prototype"
-        for pid in entry["shared"]:
-            frac = _landing(ds, result, c, int(pid[2:]), motifs)
-            assert frac >= 0.5, f"{pid} of class {names[c]} lands on its motifs {frac:.0%}"
+        chance = _chance(ds, result, np.flatnonzero(result.arrays["labels"] == c), motifs)
+        assert chance < 0.6
+        fracs = np.array([_landing(ds, result, c, int(pid[2:]), motifs)
+                          for pid in entry["shared"]])
+        strength = np.array(entry["shared_strength"])
+        assert fracs[0] >= 0.85, (
+            f"{entry['shared'][0]}, the strongest of class {names[c]}, lands on its motifs "
+            f"{fracs[0]:.0%} (chance {chance:.0%})"
+        )
+        weighted = float(fracs @ strength / strength.sum())
+        assert weighted >= 0.8, f"class {names[c]}'s shared set lands {weighted:.0%} on its motifs"
 
 
 def test_two_variant_class_gets_specialized_prototypes_for_its_variants(planted):
@@ -73,7 +101,7 @@ def test_two_variant_class_gets_specialized_prototypes_for_its_variants(planted)
     groups = a["class_groups"][rows_c]
     entry = result.data["classes_explained"][c]
     assert entry["specialized"], "the two-variant class has no specialized prototypes"
-    checked = 0
+    landings = []
     for spec in entry["specialized"]:
         in_group = groups == spec["group"]
         share = np.bincount(variants[in_group], minlength=2) / in_group.sum()
@@ -81,16 +109,17 @@ def test_two_variant_class_gets_specialized_prototypes_for_its_variants(planted)
         if share[v] < 0.8:
             continue  # a group that mixes the variants says nothing about them
         own = PLANTED_CLASSES["H+F|G+I"][v]
-        other = PLANTED_CLASSES["H+F|G+I"][1 - v]
         top = int(spec["prototypes"][0][2:])
-        group_rows = rows_c[in_group]
-        assert _landing(ds, result, c, top, own, group_rows) >= 0.5
-        assert _landing(ds, result, c, top, other, group_rows) <= 0.2
         # It marks the variant: looked at far more often in this variant than the other.
         act = a["active"][rows_c, top]
         assert act[variants == v].mean() - act[variants != v].mean() >= 0.25
-        checked += 1
-    assert checked >= 1, "no specialized group corresponds to one variant"
+        landings.append(_landing(ds, result, c, top, own, rows_c[in_group]))
+    assert landings, "no specialized group corresponds to one variant"
+    # At least one variant's marker lies on that variant's own motifs, far above the ~0.4
+    # of a motif-blind prototype. Not both: G and I's strokes fall in prototypes that are
+    # active in every sample of the class, so G+I's marker can be context (chance-level
+    # landing, measured over analysis seeds 0-4; docs/METHOD-NOTES.md, Step 6).
+    assert max(landings) >= 0.8, f"no variant marker lands on its variant's motifs: {landings}"
 
 
 def test_explanation_is_well_formed(planted):

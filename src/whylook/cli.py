@@ -122,8 +122,15 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", type=Path)
     p.add_argument("--k", type=_k_value, default="default", help="prototypes: number or 'auto'")
     p.add_argument("--layer", default=None)
-    p.add_argument("--analysis-size", type=int, default=None)
-    p.add_argument("--prototype-size", type=int, default=None)
+    p.add_argument(
+        "--analysis-size", type=int, default=None,
+        help="samples analysed at every checkpoint (default: 2000, stratified by class)",
+    )
+    p.add_argument(
+        "--prototype-size", type=int, default=None,
+        help="samples whose final features find the prototypes (default: the analysis set; "
+        "a larger set adds other training samples to it)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--min-swings",

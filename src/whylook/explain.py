@@ -27,11 +27,22 @@ from whylook._progress import progress_bar
 from whylook.errors import WhylookError
 from whylook.structure import StructureSettings, assemble, prototype_id
 
-__all__ = ["ExplainSettings", "Explanation", "explain", "load_explanation", "stratified_rows"]
+__all__ = [
+    "ExplainSettings",
+    "Explanation",
+    "explain",
+    "load_explanation",
+    "prototype_rows",
+    "stratified_rows",
+]
 
 SCHEMA = "whylook.explanation/1"
 # Bump when a stage's output for the same inputs changes, so old caches are not reused.
 _CACHE_VERSION = "1"
+# The final model's features of the analysis set are held, up to this size, from the final
+# checkpoint's Grad-CAM pass until the prototypes exist to assign them (ResNet-50 at
+# layer3: 2000 samples take 400 MB), instead of a second feature pass over them.
+_HELD_FEATURES_BYTES = 1 << 29
 
 
 @dataclass(frozen=True)
@@ -152,6 +163,29 @@ def stratified_rows(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
         rows = np.flatnonzero(labels == c)
         chosen.append(rows[rng.permutation(len(rows))[:t]])
     return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def prototype_rows(labels: np.ndarray, rows: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """The prototype set of an analysis set ``rows``: nested with it, sorted.
+
+    METHOD's default is the analysis set itself. A smaller set is a stratified part of it;
+    a larger one is the analysis set plus a stratified choice of the other rows. Nesting
+    lets the final checkpoint's Grad-CAM pass supply the features of both.
+
+    Example:
+        >>> labels = np.array([0, 1] * 10)
+        >>> rows = stratified_rows(labels, 6, seed=0)
+        >>> bool(np.isin(rows, prototype_rows(labels, rows, 10, seed=0)).all())
+        True
+    """
+    labels = np.asarray(labels)
+    if size == len(rows):
+        return rows
+    if size < len(rows):
+        return rows[stratified_rows(labels[rows], size, seed + 1)]
+    rest = np.setdiff1d(np.arange(len(labels), dtype=np.int64), rows)
+    extra = rest[stratified_rows(labels[rest], size - len(rows), seed + 1)]
+    return np.union1d(rows, extra).astype(np.int64)
 
 
 def _digest(obj: Any) -> str:
@@ -326,7 +360,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         )
 
     rows = stratified_rows(train.labels, analysis_size, settings.seed)
-    proto_rows = stratified_rows(train.labels, prototype_size, settings.seed + 1)
+    proto_rows = prototype_rows(train.labels, rows, prototype_size, settings.seed)
     labels = train.labels[rows].astype(np.int64)
     if np.bincount(labels, minlength=m).min() == 0:
         raise WhylookError(
@@ -343,38 +377,68 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     digests = [file_digest(folder.path / c.file) for c in ckpts]
     common = {"v": _CACHE_VERSION, "layer": layer_name, "data": folder.config.get("data")}
 
-    # Step 1: prototypes from the final model's features over the prototype set.
+    # Step 1 (prototypes) and Step 2 (saliency) share the final checkpoint's pass: its
+    # Grad-CAM already computes the layer's features, which are the prototype set's
+    # features wherever the two sets overlap (by default they are the same set), so the
+    # final model runs over them once. The final checkpoint comes first for that reason.
     proto_key = _digest({**common, "ckpt": digests[-1], "rows": _digest(proto_rows.tolist()),
                          "k": k_value, "p": settings.n_components, "seed": settings.seed})
     proto_file = cache / f"prototypes-{proto_key[:20]}.npz"
     cached = _load_cached(proto_file)
-    if cached is not None:
-        prototypes = Prototypes.from_arrays(cached)
-    else:
+    prototypes = None if cached is None else Prototypes.from_arrays(cached)
+    finder = None
+    if prototypes is None:
         finder = PrototypeFinder(k=k_value, n_components=settings.n_components,
                                  seed=settings.seed)
-        batches = progress_bar(
-            # rows=: batches are gathered one by one, so the prototype set (up to the whole
-            # training split) is never copied; peak memory stays flat in its size.
-            layer_features(final, layer_name, train.images, rows=proto_rows,
-                           batch_size=settings.batch_size, device=device),
-            desc="prototypes: features", total=-(-len(proto_rows) // settings.batch_size),
-            progress=progress,
-        )
-        start = 0
-        for feats in batches:
-            # Global row numbers make the K-Means subsample independent of batching.
-            finder.partial_fit(feats, sample_index=proto_rows[start:start + len(feats)])
-            start += len(feats)
-        prototypes = finder.finalize()
-        save_npz(proto_file, prototypes.to_arrays())
-    k_final = int(prototypes.k)
-    # Assignments need the final model's features over the analysis set, which the final
-    # checkpoint's Grad-CAM pass computes anyway: its fresh shards assign them on the fly
-    # (one forward pass fewer). Shards whose saliency came from the cache get a feature
-    # pass of their own below, over the same batches, so the result is the same.
+    in_proto = np.isin(rows, proto_rows)
+    fed = np.zeros(len(proto_rows), dtype=bool)  # prototype rows the finder has seen
+    # Final-model features of analysis rows, held until the prototypes exist to assign
+    # them; past the budget a shard gets a feature pass of its own later (same result).
+    held: list[tuple[int, np.ndarray]] = []
+    held_bytes = 0
+
     assignments = np.zeros((len(rows), h, w), dtype=np.int16)
     assigned = np.zeros(len(rows), dtype=bool)
+
+    def take_features(at: int, feats: np.ndarray) -> None:
+        nonlocal held_bytes
+        if finder is not None:
+            mine = in_proto[at:at + len(feats)]
+            if mine.any():
+                # Global row numbers make the K-Means subsample independent of batching.
+                finder.partial_fit(feats[mine], sample_index=rows[at:at + len(feats)][mine])
+                fed[np.searchsorted(proto_rows, rows[at:at + len(feats)][mine])] = True
+        if prototypes is not None:
+            assignments[at:at + len(feats)] = prototypes.assign(feats)
+            assigned[at:at + len(feats)] = True
+        elif held_bytes + feats.nbytes <= _HELD_FEATURES_BYTES:
+            held.append((at, feats))
+            held_bytes += feats.nbytes
+
+    def finish_prototypes() -> Prototypes:
+        assert finder is not None
+        rest = proto_rows[~fed]
+        if rest.size:
+            # Prototype rows that no fresh final-checkpoint pass covered: those beyond
+            # the analysis set, or in shards read from the cache. rows= gathers batch by
+            # batch, so even the whole training split is never copied: memory stays flat.
+            batches = progress_bar(
+                layer_features(final, layer_name, train.images, rows=rest,
+                               batch_size=settings.batch_size, device=device),
+                desc="prototypes: features", total=-(-len(rest) // settings.batch_size),
+                progress=progress,
+            )
+            start = 0
+            for feats in batches:
+                finder.partial_fit(feats, sample_index=rest[start:start + len(feats)])
+                start += len(feats)
+        fitted = finder.finalize()
+        save_npz(proto_file, fitted.to_arrays())
+        for at, feats in held:
+            assignments[at:at + len(feats)] = fitted.assign(feats)
+            assigned[at:at + len(feats)] = True
+        held.clear()
+        return fitted
 
     # Step 2: saliency and confidences at every checkpoint, one cached shard at a time.
     t1 = len(ckpts)
@@ -383,10 +447,12 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     confidence = np.zeros((t1, n, m), dtype=np.float32)
     shards = list(_shards(n, settings.shard_size))
     rows_digest = _digest(rows.tolist())
-    jobs = [(t, s, sl) for t in range(t1) for s, sl in shards]
+    jobs = [(t, s, sl) for t in (t1 - 1, *range(t1 - 1)) for s, sl in shards]
     scratch: list[torch.nn.Module] = []  # one model object for all earlier checkpoints
     for t, s, sl in progress_bar(jobs, desc="saliency: checkpoints x shards", total=len(jobs),
                                  progress=progress):
+        if t != t1 - 1 and prototypes is None:
+            prototypes = finish_prototypes()
         key = _digest({**common, "ckpt": digests[t], "rows": rows_digest, "shard": s,
                        "size": settings.shard_size})
         shard_file = cache / f"saliency-t{t:04d}-s{s:04d}-{key[:20]}.npz"
@@ -396,18 +462,21 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
             continue
         model = final if t == t1 - 1 else _checkpoint_model(folder, t, device, scratch)
         parts = []
+        at = sl.start
         for part in GradCAM(model, layer_name, device=device).batches(
             train.images, labels[sl], rows=rows[sl], batch_size=settings.batch_size,
             return_features=t == t1 - 1,
         ):
             if part.features is not None:
-                at = sl.start + sum(len(q) for q in parts)
-                assignments[at:at + len(part)] = prototypes.assign(part.features)
-                assigned[at:at + len(part)] = True
+                take_features(at, part.features)
+            at += len(part)
             parts.append(SaliencyResult(part.saliency, part.confidence))
         res = SaliencyResult.concat(parts)
         saliency[t, sl], confidence[t, sl] = res.saliency, res.confidence
         save_npz(shard_file, {"saliency": res.saliency, "confidence": res.confidence})
+    if prototypes is None:
+        prototypes = finish_prototypes()
+    k_final = int(prototypes.k)
     for _, sl in shards:
         if assigned[sl].all():
             continue
