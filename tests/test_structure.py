@@ -250,3 +250,23 @@ def test_cli_min_swings_loosens_the_uncertain_rule(
     assert main(explain_argv(run, "--min-swings", "0")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: min_swings must be at least 1 and min_group_size at least 2"]
+
+
+def test_summary_counts_class_pairs_not_entries(tmp_path):
+    """Two uncertain prototypes on one pair, a third on another: 3 prototypes, 2 pairs."""
+    from whylook.explain import Explanation
+
+    def entry(pid, a, b):
+        return {"id": pid, "classes": [a, b], "swings": 2, "steps": [1, 2]}
+
+    data = {
+        "classes": ["a", "b", "c"], "k": 4, "layer": "l", "grid": [2, 2],
+        "checkpoints": [{}] * 3, "settings": {"analysis_size": 9},
+        "classes_explained": [{"class": c, "shared": [], "specialized": []} for c in "abc"],
+        "uncertain_prototypes": [entry("P-0", "a", "b"), entry("P-1", "b", "a"),
+                                 entry("P-2", "a", "c")],
+        "learning_order": [{"pair": ["a", "b"]}],
+        "learning_order_correlation": {"spearman": None, "p_value": None, "n_pairs": 1},
+    }
+    text = Explanation(path=tmp_path, data=data, arrays={}).summary()
+    assert "Uncertain prototypes: 3 of 4 on 2 class pairs (3 prototype-pair entries)" in text

@@ -112,7 +112,10 @@ class Explanation:
         unc = d["uncertain_prototypes"]
         lines.append("")
         n_unc = len({u["id"] for u in unc})
-        lines.append(f"Uncertain prototypes: {n_unc} of {d['k']} ({len(unc)} class pairs)")
+        # A pair can hold several uncertain prototypes: count the pairs, not the entries.
+        n_pairs = len({tuple(sorted(u["classes"])) for u in unc})
+        lines.append(f"Uncertain prototypes: {n_unc} of {d['k']} on {n_pairs} class pairs "
+                     f"({len(unc)} prototype-pair entries)")
         for u in unc[:10]:
             lines.append(
                 f"  {u['id']}: swings {u['swings']}x between {u['classes'][0]} and "
