@@ -8,6 +8,7 @@ fresh run's.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -97,4 +98,18 @@ def test_any_mix_of_cached_and_fresh_stages_equals_a_fresh_run(
             shard.unlink()
     assert any(cache.glob("saliency-*.npz")) == (cached == "saliency only")
     explain(run, **settings)
+    assert_same_arrays(load_arrays(run), load_arrays(reference))
+
+
+def test_past_the_held_features_budget_a_feature_pass_assigns_the_same(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # whylook.explain the attribute is the function; the module is in sys.modules.
+    module = sys.modules["whylook.explain"]
+    _, reference = baseline(tmp_path_factory)
+    monkeypatch.setattr(module, "_HELD_FEATURES_BYTES", 0)
+    calls = _count_feature_passes(monkeypatch)
+    run = copy_run(reference, tmp_path / "run")
+    explain(run, k=5, analysis_size=60, seed=0, device="cpu", progress=False)
+    assert calls == [60]  # the assignments' own pass; the prototypes still shared the first
     assert_same_arrays(load_arrays(run), load_arrays(reference))
