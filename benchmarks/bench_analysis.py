@@ -490,6 +490,8 @@ class StageClock:
         self.patch(sal, "layer_features", "prototypes: feature pass", generator=True)
         self.patch(Prototypes, "assign", "assignments")
         self.patch(sal.GradCAM, "batches", "saliency (Grad-CAM, T+1 passes)", generator=True)
+        self.patch(sal.GradCAM, "batches_with_features", "saliency (Grad-CAM, T+1 passes)",
+                   generator=True)
         self.patch(ex, "_load_cached", "cache reads")
         self.patch(ex, "save_npz", "writes (cache shards, arrays.npz)")
         self.patch(ex, "write_json", "writes (cache shards, arrays.npz)")

@@ -229,6 +229,23 @@ def test_layer_features_and_shape() -> None:
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
 
 
+def test_batches_with_features_equal_batches_and_stay_tensors() -> None:
+    model = _resnet()
+    x = torch.rand(5, 3, 32, 32)
+    y = [1, 2, 3, 4, 5]
+    with GradCAM(model, "layer2") as cam:
+        plain = list(cam.batches(x, y, batch_size=2, return_features=True))
+        tensors = list(cam.batches_with_features(x, y, batch_size=2))
+    assert [len(r) for r, _ in tensors] == [2, 2, 1]
+    for p, (r, f) in zip(plain, tensors, strict=True):
+        assert isinstance(f, torch.Tensor)
+        assert r.features is None
+        np.testing.assert_array_equal(r.saliency, p.saliency)
+        np.testing.assert_array_equal(r.confidence, p.confidence)
+        np.testing.assert_array_equal(f.numpy(), p.features)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
 def test_concat_shards_equals_whole() -> None:
     model = _resnet()
     x = torch.rand(5, 3, 32, 32)

@@ -397,26 +397,33 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     fed = np.zeros(len(proto_rows), dtype=bool)  # prototype rows the finder has seen
     # Final-model features of analysis rows, held until the prototypes exist to assign
     # them; past the budget a shard gets a feature pass of its own later (same result).
-    held: list[tuple[int, np.ndarray]] = []
+    held: list[tuple[int, torch.Tensor]] = []
     held_bytes = 0
 
     assignments = np.zeros((len(rows), h, w), dtype=np.int16)
     assigned = np.zeros(len(rows), dtype=bool)
 
-    def take_features(at: int, feats: np.ndarray) -> None:
+    def take_features(at: int, feats: torch.Tensor) -> None:
+        # feats stay on the model's device: on a GPU the statistics and assignments run
+        # there (ResNet-50's layer3 features of 2000 samples are 400 MB).
         nonlocal held_bytes
+        batch_rows = rows[at:at + len(feats)]
         if finder is not None:
             mine = in_proto[at:at + len(feats)]
-            if mine.any():
+            if mine.all():
+                finder.partial_fit(feats, sample_index=batch_rows)
+            elif mine.any():
+                pick = torch.from_numpy(np.flatnonzero(mine)).to(feats.device)
                 # Global row numbers make the K-Means subsample independent of batching.
-                finder.partial_fit(feats[mine], sample_index=rows[at:at + len(feats)][mine])
-                fed[np.searchsorted(proto_rows, rows[at:at + len(feats)][mine])] = True
+                finder.partial_fit(feats.index_select(0, pick), sample_index=batch_rows[mine])
+            fed[np.searchsorted(proto_rows, batch_rows[mine])] = True
+        size = feats.element_size() * feats.nelement()
         if prototypes is not None:
             assignments[at:at + len(feats)] = prototypes.assign(feats)
             assigned[at:at + len(feats)] = True
-        elif held_bytes + feats.nbytes <= _HELD_FEATURES_BYTES:
+        elif held_bytes + size <= _HELD_FEATURES_BYTES:
             held.append((at, feats))
-            held_bytes += feats.nbytes
+            held_bytes += size
 
     def finish_prototypes() -> Prototypes:
         assert finder is not None
@@ -466,14 +473,17 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         model = final if t == t1 - 1 else _checkpoint_model(folder, t, device, scratch)
         parts = []
         at = sl.start
-        for part in GradCAM(model, layer_name, device=device).batches(
-            train.images, labels[sl], rows=rows[sl], batch_size=settings.batch_size,
-            return_features=t == t1 - 1,
-        ):
-            if part.features is not None:
-                take_features(at, part.features)
-            at += len(part)
-            parts.append(SaliencyResult(part.saliency, part.confidence))
+        cam = GradCAM(model, layer_name, device=device)
+        if t == t1 - 1:
+            for part, feats in cam.batches_with_features(
+                train.images, labels[sl], rows=rows[sl], batch_size=settings.batch_size
+            ):
+                take_features(at, feats)
+                at += len(part)
+                parts.append(part)
+        else:
+            parts.extend(cam.batches(train.images, labels[sl], rows=rows[sl],
+                                     batch_size=settings.batch_size))
         res = SaliencyResult.concat(parts)
         saliency[t, sl], confidence[t, sl] = res.saliency, res.confidence
         save_npz(shard_file, {"saliency": res.saliency, "confidence": res.confidence})

@@ -566,6 +566,48 @@ class GradCAM:
         ``rows`` (optional) selects and orders the images to use; ``labels`` then has one
         entry per row. Each batch is gathered on its own, so the subset is never copied.
         """
+        for cam, conf, feats in self._batches(images, labels, batch_size, return_features,
+                                              progress, rows):
+            yield SaliencyResult(
+                cam.cpu().numpy(),
+                conf.cpu().numpy(),
+                None if feats is None else feats.cpu().numpy(),
+            )
+
+    def batches_with_features(
+        self,
+        images: ImageArray,
+        labels: LabelArray,
+        *,
+        batch_size: int = 256,
+        progress: bool | None = None,
+        rows: RowArray | None = None,
+    ) -> Iterator[tuple[SaliencyResult, torch.Tensor]]:
+        """Like :meth:`batches`, with the layer's activations ``(B, d, h, w)`` as a tensor
+        left on the model's device: statistics and prototype assignments over them then
+        run there too, without a copy to the host.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
+        ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+        >>> [(len(r), tuple(f.shape)) for r, f in GradCAM(net, "1").batches_with_features(
+        ...     torch.rand(5, 1, 8, 8), [0, 1, 2, 0, 1], batch_size=3)]
+        [(3, (3, 4, 8, 8)), (2, (2, 4, 8, 8))]
+        """
+        for cam, conf, feats in self._batches(images, labels, batch_size, True, progress, rows):
+            assert feats is not None
+            yield SaliencyResult(cam.cpu().numpy(), conf.cpu().numpy()), feats
+
+    def _batches(
+        self,
+        images: ImageArray,
+        labels: LabelArray,
+        batch_size: int,
+        return_features: bool,
+        progress: bool | None,
+        rows: RowArray | None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         images = _check_images(images)
         index = _check_rows(rows, images)
         n = int(images.shape[0]) if index is None else int(index.size)
@@ -577,12 +619,7 @@ class GradCAM:
                 hi = min(lo + batch_size, n)
                 x = _batch_to_device(images, lo, hi, self.device, self.dtype, index)
                 y = y_all[lo:hi].to(self.device)
-                cam, conf, feats = self._batch(x, y, return_features)
-                yield SaliencyResult(
-                    cam.cpu().numpy(),
-                    conf.cpu().numpy(),
-                    None if feats is None else feats.cpu().numpy(),
-                )
+                yield self._batch(x, y, return_features)
 
     def __call__(
         self,
