@@ -409,12 +409,12 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         nonlocal held_bytes
         batch_rows = rows[at:at + len(feats)]
         if finder is not None:
+            # Global row numbers make the K-Means subsample independent of batching.
             mine = in_proto[at:at + len(feats)]
             if mine.all():
                 finder.partial_fit(feats, sample_index=batch_rows)
             elif mine.any():
                 pick = torch.from_numpy(np.flatnonzero(mine)).to(feats.device)
-                # Global row numbers make the K-Means subsample independent of batching.
                 finder.partial_fit(feats.index_select(0, pick), sample_index=batch_rows[mine])
             fed[np.searchsorted(proto_rows, batch_rows[mine])] = True
         size = feats.element_size() * feats.nelement()

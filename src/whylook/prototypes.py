@@ -644,9 +644,10 @@ def _project(
 ) -> np.ndarray:
     """``float32 (len(order), p)`` PCA coordinates of ``vectors[order]``, in float64 chunks.
 
-    The whole subsample in float64 would be 1.6 GB at 200,000 x 1024 (ResNet-50's layer3),
-    and copying it three times cost 4.7 s of the 5 s projection on one CPU thread; chunks
-    of rows give the same values bit for bit in 0.9 s.
+    The whole subsample in float64 would be 1.6 GB at 200,000 x 1024 (ResNet-50's layer3).
+    At 98,000 x 1024 on one CPU thread, projecting it whole took 5.9 s, nearly all of it
+    copies; chunks of rows give the same values bit for bit in 1.0 s
+    (``benchmarks/bench_prototypes_wide.py``).
     """
     out = np.empty((order.size, components.shape[0]), dtype=np.float32)
     weights = components.T
