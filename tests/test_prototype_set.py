@@ -80,6 +80,26 @@ def test_a_larger_prototype_set_passes_over_only_the_added_rows(
     assert a["prototype_rows"].size == 50
 
 
+def test_a_smaller_prototype_set_is_fed_from_the_same_pass(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, reference = baseline(tmp_path_factory)
+    calls = _count_feature_passes(monkeypatch)
+    run = copy_run(reference, tmp_path / "run")
+    result = explain(run, k=5, analysis_size=60, prototype_size=30, seed=0, device="cpu",
+                     progress=False)
+    assert calls == []
+    a = result.arrays
+    assert a["prototype_rows"].size == 30
+    assert np.isin(a["prototype_rows"], a["sample_index"]).all()
+    np.testing.assert_array_equal(a["saliency"], load_arrays(reference)["saliency"])
+    # The PCA and K-Means saw the 30 rows' positions, no more.
+    (fitted,) = (run / "analysis" / "cache").glob("prototypes-*.npz")
+    h, w = a["assignments"].shape[1:]
+    with np.load(fitted) as z:
+        assert int(z["counts"][1]) == 30 * h * w  # (k, n_vectors, n_fit_vectors)
+
+
 @pytest.mark.parametrize("cached", ["saliency only", "prototypes only"])
 def test_any_mix_of_cached_and_fresh_stages_equals_a_fresh_run(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, cached: str
