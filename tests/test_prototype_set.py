@@ -54,13 +54,22 @@ def _count_feature_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def test_default_explain_runs_the_final_model_once(
-    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+_SETTINGS = {"k": 5, "analysis_size": 60, "seed": 0, "device": "cpu", "progress": False}
+
+
+def _explain_a_copy(tmp_path_factory, tmp_path, monkeypatch, **settings):
+    """Explain a fresh copy of the baseline run, counting feature passes of the final model:
+    ``(reference run, the copy, its Explanation, rows per feature pass)``."""
     _, reference = baseline(tmp_path_factory)
     calls = _count_feature_passes(monkeypatch)
     run = copy_run(reference, tmp_path / "run")
-    result = explain(run, k=5, analysis_size=60, seed=0, device="cpu", progress=False)
+    return reference, run, explain(run, **{**_SETTINGS, **settings}), calls
+
+
+def test_default_explain_runs_the_final_model_once(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference, run, result, calls = _explain_a_copy(tmp_path_factory, tmp_path, monkeypatch)
     assert calls == [], "a feature pass ran although the Grad-CAM pass had the features"
     assert np.array_equal(result.arrays["prototype_rows"], result.arrays["sample_index"])
     assert_same_arrays(load_arrays(run), load_arrays(reference))
@@ -69,11 +78,8 @@ def test_default_explain_runs_the_final_model_once(
 def test_a_larger_prototype_set_passes_over_only_the_added_rows(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _, reference = baseline(tmp_path_factory)
-    calls = _count_feature_passes(monkeypatch)
-    run = copy_run(reference, tmp_path / "run")
-    result = explain(run, k=5, analysis_size=30, prototype_size=50, seed=0, device="cpu",
-                     progress=False)
+    _, _, result, calls = _explain_a_copy(tmp_path_factory, tmp_path, monkeypatch,
+                                          analysis_size=30, prototype_size=50)
     assert calls == [20]
     a = result.arrays
     assert np.isin(a["sample_index"], a["prototype_rows"]).all()
@@ -83,11 +89,8 @@ def test_a_larger_prototype_set_passes_over_only_the_added_rows(
 def test_a_smaller_prototype_set_is_fed_from_the_same_pass(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _, reference = baseline(tmp_path_factory)
-    calls = _count_feature_passes(monkeypatch)
-    run = copy_run(reference, tmp_path / "run")
-    result = explain(run, k=5, analysis_size=60, prototype_size=30, seed=0, device="cpu",
-                     progress=False)
+    reference, run, result, calls = _explain_a_copy(tmp_path_factory, tmp_path, monkeypatch,
+                                                    prototype_size=30)
     assert calls == []
     a = result.arrays
     assert a["prototype_rows"].size == 30
@@ -107,7 +110,7 @@ def test_any_mix_of_cached_and_fresh_stages_equals_a_fresh_run(
     """Saliency shards cached but not the prototypes (another K ran first), or the
     prototypes cached but not the saliency: the same arrays as a run from scratch."""
     _, reference = baseline(tmp_path_factory)
-    settings = {"k": 5, "analysis_size": 60, "seed": 0, "device": "cpu", "progress": False}
+    settings = _SETTINGS
     run = copy_run(reference, tmp_path / "run")
     cache = run / "analysis" / "cache"
     if cached == "saliency only":
@@ -126,10 +129,8 @@ def test_past_the_held_features_budget_a_feature_pass_assigns_the_same(
 ) -> None:
     # whylook.explain the attribute is the function; the module is in sys.modules.
     module = sys.modules["whylook.explain"]
-    _, reference = baseline(tmp_path_factory)
+    baseline(tmp_path_factory)  # the reference is made with the real budget
     monkeypatch.setattr(module, "_HELD_FEATURES_BYTES", 0)
-    calls = _count_feature_passes(monkeypatch)
-    run = copy_run(reference, tmp_path / "run")
-    explain(run, k=5, analysis_size=60, seed=0, device="cpu", progress=False)
+    reference, run, _, calls = _explain_a_copy(tmp_path_factory, tmp_path, monkeypatch)
     assert calls == [60]  # the assignments' own pass; the prototypes still shared the first
     assert_same_arrays(load_arrays(run), load_arrays(reference))
