@@ -105,10 +105,12 @@ def test_a_smaller_prototype_set_is_fed_from_the_same_pass(
 
 @pytest.mark.parametrize("cached", ["saliency only", "prototypes only"])
 def test_any_mix_of_cached_and_fresh_stages_equals_a_fresh_run(
-    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, cached: str
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    cached: str,
 ) -> None:
     """Saliency shards cached but not the prototypes (another K ran first), or the
-    prototypes cached but not the saliency: the same arrays as a run from scratch."""
+    prototypes cached but not the saliency: the same arrays as a run from scratch, and the
+    final model runs over the analysis set at most once."""
     _, reference = baseline(tmp_path_factory)
     settings = _SETTINGS
     run = copy_run(reference, tmp_path / "run")
@@ -120,7 +122,10 @@ def test_any_mix_of_cached_and_fresh_stages_equals_a_fresh_run(
         for shard in cache.glob("saliency-*.npz"):
             shard.unlink()
     assert any(cache.glob("saliency-*.npz")) == (cached == "saliency only")
+    calls = _count_feature_passes(monkeypatch)
     explain(run, **settings)
+    # Cached saliency: one feature pass serves the prototypes and the assignments.
+    assert calls == ([60] if cached == "saliency only" else [])
     assert_same_arrays(load_arrays(run), load_arrays(reference))
 
 

@@ -395,18 +395,28 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
                                  seed=settings.seed)
     in_proto = np.isin(rows, proto_rows)
     fed = np.zeros(len(proto_rows), dtype=bool)  # prototype rows the finder has seen
-    # Final-model features of analysis rows, held until the prototypes exist to assign
-    # them; past the budget a shard gets a feature pass of its own later (same result).
-    held: list[tuple[int, torch.Tensor]] = []
+    # Final-model features of analysis rows (with their positions in the analysis set),
+    # held until the prototypes exist to assign them; past the budget a shard gets a
+    # feature pass of its own later (same result).
+    held: list[tuple[np.ndarray, torch.Tensor]] = []
     held_bytes = 0
 
     assignments = np.zeros((len(rows), h, w), dtype=np.int16)
     assigned = np.zeros(len(rows), dtype=bool)
 
-    def take_features(at: int, feats: torch.Tensor) -> None:
+    def assign_or_hold(positions: np.ndarray, feats: torch.Tensor) -> None:
         # feats stay on the model's device: on a GPU the statistics and assignments run
         # there (ResNet-50's layer3 features of 2000 samples are 400 MB).
         nonlocal held_bytes
+        size = feats.element_size() * feats.nelement()
+        if prototypes is not None:
+            assignments[positions] = prototypes.assign(feats)
+            assigned[positions] = True
+        elif held_bytes + size <= _HELD_FEATURES_BYTES:
+            held.append((positions, feats))
+            held_bytes += size
+
+    def take_features(at: int, feats: torch.Tensor) -> None:
         batch_rows = rows[at:at + len(feats)]
         if finder is not None:
             # Global row numbers make the K-Means subsample independent of batching.
@@ -417,13 +427,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
                 pick = torch.from_numpy(np.flatnonzero(mine)).to(feats.device)
                 finder.partial_fit(feats.index_select(0, pick), sample_index=batch_rows[mine])
             fed[np.searchsorted(proto_rows, batch_rows[mine])] = True
-        size = feats.element_size() * feats.nelement()
-        if prototypes is not None:
-            assignments[at:at + len(feats)] = prototypes.assign(feats)
-            assigned[at:at + len(feats)] = True
-        elif held_bytes + size <= _HELD_FEATURES_BYTES:
-            held.append((at, feats))
-            held_bytes += size
+        assign_or_hold(np.arange(at, at + len(feats)), feats)
 
     def finish_prototypes() -> Prototypes:
         assert finder is not None
@@ -440,13 +444,22 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
             )
             start = 0
             for feats in batches:
-                finder.partial_fit(feats, sample_index=rest[start:start + len(feats)])
+                batch_rows = rest[start:start + len(feats)]
                 start += len(feats)
+                finder.partial_fit(feats, sample_index=batch_rows)
+                # The analysis rows among them need these features for their assignments.
+                at = np.minimum(np.searchsorted(rows, batch_rows), len(rows) - 1)
+                analysed = rows[at] == batch_rows
+                if analysed.all():
+                    assign_or_hold(at, feats)
+                elif analysed.any():
+                    pick = torch.from_numpy(np.flatnonzero(analysed)).to(feats.device)
+                    assign_or_hold(at[analysed], feats.index_select(0, pick))
         fitted = finder.finalize()
         save_npz(proto_file, fitted.to_arrays())
-        for at, feats in held:
-            assignments[at:at + len(feats)] = fitted.assign(feats)
-            assigned[at:at + len(feats)] = True
+        for positions, feats in held:
+            assignments[positions] = fitted.assign(feats)
+            assigned[positions] = True
         held.clear()
         return fitted
 
