@@ -38,8 +38,9 @@ interleaved and rotated, and medians of ``--repeats`` are reported):
 
 2. **``whylook explain`` end to end** (fresh cache), broken down by stage by timing the
    functions explain calls (anything not covered is "other"), against the floor for the
-   same T+1 checkpoints and n samples, measured before and after it. Also a rerun with all
-   shards cached.
+   same T+1 checkpoints and n samples. Floor and explain alternate ``--repeats`` times
+   (floor first and last) and the ratio is of their medians. Also a rerun with all shards
+   cached.
 
 3. **Peak memory of the prototype stage** at two prototype-set sizes (10k and 60k images, 6x),
    each in a fresh subprocess: explain on a 3-checkpoint run with a small analysis set and
@@ -558,24 +559,42 @@ def import_seconds() -> float:
 
 
 def bench_explain(run: RunFolder, models: list[nn.Module], n: int, device: torch.device,
-                  bs: int, nhwc: bool) -> dict[str, Any]:
-    """Section 2: explain end to end by stage, against the floor measured around it."""
+                  bs: int, nhwc: bool, repeats: int) -> dict[str, Any]:
+    """Section 2: explain end to end by stage, against the floor measured around it.
+
+    Floor and explain alternate (floor, explain, floor, explain, ..., floor) and the
+    ratio is of their medians: on a shared machine one floor run alone swung from 4.9 s
+    to 8.6 s within a minute, which made a single before/after pair misleading.
+    """
     explain_floor(run, models[-1:], 256, device, bs, nhwc)  # warm-up
-    floor_before = explain_floor(run, models, n, device, bs, nhwc)
-    print(f"  floor (T+1={len(models)}, n={n}) {floor_before:.2f} s", flush=True)
-    total, stages = timed_explain(run, device, analysis_size=n)
-    print(f"  explain {total:.2f} s", flush=True)
-    floor_after = explain_floor(run, models, n, device, bs, nhwc)
-    print(f"  floor again {floor_after:.2f} s", flush=True)
+    floors: list[float] = []
+    runs: list[tuple[float, dict[str, float]]] = []
+    for r in range(repeats):
+        floors.append(explain_floor(run, models, n, device, bs, nhwc))
+        print(f"  floor (T+1={len(models)}, n={n}) {floors[-1]:.2f} s", flush=True)
+        runs.append(timed_explain(run, device, analysis_size=n))
+        print(f"  explain {runs[-1][0]:.2f} s (repeat {r + 1} of {repeats})", flush=True)
+    floors.append(explain_floor(run, models, n, device, bs, nhwc))
+    print(f"  floor again {floors[-1]:.2f} s", flush=True)
     cached_total, cached_stages = timed_explain(run, device, fresh=False, analysis_size=n)
     print(f"  explain, all shards cached {cached_total:.2f} s", flush=True)
-    floor = (floor_before + floor_after) / 2
+    totals = [t for t, _ in runs]
+    total = float(np.median(totals))
+    names = sorted({name for _, st in runs for name in st})
+    # Per stage, the median over repeats; "other" absorbs the difference so the stages
+    # still add up to the median total.
+    stages = {name: float(np.median([st.get(name, 0.0) for _, st in runs])) for name in names
+              if name != "other"}
+    stages["other"] = total - sum(stages.values())
+    floor = float(np.median(floors))
     return {
         "checkpoints": len(models),
         "n": n,
         "seconds": total,
+        "seconds_all": totals,
         "stages": stages,
-        "floor_seconds": [floor_before, floor_after],
+        "stages_all": [st for _, st in runs],
+        "floor_seconds": floors,
         "floor": floor,
         "over_floor": total / floor,
         "cached_seconds": cached_total,
@@ -755,7 +774,8 @@ def render(res: dict[str, Any]) -> str:
     if e:
         lines += [
             f"**`whylook explain` end to end** (fresh cache): T+1 = {e['checkpoints']}, "
-            f"n = {e['n']}.",
+            f"n = {e['n']}; floor and explain alternate, medians (stages: the median of each "
+            "stage over the repeats).",
             "",
             "| stage | seconds | share |",
             "|---|---:|---:|",
@@ -763,9 +783,10 @@ def render(res: dict[str, Any]) -> str:
         for name, sec in sorted(e["stages"].items(), key=lambda kv: -kv[1]):
             lines.append(f"| {name} | {sec:.2f} | {100 * sec / e['seconds']:.0f}% |")
         lines += [
-            f"| **total** | **{e['seconds']:.2f}** | |",
-            f"| floor: {e['checkpoints']} x {e['n']} bare passes (before / after) | "
-            f"{e['floor']:.2f} ({e['floor_seconds'][0]:.2f} / {e['floor_seconds'][1]:.2f}) | |",
+            f"| **total** (median of {len(e['seconds_all'])}: "
+            f"{' / '.join(f'{x:.2f}' for x in e['seconds_all'])}) | **{e['seconds']:.2f}** | |",
+            f"| floor: {e['checkpoints']} x {e['n']} bare passes (median of "
+            f"{' / '.join(f'{x:.2f}' for x in e['floor_seconds'])}) | {e['floor']:.2f} | |",
             f"| **explain / floor** | **{e['over_floor']:.2f}x** | |",
             f"| rerun with every shard cached | {e['cached_seconds']:.2f} | |",
             "",
@@ -932,7 +953,7 @@ def _main(args: argparse.Namespace) -> int:
     if "explain" in sections:
         print("explain ...", flush=True)
         res["explain"] = bench_explain(run_main, models, sizes.explain_n, device,
-                                       args.batch_size, nhwc)
+                                       args.batch_size, nhwc, sizes.repeats)
         save()
     del models
     if "scaling" in sections:

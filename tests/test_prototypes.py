@@ -209,3 +209,59 @@ def test_chunked_projection_equals_the_whole_matrix_product():
     whole = ((vectors[order].astype(np.float64) - mean) @ components.T).astype(np.float32)
     assert np.array_equal(_project(vectors, order, mean, components, chunk=64), whole)
     assert _project(vectors, order[:0], mean, components).shape == (0, 10)
+
+
+@pytest.fixture
+def kmeans_rows(monkeypatch) -> list[int]:
+    """The number of rows of every K-Means fit the prototype stage runs."""
+    import whylook.prototypes as prototypes
+
+    seen: list[int] = []
+
+    class Spy(prototypes.KMeans):
+        def fit(self, X, y=None, sample_weight=None):
+            seen.append(len(X))
+            return super().fit(X, y, sample_weight)
+
+    monkeypatch.setattr(prototypes, "KMeans", Spy)
+    return seen
+
+
+def test_centres_found_on_a_part_are_refined_over_every_vector(kmeans_rows) -> None:
+    seen = kmeans_rows
+    feats, _, _ = _planted(200)  # 3,200 vectors
+    protos = PrototypeFinder(k=4, seed=0, init_vectors=100).fit([feats])
+    assert seen == [100, 3200]
+    # Lloyd converged over all vectors: each centre is the mean of every vector assigned to
+    # it, not of the 100 the centres were found on (those means differ by ~0.02 here).
+    vectors = feats.transpose(0, 2, 3, 1).reshape(-1, 8).astype(np.float64)
+    assigned = protos.assign(feats).ravel()
+    means = np.stack([vectors[assigned == j].mean(axis=0) for j in range(4)])
+    np.testing.assert_allclose(protos.centers_in_feature_space(), means, atol=1e-3)
+
+    seen.clear()
+    PrototypeFinder(k=4, seed=0, init_vectors=None).fit([feats])
+    assert seen == [3200]
+
+
+def test_k_auto_starts_the_refinement_from_the_chosen_candidate(kmeans_rows, monkeypatch):
+    import whylook.prototypes as prototypes
+
+    seen = kmeans_rows
+    monkeypatch.setattr(prototypes, "AUTO_FIT_VECTORS", 500)
+    feats, _, _ = _planted(200)
+    protos = PrototypeFinder(k="auto", seed=0, init_vectors=500,
+                             auto_candidates=(2, 3, 4, 6, 8)).fit([feats])
+    assert protos.k == 4
+    # One fit per candidate on the part, then only the refinement on all 3,200 vectors.
+    assert seen == [500] * 5 + [3200]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"init_vectors": 1}, "init_vectors"), ({"init_vectors": 2.5}, "init_vectors"),
+     ({"refine_iter": 0}, "refine_iter")],
+)
+def test_bad_kmeans_settings(kwargs: dict, message: str) -> None:
+    with pytest.raises(WhylookError, match=message):
+        PrototypeFinder(k=4, **kwargs)
