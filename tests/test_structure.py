@@ -270,3 +270,88 @@ def test_summary_counts_class_pairs_not_entries(tmp_path):
     }
     text = Explanation(path=tmp_path, data=data, arrays={}).summary()
     assert "Uncertain prototypes: 3 of 4 on 2 class pairs (3 prototype-pair entries)" in text
+
+
+def test_support_threshold_is_bonferroni_for_the_number_of_fits():
+    from whylook.structure import support_threshold
+
+    assert support_threshold(2.0, 1) == 2.0
+    for n_fits in (2, 3):
+        z = support_threshold(2.0, n_fits)
+        assert stats.norm.sf(z) * n_fits == pytest.approx(stats.norm.sf(2.0), rel=1e-9)
+
+
+def test_best_of_two_fits_against_the_raised_threshold():
+    labels, mass, conf, beta, se, groups = _base()
+    mass[labels == 0, :3] = 0.5  # P-0, P-1, P-2 active in every sample of a
+    global_beta, class_beta = beta.copy(), beta.copy()
+    # z of the support = beta / se over T equal-weight steps: beta * sqrt(T) / 0.1.
+    global_beta[:, 0, 0] = 2.1 * 0.1 / np.sqrt(T)  # z 2.1: passes alone, not as best of two
+    class_beta[:, 1, 0] = 3.0 * 0.1 / np.sqrt(T)  # z 3.0 in the class fit only
+    global_beta[:, 2, 0] = 2.5 * 0.1 / np.sqrt(T)  # z 2.5 in the global fit only
+    s = assemble(
+        classes=["a", "b", "c"], steps=[0, 1, 10, 100, 1000], labels=labels, activity=mass,
+        confidence=conf, beta=global_beta, beta_se=se, class_groups=groups,
+        settings=StructureSettings(active_threshold=0.1),
+        support_fits=[(global_beta, se), (class_beta, se)],
+    )
+    assert s.support_threshold == pytest.approx(2.278, abs=1e-3)
+    assert set(s.classes[0].shared) == {"P-1", "P-2"}
+    np.testing.assert_allclose(s.support_z[:3, 0], [2.1, 3.0, 2.5], rtol=1e-5)
+    np.testing.assert_allclose(s.support_z_by_fit[:, 1, 0], [0.0, 3.0], atol=1e-6)
+    alone = _run(labels, mass, conf, global_beta, se, groups)
+    assert set(alone.classes[0].shared) == {"P-0", "P-2"}
+
+
+def _shared_part_data(seed: int = 0):
+    """Classes a, b, c; P-0 is a part of both a and b, P-1 of a only, P-2 of c only.
+
+    While a class is learned, attention to its parts rises and so does its confidence, at
+    the expense of the other classes. b's samples look at P-0 three times as hard as a's
+    do for the same confidence, so across all samples more attention to P-0 goes with
+    *less* confidence in a: the global beta credits P-0 to b alone.
+    """
+    rng = np.random.default_rng(seed)
+    m, k, t, n_per = 3, 3, 4, 200
+    labels = np.repeat(np.arange(m), n_per)
+    parts = {0: {0: 1.0, 1: 1.0}, 1: {0: 1.0 / 3.0}, 2: {2: 1.0}}  # class -> {part: effect}
+    scale = {0: 1.0, 1: 3.0, 2: 1.0}  # how hard each class's samples look at their parts
+    dp = rng.normal(0.0, 0.01, size=(t, labels.size, k))
+    dy = np.zeros((t, labels.size, m))
+    for i, y in enumerate(labels):
+        for part, effect in parts[y].items():
+            rise = scale[y] * rng.uniform(0.0, 1.0, size=t)
+            dp[:, i, part] += rise
+            dy[:, i, y] += effect * rise
+        dy[:, i, y] += rng.normal(0.0, 0.05, size=t)
+        for other in range(m):
+            if other != y:
+                dy[:, i, other] = -dy[:, i, y] / (m - 1)
+    conf = np.concatenate([np.full((1, labels.size, m), 1.0 / m), 1.0 / m + np.cumsum(dy, 0)])
+    activity = np.zeros((labels.size, k))
+    for i, y in enumerate(labels):
+        activity[i, list(parts[y])] = 1.0
+    return labels, dp, dy, conf, activity
+
+
+def test_a_part_of_two_classes_is_shared_by_both_with_the_class_conditional_fit():
+    from whylook.mapping import fit_class_mapping, fit_mapping
+
+    labels, dp, dy, conf, activity = _shared_part_data()
+    glob = fit_mapping(dp, dy, n_boot=50)
+    cls = fit_class_mapping(dp, dy, labels, n_boot=50)
+    common = {
+        "classes": ["a", "b", "c"], "steps": [0, 1, 10, 100, 1000], "labels": labels,
+        "activity": activity, "confidence": conf, "beta": glob.beta, "beta_se": glob.beta_se,
+        "class_groups": -np.ones(labels.size, dtype=np.int16),
+    }
+    alone = assemble(**common)
+    both = assemble(**common, support_fits=[(glob.beta, glob.beta_se), (cls.beta, cls.beta_se)])
+    # The global beta alone misses a's part that b shares, and says it works against a.
+    assert alone.classes[0].shared == ("P-1",)
+    assert alone.support_z[0, 0] < 0
+    assert "P-0" in alone.classes[1].shared
+    # Read from both fits, each class gets its parts and only those.
+    assert set(both.classes[0].shared) == {"P-0", "P-1"}
+    assert set(both.classes[1].shared) == {"P-0"}
+    assert set(both.classes[2].shared) == {"P-2"}

@@ -45,6 +45,10 @@ _CACHE_VERSION = "1"
 _HELD_FEATURES_BYTES = 1 << 29
 
 
+#: The readings of "support for class c" (ExplainSettings.support).
+SUPPORT_READINGS = ("global+class", "global", "class")
+
+
 @dataclass(frozen=True)
 class ExplainSettings:
     """Every choice of Steps 1-6 that a user can change; all are recorded in the output."""
@@ -60,12 +64,13 @@ class ExplainSettings:
     min_cluster_size: int | None = None
     ridge_lambda: float | str = "cv"
     bootstrap: int = 100
-    # docs/METHOD-NOTES.md: "support for class c" from the global beta, weighted by class
-    # c's learning phase ("global"), or from class-conditional ridge fits ("class"); class
-    # sub-groups from the confidence trajectories plus the final prototype profile
-    # ("trajectory+profile") or from the trajectories alone, as METHOD reads the paper
-    # ("trajectory").
-    support: str = "global"
+    # docs/METHOD-NOTES.md: "support for class c", weighted by class c's learning phase,
+    # from the global beta and the class-conditional ridge fits, whichever has the larger
+    # z against a Bonferroni-corrected threshold ("global+class"), or from one of them
+    # alone ("global", the paper's beta; "class"); class sub-groups from the confidence
+    # trajectories plus the final prototype profile ("trajectory+profile") or from the
+    # trajectories alone, as METHOD reads the paper ("trajectory").
+    support: str = "global+class"
     subgroups: str = "trajectory+profile"
     structure: StructureSettings = field(default_factory=StructureSettings)
 
@@ -241,8 +246,10 @@ def explain(
     base = settings if settings is not None else ExplainSettings()
     if not isinstance(base, ExplainSettings):
         raise WhylookError(f"settings must be an ExplainSettings, not {type(base).__name__}")
-    if base.support not in ("class", "global"):
-        raise WhylookError(f"support must be 'class' or 'global', not {base.support!r}")
+    if base.support not in SUPPORT_READINGS:
+        raise WhylookError(
+            f"support must be one of {', '.join(map(repr, SUPPORT_READINGS))}, not {base.support!r}"
+        )
     if base.subgroups not in ("trajectory+profile", "trajectory"):
         raise WhylookError(
             f"subgroups must be 'trajectory+profile' or 'trajectory', not {base.subgroups!r}"
@@ -323,7 +330,13 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     from whylook.mapping import fit_class_mapping, fit_mapping
     from whylook.models import get_layer, layer_shape
     from whylook.patterns import find_patterns
-    from whylook.prototypes import PrototypeFinder, Prototypes, default_k
+    from whylook.prototypes import (
+        INIT_VECTORS,
+        REFINE_ITER,
+        PrototypeFinder,
+        Prototypes,
+        default_k,
+    )
     from whylook.saliency import GradCAM, SaliencyResult, layer_features
 
     ckpts = folder.checkpoints
@@ -384,8 +397,11 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     # Grad-CAM already computes the layer's features, which are the prototype set's
     # features wherever the two sets overlap (by default they are the same set), so the
     # final model runs over them once. The final checkpoint comes first for that reason.
+    # The K-Means recipe is part of the key: prototypes cached by a version that fitted
+    # them another way are recomputed, not reused (the saliency shards stay valid).
     proto_key = _digest({**common, "ckpt": digests[-1], "rows": _digest(proto_rows.tolist()),
-                         "k": k_value, "p": settings.n_components, "seed": settings.seed})
+                         "k": k_value, "p": settings.n_components, "seed": settings.seed,
+                         "kmeans": [INIT_VECTORS, REFINE_ITER]})
     proto_file = cache / f"prototypes-{proto_key[:20]}.npz"
     cached = _load_cached(proto_file)
     prototypes = None if cached is None else Prototypes.from_arrays(cached)
@@ -531,10 +547,14 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         lam=settings.ridge_lambda, n_boot=settings.bootstrap, seed=settings.seed,
     )
     class_mapping = None
-    if settings.support == "class":
+    support_fits = []
+    if "global" in settings.support.split("+"):
+        support_fits.append((mapping.beta, mapping.beta_se))
+    if "class" in settings.support.split("+"):
         class_mapping = fit_class_mapping(d_intensity, d_confidence, labels,
                                           lam=settings.ridge_lambda, n_boot=settings.bootstrap,
                                           seed=settings.seed)
+        support_fits.append((class_mapping.beta, class_mapping.beta_se))
 
     # Step 6: the structured explanation.
     steps = [int(c.step) for c in ckpts]
@@ -542,8 +562,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         classes=classes, steps=steps, labels=labels, activity=activity,
         confidence=confidence, beta=mapping.beta, beta_se=mapping.beta_se,
         class_groups=patterns.class_groups, settings=settings.structure,
-        support_beta=None if class_mapping is None else class_mapping.beta,
-        support_se=None if class_mapping is None else class_mapping.beta_se,
+        support_fits=support_fits,
     )
 
     predictions = confidence.argmax(axis=2)
@@ -576,6 +595,8 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         "confusion": confusion,
         "support": structure.support,
         "support_z": structure.support_z,
+        # One row per reading named in settings.support, in that order.
+        "support_z_by_fit": structure.support_z_by_fit,
         "prototype_rows": proto_rows,
     }
     if class_mapping is not None:
@@ -608,6 +629,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
             "ridge_lambda": settings.ridge_lambda,
             "bootstrap": int(settings.bootstrap),
             "support": settings.support,
+            "support_threshold": round(structure.support_threshold, 6),
             "subgroups": settings.subgroups,
         },
         "prototypes": [

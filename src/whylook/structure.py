@@ -19,7 +19,14 @@ reads β separates signal from noise with the bootstrap standard errors of Step 
   class was learned *from*. A class whose confidence never rises gets uniform weights.
 * **shared** prototypes of ``c`` – active in at least ``shared_rate`` of class ``c`` and
   with support for ``c`` at least ``z_threshold`` standard errors above zero; ordered by
-  ``active rate × support``.
+  ``active rate × support``. Support can be read from more than one fit (``explain``
+  passes the global β and the class-conditional β): each prototype and class then takes
+  the fit with the larger z, and the threshold rises so that the chance of passing by
+  noise alone stays that of one fit at ``z_threshold`` (Bonferroni: 2.28 for two fits at
+  2.0). The two fits miss real support in opposite ways: the global β credits a part that
+  two classes share to one of them (a sample of the other class pays for attention to it
+  with the confidence it loses), and a class-conditional fit has only that class's
+  samples (docs/METHOD-NOTES.md, Step 6).
 * **specialized** prototypes of ``c`` – for a sub-group of ``c`` (Step 4), active in at
   least ``shared_rate`` of the group and at least ``specialized_margin`` less often in the
   rest of ``c``, with a Fisher exact test below ``specialized_p``.
@@ -42,6 +49,7 @@ reads β separates signal from noise with the bootstrap standard errors of Step 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from typing import Any
@@ -158,7 +166,9 @@ class Structure:
     active: np.ndarray = field(repr=False)  # (n, K) bool
     active_rate_by_class: np.ndarray = field(repr=False)  # (K, M)
     support: np.ndarray = field(repr=False)  # (K, M) learning-weighted beta
-    support_z: np.ndarray = field(repr=False)  # (K, M)
+    support_z: np.ndarray = field(repr=False)  # (K, M), of the fit with the larger z
+    support_z_by_fit: np.ndarray = field(repr=False)  # (fits, K, M)
+    support_threshold: float
     classes: tuple[ClassExplanation, ...]
     uncertain: tuple[UncertainPrototype, ...]
     learning_order: LearningOrder
@@ -237,8 +247,7 @@ def assemble(
     beta_se: np.ndarray,
     class_groups: np.ndarray,
     settings: StructureSettings | None = None,
-    support_beta: np.ndarray | None = None,
-    support_se: np.ndarray | None = None,
+    support_fits: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> Structure:
     """Assemble the structured explanation.
 
@@ -252,9 +261,11 @@ def assemble(
         confidence: (T+1, n, M) softmax confidences at each checkpoint.
         beta, beta_se: (T, K, M) ridge coefficients and their bootstrap standard errors.
         class_groups: (n,) the per-class sub-group of each sample (-1 is noise).
-        support_beta, support_se: (T, K, M) the fits that "support for class c" is read
-            from (``explain`` passes the class-conditional fits of
-            :func:`whylook.mapping.fit_class_mapping`); default: ``beta`` and ``beta_se``.
+        support_fits: the fits "support for class c" is read from, each a pair
+            ``(beta, se)`` of shape (T, K, M), e.g. the class-conditional fits of
+            :func:`whylook.mapping.fit_class_mapping`; default: ``[(beta, beta_se)]``.
+            With several, each prototype and class takes the fit with the larger z, and
+            the threshold is Bonferroni-corrected for their number (module notes).
 
     Example:
         >>> import numpy as np
@@ -293,22 +304,22 @@ def assemble(
 
     # Standard errors of a sum of per-step estimates, taken as independent across steps.
     se = np.where(beta_se > 0, beta_se, np.inf)
-    s_beta = beta if support_beta is None else np.asarray(support_beta, dtype=np.float64)
-    s_se = beta_se if support_se is None else np.asarray(support_se, dtype=np.float64)
-    if s_beta.shape != beta.shape or s_se.shape != beta.shape:
-        raise WhylookError(f"support_beta and support_se must have shape {beta.shape}")
+    fits = [(beta, beta_se)] if support_fits is None else list(support_fits)
+    if not fits:
+        raise WhylookError("support_fits needs at least one (beta, se) pair")
     weights = learning_weights(confidence, labels, m)  # (T, M), columns sum to 1
-    support = np.einsum("tm,tkm->km", weights, np.nan_to_num(s_beta))
-    s_se = np.where(np.isfinite(s_se) & (s_se > 0), s_se, 0.0)
-    support_se = np.sqrt(np.einsum("tm,tkm->km", weights**2, s_se**2))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        support_z = np.where(support_se > 0, support / support_se, 0.0)
+    readings = [_support(weights, f_beta, f_se, beta.shape) for f_beta, f_se in fits]
+    # Per prototype and class, the reading with the larger z.
+    pick = np.argmax(np.stack([z for _, z in readings]), axis=0)
+    support = np.choose(pick, [s for s, _ in readings])
+    support_z = np.choose(pick, [z for _, z in readings])
+    threshold = support_threshold(settings.z_threshold, len(fits))
 
     class_expl = []
     for c, name in enumerate(classes):
         in_c = labels == c
         shared = np.flatnonzero(
-            (active_rate[:, c] >= settings.shared_rate) & (support_z[:, c] >= settings.z_threshold)
+            (active_rate[:, c] >= settings.shared_rate) & (support_z[:, c] >= threshold)
         )
         strength = active_rate[shared, c] * np.maximum(support[shared, c], 0.0)
         order = np.argsort(-strength, kind="stable")
@@ -331,10 +342,42 @@ def assemble(
         active_rate_by_class=active_rate.astype(np.float32),
         support=support.astype(np.float32),
         support_z=support_z.astype(np.float32),
+        support_z_by_fit=np.stack([z for _, z in readings]).astype(np.float32),
+        support_threshold=threshold,
         classes=tuple(class_expl),
         uncertain=uncertain,
         learning_order=order,
     )
+
+
+def support_threshold(z_threshold: float, n_fits: int) -> float:
+    """The z a reading must reach when support is the best of ``n_fits`` readings.
+
+    One-sided Bonferroni: the chance that any of them passes by noise alone stays at
+    most that of a single reading at ``z_threshold``.
+
+    >>> round(support_threshold(2.0, 1), 3), round(support_threshold(2.0, 2), 3)
+    (2.0, 2.278)
+    """
+    if n_fits <= 1:
+        return float(z_threshold)
+    return float(stats.norm.isf(stats.norm.sf(z_threshold) / n_fits))
+
+
+def _support(
+    weights: np.ndarray, beta: np.ndarray, se: np.ndarray, shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Learning-weighted support ``(K, M)`` of one fit and its z-score."""
+    beta = np.asarray(beta, dtype=np.float64)
+    se = np.asarray(se, dtype=np.float64)
+    if beta.shape != shape or se.shape != shape:
+        raise WhylookError(f"every support fit must have shape {shape}, got {beta.shape}")
+    support = np.einsum("tm,tkm->km", weights, np.nan_to_num(beta))
+    se = np.where(np.isfinite(se) & (se > 0), se, 0.0)
+    support_se = np.sqrt(np.einsum("tm,tkm->km", weights**2, se**2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(support_se > 0, support / support_se, 0.0)
+    return support, z
 
 
 def learning_weights(confidence: np.ndarray, labels: np.ndarray, m: int) -> np.ndarray:
