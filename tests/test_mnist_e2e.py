@@ -1,10 +1,11 @@
 """Real MNIST end to end: train on the full 60k, explain, and check the result.
 
-Measured on this configuration (2 epochs, 12 checkpoints, 2000 analysed samples): 8 of
-the 10 digits get shared prototypes; for 6 and 9 the prototypes the model looks at in most
-of their samples are shared with other digits (8's loops, 0's and 1's strokes) and their
-support for the digit is not above the bootstrap noise (docs/METHOD-NOTES.md, Step 6).
-The test asserts what is measured, with room for one more digit, not the ideal of all ten.
+Measured on this configuration (2 epochs, 12 checkpoints, 2000 analysed samples, 2 torch
+threads): every digit gets shared prototypes (2026-11-28). Two more full-MNIST runs (1
+torch thread, data orders 0 and 1) give 9 of 10: 9's most-looked-at prototype (its stem,
+shared with 1, 4 and 7) does not raise its confidence in either fit, and the loop that
+does is looked at in only a quarter of the 9s (docs/METHOD-NOTES.md, Step 6). Training
+depends on the CPU's thread count and instruction set, so the test allows that one digit.
 """
 
 from __future__ import annotations
@@ -81,10 +82,10 @@ def _mnist_path(run):
     return spec.split(":", 1)[1]
 
 
-def test_most_digits_have_shared_prototypes(mnist_run):
+def test_digits_have_shared_prototypes(mnist_run):
     d = load_explanation(mnist_run).data
     missing = [c["class"] for c in d["classes_explained"] if not c["shared"]]
-    assert len(missing) <= 3, f"digits without shared prototypes: {missing}"
+    assert len(missing) <= 1, f"digits without shared prototypes: {missing}"
 
 
 def test_uncertain_prototypes_sit_on_pairs_the_model_confuses(mnist_run):
