@@ -411,6 +411,7 @@ CASES: dict[str, Case] = {
         "whylook train",
         lambda c: c.train(c.npz(**_small_images(c, 12)), "--layer", "pool"),
     ),
+    "support-unknown": ("whylook explain", lambda c: c.explain(c.run(), "--support", "local")),
     "shard-size-zero": ("explain()", lambda c: _explain_api(c, shard_size=0)),
     "bootstrap-one": ("explain()", lambda c: _explain_api(c, bootstrap=1)),
     "ridge-lambda-negative": ("explain()", lambda c: _explain_api(c, ridge_lambda=-1.0)),

@@ -365,7 +365,7 @@ ALTERNATIVES = {
     "ridge_lambda": st.one_of(st.just("cv"), st.floats(allow_nan=True, allow_infinity=True),
                               st.text(max_size=3)),
     "bootstrap": st.one_of(st.integers(-1, 4), ODD),
-    "support": st.sampled_from(["class", "global", "other"]),
+    "support": st.sampled_from(["global+class", "class", "global", "other"]),
     "subgroups": st.sampled_from(["trajectory+profile", "trajectory", "other"]),
 }
 KEYWORDS = ("k", "layer", "analysis_size", "prototype_size", "seed")

@@ -252,6 +252,30 @@ def test_cli_min_swings_loosens_the_uncertain_rule(
     assert err == ["error: min_swings must be at least 1 and min_group_size at least 2"]
 
 
+def test_cli_support_reads_the_named_fits(tmp_path: Path, tmp_path_factory) -> None:
+    """``--support global`` reads the global fit alone at z >= 2 (and computes no
+    class-conditional fit); the default reads both against 2.28. (A bad name:
+    tests/test_bad_inputs.py.)"""
+    from _tiny_run import baseline, copy_run, explain_argv
+    from whylook.cli import main
+    from whylook.explain import load_explanation
+
+    _, reference = baseline(tmp_path_factory)
+    both = load_explanation(reference)
+    assert both.data["settings"]["support"] == "global+class"
+    assert both.data["settings"]["support_threshold"] == pytest.approx(2.278, abs=1e-3)
+    assert both.arrays["support_z_by_fit"].shape[0] == 2
+    run = copy_run(reference, tmp_path / "run")
+    assert main(explain_argv(run, "--support", "global")) == 0
+    alone = load_explanation(run)
+    assert alone.data["settings"]["support"] == "global"
+    assert alone.data["settings"]["support_threshold"] == 2.0
+    assert "beta_class" not in alone.arrays
+    np.testing.assert_array_equal(alone.arrays["support_z_by_fit"][0],
+                                  both.arrays["support_z_by_fit"][0])
+    np.testing.assert_array_equal(alone.arrays["support_z"], alone.arrays["support_z_by_fit"][0])
+
+
 def test_summary_counts_class_pairs_not_entries(tmp_path):
     """Two uncertain prototypes on one pair, a third on another: 3 prototypes, 2 pairs."""
     from whylook.explain import Explanation

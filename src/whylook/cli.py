@@ -138,6 +138,13 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="changes of side that make a prototype uncertain (default 2; 1 is looser)",
     )
+    p.add_argument(
+        "--support",
+        default=None,
+        help="which ridge fits a shared prototype's support is read from: global+class "
+        "(default: the global and the class-conditional fit, the larger z against a "
+        "corrected threshold), global (the paper's fit alone) or class",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     _trust_option(p)
     p.set_defaults(handler=_cmd_explain)
@@ -148,8 +155,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from whylook.structure import StructureSettings
 
     settings = None
-    if args.min_swings is not None:
-        settings = ExplainSettings(structure=StructureSettings(min_swings=args.min_swings))
+    if args.min_swings is not None or args.support is not None:
+        structure = (StructureSettings() if args.min_swings is None
+                     else StructureSettings(min_swings=args.min_swings))
+        settings = ExplainSettings(structure=structure,
+                                   support=args.support or ExplainSettings.support)
     result = explain(
         args.run,
         k=args.k,
