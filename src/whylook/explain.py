@@ -548,9 +548,10 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     )
     class_mapping = None
     support_fits = []
-    if "global" in settings.support.split("+"):
+    readings = settings.support.split("+")
+    if "global" in readings:
         support_fits.append((mapping.beta, mapping.beta_se))
-    if "class" in settings.support.split("+"):
+    if "class" in readings:
         class_mapping = fit_class_mapping(d_intensity, d_confidence, labels,
                                           lam=settings.ridge_lambda, n_boot=settings.bootstrap,
                                           seed=settings.seed)
