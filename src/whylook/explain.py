@@ -196,6 +196,13 @@ def prototype_rows(labels: np.ndarray, rows: np.ndarray, size: int, seed: int) -
     return np.union1d(rows, extra).astype(np.int64)
 
 
+def _masked(feats: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
+    """The rows of ``feats`` where ``mask`` is set, on their device (no copy if all are)."""
+    if mask.all():
+        return feats
+    return feats.index_select(0, torch.from_numpy(np.flatnonzero(mask)).to(feats.device))
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -437,11 +444,8 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         if finder is not None:
             # Global row numbers make the K-Means subsample independent of batching.
             mine = in_proto[at:at + len(feats)]
-            if mine.all():
-                finder.partial_fit(feats, sample_index=batch_rows)
-            elif mine.any():
-                pick = torch.from_numpy(np.flatnonzero(mine)).to(feats.device)
-                finder.partial_fit(feats.index_select(0, pick), sample_index=batch_rows[mine])
+            if mine.any():
+                finder.partial_fit(_masked(feats, mine), sample_index=batch_rows[mine])
             fed[np.searchsorted(proto_rows, batch_rows[mine])] = True
         assign_or_hold(np.arange(at, at + len(feats)), feats)
 
@@ -466,11 +470,8 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
                 # The analysis rows among them need these features for their assignments.
                 at = np.minimum(np.searchsorted(rows, batch_rows), len(rows) - 1)
                 analysed = rows[at] == batch_rows
-                if analysed.all():
-                    assign_or_hold(at, feats)
-                elif analysed.any():
-                    pick = torch.from_numpy(np.flatnonzero(analysed)).to(feats.device)
-                    assign_or_hold(at[analysed], feats.index_select(0, pick))
+                if analysed.any():
+                    assign_or_hold(at[analysed], _masked(feats, analysed))
         fitted = finder.finalize()
         save_npz(proto_file, fitted.to_arrays())
         for positions, feats in held:
