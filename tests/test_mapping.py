@@ -9,7 +9,7 @@ import pytest
 from sklearn.linear_model import RidgeCV
 
 from whylook.errors import WhylookError
-from whylook.mapping import DEFAULT_ALPHAS, fit_mapping, ridge_fit
+from whylook.mapping import DEFAULT_ALPHAS, fit_class_mapping, fit_mapping, ridge_fit
 
 
 def test_fixed_lambda_is_the_closed_form() -> None:
@@ -106,6 +106,36 @@ def test_fit_mapping_groups_and_skips() -> None:
     assert fixed.lambda_mode == "fixed"
     np.testing.assert_array_equal(fixed.lambdas, [2.0, 2.0])
     assert np.isnan(fixed.z).all()
+
+
+def test_threads_do_not_change_the_fits() -> None:
+    """Fits run on threads are the serial fits, bit for bit (seeds are per fit)."""
+    rng = np.random.default_rng(8)
+    t_count, n, k, m = 3, 150, 4, 3
+    dp = rng.normal(size=(t_count, n, k))
+    dy = dp @ rng.normal(size=(k, m)) + rng.normal(0, 0.5, (t_count, n, m))
+    groups = rng.integers(-1, 3, size=(t_count, n))
+    labels = rng.integers(0, m, n)
+    one = fit_mapping(dp, dy, groups=groups, n_boot=20, seed=3)
+    two = fit_mapping(dp, dy, groups=groups, n_boot=20, seed=3, n_jobs=2)
+    for name in ("beta", "beta_se", "z", "lambdas", "cv_r2"):
+        np.testing.assert_array_equal(getattr(one, name), getattr(two, name))
+    assert [(g.t, g.group) for g in one.group_fits] == [(g.t, g.group) for g in two.group_fits]
+    for a, b in zip(one.group_fits, two.group_fits, strict=True):
+        np.testing.assert_array_equal(a.fit.beta_se, b.fit.beta_se)
+    c_one = fit_class_mapping(dp, dy, labels, n_boot=20, seed=3)
+    c_two = fit_class_mapping(dp, dy, labels, n_boot=20, seed=3, n_jobs=-1)
+    np.testing.assert_array_equal(c_one.z, c_two.z)
+    np.testing.assert_array_equal(c_one.lambdas, c_two.lambdas)
+    # Each class's fit is the ridge of its own samples on its own confidence.
+    rows = np.flatnonzero(labels == 1)
+    alone = ridge_fit(dp[2, rows], dy[2, rows, 1:2], n_boot=20, seed=[3, 2, 1001])
+    np.testing.assert_allclose(c_one.beta_se[2, :, 1], alone.beta_se[:, 0], rtol=1e-6)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(WhylookError, match="n_jobs must be"):
+            fit_mapping(dp, dy, n_jobs=bad)  # type: ignore[arg-type]
+        with pytest.raises(WhylookError, match="n_jobs must be"):
+            fit_class_mapping(dp, dy, labels, n_jobs=bad)  # type: ignore[arg-type]
 
 
 def test_fast_at_paper_scale() -> None:

@@ -63,6 +63,22 @@ def test_class_subgroups_from_trajectories() -> None:
     assert (pats.class_groups[n_per:] == -1).all()
 
 
+def test_threads_do_not_change_the_patterns() -> None:
+    rng = np.random.default_rng(4)
+    n, m = 240, 4
+    truth = rng.integers(0, 3, size=(3, n))
+    changes = np.stack([rng.normal(0, 0.3, (3, m))[truth[t]] for t in range(3)])
+    changes += rng.normal(0, 0.01, changes.shape)
+    conf, labels = _confidence_from_changes(changes), rng.integers(0, 3, n)
+    one = find_patterns(conf, labels)
+    two = find_patterns(conf, labels, n_jobs=2)
+    np.testing.assert_array_equal(one.groups, two.groups)
+    np.testing.assert_array_equal(one.class_groups, two.class_groups)
+    assert one.n_groups_per_transition.sum() >= 6  # the planted groups were found at all
+    with pytest.raises(WhylookError, match="n_jobs must be"):
+        find_patterns(conf, labels, n_jobs=0)
+
+
 def test_all_noise_is_flagged_not_crashed() -> None:
     rng = np.random.default_rng(2)
     # Three samples: too few for any cluster.

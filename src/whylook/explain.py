@@ -538,14 +538,16 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
 
     # Step 4: learning patterns.
     profile = activity if settings.subgroups == "trajectory+profile" else None
+    # The fits of Steps 4-5 are independent; they get as many threads as torch had.
+    n_jobs = max(1, torch.get_num_threads())
     patterns = find_patterns(confidence, labels, min_cluster_size=settings.min_cluster_size,
-                             profile=profile)
+                             profile=profile, n_jobs=n_jobs)
 
     # Step 5: ridge mapping from intensity changes to confidence changes.
     d_intensity, d_confidence = inten.delta(intensity), inten.delta(confidence)
     mapping = fit_mapping(
         d_intensity, d_confidence, groups=patterns.groups,
-        lam=settings.ridge_lambda, n_boot=settings.bootstrap, seed=settings.seed,
+        lam=settings.ridge_lambda, n_boot=settings.bootstrap, seed=settings.seed, n_jobs=n_jobs,
     )
     class_mapping = None
     support_fits = []
@@ -555,7 +557,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     if "class" in readings:
         class_mapping = fit_class_mapping(d_intensity, d_confidence, labels,
                                           lam=settings.ridge_lambda, n_boot=settings.bootstrap,
-                                          seed=settings.seed)
+                                          seed=settings.seed, n_jobs=n_jobs)
         support_fits.append((class_mapping.beta, class_mapping.beta_se))
 
     # Step 6: the structured explanation.

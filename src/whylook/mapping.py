@@ -36,6 +36,7 @@ from typing import Literal
 
 import numpy as np
 
+from whylook._parallel import check_n_jobs, thread_map
 from whylook.errors import WhylookError
 from whylook.intensity import _as_array
 
@@ -140,18 +141,17 @@ def _shrink(s: np.ndarray, lam: float) -> np.ndarray:
 
 def _loo_sse(u: np.ndarray, s: np.ndarray, c: np.ndarray, lams: np.ndarray) -> np.ndarray:
     """Leave-one-out sum of squared errors of ridge for each lambda in ``lams``."""
-    utc = u.T @ c
-    u2 = u**2
     s2 = s**2
-    sse = np.empty(lams.shape[0])
-    for i, lam in enumerate(lams):
-        f = np.divide(s2, s2 + lam, out=np.zeros_like(s2), where=(s2 + lam) > 0)
-        h = u2 @ f
-        resid = c - u @ (f[:, None] * utc)
-        loo = 1.0 - h
-        # h -> 1 only without shrinkage on a sample that alone fixes a direction; its LOO
-        # error is unbounded, so that lambda cannot win.
-        sse[i] = np.inf if (loo <= 1e-12).any() else float(((resid / loo[:, None]) ** 2).sum())
+    denom = s2 + lams[:, None]  # (L, r)
+    f = np.divide(s2, denom, out=np.zeros_like(denom), where=denom > 0)
+    h = f @ (u**2).T  # (L, n): the hat matrix's diagonal per lambda
+    resid = c - u @ (f[:, :, None] * (u.T @ c))  # (L, n, M)
+    loo = 1.0 - h
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sse = ((resid / loo[:, :, None]) ** 2).sum(axis=(1, 2))
+    # h -> 1 only without shrinkage on a sample that alone fixes a direction; its LOO
+    # error is unbounded, so that lambda cannot win.
+    sse[(loo <= 1e-12).any(axis=1)] = np.inf
     return sse
 
 
@@ -297,6 +297,7 @@ def fit_mapping(
     n_boot: int = 100,
     seed: int = 0,
     min_group_size: int = 10,
+    n_jobs: int | None = None,
 ) -> Mapping:
     """Ridge mapping ``beta^t`` for every transition, over all samples and per group.
 
@@ -308,6 +309,8 @@ def fit_mapping(
         seed: bootstrap seed; transition ``t`` uses ``[seed, t, 0]``, its group ``g`` uses
             ``[seed, t, g + 1]``, so results do not depend on how work is split.
         min_group_size: groups with fewer samples are skipped and listed.
+        n_jobs: threads for the independent fits (``None``: one, ``-1``: one per core);
+            the result does not depend on it.
 
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
@@ -335,11 +338,30 @@ def fit_mapping(
             )
     if not isinstance(min_group_size, int | np.integer) or min_group_size < 2:
         raise WhylookError(f"min_group_size must be an integer >= 2, not {min_group_size!r}")
+    check_n_jobs(n_jobs)
 
     def fit(t: int, rows: np.ndarray | slice, tag: int) -> RidgeFit:
         return _ridge_fit(
             dp[t][rows], dy[t][rows], lam=lam, alphas=alphas, n_boot=n_boot, seed=[seed, t, tag]
         )
+
+    # Every transition's fit over all samples, then its groups' fits; all independent.
+    jobs: list[tuple[int, np.ndarray | slice, int]] = []
+    skipped: list[tuple[int, int, int]] = []
+    for t in range(t_count):
+        jobs.append((t, slice(None), 0))
+        if g_arr is None:
+            continue
+        for g in np.unique(g_arr[t]):
+            if g < 0:
+                continue
+            rows = np.flatnonzero(g_arr[t] == g)
+            if rows.size < min_group_size:
+                skipped.append((t, int(g), int(rows.size)))
+                continue
+            jobs.append((t, rows, int(g) + 1))
+    with _one_blas_thread():
+        fits = thread_map(lambda job: fit(*job), jobs, n_jobs)
 
     beta = np.zeros((t_count, k, m), np.float32)
     se = np.zeros_like(beta)
@@ -347,22 +369,12 @@ def fit_mapping(
     lambdas = np.zeros(t_count)
     cv_r2 = np.zeros(t_count)
     group_fits: list[GroupFit] = []
-    skipped: list[tuple[int, int, int]] = []
-    with _one_blas_thread():
-        for t in range(t_count):
-            res = fit(t, slice(None), 0)
+    for (t, _, tag), res in zip(jobs, fits, strict=True):
+        if tag == 0:
             beta[t], se[t], z[t] = res.beta, res.beta_se, res.z
             lambdas[t], cv_r2[t] = res.lam, res.cv_r2
-            if g_arr is None:
-                continue
-            for g in np.unique(g_arr[t]):
-                if g < 0:
-                    continue
-                rows = np.flatnonzero(g_arr[t] == g)
-                if rows.size < min_group_size:
-                    skipped.append((t, int(g), int(rows.size)))
-                    continue
-                group_fits.append(GroupFit(t, int(g), fit(t, rows, int(g) + 1)))
+        else:
+            group_fits.append(GroupFit(t, tag - 1, res))
     return Mapping(
         beta=beta,
         beta_se=se,
@@ -413,10 +425,12 @@ def fit_class_mapping(
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     n_boot: int = 100,
     seed: int = 0,
+    n_jobs: int | None = None,
 ) -> ClassMapping:
     """Per transition and class, ridge of class-c samples' ``ΔP`` on their ``ΔY_c``.
 
-    Seeds are ``[seed, t, 1000 + c]``, apart from :func:`fit_mapping`'s.
+    Seeds are ``[seed, t, 1000 + c]``, apart from :func:`fit_mapping`'s. ``n_jobs`` as in
+    :func:`fit_mapping`.
 
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
@@ -433,24 +447,29 @@ def fit_class_mapping(
             f"delta_p (T, n, K), delta_y (T, n, M) and labels (n,) must agree, got "
             f"{dp.shape}, {dy.shape} and {y.shape}"
         )
+    check_n_jobs(n_jobs)
     t_count, _, k = dp.shape
     m = dy.shape[2]
     beta = np.zeros((t_count, k, m), np.float32)
     se = np.full((t_count, k, m), np.nan, np.float32)
     lambdas = np.full((t_count, m), np.nan)
+    jobs = [(c, t) for c in range(m) if (y == c).sum() >= 3 for t in range(t_count)]
+    members = {c: np.flatnonzero(y == c) for c, _ in jobs}
+
+    def fit(job: tuple[int, int]) -> RidgeFit:
+        c, t = job
+        rows = members[c]
+        # _ridge_fit, not ridge_fit: BLAS is already limited below, and setting up
+        # threadpool_limits per call (T*M times) cost ~10 ms each, as much as the fits.
+        return _ridge_fit(dp[t, rows], dy[t, rows, c:c + 1], lam=lam, alphas=alphas,
+                          n_boot=n_boot, seed=[seed, t, 1000 + c])
+
     with _one_blas_thread():
-        for c in range(m):
-            rows = np.flatnonzero(y == c)
-            if rows.size < 3:
-                continue
-            for t in range(t_count):
-                # _ridge_fit, not ridge_fit: BLAS is already limited above, and setting up
-                # threadpool_limits per call (T*M times) cost ~10 ms each, as much as the fits.
-                fit = _ridge_fit(dp[t, rows], dy[t, rows, c:c + 1], lam=lam, alphas=alphas,
-                                 n_boot=n_boot, seed=[seed, t, 1000 + c])
-                beta[t, :, c] = fit.beta[:, 0]
-                se[t, :, c] = fit.beta_se[:, 0]
-                lambdas[t, c] = fit.lam
+        fits = thread_map(fit, jobs, n_jobs)
+    for (c, t), res in zip(jobs, fits, strict=True):
+        beta[t, :, c] = res.beta[:, 0]
+        se[t, :, c] = res.beta_se[:, 0]
+        lambdas[t, c] = res.lam
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(se > 0, beta / se, 0.0).astype(np.float32)
     return ClassMapping(beta=beta, beta_se=se, z=np.nan_to_num(z), lambdas=lambdas)

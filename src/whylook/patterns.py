@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.cluster import HDBSCAN
 
+from whylook._parallel import check_n_jobs, thread_map
 from whylook.errors import WhylookError
 from whylook.intensity import _as_array
 
@@ -162,6 +163,7 @@ def find_patterns(
     min_samples: int | None = None,
     allow_single_cluster: bool = False,
     profile: object | None = None,
+    n_jobs: int | None = None,
 ) -> Patterns:
     """HDBSCAN learning patterns from the confidences ``(T+1, n, M)`` of all checkpoints.
 
@@ -176,6 +178,8 @@ def find_patterns(
             the class sub-groups (``explain`` passes the final prototype saliency shares,
             so variants that look different but are learned at the same time still
             split; see docs/METHOD-NOTES.md).
+        n_jobs: threads for the independent HDBSCAN fits (``None``: one, ``-1``: one per
+            core); the result does not depend on it.
 
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
@@ -205,6 +209,8 @@ def find_patterns(
         if value is not None and (not isinstance(value, int | np.integer) or value < 2):
             raise WhylookError(f"{name} must be an integer >= 2, not {value!r}")
 
+    check_n_jobs(n_jobs)
+
     dy = np.diff(conf.astype(np.float64), axis=0)  # (T, n, M)
     extra = None
     if profile is not None:
@@ -217,23 +223,29 @@ def find_patterns(
     mcs = int(min_cluster_size or default_min_cluster_size(n))
     opts = {"min_samples": min_samples, "allow_single_cluster": allow_single_cluster}
 
-    groups = np.stack([cluster(dy[t], min_cluster_size=mcs, **opts) for t in range(t_count)])
-    n_groups = groups.max(axis=1).astype(np.int64) + 1
-    noise = (groups < 0).mean(axis=1)
-
     classes = np.unique(y).astype(np.int64)
-    class_groups = np.full(n, -1, dtype=np.int16)
     class_mcs = np.zeros(len(classes), np.int64)
     too_small = np.zeros(len(classes), bool)
-    for c_idx, c in enumerate(classes):
-        members = np.flatnonzero(y == c)
-        size = int(class_min_cluster_size or default_min_cluster_size(members.size, 0.10))
+    members = [np.flatnonzero(y == c) for c in classes]
+    # One HDBSCAN per transition, then one per class over its samples' trajectories.
+    jobs: list[tuple[np.ndarray, int]] = [(dy[t], mcs) for t in range(t_count)]
+    for c_idx, rows in enumerate(members):
+        size = int(class_min_cluster_size or default_min_cluster_size(rows.size, 0.10))
         class_mcs[c_idx] = size
-        too_small[c_idx] = members.size < max(2, size, min_samples or 0)
-        trajectories = dy[:, members].transpose(1, 0, 2).reshape(members.size, -1)
+        too_small[c_idx] = rows.size < max(2, size, min_samples or 0)
+        trajectories = dy[:, rows].transpose(1, 0, 2).reshape(rows.size, -1)
         if extra is not None:
-            trajectories = np.hstack([trajectories, extra[members]])
-        class_groups[members] = cluster(trajectories, min_cluster_size=size, **opts)
+            trajectories = np.hstack([trajectories, extra[rows]])
+        jobs.append((trajectories, size))
+    labels_of = thread_map(lambda job: cluster(job[0], min_cluster_size=job[1], **opts),
+                           jobs, n_jobs)
+
+    groups = np.stack(labels_of[:t_count])
+    n_groups = groups.max(axis=1).astype(np.int64) + 1
+    noise = (groups < 0).mean(axis=1)
+    class_groups = np.full(n, -1, dtype=np.int16)
+    for rows, found in zip(members, labels_of[t_count:], strict=True):
+        class_groups[rows] = found
     n_class_groups = np.array(
         [int(class_groups[y == c].max()) + 1 for c in classes], dtype=np.int64
     )
