@@ -586,7 +586,7 @@ def report(run: str | Path, out: str | Path | None = None) -> Path:
     Example:
         >>> from whylook.report import report
         >>> path = report("whylook-demo")  # doctest: +SKIP
-        >>> path.name
+        >>> path.name  # doctest: +SKIP
         'index.html'
     """
     run = Path(run)
