@@ -31,7 +31,7 @@ def check_n_jobs(n_jobs: int | None) -> int:
         return 1
     if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0 or n_jobs < -1:
         raise WhylookError(f"n_jobs must be a positive integer, -1 or None, not {n_jobs!r}")
-    return os.cpu_count() or 1 if n_jobs == -1 else n_jobs
+    return (os.cpu_count() or 1) if n_jobs == -1 else n_jobs
 
 
 def thread_map(fn: Callable[[T], R], items: Iterable[T], n_jobs: int | None) -> list[R]:

@@ -53,7 +53,7 @@ __all__ = [
 
 #: Relative ridge grid: lambda = alpha * ||pi||_F^2 / K (the mean eigenvalue of pi^T pi).
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-4, 4, 33))
-_BOOT_CHUNK_BYTES = 32 << 20
+_CHUNK_BYTES = 32 << 20
 
 
 @dataclass(frozen=True, eq=False)
@@ -144,11 +144,16 @@ def _loo_sse(u: np.ndarray, s: np.ndarray, c: np.ndarray, lams: np.ndarray) -> n
     s2 = s**2
     denom = s2 + lams[:, None]  # (L, r)
     f = np.divide(s2, denom, out=np.zeros_like(denom), where=denom > 0)
-    h = f @ (u**2).T  # (L, n): the hat matrix's diagonal per lambda
-    resid = c - u @ (f[:, :, None] * (u.T @ c))  # (L, n, M)
-    loo = 1.0 - h
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sse = ((resid / loo[:, :, None]) ** 2).sum(axis=(1, 2))
+    loo = 1.0 - f @ (u**2).T  # (L, n): one minus the hat matrix's diagonal per lambda
+    utc = u.T @ c
+    sse = np.empty(lams.shape[0])
+    # Several lambdas per matrix product, but residuals of at most ~32 MB at a time (many
+    # classes or samples would make all of them at once gigabytes).
+    step = max(1, _CHUNK_BYTES // (8 * c.size))
+    for lo in range(0, lams.shape[0], step):
+        resid = c - u @ (f[lo:lo + step, :, None] * utc)  # (step, n, M)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sse[lo:lo + step] = ((resid / loo[lo:lo + step, :, None]) ** 2).sum(axis=(1, 2))
     # h -> 1 only without shrinkage on a sample that alone fixes a direction; its LOO
     # error is unbounded, so that lambda cannot win.
     sse[(loo <= 1e-12).any(axis=1)] = np.inf
@@ -170,7 +175,7 @@ def _bootstrap(
     gram_u = np.zeros((n_boot, iu.size))
     cross = np.zeros((n_boot, k * m))
     # Chunk the per-sample products so they stay within a fixed memory budget.
-    step = max(1, _BOOT_CHUNK_BYTES // (8 * (iu.size + k * m)))
+    step = max(1, _CHUNK_BYTES // (8 * (iu.size + k * m)))
     for lo in range(0, n, step):
         p = pi[lo : lo + step]
         w = weights[:, lo : lo + step]
