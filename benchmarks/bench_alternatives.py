@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_analysis import load_models, machine_info, run_floor
+from bench_analysis import _batches, load_models, machine_info, run_floor
 
 from whylook import intensity as inten
 from whylook.mapping import fit_class_mapping
@@ -81,7 +81,8 @@ def stacked(run: RunFolder, models: list[torch.nn.Module], n: int, repeats: int
             ) -> list[dict[str, float]]:
     from torch.func import functional_call, stack_module_state, vjp, vmap
 
-    train = run.data().train
+    data = run.data()
+    train = data.train
     images = np.ascontiguousarray(train.images[:n])
     labels = train.labels[:n].astype(np.int64)
     base = models[0]
@@ -92,6 +93,7 @@ def stacked(run: RunFolder, models: list[torch.nn.Module], n: int, repeats: int
             p.requires_grad_(False)
     params, buffers = stack_module_state(models)  # type: ignore[arg-type]
     shift: dict[str, torch.Tensor] = {}
+
     # d logits / d (layer output) = d logits / d shift at shift = 0: the backward starts at
     # the logits and stops at the layer, as the floor's does.
     def target(p: Any, b: Any, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor
@@ -105,15 +107,10 @@ def stacked(run: RunFolder, models: list[torch.nn.Module], n: int, repeats: int
         return pull(torch.ones_like(value))[0]
 
     batched = vmap(grads, in_dims=(0, 0, None, None, None))
-    data = run.data()
     grid = layer_shape(base, run.layer, (data.channels, *data.image_size))
 
     def run_stacked() -> None:
-        for lo in range(0, n, 256):
-            x = torch.from_numpy(images[lo:lo + 256]).float().div_(255.0)
-            if x.ndim == 3:
-                x = x[:, None]
-            y = torch.from_numpy(labels[lo:lo + 256])
+        for x, y in _batches(images, labels, 256, torch.device("cpu")):
             batched(params, buffers, x, y, torch.zeros(len(x), *grid))
 
     out = []

@@ -458,8 +458,8 @@ def fit_class_mapping(
     beta = np.zeros((t_count, k, m), np.float32)
     se = np.full((t_count, k, m), np.nan, np.float32)
     lambdas = np.full((t_count, m), np.nan)
-    jobs = [(c, t) for c in range(m) if (y == c).sum() >= 3 for t in range(t_count)]
-    members = {c: np.flatnonzero(y == c) for c, _ in jobs}
+    members = {c: rows for c in range(m) if (rows := np.flatnonzero(y == c)).size >= 3}
+    jobs = [(c, t) for c in members for t in range(t_count)]
 
     def fit(job: tuple[int, int]) -> RidgeFit:
         c, t = job

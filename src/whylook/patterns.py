@@ -246,9 +246,8 @@ def find_patterns(
     class_groups = np.full(n, -1, dtype=np.int16)
     for rows, found in zip(members, labels_of[t_count:], strict=True):
         class_groups[rows] = found
-    n_class_groups = np.array(
-        [int(class_groups[y == c].max()) + 1 for c in classes], dtype=np.int64
-    )
+    n_class_groups = np.array([int(found.max()) + 1 for found in labels_of[t_count:]],
+                              dtype=np.int64)
     return Patterns(
         groups=groups.astype(np.int16),
         class_groups=class_groups,
