@@ -86,6 +86,28 @@ def test_digits_have_shared_prototypes(mnist_run):
     d = load_explanation(mnist_run).data
     missing = [c["class"] for c in d["classes_explained"] if not c["shared"]]
     assert len(missing) <= 1, f"digits without shared prototypes: {missing}"
+    # A digit without them says why, and the reasons hold against the arrays.
+    exp = load_explanation(mnist_run)
+    rate, z = exp.arrays["active"], exp.arrays["support_z"]
+    labels = exp.arrays["labels"]
+    threshold = d["settings"]["support_threshold"]
+    for c in d["classes_explained"]:
+        why = c["why_no_shared"]
+        assert (why is None) == bool(c["shared"]), c["class"]
+        if why is None:
+            continue
+        digit = int(c["class"])
+        rates = rate[labels == digit].mean(axis=0)
+        for cand in why["most_active"]:
+            k = int(cand["id"][2:])
+            assert cand["active_rate"] == pytest.approx(rates[k], abs=1e-6)
+            assert z[k, digit] < threshold
+            assert cand["active_rate"] >= 0.5 or rates.max() < 0.5
+        best = why["best_supported"]
+        if best is not None:
+            k = int(best["id"][2:])
+            assert best["active_rate"] < 0.5
+            assert z[k, digit] >= threshold
 
 
 def test_uncertain_prototypes_sit_on_pairs_the_model_confuses(mnist_run):

@@ -130,6 +130,32 @@ def test_optional_sections_skipped_and_stale_files_removed(tmp_path: Path) -> No
     assert (out / "notes.png").read_bytes() == b"mine"
 
 
+def test_class_without_shared_prototypes_shows_each_half_of_the_rule(small_run: Path) -> None:
+    path = small_run / "analysis" / "explanation.json"
+    exp = json.loads(path.read_text())
+    entry = exp["classes_explained"][1]
+    entry["shared"], entry["shared_strength"] = [], []
+    entry["why_no_shared"] = {
+        "most_active": [{"id": "P-2", "active_rate": 0.7, "support_z": -1.04}],
+        "best_supported": {"id": "P-3", "active_rate": 0.25, "support_z": 5.26},
+    }
+    exp["settings"]["support_threshold"] = 2.277605
+    path.write_text(json.dumps(exp))
+    html = report(small_run).read_text(encoding="utf-8")
+    section = html[html.index('<details id="class-1"'):]
+    section = section[:section.index("</details>")]
+    assert "Each half of the rule on its own" in section
+    assert "looked at in 70% of its samples; support z -1.0 (below 2.28)" in section
+    assert "support z +5.3, but looked at in only 25% of its samples" in section
+    names = {p.name for p in (small_run / "report" / "patches").glob("*.png")}
+    assert {"class-001-candidate-P-2.png", "class-001-candidate-P-3.png"} <= names
+    # A damaged diagnosis is the same one-line error as any other inconsistency.
+    entry["why_no_shared"]["most_active"][0]["active_rate"] = "high"
+    path.write_text(json.dumps(exp))
+    with pytest.raises(WhylookError, match=r"bad why_no_shared entry.*whylook explain"):
+        report(small_run)
+
+
 def test_confusion_recomputed_and_labelled_when_not_stored(small_run: Path) -> None:
     path = small_run / "analysis" / "arrays.npz"
     with np.load(path) as npz:

@@ -64,6 +64,56 @@ def test_shared_needs_activity_and_significant_support():
     assert s.support_z[0, 0] == pytest.approx(20.0)
 
 
+def test_a_class_without_shared_prototypes_says_which_half_of_the_rule_fails():
+    """9's case on full MNIST: the part most samples are looked at through has no support
+    (it is shared with other classes); the part that has support is looked at in few."""
+    from whylook.explain import Explanation
+    from whylook.structure import Candidate
+
+    labels, mass, conf, beta, se, groups = _base()
+    in_a = np.flatnonzero(labels == 0)
+    mass[in_a, 0] = 0.5  # looked at in every sample of a, negative support
+    mass[in_a[:15], 3] = 0.4  # looked at in 75% of a, support only noise
+    mass[in_a[:4], 1] = 0.3  # looked at in 20% of a, clear support
+    mass[in_a[:2], 2] = 0.3  # 10%, clearer support: the less looked-at of the two
+    beta[:, 0, 0] = -0.5
+    beta[:, 3, 0] = 0.05
+    beta[:, 1, 0] = 0.5
+    beta[:, 2, 0] = 0.9
+    s = _run(labels, mass, conf, beta, se, groups)
+    a = s.classes[0]
+    assert a.shared == ()
+    why = a.why_no_shared
+    # z = 4 beta / sqrt(4 * 0.1^2) = 20 beta
+    assert why.most_active == (Candidate("P-0", 1.0, pytest.approx(-10.0)),
+                               Candidate("P-3", 0.75, pytest.approx(1.0)))
+    assert why.best_supported == Candidate("P-1", 0.2, pytest.approx(10.0))
+    # A class with shared prototypes carries no diagnosis.
+    mass[in_a, 1] = 0.3
+    assert _run(labels, mass, conf, beta, se, groups).classes[0].why_no_shared is None
+    # Nothing passes either half: the most looked-at stand in, no supported one.
+    beta[:] = 0.0
+    mass[:] = 0.01
+    mass[in_a[:3], 4] = 0.2
+    why = _run(labels, mass, conf, beta, se, groups).classes[0].why_no_shared
+    assert why.most_active[0].id == "P-4"
+    assert why.best_supported is None
+
+    data = s.to_json()["classes_explained"][0]["why_no_shared"]
+    assert data["most_active"][0] == {"id": "P-0", "active_rate": 1.0, "support_z": -10.0}
+    assert data["best_supported"] == {"id": "P-1", "active_rate": 0.2, "support_z": 10.0}
+    line = Explanation(path=Path("."), data={
+        "classes": ["a"], "k": K, "layer": "l", "grid": [2, 2], "checkpoints": [{}] * 3,
+        "settings": {"analysis_size": 9},
+        "classes_explained": [{"class": "a", "shared": [], "specialized": [],
+                               "why_no_shared": data}],
+        "uncertain_prototypes": [], "learning_order": [{"pair": ["a", "a"]}],
+        "learning_order_correlation": {"spearman": None, "p_value": None, "n_pairs": 1},
+    }, arrays={}).summary()
+    assert ("a: none: most looked-at P-0 (100%, z -10.0), P-3 (75%, z +1.0) lack support; "
+            "best supported P-1 (z +10.0) is looked at in 20%") in line
+
+
 def test_presence_without_saliency_mass_is_not_active():
     labels, mass, conf, beta, se, groups = _base()
     mass[:, 3] = 0.09  # just below the default threshold of 0.1 everywhere

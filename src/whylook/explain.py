@@ -107,7 +107,7 @@ class Explanation:
             "Shared prototypes per class (strongest first):",
         ]
         for c in d["classes_explained"]:
-            shared = ", ".join(c["shared"][:6]) or "(none above noise)"
+            shared = ", ".join(c["shared"][:6]) or _no_shared_text(c.get("why_no_shared"))
             spec = "; ".join(
                 f"group {g['group']} (n={g['size']}): {', '.join(g['prototypes'])}"
                 for g in c["specialized"]
@@ -142,6 +142,20 @@ class Explanation:
             )
         lines.append(f"\nwritten to {self.path}")
         return "\n".join(lines)
+
+
+def _no_shared_text(why: dict[str, Any] | None) -> str:
+    """One line on why a class has no shared prototype (explanation.json's diagnosis)."""
+    if not why:  # written before the diagnosis existed
+        return "(none above noise)"
+    looked = ", ".join(f"{c['id']} ({c['active_rate']:.0%}, z {c['support_z']:+.1f})"
+                       for c in why["most_active"])
+    text = f"none: most looked-at {looked} lack support"
+    best = why["best_supported"]
+    if best is None:
+        return text + "; no prototype's support clears noise"
+    return (text + f"; best supported {best['id']} (z {best['support_z']:+.1f}) is looked "
+            f"at in {best['active_rate']:.0%}")
 
 
 def stratified_rows(labels: np.ndarray, size: int, seed: int) -> np.ndarray:

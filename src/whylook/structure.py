@@ -61,8 +61,10 @@ from scipy.spatial.distance import jensenshannon
 from whylook.errors import WhylookError
 
 __all__ = [
+    "Candidate",
     "ClassExplanation",
     "LearningOrder",
+    "NoShared",
     "PairSeparation",
     "SpecializedGroup",
     "Structure",
@@ -123,12 +125,36 @@ class SpecializedGroup:
 
 
 @dataclass(frozen=True)
+class Candidate:
+    """A prototype that meets one of the two conditions for "shared" but not the other."""
+
+    id: str
+    active_rate: float
+    support_z: float
+
+
+@dataclass(frozen=True)
+class NoShared:
+    """Why a class has no shared prototype: the two halves of the rule, each alone.
+
+    ``most_active``: the prototypes looked at in most of the class's samples (up to 3,
+    most looked-at first), all with support below the threshold. ``best_supported``: the
+    prototype with the clearest support for the class, looked at in too few of its
+    samples (``None`` when no prototype's support clears the threshold).
+    """
+
+    most_active: tuple[Candidate, ...]
+    best_supported: Candidate | None
+
+
+@dataclass(frozen=True)
 class ClassExplanation:
     name: str
     n: int
     shared: tuple[str, ...]
     shared_strength: tuple[float, ...]
     specialized: tuple[SpecializedGroup, ...]
+    why_no_shared: NoShared | None = None  # set only when ``shared`` is empty
 
 
 @dataclass(frozen=True)
@@ -187,6 +213,7 @@ class Structure:
                          "samples": list(g.samples)}
                         for g in c.specialized
                     ],
+                    "why_no_shared": _no_shared_json(c.why_no_shared),
                 }
                 for c in self.classes
             ],
@@ -210,6 +237,18 @@ class Structure:
             },
             "structure_settings": asdict(self.settings),
         }
+
+
+def _no_shared_json(why: NoShared | None) -> dict[str, Any] | None:
+    if why is None:
+        return None
+
+    def one(c: Candidate) -> dict[str, Any]:
+        return {"id": c.id, "active_rate": round(c.active_rate, 6),
+                "support_z": round(c.support_z, 6)}
+
+    return {"most_active": [one(c) for c in why.most_active],
+            "best_supported": None if why.best_supported is None else one(why.best_supported)}
 
 
 def _round_or_none(x: float | None) -> float | None:
@@ -331,6 +370,8 @@ def assemble(
                 shared=tuple(prototype_id(int(p)) for p in shared[order]),
                 shared_strength=tuple(float(s / top) for s in strength[order]),
                 specialized=_specialized(active, in_c, class_groups, settings),
+                why_no_shared=None if len(shared) else _why_no_shared(
+                    active_rate[:, c], support_z[:, c], settings.shared_rate, threshold),
             )
         )
 
@@ -348,6 +389,30 @@ def assemble(
         uncertain=uncertain,
         learning_order=order,
     )
+
+
+def _why_no_shared(
+    rate: np.ndarray, z: np.ndarray, shared_rate: float, threshold: float
+) -> NoShared:
+    """The candidates each condition of "shared" admits, for a class that has none.
+
+    A class without shared prototypes is a finding, not a gap: most often the part most
+    of its samples are looked at through does not raise its confidence (a part it shares
+    with other classes), while the part that does is looked at in a minority of them.
+    """
+    looked_at = np.flatnonzero(rate >= shared_rate)
+    # Where nothing reaches the activity bar, the closest prototypes stand in for it.
+    pool = looked_at if looked_at.size else np.arange(rate.size)
+    top = pool[np.argsort(-rate[pool], kind="stable")][:3]
+    supported = np.flatnonzero(z >= threshold)
+    # Of the supported ones, the one nearest to the activity bar: the clearest z alone
+    # often belongs to a prototype the class is never looked at through.
+    best = supported[np.lexsort((-z[supported], -rate[supported]))[0]] if supported.size else None
+
+    def cand(k: int) -> Candidate:
+        return Candidate(prototype_id(int(k)), float(rate[k]), float(z[k]))
+
+    return NoShared(tuple(cand(k) for k in top), None if best is None else cand(best))
 
 
 def support_threshold(z_threshold: float, n_fits: int) -> float:

@@ -37,7 +37,7 @@ import numpy as np
 
 from whylook._io import atomic_write, run_lock
 from whylook.report import figures, patches
-from whylook.report._inputs import Inputs, load
+from whylook.report._inputs import Inputs, inconsistent, load
 from whylook.report._tables import tables
 
 __all__ = ["PAGE_BUDGET_BYTES", "report"]
@@ -332,8 +332,9 @@ class _Builder:
                     "strip": self._strip(f"class-{ci:03d}-shared-P-{k}.png", top, [k]),
                 })
             more_shared = [f"P-{k}" for k in shared_ids[_MAX_SHARED_SHOWN:]]
+            candidates = self._no_shared_candidates(entry.get("why_no_shared"), ci, rows)
             specialized = []
-            named = list(shared_ids)
+            named = list(shared_ids) + [c["index"] for c in candidates]
             for j, g in enumerate(entry.get("specialized") or []):
                 ks = [inp.proto_index(p) for p in g.get("prototypes") or []]
                 named += ks
@@ -378,6 +379,7 @@ class _Builder:
                 "accuracy": _pct(final_acc),
                 "shared": shared,
                 "more_shared": more_shared,
+                "candidates": candidates,
                 "specialized": specialized,
                 "beta": beta_uri,
                 "beta_note": "" if len(beta_rows) == self.k else
@@ -386,6 +388,37 @@ class _Builder:
                 "saliency": saliency,
                 "uncertain": uncertain_by_class.get(ci, []),
             })
+        return out
+
+    def _no_shared_candidates(self, why: Any, ci: int, rows: np.ndarray) -> list[dict[str, Any]]:
+        """Patches of the prototypes each half of the "shared" rule admits, for a class
+        that has none (``why_no_shared`` in explanation.json)."""
+        if not isinstance(why, dict):
+            return []
+        threshold = self.exp.get("settings", {}).get("support_threshold")
+        bar = f" (below {threshold:.2f})" if isinstance(threshold, (int, float)) else ""
+        def numbers(c: Any) -> tuple[float, float]:
+            values = [c.get(key) if isinstance(c, dict) else None
+                      for key in ("active_rate", "support_z")]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise inconsistent(self.inp.run_path, "bad why_no_shared entry")
+            return float(values[0]), float(values[1])
+
+        picks = []
+        for c in why.get("most_active") or []:
+            rate, z = numbers(c)
+            picks.append((c, f"looked at in {rate:.0%} of its samples; support z {z:+.1f}{bar}"))
+        best = why.get("best_supported")
+        if best:
+            rate, z = numbers(best)
+            picks.append((best, f"support z {z:+.1f}, but looked at in only {rate:.0%} of "
+                                "its samples"))
+        out = []
+        for c, note in picks:
+            k = self.inp.proto_index(c.get("id"))
+            out.append({"id": f"P-{k}", "anchor": f"proto-{k}", "index": k, "note": note,
+                        "strip": self._strip(f"class-{ci:03d}-candidate-P-{k}.png",
+                                             self._rank(k, rows, _CLASS_TOP), [k])})
         return out
 
     def uncertain(self) -> dict[str, Any]:

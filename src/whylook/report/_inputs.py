@@ -66,7 +66,7 @@ class Inputs:
         try:
             return self.classes.index(str(name))
         except ValueError:
-            raise _inconsistent(self.run_path, f"unknown class {str(name)[:40]!r}") from None
+            raise inconsistent(self.run_path, f"unknown class {str(name)[:40]!r}") from None
 
     def proto_index(self, pid: Any) -> int:
         return proto_index(pid, self.k, self.run_path)
@@ -76,7 +76,7 @@ def _explain_first(run: Path, why: str) -> WhylookError:
     return WhylookError(f"{why}; run `whylook explain {run}` first")
 
 
-def _inconsistent(run: Path, what: str) -> WhylookError:
+def inconsistent(run: Path, what: str) -> WhylookError:
     return _explain_first(run, f"the analysis in {run} is inconsistent ({what})")
 
 
@@ -84,7 +84,7 @@ def proto_index(pid: Any, k: int, run: Path) -> int:
     """``"P-3"`` -> 3, checked against K."""
     m = _PROTO.match(str(pid))
     if not m or int(m.group(1)) >= k:
-        raise _inconsistent(run, f"bad prototype id {str(pid)[:40]!r} for K={k}")
+        raise inconsistent(run, f"bad prototype id {str(pid)[:40]!r} for K={k}")
     return int(m.group(1))
 
 
@@ -106,10 +106,10 @@ def _load_explanation(run: Path) -> dict[str, Any]:
     for key, kind in (("classes", list), ("checkpoints", list), ("prototypes", list),
                       ("classes_explained", list)):
         if not isinstance(exp.get(key), kind):
-            raise _inconsistent(run, f"explanation.json has no list {key!r}")
+            raise inconsistent(run, f"explanation.json has no list {key!r}")
     for key in ("uncertain_prototypes", "learning_order"):
         if not isinstance(exp.get(key, []), list):
-            raise _inconsistent(run, f"explanation.json {key!r} is not a list")
+            raise inconsistent(run, f"explanation.json {key!r} is not a list")
     return exp
 
 
@@ -134,7 +134,7 @@ def _load_arrays(run: Path) -> dict[str, np.ndarray]:
 def _check(run: Path, exp: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     for name, ndim in _REQUIRED.items():
         if arrays[name].ndim != ndim:
-            raise _inconsistent(run, f"{name} has {arrays[name].ndim} dimensions, not {ndim}")
+            raise inconsistent(run, f"{name} has {arrays[name].ndim} dimensions, not {ndim}")
     n = arrays["labels"].shape[0]
     t1, _, h, w = arrays["saliency"].shape
     t, k, m = arrays["beta"].shape
@@ -153,20 +153,20 @@ def _check(run: Path, exp: dict[str, Any], arrays: dict[str, np.ndarray]) -> Non
     }
     for name, shape in expect.items():
         if name in arrays and arrays[name].shape != shape:
-            raise _inconsistent(run, f"{name} has shape {arrays[name].shape}, expected {shape}")
+            raise inconsistent(run, f"{name} has shape {arrays[name].shape}, expected {shape}")
     if len(exp["classes"]) != m:
-        raise _inconsistent(run, f"{len(exp['classes'])} classes named, beta has {m}")
+        raise inconsistent(run, f"{len(exp['classes'])} classes named, beta has {m}")
     if len(exp["checkpoints"]) != t1:
-        raise _inconsistent(run, f"{len(exp['checkpoints'])} checkpoints listed, {t1} in arrays")
+        raise inconsistent(run, f"{len(exp['checkpoints'])} checkpoints listed, {t1} in arrays")
     if int(exp.get("k", k)) != k:
-        raise _inconsistent(run, f"k={exp.get('k')} but beta has {k} prototypes")
+        raise inconsistent(run, f"k={exp.get('k')} but beta has {k} prototypes")
     labels, assign = arrays["labels"], arrays["assignments"]
     if n and (labels.min() < 0 or labels.max() >= m):
-        raise _inconsistent(run, "labels out of range")
+        raise inconsistent(run, "labels out of range")
     if n and (assign.min() < 0 or assign.max() >= k):
-        raise _inconsistent(run, "assignments out of range")
+        raise inconsistent(run, "assignments out of range")
     if n == 0 or t1 < 2:
-        raise _inconsistent(run, "empty analysis set or fewer than two checkpoints")
+        raise inconsistent(run, "empty analysis set or fewer than two checkpoints")
 
 
 def _data_spec(run_json: dict[str, Any], exp: dict[str, Any]) -> Any:
@@ -234,7 +234,7 @@ def load(run: str | Path) -> Inputs:
     try:
         steps = [int(c["step"]) for c in ckpts]
     except (KeyError, TypeError, ValueError):
-        raise _inconsistent(run, "checkpoints without a step") from None
+        raise inconsistent(run, "checkpoints without a step") from None
     # Test loss lives in run.json (per checkpoint index); accuracy in both.
     by_index = {}
     for c in run_json.get("checkpoints") or []:
