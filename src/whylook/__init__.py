@@ -8,6 +8,9 @@ Example:
     >>> import whylook
     >>> run = whylook.train("mnist5k", "smallcnn", epochs=1, out="runs/a")  # doctest: +SKIP
     >>> print(whylook.explain(run).summary())  # doctest: +SKIP
+    whylook explanation: 10 classes, K=32 prototypes at layer block3 (7x7), 12 checkpoints, ...
+    ...
+    written to runs/a/analysis
 """
 
 __version__ = "0.1.0"

@@ -257,9 +257,15 @@ def explain(
         The :class:`Explanation`, also written to ``RUN/analysis``.
 
     Example:
-        >>> import whylook  # doctest: +SKIP
-        >>> run = whylook.train("mnist5k", "smallcnn", epochs=1, out="runs/demo")  # doctest: +SKIP
-        >>> print(whylook.explain(run).summary())  # doctest: +SKIP
+        On a trained run (``runs/a`` from the package's example); analysed again with the
+        same settings, it reads what the first call cached:
+
+        >>> import whylook
+        >>> exp = whylook.explain("runs/a")  # doctest: +SKIP
+        >>> exp.classes[:3], exp.arrays["beta"].shape  # (T, K, M)  # doctest: +SKIP
+        (['0', '1', '2'], (11, 32, 10))
+        >>> sorted(exp.data["classes_explained"][0])  # doctest: +SKIP
+        ['class', 'n', 'shared', 'shared_strength', 'specialized', 'why_no_shared']
     """
     from whylook.models import resolve_device
     from whylook.run import RunFolder

@@ -16,8 +16,10 @@ complete; a folder that lacks it is not a run. Its keys:
 - ``seeds``: ``seed``, ``data_seed``; ``versions``: package versions; ``measured``: timings
   and other figures the run measured; ``imported``: the source files of an import
 
->>> run = RunFolder.open("runs/demo")  # doctest: +SKIP
+>>> run = RunFolder.open("runs/a")  # doctest: +SKIP
 >>> model = run.load_model(-1)  # the final model, in eval mode  # doctest: +SKIP
+>>> len(run.checkpoints), model.training  # doctest: +SKIP
+(12, False)
 """
 
 from __future__ import annotations

@@ -70,9 +70,10 @@ def train(
     ``layer`` is recorded as the run's prototype layer (default: the model's own).
     ``data_seed`` defaults to ``seed``. The caller's torch RNG state is left untouched.
 
-    >>> run = train("mnist5k", epochs=1, checkpoints=3, out="runs/tiny")  # doctest: +SKIP
-    >>> run.checkpoints[-1].test_accuracy > 0.9  # doctest: +SKIP
-    True
+    >>> run = train("mnist5k", epochs=2, checkpoints=3, out="runs/tiny")  # doctest: +SKIP
+    >>> [c.step for c in run.checkpoints], run.checkpoints[-1].test_accuracy > 0.85
+    ... # doctest: +SKIP
+    ([0, 1, 64], True)
     """
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1)):
         if not isinstance(value, int) or value < low:

@@ -618,7 +618,7 @@ def report(run: str | Path, out: str | Path | None = None) -> Path:
 
     Example:
         >>> from whylook.report import report
-        >>> path = report("whylook-demo")  # doctest: +SKIP
+        >>> path = report("runs/a")  # doctest: +SKIP
         >>> path.name  # doctest: +SKIP
         'index.html'
     """
