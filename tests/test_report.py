@@ -149,6 +149,19 @@ def test_class_without_shared_prototypes_shows_each_half_of_the_rule(small_run: 
     assert "support z +5.3, but looked at in only 25% of its samples" in section
     names = {p.name for p in (small_run / "report" / "patches").glob("*.png")}
     assert {"class-001-candidate-P-2.png", "class-001-candidate-P-3.png"} <= names
+    assert "at all" not in section
+    # Nothing looked at in most samples: said so, and a supported candidate is not "below".
+    entry["why_no_shared"] = {
+        "most_active": [{"id": "P-3", "active_rate": 0.46, "support_z": 8.5}],
+        "activity_met": False,
+        "best_supported": {"id": "P-3", "active_rate": 0.46, "support_z": 8.5},
+    }
+    path.write_text(json.dumps(exp))
+    html = report(small_run).read_text(encoding="utf-8")
+    section = html[html.index('<details id="class-1"'):]
+    section = section[:section.index("</details>")]
+    assert "No prototype is looked at in most of its samples at all." in section
+    assert "looked at in 46% of its samples; support z +8.5<" in section
     # A damaged diagnosis is the same one-line error as any other inconsistency.
     entry["why_no_shared"]["most_active"][0]["active_rate"] = "high"
     path.write_text(json.dumps(exp))

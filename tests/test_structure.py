@@ -91,12 +91,15 @@ def test_a_class_without_shared_prototypes_says_which_half_of_the_rule_fails():
     # A class with shared prototypes carries no diagnosis.
     mass[in_a, 1] = 0.3
     assert _run(labels, mass, conf, beta, se, groups).classes[0].why_no_shared is None
+    assert why.activity_met
     # Nothing passes either half: the most looked-at stand in, no supported one.
     beta[:] = 0.0
     mass[:] = 0.01
     mass[in_a[:3], 4] = 0.2
-    why = _run(labels, mass, conf, beta, se, groups).classes[0].why_no_shared
+    no_support = _run(labels, mass, conf, beta, se, groups)
+    why = no_support.classes[0].why_no_shared
     assert why.most_active[0].id == "P-4"
+    assert not why.activity_met
     assert why.best_supported is None
 
     data = s.to_json()["classes_explained"][0]["why_no_shared"]
@@ -112,6 +115,21 @@ def test_a_class_without_shared_prototypes_says_which_half_of_the_rule_fails():
     }, arrays={}).summary()
     assert ("a: none: most looked-at P-0 (100%, z -10.0), P-3 (75%, z +1.0) lack support; "
             "best supported P-1 (z +10.0) is looked at in 20%") in line
+    # Where nothing is looked at in most samples, the line says so instead.
+    data = no_support.to_json()["classes_explained"][0]["why_no_shared"]
+    assert data["activity_met"] is False
+    line = Explanation(path=Path("."), data={
+        "classes": ["a"], "k": K, "layer": "l", "grid": [2, 2], "checkpoints": [{}] * 3,
+        "settings": {"analysis_size": 9},
+        "classes_explained": [{"class": "a", "shared": [], "specialized": [],
+                               "why_no_shared": data}],
+        "uncertain_prototypes": [], "learning_order": [{"pair": ["a", "a"]}],
+        "learning_order_correlation": {"spearman": -0.9, "p_value": 0.0, "n_pairs": 1},
+    }, arrays={}).summary()
+    assert ("a: none: no prototype is looked at in most of its samples (most: P-4 (15%, "
+            "z +0.0)") in line
+    assert "no prototype's support clears noise" in line
+    assert "(p < 1e-06, 1 pairs" in line
 
 
 def test_presence_without_saliency_mass_is_not_active():

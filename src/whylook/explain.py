@@ -24,6 +24,7 @@ import torch
 from whylook import __version__
 from whylook._io import file_digest, read_json, run_lock, save_npz, write_json
 from whylook._progress import progress_bar
+from whylook._text import floor_pct
 from whylook.errors import WhylookError
 from whylook.structure import StructureSettings, assemble, prototype_id
 
@@ -137,25 +138,33 @@ class Explanation:
         else:
             lines.append(
                 f"  Spearman(distinctness, separation checkpoint) = {corr['spearman']:+.3f} "
-                f"(p = {corr['p_value']:.3g}, {corr['n_pairs']} pairs; negative = more "
+                f"({_p_text(corr['p_value'])}, {corr['n_pairs']} pairs; negative = more "
                 "distinct pairs separated first)"
             )
         lines.append(f"\nwritten to {self.path}")
         return "\n".join(lines)
 
 
+def _p_text(p: float) -> str:
+    # explanation.json keeps 6 decimals: a p-value below that reads as 0 there.
+    return f"p = {p:.3g}" if p > 0 else "p < 1e-06"
+
+
 def _no_shared_text(why: dict[str, Any] | None) -> str:
     """One line on why a class has no shared prototype (explanation.json's diagnosis)."""
     if not why:  # written before the diagnosis existed
         return "(none above noise)"
-    looked = ", ".join(f"{c['id']} ({c['active_rate']:.0%}, z {c['support_z']:+.1f})"
+    looked = ", ".join(f"{c['id']} ({floor_pct(c['active_rate'])}, z {c['support_z']:+.1f})"
                        for c in why["most_active"])
-    text = f"none: most looked-at {looked} lack support"
+    if why.get("activity_met", True):
+        text = f"none: most looked-at {looked} lack support"
+    else:
+        text = f"none: no prototype is looked at in most of its samples (most: {looked})"
     best = why["best_supported"]
     if best is None:
         return text + "; no prototype's support clears noise"
     return (text + f"; best supported {best['id']} (z {best['support_z']:+.1f}) is looked "
-            f"at in {best['active_rate']:.0%}")
+            f"at in {floor_pct(best['active_rate'])}")
 
 
 def stratified_rows(labels: np.ndarray, size: int, seed: int) -> np.ndarray:

@@ -138,13 +138,16 @@ class NoShared:
     """Why a class has no shared prototype: the two halves of the rule, each alone.
 
     ``most_active``: the prototypes looked at in most of the class's samples (up to 3,
-    most looked-at first), all with support below the threshold. ``best_supported``: the
-    prototype with the clearest support for the class, looked at in too few of its
-    samples (``None`` when no prototype's support clears the threshold).
+    most looked-at first), all with support below the threshold; when no prototype is
+    looked at in most of them (``activity_met`` False), the 3 looked at most, whatever
+    their support. ``best_supported``: of the prototypes whose support clears the
+    threshold, the one looked at in most of the class's samples, yet in too few (``None``
+    when no support clears the threshold).
     """
 
     most_active: tuple[Candidate, ...]
     best_supported: Candidate | None
+    activity_met: bool = True
 
 
 @dataclass(frozen=True)
@@ -248,6 +251,7 @@ def _no_shared_json(why: NoShared | None) -> dict[str, Any] | None:
                 "support_z": round(c.support_z, 6)}
 
     return {"most_active": [one(c) for c in why.most_active],
+            "activity_met": why.activity_met,
             "best_supported": None if why.best_supported is None else one(why.best_supported)}
 
 
@@ -412,7 +416,8 @@ def _why_no_shared(
     def cand(k: int) -> Candidate:
         return Candidate(prototype_id(int(k)), float(rate[k]), float(z[k]))
 
-    return NoShared(tuple(cand(k) for k in top), None if best is None else cand(best))
+    return NoShared(tuple(cand(k) for k in top), None if best is None else cand(best),
+                    activity_met=bool(looked_at.size))
 
 
 def support_threshold(z_threshold: float, n_fits: int) -> float:

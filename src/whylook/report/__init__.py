@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from whylook._io import atomic_write, run_lock
+from whylook._text import floor_pct
 from whylook.report import figures, patches
 from whylook.report._inputs import Inputs, inconsistent, load
 from whylook.report._tables import tables
@@ -380,6 +381,9 @@ class _Builder:
                 "shared": shared,
                 "more_shared": more_shared,
                 "candidates": candidates,
+                # False only where the diagnosis says no prototype reaches the activity bar.
+                "activity_met": not (isinstance(entry.get("why_no_shared"), dict)
+                                     and entry["why_no_shared"].get("activity_met") is False),
                 "specialized": specialized,
                 "beta": beta_uri,
                 "beta_note": "" if len(beta_rows) == self.k else
@@ -396,7 +400,7 @@ class _Builder:
         if not isinstance(why, dict):
             return []
         threshold = self.exp.get("settings", {}).get("support_threshold")
-        bar = f" (below {threshold:.2f})" if isinstance(threshold, (int, float)) else ""
+        known = isinstance(threshold, (int, float))
         def numbers(c: Any) -> tuple[float, float]:
             values = [c.get(key) if isinstance(c, dict) else None
                       for key in ("active_rate", "support_z")]
@@ -407,12 +411,14 @@ class _Builder:
         picks = []
         for c in why.get("most_active") or []:
             rate, z = numbers(c)
-            picks.append((c, f"looked at in {rate:.0%} of its samples; support z {z:+.1f}{bar}"))
+            bar = f" (below {threshold:.2f})" if known and z < threshold else ""
+            picks.append((c, f"looked at in {floor_pct(rate)} of its samples; support z "
+                             f"{z:+.1f}{bar}"))
         best = why.get("best_supported")
         if best:
             rate, z = numbers(best)
-            picks.append((best, f"support z {z:+.1f}, but looked at in only {rate:.0%} of "
-                                "its samples"))
+            picks.append((best, f"support z {z:+.1f}, but looked at in only "
+                                f"{floor_pct(rate)} of its samples"))
         out = []
         for c, note in picks:
             k = self.inp.proto_index(c.get("id"))
