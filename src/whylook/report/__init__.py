@@ -415,7 +415,7 @@ class _Builder:
             picks.append((c, f"looked at in {floor_pct(rate)} of its samples; support z "
                              f"{z:+.1f}{bar}"))
         best = why.get("best_supported")
-        if best:
+        if best and best.get("id") not in [c.get("id") for c, _ in picks]:
             rate, z = numbers(best)
             picks.append((best, f"support z {z:+.1f}, but looked at in only "
                                 f"{floor_pct(rate)} of its samples"))
