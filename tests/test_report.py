@@ -165,10 +165,12 @@ def test_class_without_shared_prototypes_shows_each_half_of_the_rule(small_run: 
     assert "looked at in 46% of its samples; support z +8.5<" in section
     assert "but looked at in only" not in section  # P-3 is shown once
     # A damaged diagnosis is the same one-line error as any other inconsistency.
-    entry["why_no_shared"]["most_active"][0]["active_rate"] = "high"
-    path.write_text(json.dumps(exp))
-    with pytest.raises(WhylookError, match=r"bad why_no_shared entry.*whylook explain"):
-        report(small_run)
+    for damage in ({"most_active": [{"id": "P-2", "active_rate": "high", "support_z": 1.0}]},
+                   {"most_active": [], "best_supported": "P-3"}):
+        entry["why_no_shared"] = damage
+        path.write_text(json.dumps(exp))
+        with pytest.raises(WhylookError, match=r"bad why_no_shared entry.*whylook explain"):
+            report(small_run)
 
 
 def test_confusion_recomputed_and_labelled_when_not_stored(small_run: Path) -> None:

@@ -126,7 +126,7 @@ class SpecializedGroup:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A prototype that meets one of the two conditions for "shared" but not the other."""
+    """A prototype named in a class's :class:`NoShared`, with the two numbers the rule reads."""
 
     id: str
     active_rate: float

@@ -401,6 +401,7 @@ class _Builder:
             return []
         threshold = self.exp.get("settings", {}).get("support_threshold")
         known = isinstance(threshold, (int, float))
+
         def numbers(c: Any) -> tuple[float, float]:
             values = [c.get(key) if isinstance(c, dict) else None
                       for key in ("active_rate", "support_z")]
@@ -415,10 +416,11 @@ class _Builder:
             picks.append((c, f"looked at in {floor_pct(rate)} of its samples; support z "
                              f"{z:+.1f}{bar}"))
         best = why.get("best_supported")
-        if best and best.get("id") not in [c.get("id") for c, _ in picks]:
-            rate, z = numbers(best)
-            picks.append((best, f"support z {z:+.1f}, but looked at in only "
-                                f"{floor_pct(rate)} of its samples"))
+        if best is not None:
+            rate, z = numbers(best)  # checked even when it is already shown above
+            if best.get("id") not in [c.get("id") for c, _ in picks]:
+                picks.append((best, f"support z {z:+.1f}, but looked at in only "
+                                    f"{floor_pct(rate)} of its samples"))
         out = []
         for c, note in picks:
             k = self.inp.proto_index(c.get("id"))
