@@ -113,6 +113,22 @@ def test_digits_have_shared_prototypes(mnist_run):
             assert z[k, digit] >= threshold
 
 
+def test_learning_unseen_holds_against_the_saliency(mnist_run):
+    """Recomputed from the saliency maps and the confidences: the zero-map rates and each
+    digit's share of learning that happened while its maps were all zero."""
+    exp = load_explanation(mnist_run)
+    sal, conf, labels = (exp.arrays[k] for k in ("saliency", "confidence", "labels"))
+    zero = ~sal.reshape(sal.shape[0], sal.shape[1], -1).any(axis=2)
+    for c, entry in enumerate(exp.data["classes_explained"]):
+        own = zero[:, labels == c]
+        np.testing.assert_allclose(exp.arrays["zero_saliency_rate"][:, c], own.mean(axis=1),
+                                   rtol=1e-6)
+        rise = np.clip(np.diff(conf[:, labels == c, c].mean(axis=1)), 0, None)
+        both = (own[1:] & own[:-1]).mean(axis=1)
+        assert entry["learning_unseen"] == pytest.approx(
+            float((rise / rise.sum() * both).sum()), abs=2e-6)
+
+
 def test_uncertain_prototypes_sit_on_pairs_the_model_confuses(mnist_run):
     exp = load_explanation(mnist_run)
     d = exp.data

@@ -173,6 +173,26 @@ def test_class_without_shared_prototypes_shows_each_half_of_the_rule(small_run: 
             report(small_run)
 
 
+def test_class_learned_unseen_says_so_and_a_bad_value_is_one_line(small_run: Path) -> None:
+    path = small_run / "analysis" / "explanation.json"
+    exp = json.loads(path.read_text())
+    for entry, unseen in zip(exp["classes_explained"], [0.612, 0.1], strict=False):
+        entry["learning_unseen"] = unseen
+    path.write_text(json.dumps(exp))
+    html = report(small_run).read_text(encoding="utf-8")
+
+    def section(i: int) -> str:
+        part = html[html.index(f'<details id="class-{i}"'):]
+        return part[:part.index("</details>")]
+
+    assert "Learning unseen: 61% of this class's learning" in section(0)
+    assert "Learning unseen" not in section(1)  # below the bar: not worth a caveat
+    exp["classes_explained"][0]["learning_unseen"] = 1.5
+    path.write_text(json.dumps(exp))
+    with pytest.raises(WhylookError, match=r"bad learning_unseen entry.*whylook explain"):
+        report(small_run)
+
+
 def test_confusion_recomputed_and_labelled_when_not_stored(small_run: Path) -> None:
     path = small_run / "analysis" / "arrays.npz"
     with np.load(path) as npz:

@@ -27,7 +27,7 @@ def _base():
     return labels, mass, conf, beta, se, groups
 
 
-def _run(labels, mass, conf, beta, se, groups, **kw):
+def _run(labels, mass, conf, beta, se, groups, zero_maps=None, **kw):
     kw.setdefault("active_threshold", 0.1)
     return assemble(
         classes=["a", "b", "c"],
@@ -39,6 +39,7 @@ def _run(labels, mass, conf, beta, se, groups, **kw):
         beta_se=se,
         class_groups=groups,
         settings=StructureSettings(**kw),
+        zero_maps=zero_maps,
     )
 
 
@@ -447,3 +448,47 @@ def test_a_part_of_two_classes_is_shared_by_both_with_the_class_conditional_fit(
     assert set(both.classes[0].shared) == {"P-0", "P-1"}
     assert set(both.classes[1].shared) == {"P-0"}
     assert set(both.classes[2].shared) == {"P-2"}
+
+
+def test_learning_unseen_closed_form():
+    """Class a rises 0.2 then 0.6 (weights 1/4, 3/4); its samples' maps are all zero at
+    both ends of the second transition for half of them: 3/4 * 1/2 of its learning."""
+    labels, mass, conf, beta, se, groups = _base()
+    rows = np.flatnonzero(labels == 0)
+    conf[:, rows, 0] = np.array([0.2, 0.4, 1.0, 1.0, 1.0])[:, None]
+    zero = np.zeros((T + 1, labels.size), dtype=bool)
+    zero[1:3, rows[: N_PER // 2]] = True  # both checkpoints of transition 1
+    zero[0, rows[N_PER // 2:]] = True  # one end of transition 0 only: its change is seen
+    zero[3, labels == 1] = True  # b never rises (uniform weights); 1 of 4 ends each side
+    s = _run(labels, mass, conf, beta, se, groups, zero_maps=zero)
+    unseen = [c.learning_unseen for c in s.classes]
+    assert unseen == pytest.approx([0.75 * 0.5, 0.0, 0.0])
+    expected_rate = np.stack([zero[:, labels == c].mean(axis=1) for c in range(M)], axis=1)
+    np.testing.assert_allclose(s.zero_saliency_rate, expected_rate)
+    assert [c["learning_unseen"] for c in s.to_json()["classes_explained"]] == [
+        0.375, 0.0, 0.0]
+    # Without maps there is no reading, not a zero.
+    plain = _run(labels, mass, conf, beta, se, groups)
+    assert plain.zero_saliency_rate is None
+    assert plain.to_json()["classes_explained"][0]["learning_unseen"] is None
+    with pytest.raises(WhylookError, match=r"zero_maps must be a bool array of shape \(5, 60\)"):
+        _run(labels, mass, conf, beta, se, groups, zero_maps=zero[:, :10])
+
+
+def test_summary_names_classes_learned_unseen(tmp_path):
+    from whylook.explain import Explanation
+
+    data = {
+        "classes": ["a", "b", "c"], "k": 4, "layer": "l", "grid": [2, 2],
+        "checkpoints": [{}] * 3, "settings": {"analysis_size": 9},
+        "classes_explained": [{"class": c, "shared": ["P-0"], "specialized": [],
+                               "learning_unseen": u}
+                              for c, u in zip("abc", [0.78, 0.2, 0.25], strict=True)],
+        "uncertain_prototypes": [], "learning_order": [{"pair": ["a", "b"]}],
+        "learning_order_correlation": {"spearman": None, "p_value": None, "n_pairs": 1},
+    }
+    text = Explanation(path=tmp_path, data=data, arrays={}).summary()
+    assert "Learning unseen (Grad-CAM all zero): a (78%), c (25%) of the class's learning" in text
+    for entry in data["classes_explained"]:
+        entry["learning_unseen"] = 0.1
+    assert "Learning unseen" not in Explanation(path=tmp_path, data=data, arrays={}).summary()

@@ -26,7 +26,7 @@ from whylook._io import file_digest, read_json, run_lock, save_npz, write_json
 from whylook._progress import progress_bar
 from whylook._text import floor_pct
 from whylook.errors import WhylookError
-from whylook.structure import StructureSettings, assemble, prototype_id
+from whylook.structure import UNSEEN_NOTE, StructureSettings, assemble, prototype_id
 
 __all__ = [
     "ExplainSettings",
@@ -115,6 +115,9 @@ class Explanation:
             )
             lines.append(f"  {c['class']:>12}: {shared}" + (f"  | specialized: {spec}" if spec
                                                              else ""))
+        unseen = _unseen_text(d["classes_explained"])
+        if unseen:
+            lines.append(unseen)
         unc = d["uncertain_prototypes"]
         lines.append("")
         n_unc = len({u["id"] for u in unc})
@@ -148,6 +151,17 @@ class Explanation:
 def _p_text(p: float) -> str:
     # explanation.json keeps 6 decimals: a p-value below that reads as 0 there.
     return f"p = {p:.3g}" if p > 0 else "p < 1e-06"
+
+
+def _unseen_text(classes: list[dict[str, Any]]) -> str | None:
+    """A line naming the classes learned mostly while their Grad-CAM maps were all zero."""
+    named = [(c["class"], c["learning_unseen"]) for c in classes
+             if (c.get("learning_unseen") or 0.0) >= UNSEEN_NOTE]
+    if not named:
+        return None
+    listed = ", ".join(f"{name} ({floor_pct(u)})" for name, u in named)
+    return (f"  Learning unseen (Grad-CAM all zero): {listed} of the class's learning;\n"
+            "    their support rests on the rest of it and on other classes' samples")
 
 
 def _no_shared_text(why: dict[str, Any] | None) -> str:
@@ -595,7 +609,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         classes=classes, steps=steps, labels=labels, activity=activity,
         confidence=confidence, beta=mapping.beta, beta_se=mapping.beta_se,
         class_groups=patterns.class_groups, settings=settings.structure,
-        support_fits=support_fits,
+        support_fits=support_fits, zero_maps=~saliency.reshape(t1, n, -1).any(axis=2),
     )
 
     predictions = confidence.argmax(axis=2)
@@ -631,6 +645,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         # One row per reading named in settings.support, in that order.
         "support_z_by_fit": structure.support_z_by_fit,
         "prototype_rows": proto_rows,
+        "zero_saliency_rate": structure.zero_saliency_rate,
     }
     if class_mapping is not None:
         arrays["beta_class"] = class_mapping.beta

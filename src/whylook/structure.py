@@ -45,6 +45,13 @@ reads β separates signal from noise with the bootstrap standard errors of Step 
   classes' mean prototype activity profiles (normalised to distributions); the Spearman
   correlation between the two is the paper's "more distinct pairs are separated first"
   as a measured number (negative when the finding holds).
+* **learning unseen** (beyond the paper) – the share of class ``c``'s learning during
+  which Grad-CAM showed nothing of its samples: ``Σ_t w_t u_t`` with the learning weights
+  of *support* and ``u_t`` the fraction of class-c samples whose map is all zero at both
+  checkpoints ``t`` and ``t+1``. Grad-CAM's ReLU zeroes a whole map when every position's
+  evidence for the class is negative; such a sample's ``ΔP`` is 0, so β cannot say what
+  the class was learned from at that step, and its support rests on its other
+  transitions and on other classes' samples.
 """
 
 from __future__ import annotations
@@ -73,6 +80,10 @@ __all__ = [
     "assemble",
     "prototype_id",
 ]
+
+
+# The summary and the report name a class whose learning unseen is at least this.
+UNSEEN_NOTE = 0.25
 
 
 def prototype_id(k: int) -> str:
@@ -158,6 +169,7 @@ class ClassExplanation:
     shared_strength: tuple[float, ...]
     specialized: tuple[SpecializedGroup, ...]
     why_no_shared: NoShared | None = None  # set only when ``shared`` is empty
+    learning_unseen: float | None = None  # None: no saliency maps were given
 
 
 @dataclass(frozen=True)
@@ -198,6 +210,7 @@ class Structure:
     support_z: np.ndarray = field(repr=False)  # (K, M), of the fit with the larger z
     support_z_by_fit: np.ndarray = field(repr=False)  # (fits, K, M)
     support_threshold: float
+    zero_saliency_rate: np.ndarray | None = field(repr=False)  # (T+1, M) or None
     classes: tuple[ClassExplanation, ...]
     uncertain: tuple[UncertainPrototype, ...]
     learning_order: LearningOrder
@@ -217,6 +230,7 @@ class Structure:
                         for g in c.specialized
                     ],
                     "why_no_shared": _no_shared_json(c.why_no_shared),
+                    "learning_unseen": _round_or_none(c.learning_unseen),
                 }
                 for c in self.classes
             ],
@@ -291,6 +305,7 @@ def assemble(
     class_groups: np.ndarray,
     settings: StructureSettings | None = None,
     support_fits: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+    zero_maps: np.ndarray | None = None,
 ) -> Structure:
     """Assemble the structured explanation.
 
@@ -309,6 +324,8 @@ def assemble(
             :func:`whylook.mapping.fit_class_mapping`; default: ``[(beta, beta_se)]``.
             With several, each prototype and class takes the fit with the larger z, and
             the threshold is Bonferroni-corrected for their number (module notes).
+        zero_maps: (T+1, n) bool, True where a sample's Grad-CAM map is all zero at a
+            checkpoint; gives each class its *learning unseen* (module notes).
 
     Example:
         >>> import numpy as np
@@ -357,6 +374,10 @@ def assemble(
     support = np.choose(pick, [s for s, _ in readings])
     support_z = np.choose(pick, [z for _, z in readings])
     threshold = support_threshold(settings.z_threshold, len(fits))
+    zero_rate: np.ndarray | None = None
+    unseen: np.ndarray | None = None
+    if zero_maps is not None:
+        zero_rate, unseen = _zero_saliency(zero_maps, labels, counts, weights)
 
     class_expl = []
     for c, name in enumerate(classes):
@@ -376,6 +397,7 @@ def assemble(
                 specialized=_specialized(active, in_c, class_groups, settings),
                 why_no_shared=None if len(shared) else _why_no_shared(
                     active_rate[:, c], support_z[:, c], settings.shared_rate, threshold),
+                learning_unseen=None if unseen is None else float(unseen[c]),
             )
         )
 
@@ -389,10 +411,27 @@ def assemble(
         support_z=support_z.astype(np.float32),
         support_z_by_fit=np.stack([z for _, z in readings]).astype(np.float32),
         support_threshold=threshold,
+        zero_saliency_rate=None if zero_rate is None else zero_rate.astype(np.float32),
         classes=tuple(class_expl),
         uncertain=uncertain,
         learning_order=order,
     )
+
+
+def _zero_saliency(
+    zero_maps: np.ndarray, labels: np.ndarray, counts: np.ndarray, weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per checkpoint, the fraction of each class's samples with an all-zero map
+    ``(T+1, M)``, and each class's learning unseen ``(M,)`` (module notes)."""
+    zero = np.asarray(zero_maps)
+    t1, n = weights.shape[0] + 1, labels.shape[0]
+    if zero.shape != (t1, n) or zero.dtype != np.bool_:
+        raise WhylookError(f"zero_maps must be a bool array of shape ({t1}, {n}), not "
+                           f"{zero.dtype} {zero.shape}")
+    onehot = np.eye(counts.size)[labels]  # (n, M)
+    rate = (zero.astype(np.float64) @ onehot) / counts  # (T+1, M)
+    both = (zero[1:] & zero[:-1]).astype(np.float64) @ onehot / counts  # (T, M)
+    return rate, (weights * both).sum(axis=0)
 
 
 def _why_no_shared(

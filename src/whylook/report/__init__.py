@@ -40,6 +40,7 @@ from whylook._text import floor_pct
 from whylook.report import figures, patches
 from whylook.report._inputs import Inputs, inconsistent, load
 from whylook.report._tables import tables
+from whylook.structure import UNSEEN_NOTE
 
 __all__ = ["PAGE_BUDGET_BYTES", "report"]
 
@@ -390,9 +391,18 @@ class _Builder:
                 f"{len(beta_rows)} of {self.k} prototypes: those this class's explanation "
                 "names and those with the largest |β| for it",
                 "saliency": saliency,
+                "unseen": self._unseen(entry.get("learning_unseen")),
                 "uncertain": uncertain_by_class.get(ci, []),
             })
         return out
+
+    def _unseen(self, value: Any) -> str | None:
+        """The class's learning unseen as a percentage, when high enough to mention."""
+        if value is None:  # written before the field existed
+            return None
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+            raise inconsistent(self.inp.run_path, "bad learning_unseen entry")
+        return floor_pct(value) if value >= UNSEEN_NOTE else None
 
     def _no_shared_candidates(self, why: Any, ci: int, rows: np.ndarray) -> list[dict[str, Any]]:
         """Patches of the prototypes each half of the "shared" rule admits, for a class
