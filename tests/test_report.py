@@ -193,6 +193,45 @@ def test_class_learned_unseen_says_so_and_a_bad_value_is_one_line(small_run: Pat
         report(small_run)
 
 
+def test_beta_heatmap_labels_transitions_where_the_class_is_blank(
+    small_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Half of class 0's samples have all-zero maps at checkpoints 1 and 2: transition 1
+    (both ends blank) is labelled 50% blank for class 0; transitions 0 and 2 (one end
+    only) are not."""
+    from matplotlib.axes import Axes
+
+    from whylook.report import _Builder
+    from whylook.report._inputs import load
+
+    path = small_run / "analysis" / "arrays.npz"
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    rows = np.flatnonzero(arrays["labels"] == 0)
+    half = rows[: rows.size // 2]
+    arrays["saliency"][1:3, half] = 0.0
+    np.savez(path, **arrays)
+    blank = _Builder(load(small_run)).blank
+    assert blank[:, 0].tolist() == pytest.approx([0.0, half.size / rows.size]
+                                                 + [0.0] * (blank.shape[0] - 2))
+    assert not blank[:, 1:].any()
+
+    labels: list[list[str]] = []
+    original = Axes.set_xticks
+
+    def spy(self, ticks, tick_labels=None, **kw):  # type: ignore[no-untyped-def]
+        if tick_labels is not None:
+            labels.append([str(x) for x in tick_labels])
+        return original(self, ticks, tick_labels, **kw)
+
+    monkeypatch.setattr(Axes, "set_xticks", spy)
+    report(small_run)
+    beta_labels = [row for row in labels if any(x.startswith("→") for x in row)]
+    assert beta_labels[0][1].endswith(f"({int(100 * half.size / rows.size)}% blank)")
+    assert not any("blank" in x for x in beta_labels[0][:1] + beta_labels[0][2:])
+    assert not any("blank" in x for row in beta_labels[1:] for x in row)
+
+
 def test_confusion_recomputed_and_labelled_when_not_stored(small_run: Path) -> None:
     path = small_run / "analysis" / "arrays.npz"
     with np.load(path) as npz:

@@ -118,10 +118,22 @@ class _Builder:
         self.k = inp.k
         self.m = len(inp.classes)
         self.end_steps = inp.steps[1:]  # transition t ends at checkpoint t+1
+        self.blank = self._blank()
         self.share = self._activity()
         self.images = inp.images if inp.images is not None else self._stand_in_images()
 
     # -- shared helpers ------------------------------------------------------------------
+
+    def _blank(self) -> np.ndarray | None:
+        """(T, M): per transition, the fraction of each class's samples whose Grad-CAM map
+        is all zero at both of its checkpoints (invisible to β there)."""
+        sal = self.a["saliency"]
+        zero = ~np.asarray(sal).reshape(sal.shape[0], sal.shape[1], -1).any(axis=2)
+        both = (zero[1:] & zero[:-1]).astype(np.float64)
+        onehot = np.eye(self.m)[self.labels]
+        counts = onehot.sum(axis=0)
+        return np.divide(both @ onehot, counts, out=np.zeros((both.shape[0], self.m)),
+                         where=counts > 0)
 
     def _activity(self) -> np.ndarray:
         """(n, K): how strongly each prototype is looked at in each sample, for ranking.
@@ -357,7 +369,8 @@ class _Builder:
                 f"class-{ci:03d}-beta.png",
                 figures.beta_heatmap(self.a["beta"][:, beta_rows, ci].T,
                                      [f"P-{k}{role.get(k, '')}" for k in beta_rows],
-                                     self.end_steps, name, z))
+                                     self.end_steps, name, z,
+                                     self.blank[:, ci] if self.blank is not None else None))
             saliency = None
             if len(rows):
                 # The sample the final model is surest about: its attention has settled,

@@ -172,12 +172,15 @@ def beta_heatmap(
     end_steps: Sequence[int],
     class_name: str,
     z: np.ndarray | None = None,
+    blank: np.ndarray | None = None,
 ) -> bytes:
     """β for one class as prototypes × transitions, diverging colormap centred at 0.
 
     ``beta`` is (n_rows, T); transition t is labelled with the step of checkpoint t+1,
     where it ends. Where bootstrap z-scores are given, cells with |z| ≥ 2 get a dot, so
-    the reader can tell signal from noise.
+    the reader can tell signal from noise. ``blank`` (T,) is the fraction of the class's
+    samples whose Grad-CAM map is all zero at both ends of each transition: β cannot see
+    those samples there, and a transition where it is at least 5% says so in its label.
     """
     n, t = beta.shape
     v = float(np.nanmax(np.abs(beta))) if beta.size else 0.0
@@ -191,8 +194,12 @@ def beta_heatmap(
             yy, xx = np.nonzero(np.abs(z) >= 2)
             ax.scatter(xx, yy, s=4, c="black", marker="o", linewidths=0)
         ax.set_yticks(range(n), rows)
-        ax.set_xticks(range(t), [f"→{s}" for s in end_steps], rotation=90)
-        ax.set_xlabel("transition (ends at step)")
+        shown = blank if blank is not None else np.zeros(t)
+        ax.set_xticks(range(t), [f"→{s}" + (f" ({int(100 * b)}% blank)" if b >= 0.05 else "")
+                                 for s, b in zip(end_steps, shown, strict=True)], rotation=90)
+        ax.set_xlabel("transition (ends at step)" + (
+            "; blank: samples of the class whose Grad-CAM map is all zero at both ends"
+            if (shown >= 0.05).any() else ""))
         dots = "; • |z| ≥ 2" if z is not None else ""
         ax.set_title(f"β for class {_short(class_name, 24)} (red: more attention raised "
                      f"confidence{dots})")
