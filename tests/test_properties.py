@@ -181,7 +181,7 @@ def npz_contents(draw: st.DrawFn) -> dict[str, np.ndarray]:
             elif kind == "scale" and value.dtype.kind in "iuf":
                 value = value / draw(st.sampled_from([255.0, 1.0, -1.0, 0.5]))
             elif kind == "axis" and value.ndim:
-                flat = draw(st.booleans()) and value.size > 0
+                flat = draw(st.booleans()) and value.ndim > 0 and value.size > 0
                 value = value.reshape(len(value), -1) if flat else value[:, None]
         arrays[key] = value
     return arrays
@@ -244,7 +244,7 @@ def images_and_labels(draw: st.DrawFn, channels: int | None = None) -> tuple:
             elif kind == "scale" and value.dtype.kind in "iuf":
                 value = value / draw(st.sampled_from([255.0, 1.0, -1.0]))
             elif kind == "axis":
-                flat = draw(st.booleans()) and value.size > 0
+                flat = draw(st.booleans()) and value.ndim > 0 and value.size > 0
                 value = value.reshape(len(value), -1) if flat else value[None]
         if target == "images":
             images = value

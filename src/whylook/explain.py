@@ -287,8 +287,9 @@ def explain(
         >>> exp = whylook.explain("runs/a")  # doctest: +SKIP
         >>> exp.classes[:3], exp.arrays["beta"].shape  # (T, K, M)  # doctest: +SKIP
         (['0', '1', '2'], (11, 32, 10))
-        >>> sorted(exp.data["classes_explained"][0])  # doctest: +SKIP
-        ['class', 'n', 'shared', 'shared_strength', 'specialized', 'why_no_shared']
+        >>> sorted(exp.data["classes_explained"][0])  # doctest: +SKIP +NORMALIZE_WHITESPACE
+        ['class', 'learning_unseen', 'n', 'shared', 'shared_strength', 'specialized',
+         'why_no_shared']
     """
     from whylook.models import resolve_device
     from whylook.run import RunFolder
