@@ -471,8 +471,10 @@ def test_learning_unseen_closed_form():
     plain = _run(labels, mass, conf, beta, se, groups)
     assert plain.zero_saliency_rate is None
     assert plain.to_json()["classes_explained"][0]["learning_unseen"] is None
-    with pytest.raises(WhylookError, match=r"zero_maps must be a bool array of shape \(5, 60\)"):
+    with pytest.raises(WhylookError, match=r"zero_maps must be a bool array of shape \(T\+1, 60\)"):
         _run(labels, mass, conf, beta, se, groups, zero_maps=zero[:, :10])
+    with pytest.raises(WhylookError, match=r"zero_maps must have one row per checkpoint \(5\)"):
+        _run(labels, mass, conf, beta, se, groups, zero_maps=zero[:3])
 
 
 def test_summary_names_classes_learned_unseen(tmp_path):

@@ -26,7 +26,13 @@ from whylook._io import file_digest, read_json, run_lock, save_npz, write_json
 from whylook._progress import progress_bar
 from whylook._text import floor_pct
 from whylook.errors import WhylookError
-from whylook.structure import UNSEEN_NOTE, StructureSettings, assemble, prototype_id
+from whylook.structure import (
+    UNSEEN_NOTE,
+    StructureSettings,
+    assemble,
+    blank_maps,
+    prototype_id,
+)
 
 __all__ = [
     "ExplainSettings",
@@ -610,7 +616,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         classes=classes, steps=steps, labels=labels, activity=activity,
         confidence=confidence, beta=mapping.beta, beta_se=mapping.beta_se,
         class_groups=patterns.class_groups, settings=settings.structure,
-        support_fits=support_fits, zero_maps=~saliency.reshape(t1, n, -1).any(axis=2),
+        support_fits=support_fits, zero_maps=blank_maps(saliency),
     )
 
     predictions = confidence.argmax(axis=2)

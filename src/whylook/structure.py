@@ -377,7 +377,11 @@ def assemble(
     zero_rate: np.ndarray | None = None
     unseen: np.ndarray | None = None
     if zero_maps is not None:
-        zero_rate, unseen = _zero_saliency(zero_maps, labels, counts, weights)
+        if np.shape(zero_maps)[0] != confidence.shape[0]:
+            raise WhylookError(f"zero_maps must have one row per checkpoint "
+                               f"({confidence.shape[0]}), not {np.shape(zero_maps)[0]}")
+        zero_rate, both = blank_rates(zero_maps, labels, m)
+        unseen = (weights * both).sum(axis=0)
 
     class_expl = []
     for c, name in enumerate(classes):
@@ -418,20 +422,35 @@ def assemble(
     )
 
 
-def _zero_saliency(
-    zero_maps: np.ndarray, labels: np.ndarray, counts: np.ndarray, weights: np.ndarray
+def blank_maps(saliency: np.ndarray) -> np.ndarray:
+    """``(T+1, n)`` bool: where a sample's Grad-CAM map ``(T+1, n, h, w)`` is all zero."""
+    sal = np.asarray(saliency)
+    return ~sal.reshape(sal.shape[0], sal.shape[1], -1).any(axis=2)
+
+
+def blank_rates(
+    zero_maps: np.ndarray, labels: np.ndarray, m: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per checkpoint, the fraction of each class's samples with an all-zero map
-    ``(T+1, M)``, and each class's learning unseen ``(M,)`` (module notes)."""
+    """Per class, the fraction of its samples whose map is all zero at each checkpoint
+    ``(T+1, M)``, and at both ends of each transition ``(T, M)`` (0 for an empty class).
+
+    >>> zero = np.array([[True, False], [True, True]])
+    >>> [r.tolist() for r in blank_rates(zero, np.array([0, 0]), 1)]
+    [[[0.5], [1.0]], [[0.5]]]
+    """
     zero = np.asarray(zero_maps)
-    t1, n = weights.shape[0] + 1, labels.shape[0]
-    if zero.shape != (t1, n) or zero.dtype != np.bool_:
-        raise WhylookError(f"zero_maps must be a bool array of shape ({t1}, {n}), not "
-                           f"{zero.dtype} {zero.shape}")
-    onehot = np.eye(counts.size)[labels]  # (n, M)
-    rate = (zero.astype(np.float64) @ onehot) / counts  # (T+1, M)
-    both = (zero[1:] & zero[:-1]).astype(np.float64) @ onehot / counts  # (T, M)
-    return rate, (weights * both).sum(axis=0)
+    labels = np.asarray(labels)
+    if zero.ndim != 2 or zero.shape[1] != labels.shape[0] or zero.dtype != np.bool_:
+        raise WhylookError(f"zero_maps must be a bool array of shape (T+1, {labels.shape[0]}), "
+                           f"not {zero.dtype} {zero.shape}")
+    onehot = np.eye(m)[labels]  # (n, M)
+    counts = onehot.sum(axis=0)
+
+    def rate(x: np.ndarray) -> np.ndarray:
+        return np.divide(x.astype(np.float64) @ onehot, counts,
+                         out=np.zeros((x.shape[0], m)), where=counts > 0)
+
+    return rate(zero), rate(zero[1:] & zero[:-1])
 
 
 def _why_no_shared(

@@ -40,7 +40,7 @@ from whylook._text import floor_pct
 from whylook.report import figures, patches
 from whylook.report._inputs import Inputs, inconsistent, load
 from whylook.report._tables import tables
-from whylook.structure import UNSEEN_NOTE
+from whylook.structure import UNSEEN_NOTE, blank_maps, blank_rates
 
 __all__ = ["PAGE_BUDGET_BYTES", "report"]
 
@@ -124,16 +124,10 @@ class _Builder:
 
     # -- shared helpers ------------------------------------------------------------------
 
-    def _blank(self) -> np.ndarray | None:
+    def _blank(self) -> np.ndarray:
         """(T, M): per transition, the fraction of each class's samples whose Grad-CAM map
         is all zero at both of its checkpoints (invisible to β there)."""
-        sal = self.a["saliency"]
-        zero = ~np.asarray(sal).reshape(sal.shape[0], sal.shape[1], -1).any(axis=2)
-        both = (zero[1:] & zero[:-1]).astype(np.float64)
-        onehot = np.eye(self.m)[self.labels]
-        counts = onehot.sum(axis=0)
-        return np.divide(both @ onehot, counts, out=np.zeros((both.shape[0], self.m)),
-                         where=counts > 0)
+        return blank_rates(blank_maps(self.a["saliency"]), self.labels, self.m)[1]
 
     def _activity(self) -> np.ndarray:
         """(n, K): how strongly each prototype is looked at in each sample, for ranking.
@@ -369,8 +363,7 @@ class _Builder:
                 f"class-{ci:03d}-beta.png",
                 figures.beta_heatmap(self.a["beta"][:, beta_rows, ci].T,
                                      [f"P-{k}{role.get(k, '')}" for k in beta_rows],
-                                     self.end_steps, name, z,
-                                     self.blank[:, ci] if self.blank is not None else None))
+                                     self.end_steps, name, z, self.blank[:, ci]))
             saliency = None
             if len(rows):
                 # The sample the final model is surest about: its attention has settled,
