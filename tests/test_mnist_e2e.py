@@ -102,6 +102,9 @@ def test_digits_have_shared_prototypes(mnist_run):
         for cand in why["most_active"]:
             k = int(cand["id"][2:])
             assert cand["active_rate"] == pytest.approx(rates[k], abs=1e-6)
+            assert cand["also_active_in"] == [
+                str(o) for o in range(10)
+                if o != digit and rate[labels == o].mean(axis=0)[k] >= bar]
             if why["activity_met"]:
                 assert cand["active_rate"] >= bar
                 assert z[k, digit] < threshold

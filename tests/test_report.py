@@ -136,7 +136,8 @@ def test_class_without_shared_prototypes_shows_each_half_of_the_rule(small_run: 
     entry = exp["classes_explained"][1]
     entry["shared"], entry["shared_strength"] = [], []
     entry["why_no_shared"] = {
-        "most_active": [{"id": "P-2", "active_rate": 0.7, "support_z": -1.04}],
+        "most_active": [{"id": "P-2", "active_rate": 0.7, "support_z": -1.04,
+                         "also_active_in": ["0"]}],
         "best_supported": {"id": "P-3", "active_rate": 0.25, "support_z": 5.26},
     }
     exp["settings"]["support_threshold"] = 2.277605
@@ -145,7 +146,8 @@ def test_class_without_shared_prototypes_shows_each_half_of_the_rule(small_run: 
     section = html[html.index('<details id="class-1"'):]
     section = section[:section.index("</details>")]
     assert "Each half of the rule on its own" in section
-    assert "looked at in 70% of its samples; support z -1.0 (below 2.28)" in section
+    assert ("looked at in 70% of its samples; support z -1.0 (below 2.28); also looked at in "
+            "most samples of 0") in section
     assert "support z +5.3, but looked at in only 25% of its samples" in section
     names = {p.name for p in (small_run / "report" / "patches").glob("*.png")}
     assert {"class-001-candidate-P-2.png", "class-001-candidate-P-3.png"} <= names
@@ -166,7 +168,9 @@ def test_class_without_shared_prototypes_shows_each_half_of_the_rule(small_run: 
     assert "but looked at in only" not in section  # P-3 is shown once
     # A damaged diagnosis is the same one-line error as any other inconsistency.
     for damage in ({"most_active": [{"id": "P-2", "active_rate": "high", "support_z": 1.0}]},
-                   {"most_active": [], "best_supported": "P-3"}):
+                   {"most_active": [], "best_supported": "P-3"},
+                   {"most_active": [{"id": "P-2", "active_rate": 0.7, "support_z": 1.0,
+                                     "also_active_in": "0"}]}):
         entry["why_no_shared"] = damage
         path.write_text(json.dumps(exp))
         with pytest.raises(WhylookError, match=r"bad why_no_shared entry.*whylook explain"):

@@ -74,6 +74,7 @@ def test_a_class_without_shared_prototypes_says_which_half_of_the_rule_fails():
     labels, mass, conf, beta, se, groups = _base()
     in_a = np.flatnonzero(labels == 0)
     mass[in_a, 0] = 0.5  # looked at in every sample of a, negative support
+    mass[labels == 1, 0] = 0.5  # ... and of b: a part the two share
     mass[in_a[:15], 3] = 0.4  # looked at in 75% of a, support only noise
     mass[in_a[:4], 1] = 0.3  # looked at in 20% of a, clear support
     mass[in_a[:2], 2] = 0.3  # 10%, clearer support: the less looked-at of the two
@@ -86,7 +87,7 @@ def test_a_class_without_shared_prototypes_says_which_half_of_the_rule_fails():
     assert a.shared == ()
     why = a.why_no_shared
     # z = 4 beta / sqrt(4 * 0.1^2) = 20 beta
-    assert why.most_active == (Candidate("P-0", 1.0, pytest.approx(-10.0)),
+    assert why.most_active == (Candidate("P-0", 1.0, pytest.approx(-10.0), ("b",)),
                                Candidate("P-3", 0.75, pytest.approx(1.0)))
     assert why.best_supported == Candidate("P-1", 0.2, pytest.approx(10.0))
     # A class with shared prototypes carries no diagnosis.
@@ -104,8 +105,10 @@ def test_a_class_without_shared_prototypes_says_which_half_of_the_rule_fails():
     assert why.best_supported is None
 
     data = s.to_json()["classes_explained"][0]["why_no_shared"]
-    assert data["most_active"][0] == {"id": "P-0", "active_rate": 1.0, "support_z": -10.0}
-    assert data["best_supported"] == {"id": "P-1", "active_rate": 0.2, "support_z": 10.0}
+    assert data["most_active"][0] == {"id": "P-0", "active_rate": 1.0, "support_z": -10.0,
+                                      "also_active_in": ["b"]}
+    assert data["best_supported"] == {"id": "P-1", "active_rate": 0.2, "support_z": 10.0,
+                                      "also_active_in": []}
     line = Explanation(path=Path("."), data={
         "classes": ["a"], "k": K, "layer": "l", "grid": [2, 2], "checkpoints": [{}] * 3,
         "settings": {"analysis_size": 9},
@@ -114,7 +117,8 @@ def test_a_class_without_shared_prototypes_says_which_half_of_the_rule_fails():
         "uncertain_prototypes": [], "learning_order": [{"pair": ["a", "a"]}],
         "learning_order_correlation": {"spearman": None, "p_value": None, "n_pairs": 1},
     }, arrays={}).summary()
-    assert ("a: none: most looked-at P-0 (100%, z -10.0), P-3 (75%, z +1.0) lack support; "
+    assert ("a: none: most looked-at P-0 (100%, z -10.0; also most of b), P-3 (75%, z +1.0) "
+            "lack support; "
             "best supported P-1 (z +10.0) is looked at in 20%") in line
     # Where nothing is looked at in most samples, the line says so instead.
     data = no_support.to_json()["classes_explained"][0]["why_no_shared"]

@@ -170,12 +170,17 @@ def _unseen_text(classes: list[dict[str, Any]]) -> str | None:
             "    their support rests on the rest of it and on other classes' samples")
 
 
+def _also_text(candidate: dict[str, Any]) -> str:
+    also = candidate.get("also_active_in") or []  # absent in files written before it
+    return f"; also most of {', '.join(map(str, also))}" if also else ""
+
+
 def _no_shared_text(why: dict[str, Any] | None) -> str:
     """One line on why a class has no shared prototype (explanation.json's diagnosis)."""
     if not why:  # written before the diagnosis existed
         return "(none above noise)"
-    looked = ", ".join(f"{c['id']} ({floor_pct(c['active_rate'])}, z {c['support_z']:+.1f})"
-                       for c in why["most_active"])
+    looked = ", ".join(f"{c['id']} ({floor_pct(c['active_rate'])}, z {c['support_z']:+.1f}"
+                       + _also_text(c) + ")" for c in why["most_active"])
     if why.get("activity_met", True):
         text = f"none: most looked-at {looked} lack support"
     else:

@@ -137,11 +137,14 @@ class SpecializedGroup:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A prototype named in a class's :class:`NoShared`, with the two numbers the rule reads."""
+    """A prototype named in a class's :class:`NoShared`, with the two numbers the rule
+    reads and the other classes it is looked at in most samples of (a part shared with
+    them is the usual reason attention to it does not raise this class's confidence)."""
 
     id: str
     active_rate: float
     support_z: float
+    also_active_in: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -262,7 +265,7 @@ def _no_shared_json(why: NoShared | None) -> dict[str, Any] | None:
 
     def one(c: Candidate) -> dict[str, Any]:
         return {"id": c.id, "active_rate": round(c.active_rate, 6),
-                "support_z": round(c.support_z, 6)}
+                "support_z": round(c.support_z, 6), "also_active_in": list(c.also_active_in)}
 
     return {"most_active": [one(c) for c in why.most_active],
             "activity_met": why.activity_met,
@@ -400,7 +403,7 @@ def assemble(
                 shared_strength=tuple(float(s / top) for s in strength[order]),
                 specialized=_specialized(active, in_c, class_groups, settings),
                 why_no_shared=None if len(shared) else _why_no_shared(
-                    active_rate[:, c], support_z[:, c], settings.shared_rate, threshold),
+                    active_rate, support_z[:, c], c, classes, settings.shared_rate, threshold),
                 learning_unseen=None if unseen is None else float(unseen[c]),
             )
         )
@@ -454,7 +457,12 @@ def blank_rates(
 
 
 def _why_no_shared(
-    rate: np.ndarray, z: np.ndarray, shared_rate: float, threshold: float
+    rates: np.ndarray,
+    z: np.ndarray,
+    c: int,
+    classes: tuple[str, ...],
+    shared_rate: float,
+    threshold: float,
 ) -> NoShared:
     """The candidates each condition of "shared" admits, for a class that has none.
 
@@ -462,6 +470,7 @@ def _why_no_shared(
     of its samples are looked at through does not raise its confidence (a part it shares
     with other classes), while the part that does is looked at in a minority of them.
     """
+    rate = rates[:, c]
     looked_at = np.flatnonzero(rate >= shared_rate)
     # Where nothing reaches the activity bar, the closest prototypes stand in for it.
     pool = looked_at if looked_at.size else np.arange(rate.size)
@@ -472,7 +481,8 @@ def _why_no_shared(
     best = supported[np.lexsort((-z[supported], -rate[supported]))[0]] if supported.size else None
 
     def cand(k: int) -> Candidate:
-        return Candidate(prototype_id(int(k)), float(rate[k]), float(z[k]))
+        also = tuple(classes[o] for o in np.flatnonzero(rates[k] >= shared_rate) if o != c)
+        return Candidate(prototype_id(int(k)), float(rate[k]), float(z[k]), also)
 
     return NoShared(tuple(cand(k) for k in top), None if best is None else cand(best),
                     activity_met=bool(looked_at.size))

@@ -429,8 +429,13 @@ class _Builder:
         for c in why.get("most_active") or []:
             rate, z = numbers(c)
             bar = f" (below {threshold:.2f})" if known and z < threshold else ""
+            also = c.get("also_active_in") or []
+            if not isinstance(also, list):
+                raise inconsistent(self.inp.run_path, "bad why_no_shared entry")
+            shared_with = (f"; also looked at in most samples of {', '.join(map(str, also))}"
+                           if also else "")
             picks.append((c, f"looked at in {floor_pct(rate)} of its samples; support z "
-                             f"{z:+.1f}{bar}"))
+                             f"{z:+.1f}{bar}{shared_with}"))
         best = why.get("best_supported")
         if best is not None:
             rate, z = numbers(best)  # checked even when it is already shown above
