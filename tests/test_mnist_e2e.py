@@ -5,7 +5,9 @@ threads): every digit gets shared prototypes (2026-11-28). Two more full-MNIST r
 torch thread, data orders 0 and 1) give 9 of 10: 9's most-looked-at prototype (its stem,
 shared with 1, 4 and 7) does not raise its confidence in either fit, and the loop that
 does is looked at in only a quarter of the 9s (docs/METHOD-NOTES.md, Step 6). Training
-depends on the CPU's thread count and instruction set, so the test allows that one digit.
+depends on the CPU's thread count and instruction set, so the test allows that one digit,
+and only for that reason: looked at in most of its samples, through parts that most
+samples of other digits are looked at through too (checked on both 1-thread runs).
 """
 
 from __future__ import annotations
@@ -86,6 +88,13 @@ def test_digits_have_shared_prototypes(mnist_run):
     d = load_explanation(mnist_run).data
     missing = [c["class"] for c in d["classes_explained"] if not c["shared"]]
     assert len(missing) <= 1, f"digits without shared prototypes: {missing}"
+    # The one a run may leave out (9, on 1-thread runs) is looked at in most of its
+    # samples, through parts most samples of other digits are looked at through too.
+    for c in d["classes_explained"]:
+        if c["class"] in missing:
+            why = c["why_no_shared"]
+            assert why["activity_met"], why
+            assert all(cand["also_active_in"] for cand in why["most_active"]), why
     # A digit without them says why, and the reasons hold against the arrays.
     exp = load_explanation(mnist_run)
     rate, z = exp.arrays["active"], exp.arrays["support_z"]
