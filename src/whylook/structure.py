@@ -380,10 +380,10 @@ def assemble(
     zero_rate: np.ndarray | None = None
     unseen: np.ndarray | None = None
     if zero_maps is not None:
-        if np.shape(zero_maps)[0] != confidence.shape[0]:
-            raise WhylookError(f"zero_maps must have one row per checkpoint "
-                               f"({confidence.shape[0]}), not {np.shape(zero_maps)[0]}")
         zero_rate, both = blank_rates(zero_maps, labels, m)
+        if zero_rate.shape[0] != confidence.shape[0]:
+            raise WhylookError(f"zero_maps must have one row per checkpoint "
+                               f"({confidence.shape[0]}), not {zero_rate.shape[0]}")
         unseen = (weights * both).sum(axis=0)
 
     class_expl = []
