@@ -330,7 +330,14 @@ def test_missing_or_corrupt_analysis_is_one_line_error(run: Path, damage: str) -
 def test_not_a_run_folder(tmp_path: Path) -> None:
     with pytest.raises(WhylookError, match="does not exist"):
         report(tmp_path / "nope")
-    with pytest.raises(WhylookError, match=r"no run\.json"):
+    with pytest.raises(WhylookError, match=r"no run\.json\); create one with 'whylook train'"):
+        report(tmp_path)
+    # The same one-line messages, with what to do, as every other command's.
+    (tmp_path / "run.json").write_text('{"schema": "whylook.run/1", "conf')
+    with pytest.raises(WhylookError, match=r"is corrupt \(JSONDecodeError\); delete it and rerun"):
+        report(tmp_path)
+    (tmp_path / "run.json").write_text("[1, 2]")
+    with pytest.raises(WhylookError, match="not written by whylook"):
         report(tmp_path)
 
 

@@ -245,3 +245,10 @@ def test_changed_data_is_detected(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", **arrays)
     with pytest.raises(WhylookError, match="has changed since"):
         run.data()
+
+
+def test_unreadable_json_is_a_one_line_error(tmp_path: Path) -> None:
+    # A folder where a file should be: an OSError that is neither "missing" nor "corrupt".
+    (tmp_path / "run.json").mkdir()
+    with pytest.raises(WhylookError, match=r"cannot be read \(IsADirectoryError: .*\); check"):
+        _io.read_json(tmp_path / "run.json", "run file")

@@ -77,6 +77,11 @@ def read_json(path: str | os.PathLike[str], what: str = "file") -> Any:
             f"{what} {path} is corrupt ({exc.__class__.__name__}); delete it and rerun the "
             "command that wrote it"
         ) from None
+    except OSError as exc:
+        raise WhylookError(
+            f"{what} {path} cannot be read ({exc.__class__.__name__}: {exc.strerror}); check "
+            "that it is a file you may read"
+        ) from None
 
 
 def save_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> Path:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from whylook._io import read_json
 from whylook.errors import WhylookError
 
 SCHEMA = "whylook.explanation/1"
@@ -218,13 +219,12 @@ def load(run: str | Path) -> Inputs:
         raise WhylookError(f"run folder {run} does not exist")
     run_file = run / "run.json"
     if not run_file.is_file():
-        raise WhylookError(f"{run} is not a whylook run folder (no run.json)")
-    try:
-        run_json = _read_json(run_file)
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise WhylookError(f"{run_file} is corrupt ({exc.__class__.__name__})") from None
+        raise WhylookError(f"{run} is not a whylook run folder (no run.json); create one with "
+                           "'whylook train' or 'whylook import'")
+    run_json = read_json(run_file, "run file")
     if not isinstance(run_json, dict):
-        raise WhylookError(f"{run_file} is not a whylook run.json")
+        raise WhylookError(f"{run_file} is not a whylook run.json; it was not written by "
+                           "whylook (create the run with 'whylook train' or 'whylook import')")
     exp = _load_explanation(run)
     arrays = _load_arrays(run)
     _check(run, exp, arrays)
