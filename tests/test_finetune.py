@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -357,6 +358,29 @@ def test_cli_finetune_refuses_bad_pairs_in_one_line(small_run, capsys):
     assert "\n" not in err
     assert main(["finetune", str(small_run), "--strategies", "full>half"]) == 2
     assert "unknown strategy" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"lr": 0.0}, "lr must be a positive number, not 0.0"),
+        ({"lr": float("nan")}, "lr must be a positive number, not nan"),
+        ({"lr": "fast"}, "lr must be a positive number, not 'fast'"),
+        ({"batch_size": 0}, "batch_size must be a whole number >= 1"),
+        ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_work(small_run, monkeypatch, option, message):
+    ft = importlib.import_module("whylook.finetune")
+
+    # Refused up front: the training activity (minutes on a large run) is never computed.
+    def never(*_a, **_k):
+        raise AssertionError("work started before the settings were checked")
+
+    monkeypatch.setattr(ft, "training_activity", never)
+    with pytest.raises(WhylookError, match=re.escape(message)):
+        ft.finetune(small_run, pair="auto", seeds=1, device="cpu", **option)
 
 
 def test_finetune_needs_an_explanation(tmp_path):

@@ -879,6 +879,14 @@ def finetune(
         raise WhylookError(f"seeds must be a positive number or distinct integers, not {seeds!r}")
     if scope not in {"pair", "all"}:
         raise WhylookError(f"scope must be 'pair' or 'all', not {scope!r}")
+    # Settings are checked before the minutes of work that come before they are used.
+    from whylook.train import check_lr
+
+    check_lr(lr)
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise WhylookError(f"batch_size must be a whole number >= 1, not {batch_size!r}")
+    if optimizer is not None and str(optimizer).lower() not in {"adam", "sgd"}:
+        raise WhylookError(f"unknown optimizer {optimizer!r}; use adam or sgd")
     dev = resolve_device(device)
     with run_lock(folder.path):
         # Read again under the lock: an explain that held it may have rewritten the file.

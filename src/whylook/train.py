@@ -17,6 +17,7 @@ interrupted, the folder is removed again, and ``run.json`` is written last.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from typing import Any
@@ -49,6 +50,19 @@ __all__ = ["DEFAULT_LR", "evaluate", "train"]
 DEFAULT_LR = 1e-3
 
 
+def check_lr(lr: object) -> None:
+    """Refuse a learning rate that is not a positive finite number (``None``: the default).
+
+    An lr of 0 would train nothing and NaN would fill the weights with NaN, both silently.
+    """
+    if lr is None:
+        return
+    ok = (isinstance(lr, numbers.Real) and not isinstance(lr, bool)
+          and math.isfinite(lr) and lr > 0)
+    if not ok:
+        raise WhylookError(f"lr must be a positive number, not {lr!r}")
+
+
 def train(
     data: str | DataSource,
     model: str = "smallcnn",
@@ -78,8 +92,7 @@ def train(
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1)):
         if not isinstance(value, int) or value < low:
             raise WhylookError(f"{name} must be a whole number >= {low}, not {value!r}")
-    if lr is not None and not (math.isfinite(lr) and lr > 0):
-        raise WhylookError(f"lr must be a positive number, not {lr!r}")
+    check_lr(lr)
     if schedule not in SCHEDULES:
         raise WhylookError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
     data_seed = seed if data_seed is None else data_seed
