@@ -155,6 +155,17 @@ def _run_with_foreign_final(c: Ctx) -> list[str]:
     return c.explain(run)
 
 
+def _run_with_diverged_checkpoint(c: Ctx) -> list[str]:
+    from safetensors.torch import load_file
+
+    run = c.run()
+    path = run / "checkpoints" / "ckpt-0001.safetensors"
+    weights = load_file(path)
+    weights["classifier.fc2.weight"][0, 0] = float("nan")
+    save_file(weights, path)
+    return c.explain(run)
+
+
 def _two_checkpoint_run(c: Ctx) -> list[str]:
     run = c.run()
     return c.explain(c.edit_manifest(run, lambda m: m.update(checkpoints=m["checkpoints"][:2])))
@@ -289,6 +300,7 @@ CASES: dict[str, Case] = {
                    *c.good_checkpoints(), "--data", f"npz:{c.data}", "--out", str(c.out)],
     ),
     "run-checkpoint-does-not-fit": ("whylook explain", _run_with_foreign_final),
+    "run-checkpoint-diverged": ("whylook explain", _run_with_diverged_checkpoint),
     "import-one-checkpoint": (
         "whylook import",
         lambda c: ["import", c.good_checkpoints()[0], "--out", str(c.out)],
@@ -424,6 +436,9 @@ CASES: dict[str, Case] = {
         "whylook train", lambda c: c.train(f"npz:{c.data}", "--batch-size", "0")
     ),
     "train-lr-not-positive": ("whylook train", lambda c: c.train(f"npz:{c.data}", "--lr", "nan")),
+    "finetune-lr-not-positive": (
+        "whylook finetune", lambda c: ["finetune", str(c.run(analysis=True)), "--lr", "0"]
+    ),
     "model-unknown": ("whylook train", lambda c: c.train(f"npz:{c.data}", "--model", "resnet51")),
     "device-cuda-without-gpu": (
         "whylook train", lambda c: c.train(f"npz:{c.data}", "--device", "cuda")

@@ -553,6 +553,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         shard_file = cache / f"saliency-t{t:04d}-s{s:04d}-{key[:20]}.npz"
         cached = _load_cached(shard_file)
         if cached is not None and {"saliency", "confidence"} <= cached.keys():
+            _check_finite(ckpts, t, cached["saliency"], cached["confidence"])
             saliency[t, sl], confidence[t, sl] = cached["saliency"], cached["confidence"]
             continue
         model = final if t == t1 - 1 else _checkpoint_model(folder, t, device, scratch)
@@ -563,6 +564,9 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
             for part, feats in cam.batches_with_features(
                 train.images, labels[sl], rows=rows[sl], batch_size=settings.batch_size
             ):
+                # Before its features reach the prototype statistics, which would only say
+                # "NaN" without naming the checkpoint.
+                _check_finite(ckpts, t, part.saliency, part.confidence)
                 take_features(at, feats)
                 at += len(part)
                 parts.append(part)
@@ -570,6 +574,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
             parts.extend(cam.batches(train.images, labels[sl], rows=rows[sl],
                                      batch_size=settings.batch_size))
         res = SaliencyResult.concat(parts)
+        _check_finite(ckpts, t, res.saliency, res.confidence)
         saliency[t, sl], confidence[t, sl] = res.saliency, res.confidence
         save_npz(shard_file, {"saliency": res.saliency, "confidence": res.confidence})
     if prototypes is None:
@@ -732,6 +737,16 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     save_npz(analysis_dir / "arrays.npz", arrays)
     write_json(analysis_dir / "explanation.json", explanation)
     return Explanation(path=analysis_dir, data=explanation, arrays=arrays)
+
+
+def _check_finite(ckpts: Any, t: int, saliency: np.ndarray, confidence: np.ndarray) -> None:
+    """A diverged checkpoint's NaN would otherwise surface steps later as a vague error."""
+    if not (np.isfinite(saliency).all() and np.isfinite(confidence).all()):
+        raise WhylookError(
+            f"checkpoint {t} ({ckpts[t].file}, step {ckpts[t].step}) gives NaN or infinite "
+            "logits or Grad-CAM on the analysis set: its weights have diverged or are "
+            "damaged; retrain, or import the run without that checkpoint"
+        )
 
 
 def _checkpoint_model(folder: Any, t: int, device: torch.device,
