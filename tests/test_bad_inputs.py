@@ -166,6 +166,11 @@ def _run_with_diverged_checkpoint(c: Ctx) -> list[str]:
     return c.explain(run)
 
 
+def _report_into_a_file(c: Ctx) -> list[str]:
+    (c.tmp / "a-file").write_text("not a folder")
+    return ["report", str(c.run(analysis=True)), "--out", str(c.tmp / "a-file" / "report")]
+
+
 def _two_checkpoint_run(c: Ctx) -> list[str]:
     run = c.run()
     return c.explain(c.edit_manifest(run, lambda m: m.update(checkpoints=m["checkpoints"][:2])))
@@ -459,6 +464,7 @@ CASES: dict[str, Case] = {
             c.run(), lambda m: m["config"].update(model="whylook_untrusted_probe:build"))),
     ),
     "explanation-missing": ("whylook report", lambda c: ["report", str(c.run())]),
+    "report-out-not-writable": ("whylook report", _report_into_a_file),
     "explanation-json-corrupt": (
         "whylook report",
         lambda c: _analysis(c, lambda a: (a / "explanation.json").write_text("{\"k\": ")),

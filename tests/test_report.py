@@ -341,6 +341,14 @@ def test_not_a_run_folder(tmp_path: Path) -> None:
         report(tmp_path)
 
 
+def test_unwritable_out_is_a_one_line_error(small_run: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(WhylookError, match=r"cannot write the report to .*a-file/report "
+                                           r"\(\w+Error: .*\); choose a folder"):
+        report(small_run, out=blocker / "report")
+
+
 def test_cli_report(
     small_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -176,8 +176,13 @@ def test_restores_after_error_during_forward() -> None:
             raise RuntimeError("explodes after the layer")
 
     model.fc = Exploding()
-    with pytest.raises(RuntimeError, match="explodes"):
+    # One line with the model's own message (no hint about images: it is not about them),
+    # and the original error kept as the cause for debugging.
+    with pytest.raises(WhylookError) as info:
         grad_cam(model, "layer3", torch.rand(2, 3, 32, 32), [0, 1])
+    assert str(info.value) == ("the model failed on input of shape (2, 3, 32, 32): explodes "
+                               "after the layer")
+    assert isinstance(info.value.__cause__, RuntimeError)
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
 
 
@@ -201,7 +206,28 @@ def test_bad_layers_and_inputs() -> None:
         grad_cam(model, "0", _X, np.array([0.5]))
     with pytest.raises(WhylookError, match="batch_size"):
         grad_cam(model, "0", _X, [0], batch_size=0)
+    with pytest.raises(WhylookError, match=r"images is empty \(0 samples\)"):
+        grad_cam(model, "0", _X[:0], [])
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_images_the_model_cannot_take_are_one_line_errors(channels_last: bool) -> None:
+    model = _tiny_model()
+    # Three channels for a one-channel model: torch's own first line, and what to check.
+    with pytest.raises(WhylookError) as info:
+        grad_cam(model, "0", torch.rand(2, 3, 4, 4), [0, 1], channels_last=channels_last)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("the model failed on input of shape (2, 3, 4, 4): ")
+    assert message.endswith("check that the images have the channels and size the model was "
+                            "built for")
+    # NaN pixels give NaN logits: refused, never returned as NaN maps.
+    with pytest.raises(WhylookError, match="returned NaN or infinite logits"):
+        grad_cam(model, "0", torch.full((1, 1, 4, 4), float("nan")), [0],
+                 channels_last=channels_last)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_too_small_map_names_working_layers() -> None:

@@ -560,21 +560,22 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         parts = []
         at = sl.start
         cam = GradCAM(model, layer_name, device=device)
-        if t == t1 - 1:
-            for part, feats in cam.batches_with_features(
-                train.images, labels[sl], rows=rows[sl], batch_size=settings.batch_size
-            ):
-                # Before its features reach the prototype statistics, which would only say
-                # "NaN" without naming the checkpoint.
-                _check_finite(ckpts, t, part.saliency, part.confidence)
-                take_features(at, feats)
-                at += len(part)
-                parts.append(part)
-        else:
-            parts.extend(cam.batches(train.images, labels[sl], rows=rows[sl],
-                                     batch_size=settings.batch_size))
+        try:
+            if t == t1 - 1:
+                for part, feats in cam.batches_with_features(
+                    train.images, labels[sl], rows=rows[sl], batch_size=settings.batch_size
+                ):
+                    take_features(at, feats)
+                    at += len(part)
+                    parts.append(part)
+            else:
+                parts.extend(cam.batches(train.images, labels[sl], rows=rows[sl],
+                                         batch_size=settings.batch_size))
+        except WhylookError as exc:
+            # Which of T+1 checkpoints failed (a diverged one returns NaN logits) is the
+            # first thing the user needs to know.
+            raise WhylookError(f"{_checkpoint_name(ckpts, t)}: {exc}") from None
         res = SaliencyResult.concat(parts)
-        _check_finite(ckpts, t, res.saliency, res.confidence)
         saliency[t, sl], confidence[t, sl] = res.saliency, res.confidence
         save_npz(shard_file, {"saliency": res.saliency, "confidence": res.confidence})
     if prototypes is None:
@@ -739,13 +740,16 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     return Explanation(path=analysis_dir, data=explanation, arrays=arrays)
 
 
+def _checkpoint_name(ckpts: Any, t: int) -> str:
+    return f"checkpoint {t} ({ckpts[t].file}, step {ckpts[t].step})"
+
+
 def _check_finite(ckpts: Any, t: int, saliency: np.ndarray, confidence: np.ndarray) -> None:
-    """A diverged checkpoint's NaN would otherwise surface steps later as a vague error."""
+    """A cached shard is never NaN when this version writes it; an older one could be."""
     if not (np.isfinite(saliency).all() and np.isfinite(confidence).all()):
         raise WhylookError(
-            f"checkpoint {t} ({ckpts[t].file}, step {ckpts[t].step}) gives NaN or infinite "
-            "logits or Grad-CAM on the analysis set: its weights have diverged or are "
-            "damaged; retrain, or import the run without that checkpoint"
+            f"{_checkpoint_name(ckpts, t)}: its cached Grad-CAM holds NaN or infinite values; "
+            "delete the run's analysis/cache folder and explain again"
         )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -156,6 +157,8 @@ def _check_images(images: ImageArray) -> ImageArray:
         )
     if isinstance(images, np.ndarray) and images.dtype.kind not in "uif":
         raise WhylookError(f"images must be uint8 or float, not {images.dtype}")
+    if images.shape[0] == 0:
+        raise WhylookError("images is empty (0 samples); pass at least one image")
     return images
 
 
@@ -238,6 +241,10 @@ def _check_labels(labels: LabelArray, n: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- hooks
+
+
+# Words of torch's messages for input the model cannot take (channels, sizes, shapes).
+_SHAPE_WORDS = re.compile(r"channels|shape|size|mat1 and mat2|dimension")
 
 
 class _StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -414,9 +421,16 @@ class _LayerSession:
             return None
         except _LayerOutputError as exc:
             raise self._layer_error(exc, x[:1]) from None
-        except RuntimeError:
+        except RuntimeError as exc:
             if not self.channels_last:
-                raise
+                # One line instead of torch's traceback (kept as the cause for debugging).
+                text = str(exc).strip()
+                first = text.splitlines()[0] if text else type(exc).__name__
+                hint = ("; check that the images have the channels and size the model was "
+                        "built for" if _SHAPE_WORDS.search(first) else "")
+                raise WhylookError(
+                    f"the model failed on input of shape {tuple(x.shape)}: {first}{hint}"
+                ) from exc
             # Some models cannot run in NHWC (e.g. ``x.view(B, -1)`` after a convolution
             # needs NCHW strides): fall back to the default layout for the rest of the
             # session. An error that is not about the layout repeats and propagates.
@@ -530,6 +544,11 @@ class GradCAM:
             if logits.ndim != 2:
                 raise WhylookError(
                     f"the model must return logits of shape (B, M), got {tuple(logits.shape)}"
+                )
+            if not bool(torch.isfinite(logits).all()):
+                raise WhylookError(
+                    "the model returned NaN or infinite logits; check the images for NaN "
+                    "pixels and the weights for a diverged training"
                 )
             n_classes = logits.shape[1]
             if int(y.max()) >= n_classes:

@@ -37,6 +37,7 @@ import numpy as np
 
 from whylook._io import atomic_write, run_lock
 from whylook._text import floor_pct
+from whylook.errors import WhylookError
 from whylook.report import figures, patches
 from whylook.report._inputs import Inputs, inconsistent, load
 from whylook.report._tables import tables
@@ -614,6 +615,13 @@ def _is_within(path: Path, folder: Path) -> bool:
 
 
 def _write(out: Path, files: dict[str, bytes], html: str) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WhylookError(
+            f"cannot write the report to {out} ({exc.__class__.__name__}: {exc.strerror}); "
+            "choose a folder you can write with --out"
+        ) from None
     for name, data in sorted(files.items()):
         atomic_write(out / name, lambda fh, data=data: fh.write(data))
     # Remove figures an earlier report wrote that this one did not (fewer classes, K, ...):
