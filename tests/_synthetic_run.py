@@ -169,7 +169,8 @@ def make_synthetic_run(
     beta[:, unc_k, unc_a] = 0.15 * sign
     beta[:, unc_k, unc_b] = -0.15 * sign
     beta = beta.astype(np.float32)
-    beta_z = (beta / 0.05).astype(np.float32)
+    beta_se = np.full_like(beta, 0.05)
+    beta_z = (beta / beta_se).astype(np.float32)
     groups = rng.integers(-1, 3, (t, n)).astype(np.int16)
 
     presence = counts > 0
@@ -198,6 +199,7 @@ def make_synthetic_run(
         "beta": beta,
         "groups": groups,
         "beta_z": beta_z,
+        "beta_se": beta_se,
         "presence": presence,
         "mass_share": mass_share,
         "active": active,

@@ -236,6 +236,79 @@ def test_beta_heatmap_labels_transitions_where_the_class_is_blank(
     assert not any("blank" in x for row in beta_labels[1:] for x in row)
 
 
+def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[tuple, dict]]:
+    """Record the calls of one figure function while still drawing it."""
+    from whylook.report import figures
+
+    calls: list[tuple[tuple, dict]] = []
+    original = getattr(figures, name)
+
+    def spy(*args, **kw):  # type: ignore[no-untyped-def]
+        calls.append((args, kw))
+        return original(*args, **kw)
+
+    monkeypatch.setattr(figures, name, spy)
+    return calls
+
+
+def test_beta_heatmap_shows_beta_per_typical_attention_change(
+    small_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _spy(monkeypatch, "beta_heatmap")
+    html = report(small_run).read_text(encoding="utf-8")
+    with np.load(small_run / "analysis" / "arrays.npz") as npz:
+        beta, intensity = npz["beta"].astype(np.float64), npz["intensity"].astype(np.float64)
+    # Closed form: each cell of class c's heatmap is beta[t, k, c] * sd_i(P^{t+1}_ik - P^t_ik).
+    sd = np.stack([[np.std(intensity[t + 1, :, k] - intensity[t, :, k])
+                    for k in range(beta.shape[1])] for t in range(beta.shape[0])])
+    for c, (args, kw) in enumerate(calls):
+        np.testing.assert_allclose(args[0], (beta[:, :, c] * sd).T, rtol=1e-6, atol=1e-12)
+        assert kw["per_sd"] is True
+    assert len(calls) == 2
+    assert "a typical change of attention to the prototype brought" in html
+    # Without the intensities (arrays not written by whylook): raw β, and no such note.
+    path = small_run / "analysis" / "arrays.npz"
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files if k != "intensity"}
+    np.savez(path, **arrays)
+    calls.clear()
+    html = report(small_run).read_text(encoding="utf-8")
+    np.testing.assert_allclose(calls[0][0][0], beta[:, :, 0].T, rtol=1e-6)
+    assert calls[0][1]["per_sd"] is False
+    assert "a typical change of attention to the prototype brought" not in html
+
+
+def test_uncertain_plot_draws_the_accumulated_lead_it_is_decided_on(
+    small_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _spy(monkeypatch, "uncertain_support")
+    exp = json.loads((small_run / "analysis" / "explanation.json").read_text())
+    exp["structure_settings"] = {**exp.get("structure_settings", {}), "z_threshold": 2.5}
+    (small_run / "analysis" / "explanation.json").write_text(json.dumps(exp))
+    html = report(small_run).read_text(encoding="utf-8")
+    with np.load(small_run / "analysis" / "arrays.npz") as npz:
+        beta, se = npz["beta"].astype(np.float64), npz["beta_se"].astype(np.float64)
+    entry = exp["uncertain_prototypes"][0]
+    k = int(entry["id"].split("-")[1])
+    a, b = (exp["classes"].index(c) for c in entry["classes"])
+    lead = np.cumsum(beta[:, k, a] - beta[:, k, b])
+    lead_se = np.sqrt(np.cumsum(se[:, k, a] ** 2 + se[:, k, b] ** 2))
+    (end_steps, lead_z, threshold, names, _, proto), _ = calls[0]
+    np.testing.assert_allclose(lead_z, lead / lead_se, rtol=1e-6)
+    assert (threshold, names, proto) == (2.5, tuple(entry["classes"]), entry["id"])
+    assert list(end_steps) == [c["step"] for c in exp["checkpoints"]][1:]
+    assert f'alt="accumulated support of {entry["id"]}' in html
+    # Without standard errors there is no lead to draw: the entry has no plot at all.
+    path = small_run / "analysis" / "arrays.npz"
+    with np.load(path) as npz:
+        arrays = {key: npz[key] for key in npz.files if key != "beta_se"}
+    np.savez(path, **arrays)
+    calls.clear()
+    html = report(small_run).read_text(encoding="utf-8")
+    assert calls == []
+    assert "accumulated support of" not in html
+
+
 def test_confusion_recomputed_and_labelled_when_not_stored(small_run: Path) -> None:
     path = small_run / "analysis" / "arrays.npz"
     with np.load(path) as npz:

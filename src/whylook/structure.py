@@ -77,6 +77,7 @@ __all__ = [
     "Structure",
     "StructureSettings",
     "UncertainPrototype",
+    "accumulated_lead",
     "assemble",
     "prototype_id",
 ]
@@ -567,6 +568,26 @@ def _specialized(
     return tuple(out)
 
 
+def accumulated_lead(beta: np.ndarray, se: np.ndarray, p: int, a: int, b: int) -> np.ndarray:
+    """``(T,)``: after each transition, how far prototype ``p``'s support accumulated so
+    far favours class ``a`` over ``b``, in bootstrap standard errors.
+
+    ``Σ_{s<=t} (β^s[p, a] − β^s[p, b])`` over ``sqrt(Σ_{s<=t} se^s[p, a]² + se^s[p, b]²)``
+    (0 where both are 0). At or above ``z_threshold`` the prototype favours ``a``, at or
+    below its negative ``b``; :func:`assemble` counts the changes of side as swings.
+
+    >>> import numpy as np
+    >>> beta = np.zeros((3, 1, 2)); beta[:, 0, 0] = [1.0, 1.0, -4.0]
+    >>> accumulated_lead(beta, np.full((3, 1, 2), 0.5), 0, 0, 1).round(2).tolist()
+    [1.41, 2.0, -1.63]
+    """
+    lead = np.cumsum(beta[:, p, a] - beta[:, p, b])
+    lead_se = np.sqrt(np.cumsum(se[:, p, a] ** 2 + se[:, p, b] ** 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = lead / lead_se
+    return np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def _uncertain(
     beta: np.ndarray,
     se: np.ndarray,
@@ -584,11 +605,7 @@ def _uncertain(
             # units of its bootstrap standard error. Per-transition coefficients flip sign
             # all the time as co-occurring prototypes trade weight; a flip of the
             # accumulated lead is a sustained change of which class the prototype serves.
-            lead = np.cumsum(beta[:, p, a] - beta[:, p, b])
-            lead_se = np.sqrt(np.cumsum(se[:, p, a] ** 2 + se[:, p, b] ** 2))
-            with np.errstate(invalid="ignore", divide="ignore"):
-                z = lead / lead_se
-            z = np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+            z = accumulated_lead(beta, se, p, a, b)
             favoured = np.where(z >= settings.z_threshold, a,
                                 np.where(z <= -settings.z_threshold, b, -1))
             decided = np.flatnonzero(favoured >= 0)

@@ -41,7 +41,7 @@ from whylook.errors import WhylookError
 from whylook.report import figures, patches
 from whylook.report._inputs import Inputs, inconsistent, load
 from whylook.report._tables import tables
-from whylook.structure import UNSEEN_NOTE, blank_maps, blank_rates
+from whylook.structure import UNSEEN_NOTE, accumulated_lead, blank_maps, blank_rates
 
 __all__ = ["PAGE_BUDGET_BYTES", "report"]
 
@@ -120,6 +120,13 @@ class _Builder:
         self.m = len(inp.classes)
         self.end_steps = inp.steps[1:]  # transition t ends at checkpoint t+1
         self.blank = self._blank()
+        # (T, K): spread of each prototype's intensity change over the analysis set at each
+        # transition, to show β per typical change of attention (figures.beta_heatmap).
+        self.dp_sd = (np.diff(self.a["intensity"].astype(np.float64), axis=0).std(axis=1)
+                      if "intensity" in self.a else None)
+        settings = self.exp.get("structure_settings")
+        threshold = settings.get("z_threshold") if isinstance(settings, dict) else None
+        self.z_threshold = float(threshold) if isinstance(threshold, int | float) else 2.0
         self.share = self._activity()
         self.images = inp.images if inp.images is not None else self._stand_in_images()
 
@@ -301,10 +308,15 @@ class _Builder:
                                figures.active_rates(rates, inp.classes))
         return {"pages": pages, "heatmap": heat, "k": self.k}
 
+    def _shown_beta(self, ci: int) -> np.ndarray:
+        """(T, K): β for class ``ci`` as the heatmap shows it (per s.d. of ΔP when known)."""
+        beta = self.a["beta"][:, :, ci].astype(np.float64)
+        return beta if self.dp_sd is None else beta * self.dp_sd
+
     def _beta_rows(self, ci: int, named: list[int]) -> list[int]:
         if self.k <= _MAX_BETA_ROWS:
             return list(range(self.k))
-        strength = np.abs(self.a["beta"][:, :, ci]).sum(axis=0)
+        strength = np.abs(self._shown_beta(ci)).sum(axis=0)
         chosen = list(dict.fromkeys(named))[:_MAX_BETA_ROWS]
         for k in np.argsort(-strength, kind="stable"):
             if len(chosen) >= _MAX_BETA_ROWS:
@@ -362,9 +374,10 @@ class _Builder:
             role = dict.fromkeys(shared_ids, " (shared)")
             beta_uri = self.out.figure(
                 f"class-{ci:03d}-beta.png",
-                figures.beta_heatmap(self.a["beta"][:, beta_rows, ci].T,
+                figures.beta_heatmap(self._shown_beta(ci)[:, beta_rows].T,
                                      [f"P-{k}{role.get(k, '')}" for k in beta_rows],
-                                     self.end_steps, name, z, self.blank[:, ci]))
+                                     self.end_steps, name, z, self.blank[:, ci],
+                                     per_sd=self.dp_sd is not None))
             saliency = None
             if len(rows):
                 # The sample the final model is surest about: its attention has settled,
@@ -394,9 +407,10 @@ class _Builder:
                                      and entry["why_no_shared"].get("activity_met") is False),
                 "specialized": specialized,
                 "beta": beta_uri,
+                "beta_per_sd": self.dp_sd is not None,
                 "beta_note": "" if len(beta_rows) == self.k else
                 f"{len(beta_rows)} of {self.k} prototypes: those this class's explanation "
-                "names and those with the largest |β| for it",
+                "names and those with the largest |β| (as shown) for it",
                 "saliency": saliency,
                 "unseen": self._unseen(entry.get("learning_unseen")),
                 "uncertain": uncertain_by_class.get(ci, []),
@@ -476,11 +490,13 @@ class _Builder:
             top = top_a[:half] + top_b[: _TOP - min(half, len(top_a))]
             row["strip"] = self._strip(f"uncertain-P-{k}-{a}-{b}.png", top, [k])
             row["captions"] = [inp.classes[self.labels[r]] for r in top]
-            row["plot"] = self.out.figure(
+            # The accumulated lead needs the standard errors; without them (arrays not
+            # written by whylook) the entry has no plot rather than a misleading one.
+            row["plot"] = None if "beta_se" not in self.a else self.out.figure(
                 f"uncertain-P-{k}-{a}-{b}.png",
-                figures.uncertain_support(self.end_steps, self.a["beta"][:, k, a],
-                                          self.a["beta"][:, k, b],
-                                          (inp.classes[a], inp.classes[b]), steps, f"P-{k}"))
+                figures.uncertain_support(
+                    self.end_steps, accumulated_lead(self.a["beta"], self.a["beta_se"], k, a, b),
+                    self.z_threshold, (inp.classes[a], inp.classes[b]), steps, f"P-{k}"))
             items.append(row)
         return {"entries": items[:_UNCERTAIN_OPEN], "folded": items[_UNCERTAIN_OPEN:],
                 "rest": rest}

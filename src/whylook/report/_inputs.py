@@ -32,8 +32,8 @@ _REQUIRED = {
     "beta": 3,
 }
 # Extra arrays (ARCHITECTURE.md) used when present; each has a fallback.
-_OPTIONAL = ("beta_z", "mass_share", "activity", "active", "class_groups", "confusion",
-             "presence")
+_OPTIONAL = ("beta_z", "beta_se", "intensity", "mass_share", "activity", "active",
+             "class_groups", "confusion", "presence")
 _PROTO = re.compile(r"^P-(\d+)$")
 
 
@@ -145,6 +145,8 @@ def _check(run: Path, exp: dict[str, Any], arrays: dict[str, np.ndarray]) -> Non
         "saliency": (t + 1, n, h, w),
         "confidence": (t + 1, n, m),
         "beta_z": (t, k, m),
+        "beta_se": (t, k, m),
+        "intensity": (t + 1, n, k),
         "mass_share": (n, k),
         "activity": (n, k),
         "active": (n, k),

@@ -173,14 +173,20 @@ def beta_heatmap(
     class_name: str,
     z: np.ndarray | None = None,
     blank: np.ndarray | None = None,
+    per_sd: bool = False,
 ) -> bytes:
     """β for one class as prototypes × transitions, diverging colormap centred at 0.
 
     ``beta`` is (n_rows, T); transition t is labelled with the step of checkpoint t+1,
-    where it ends. Where bootstrap z-scores are given, cells with |z| ≥ 2 get a dot, so
-    the reader can tell signal from noise. ``blank`` (T,) is the fraction of the class's
-    samples whose Grad-CAM map is all zero at both ends of each transition: β cannot see
-    those samples there, and a transition where it is at least 5% says so in its label.
+    where it ends. ``per_sd``: each cell was multiplied by the standard deviation of its
+    prototype's intensity change at that transition (a standardised coefficient). Raw β
+    is a confidence change per unit of intensity, and raw Grad-CAM grows by orders of
+    magnitude during training, so raw β is largest at the first steps, where attention
+    barely moves, and the colour scale hides the steps where the class is learned.
+    Where bootstrap z-scores are given, cells with |z| ≥ 2 get a dot, so the reader can
+    tell signal from noise. ``blank`` (T,) is the fraction of the class's samples whose
+    Grad-CAM map is all zero at both ends of each transition: β cannot see those samples
+    there, and a transition where it is at least 5% says so in its label.
     """
     n, t = beta.shape
     v = float(np.nanmax(np.abs(beta))) if beta.size else 0.0
@@ -189,7 +195,9 @@ def beta_heatmap(
         ax = fig.subplots()
         im = ax.imshow(beta, cmap="RdBu_r", norm=Normalize(-v, v), aspect="auto",
                        interpolation="nearest")
-        fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="β (support for class)")
+        fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02,
+                     label="β × s.d. of ΔP: confidence change\nper typical attention change"
+                     if per_sd else "β (support for class)")
         if z is not None:
             yy, xx = np.nonzero(np.abs(z) >= 2)
             ax.scatter(xx, yy, s=4, c="black", marker="o", linewidths=0)
@@ -269,22 +277,25 @@ def saliency_strip(
 
 def uncertain_support(
     end_steps: Sequence[int],
-    beta_a: np.ndarray,
-    beta_b: np.ndarray,
+    lead_z: np.ndarray,
+    threshold: float,
     names: tuple[str, str],
     swing_steps: Sequence[int],
     proto: str,
 ) -> bytes:
-    """A prototype's support β for two classes over the transitions, swings marked."""
+    """The rule behind an uncertain prototype, drawn: its accumulated lead of class a
+    over b (``structure.accumulated_lead``) after each transition, the band within which
+    neither side is favoured, and the swings (changes of the favoured side)."""
     with _figure(6.5, 2.8) as fig:
         ax = fig.subplots()
+        ax.axhspan(-threshold, threshold, color="0.9", lw=0, label="neither favoured")
         ax.axhline(0, color="0.6", lw=0.8)
         for i, s in enumerate(swing_steps):
             ax.axvline(s, color="C3", ls=":", lw=1.2, label="swing" if i == 0 else None)
-        ax.plot(end_steps, beta_a, "o-", ms=3, label=f"β[{proto}, {_short(names[0])}]")
-        ax.plot(end_steps, beta_b, "s-", ms=3, label=f"β[{proto}, {_short(names[1])}]")
-        ax.set_ylabel("β (support)")
-        ax.set_title(f"{proto}: support for {_short(names[0])} vs {_short(names[1])}")
+        ax.plot(end_steps, lead_z, "o-", ms=3, color="C0")
+        a, b = _short(names[0]), _short(names[1])
+        ax.set_ylabel(f"lead of {a} over {b} (z)")
+        ax.set_title(f"{proto}: support accumulated so far, {a} (up) vs {b} (down)")
         ax.legend(loc="best", frameon=False, fontsize=8)
         ax.grid(alpha=0.3)
         _step_axis(ax, list(end_steps))
