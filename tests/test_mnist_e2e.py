@@ -62,6 +62,10 @@ def test_explanation_follows_the_output_contract(mnist_run):
     steps = [c["step"] for c in d["checkpoints"]]
     assert steps[0] == 0
     assert steps == sorted(steps)
+    conf, labels = exp.arrays["confidence"], exp.arrays["labels"]
+    assert [c["analysis_accuracy"] for c in d["checkpoints"]] == pytest.approx(
+        [float((conf[t].argmax(axis=1) == labels).mean()) for t in range(t1)], abs=1e-6)
+    assert "Caution" not in exp.summary()  # a model that learned: no near-chance caution
     assert [p["id"] for p in d["prototypes"]] == [f"P-{i}" for i in range(k)]
     for p in d["prototypes"]:
         assert set(p["active_rate_by_class"]) == set(d["classes"])

@@ -349,6 +349,36 @@ def test_cli_support_reads_the_named_fits(tmp_path: Path, tmp_path_factory) -> N
     np.testing.assert_array_equal(alone.arrays["support_z"], alone.arrays["support_z_by_fit"][0])
 
 
+def _summary_data(**fields):
+    """A minimal explanation.json of three classes a, b, c for summary tests."""
+    return {
+        "classes": ["a", "b", "c"], "k": 4, "layer": "l", "grid": [2, 2],
+        "checkpoints": [{}] * 3, "settings": {"analysis_size": 9},
+        "classes_explained": [{"class": c, "shared": [], "specialized": []} for c in "abc"],
+        "uncertain_prototypes": [], "learning_order": [{"pair": ["a", "b"]}],
+        "learning_order_correlation": {"spearman": None, "p_value": None, "n_pairs": 1},
+        **fields,
+    }
+
+
+def test_summary_cautions_when_the_final_model_is_near_chance(tmp_path):
+    from whylook.explain import Explanation
+
+    def caution(accuracy):
+        data = _summary_data(checkpoints=[{}, {}, {"analysis_accuracy": accuracy}])
+        lines = Explanation(path=tmp_path, data=data, arrays={}).summary().splitlines()
+        return [line for line in lines if "Caution" in line]
+
+    # Three classes: chance 1/3; the bar is a tenth of the way on to 1, 0.4 exactly.
+    assert caution(0.35) == ["  Caution: the final model is right on 35% of the analysis set "
+                             "(chance: 33%); it has learned little, so there is little for "
+                             "this explanation to explain: train longer and explain again"]
+    assert caution(0.399) != []
+    assert caution(0.4) == []
+    assert caution(0.97) == []
+    assert caution(None) == []  # written before the field existed: no claim either way
+
+
 def test_summary_counts_class_pairs_not_entries(tmp_path):
     """Two uncertain prototypes on one pair, a third on another: 3 prototypes, 2 pairs."""
     from whylook.explain import Explanation
@@ -356,15 +386,8 @@ def test_summary_counts_class_pairs_not_entries(tmp_path):
     def entry(pid, a, b):
         return {"id": pid, "classes": [a, b], "swings": 2, "steps": [1, 2]}
 
-    data = {
-        "classes": ["a", "b", "c"], "k": 4, "layer": "l", "grid": [2, 2],
-        "checkpoints": [{}] * 3, "settings": {"analysis_size": 9},
-        "classes_explained": [{"class": c, "shared": [], "specialized": []} for c in "abc"],
-        "uncertain_prototypes": [entry("P-0", "a", "b"), entry("P-1", "b", "a"),
-                                 entry("P-2", "a", "c")],
-        "learning_order": [{"pair": ["a", "b"]}],
-        "learning_order_correlation": {"spearman": None, "p_value": None, "n_pairs": 1},
-    }
+    data = _summary_data(uncertain_prototypes=[
+        entry("P-0", "a", "b"), entry("P-1", "b", "a"), entry("P-2", "a", "c")])
     text = Explanation(path=tmp_path, data=data, arrays={}).summary()
     assert "Uncertain prototypes: 3 of 4 on 2 class pairs (3 prototype-pair entries)" in text
 
@@ -484,15 +507,9 @@ def test_learning_unseen_closed_form():
 def test_summary_names_classes_learned_unseen(tmp_path):
     from whylook.explain import Explanation
 
-    data = {
-        "classes": ["a", "b", "c"], "k": 4, "layer": "l", "grid": [2, 2],
-        "checkpoints": [{}] * 3, "settings": {"analysis_size": 9},
-        "classes_explained": [{"class": c, "shared": ["P-0"], "specialized": [],
-                               "learning_unseen": u}
-                              for c, u in zip("abc", [0.78, 0.2, 0.25], strict=True)],
-        "uncertain_prototypes": [], "learning_order": [{"pair": ["a", "b"]}],
-        "learning_order_correlation": {"spearman": None, "p_value": None, "n_pairs": 1},
-    }
+    data = _summary_data(classes_explained=[
+        {"class": c, "shared": ["P-0"], "specialized": [], "learning_unseen": u}
+        for c, u in zip("abc", [0.78, 0.2, 0.25], strict=True)])
     text = Explanation(path=tmp_path, data=data, arrays={}).summary()
     assert "Learning unseen (Grad-CAM all zero): a (78%), c (25%) of the class's learning" in text
     for entry in data["classes_explained"]:

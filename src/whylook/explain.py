@@ -46,6 +46,9 @@ __all__ = [
 SCHEMA = "whylook.explanation/1"
 # Bump when a stage's output for the same inputs changes, so old caches are not reused.
 _CACHE_VERSION = "1"
+# The summary cautions when the final model's analysis-set accuracy is less than this
+# fraction of the way from chance to perfect (19 % for ten classes).
+NEAR_CHANCE = 0.1
 # The final model's features of the analysis set are held, up to this size, from the final
 # checkpoint's Grad-CAM pass until the prototypes exist to assign them (ResNet-50 at
 # layer3: 2000 samples take 400 MB), instead of a second feature pass over them.
@@ -110,9 +113,11 @@ class Explanation:
             f"whylook explanation: {len(d['classes'])} classes, K={d['k']} prototypes at "
             f"layer {d['layer']} ({d['grid'][0]}x{d['grid'][1]}), {len(d['checkpoints'])} "
             f"checkpoints, {d['settings']['analysis_size']} samples",
-            "",
-            "Shared prototypes per class (strongest first):",
         ]
+        weak = _near_chance_text(d)
+        if weak:
+            lines.append(weak)
+        lines += ["", "Shared prototypes per class (strongest first):"]
         for c in d["classes_explained"]:
             shared = ", ".join(c["shared"][:6]) or _no_shared_text(c.get("why_no_shared"))
             spec = "; ".join(
@@ -152,6 +157,20 @@ class Explanation:
             )
         lines.append(f"\nwritten to {self.path}")
         return "\n".join(lines)
+
+
+def _near_chance_text(d: dict[str, Any]) -> str | None:
+    """A caution when the final model is right little more often than chance: every rule
+    still runs, but there is little learning for them to explain."""
+    acc = (d["checkpoints"][-1] if d["checkpoints"] else {}).get("analysis_accuracy")
+    if not isinstance(acc, int | float):
+        return None  # an explanation written before the field existed
+    chance = 1.0 / len(d["classes"])
+    if acc >= chance + NEAR_CHANCE * (1.0 - chance):
+        return None
+    return (f"  Caution: the final model is right on {floor_pct(acc)} of the analysis set "
+            f"(chance: {floor_pct(chance)}); it has learned little, so there is little for "
+            "this explanation to explain: train longer and explain again")
 
 
 def _p_text(p: float) -> str:
@@ -677,8 +696,9 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
             {"index": int(c.index), "step": int(c.step),
              # Imported checkpoints may not know their epoch or accuracy.
              "epoch": None if c.epoch is None else float(c.epoch),
-             "test_accuracy": None if c.test_accuracy is None else float(c.test_accuracy)}
-            for c in ckpts
+             "test_accuracy": None if c.test_accuracy is None else float(c.test_accuracy),
+             "analysis_accuracy": round(float((predictions[t] == labels).mean()), 6)}
+            for t, c in enumerate(ckpts)
         ],
         "k": k_final,
         "k_choice": k_choice,
