@@ -401,3 +401,14 @@ def test_a_file_that_is_neither_folder_nor_zip(tmp_path: Path) -> None:
     (tmp_path / "x.txt").write_text("hello")
     with pytest.raises(WhylookError, match="neither a folder nor a zip"):
         load_data(f"folder:{tmp_path / 'x.txt'}")
+
+
+def test_float16_labels_load_without_a_warning(recwarn: pytest.WarningsRecorder) -> None:
+    from whylook.data import _labels_from_array
+
+    labels = _labels_from_array(np.array([0, 1, 2], np.float16), "y_train")
+    assert labels.tolist() == [0, 1, 2]
+    assert labels.dtype == np.int64
+    with pytest.raises(WhylookError, match="non-integer labels"):
+        _labels_from_array(np.array([0.5], np.float16), "y_train")
+    assert [str(w.message) for w in recwarn] == []  # 2**53 overflowed float16 before

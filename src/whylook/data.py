@@ -438,7 +438,9 @@ def _labels_from_array(y: np.ndarray, name: str) -> np.ndarray:
             "labels save y.argmax(1))"
         )
     if np.issubdtype(y.dtype, np.floating):
-        # Beyond 2**53 a float is no exact integer (and the int64 cast would overflow).
+        # Beyond 2**53 a float is no exact integer (and the int64 cast would overflow). In
+        # float64: 2**53 itself overflows a float16, with a RuntimeWarning.
+        y = y.astype(np.float64)
         if not (np.isfinite(y).all() and (y == np.rint(y)).all() and (abs(y) < 2**53).all()):
             raise WhylookError(f"{name} holds non-integer labels; labels must be class indices")
     elif not np.issubdtype(y.dtype, np.integer):
