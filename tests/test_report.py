@@ -309,6 +309,23 @@ def test_uncertain_plot_draws_the_accumulated_lead_it_is_decided_on(
     assert "accumulated support of" not in html
 
 
+def test_overview_cautions_when_the_final_model_is_near_chance(small_run: Path) -> None:
+    path = small_run / "analysis" / "arrays.npz"
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    labels, conf = arrays["labels"], arrays["confidence"]
+    assert (conf[-1].argmax(axis=1) == labels).mean() >= 0.55  # this run learned
+    assert '<p class="warn">Caution' not in report(small_run).read_text(encoding="utf-8")
+    # Two classes: chance 50 %, the bar 55 %. Right on exactly half of the samples:
+    wrong = np.arange(labels.size) % 2 == 0
+    conf[-1] = np.eye(2, dtype=conf.dtype)[np.where(wrong, 1 - labels, labels)]
+    arrays.pop("confusion", None)
+    np.savez(path, **arrays)
+    html = report(small_run).read_text(encoding="utf-8")
+    assert ('<p class="warn">Caution: the final model is right on 50% of the analysis set '
+            "(chance: 50%); it has learned little") in html
+
+
 def test_confusion_recomputed_and_labelled_when_not_stored(small_run: Path) -> None:
     path = small_run / "analysis" / "arrays.npz"
     with np.load(path) as npz:

@@ -11,3 +11,25 @@ def floor_pct(rate: float) -> str:
     ('49%', '70%', '100%')
     """
     return f"{int(rate * 100 + 1e-9)}%"
+
+
+#: The summary and the report caution when the final model's analysis-set accuracy is less
+#: than this fraction of the way from chance to perfect (19 % for ten classes).
+NEAR_CHANCE = 0.1
+
+
+def near_chance_caution(accuracy: float, n_classes: int) -> str | None:
+    """A caution when the final model is right little more often than chance: every rule
+    still runs, but there is little learning for them to explain (``None`` otherwise).
+
+    >>> near_chance_caution(0.12, 10)[:40]
+    'the final model is right on 12% of the a'
+    >>> near_chance_caution(0.19, 10) is None
+    True
+    """
+    chance = 1.0 / n_classes
+    if accuracy >= chance + NEAR_CHANCE * (1.0 - chance):
+        return None
+    return (f"the final model is right on {floor_pct(accuracy)} of the analysis set (chance: "
+            f"{floor_pct(chance)}); it has learned little, so there is little for this "
+            "explanation to explain: train longer and explain again")

@@ -24,7 +24,7 @@ import torch
 from whylook import __version__
 from whylook._io import file_digest, read_json, run_lock, save_npz, write_json
 from whylook._progress import progress_bar
-from whylook._text import floor_pct
+from whylook._text import floor_pct, near_chance_caution
 from whylook.errors import WhylookError
 from whylook.structure import (
     UNSEEN_NOTE,
@@ -46,9 +46,6 @@ __all__ = [
 SCHEMA = "whylook.explanation/1"
 # Bump when a stage's output for the same inputs changes, so old caches are not reused.
 _CACHE_VERSION = "1"
-# The summary cautions when the final model's analysis-set accuracy is less than this
-# fraction of the way from chance to perfect (19 % for ten classes).
-NEAR_CHANCE = 0.1
 # The final model's features of the analysis set are held, up to this size, from the final
 # checkpoint's Grad-CAM pass until the prototypes exist to assign them (ResNet-50 at
 # layer3: 2000 samples take 400 MB), instead of a second feature pass over them.
@@ -160,17 +157,11 @@ class Explanation:
 
 
 def _near_chance_text(d: dict[str, Any]) -> str | None:
-    """A caution when the final model is right little more often than chance: every rule
-    still runs, but there is little learning for them to explain."""
     acc = (d["checkpoints"][-1] if d["checkpoints"] else {}).get("analysis_accuracy")
     if not isinstance(acc, int | float):
         return None  # an explanation written before the field existed
-    chance = 1.0 / len(d["classes"])
-    if acc >= chance + NEAR_CHANCE * (1.0 - chance):
-        return None
-    return (f"  Caution: the final model is right on {floor_pct(acc)} of the analysis set "
-            f"(chance: {floor_pct(chance)}); it has learned little, so there is little for "
-            "this explanation to explain: train longer and explain again")
+    caution = near_chance_caution(float(acc), len(d["classes"]))
+    return None if caution is None else f"  Caution: {caution}"
 
 
 def _p_text(p: float) -> str:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from whylook._io import atomic_write, run_lock
-from whylook._text import floor_pct
+from whylook._text import floor_pct, near_chance_caution
 from whylook.errors import WhylookError
 from whylook.report import figures, patches
 from whylook.report._inputs import Inputs, inconsistent, load
@@ -237,6 +237,7 @@ class _Builder:
         settings = exp.get("settings") if isinstance(exp.get("settings"), dict) else {}
         return {
             "facts": [(k, "—" if v is None else str(v)) for k, v in facts],
+            "caution": near_chance_caution(acc_an[-1], self.m),
             "checkpoints": ckpt_rows,
             "accuracy": acc_uri,
             "confusion": conf_uri,
