@@ -137,6 +137,12 @@ def _not_state_dict(c: Ctx) -> list[str]:
     return ["import", str(c.tmp / "odd.pt"), *c.good_checkpoints(), "--out", str(c.out)]
 
 
+def _several_state_dicts(c: Ctx) -> list[str]:
+    state = build_model("smallcnn", num_classes=3, in_channels=1, image_size=16).state_dict()
+    torch.save({"model": state, "ema": state, "epoch": 1}, c.tmp / "train-state.pt")
+    return ["import", str(c.tmp / "train-state.pt"), *c.good_checkpoints(), "--out", str(c.out)]
+
+
 def _corrupt_safetensors(c: Ctx) -> list[str]:
     (c.tmp / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     return ["import", str(c.tmp / "bad.safetensors"), *c.good_checkpoints(),
@@ -298,6 +304,7 @@ CASES: dict[str, Case] = {
     "checkpoint-pickle-code": ("whylook import", _exploit_checkpoint),
     "checkpoint-whole-model": ("whylook import", _whole_model),
     "checkpoint-not-a-state-dict": ("whylook import", _not_state_dict),
+    "checkpoint-several-state-dicts": ("whylook import", _several_state_dicts),
     "checkpoint-corrupt-safetensors": ("whylook import", _corrupt_safetensors),
     "checkpoint-does-not-fit": (
         "whylook import",

@@ -118,6 +118,41 @@ def test_import_fills_missing_normalisation_and_strips_dataparallel(
     assert mean == pytest.approx(list(tiny_data.channel_stats()[0]))
 
 
+def test_import_reads_training_state_files_and_wrapper_prefixes(
+    tiny_data, tmp_path: Path
+) -> None:
+    """What training scripts commonly save: the weights inside a training-state dict, and
+    key prefixes from the wrapper the model was in. Each gives exactly the plain weights."""
+    models = [_model(seed) for seed in range(4)]
+    torch.save({"model": models[0].state_dict(), "epoch": 3,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3}]}}, tmp_path / "a.pt")
+    torch.save({"state_dict": {f"model.{k}": v for k, v in models[1].state_dict().items()},
+                "hyper_parameters": {"lr": 1e-3}}, tmp_path / "b.ckpt")  # Lightning
+    torch.save({f"_orig_mod.{k}": v for k, v in models[2].state_dict().items()},
+               tmp_path / "c.pt")  # torch.compile
+    torch.save({f"module.model.{k}": v for k, v in models[3].state_dict().items()},
+               tmp_path / "d.pt")  # two wrappers
+    run = import_checkpoints([tmp_path / n for n in ("a.pt", "b.ckpt", "c.pt", "d.pt")],
+                             data=tiny_data, model="smallcnn", device="cpu", out=tmp_path / "run",
+                             progress=False)
+    for i, model in enumerate(models):
+        loaded = run.load_model(i).state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items()), i
+
+
+def test_import_refuses_ambiguous_or_foreign_prefixes(tiny_data, tmp_path: Path) -> None:
+    state = _model(0).state_dict()
+    torch.save({"model": state, "ema": state}, tmp_path / "two.pt")
+    with pytest.raises(WhylookError, match=r"holds several state dicts \(model, ema\); save"):
+        import_checkpoints([tmp_path / "two.pt"] * 2, data=tiny_data, model="smallcnn",
+                           device="cpu", out=tmp_path / "a")
+    # A prefix whose removal does not reach the model's names is reported as it is.
+    torch.save({f"backbone.{k}x": v for k, v in state.items()}, tmp_path / "other.pt")
+    with pytest.raises(WhylookError, match=r"unexpected key 'backbone\.normalize\.meanx'"):
+        import_checkpoints([tmp_path / "other.pt"] * 2, data=tiny_data, model="smallcnn",
+                           device="cpu", out=tmp_path / "b")
+
+
 def test_import_refuses_before_writing_anything(foreign, tiny_data, tmp_path: Path) -> None:
     torch.save(_model(0, num_classes=3).state_dict(), tmp_path / "three.pt")
     out = tmp_path / "out"

@@ -131,10 +131,7 @@ def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
                 f"checkpoint {path} cannot be loaded safely ({_unsafe_reason(exc)}); if you "
                 f"trust it, convert it once with: {CONVERT_COMMAND}"
             ) from None
-        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(
-            obj["state_dict"], Mapping
-        ):
-            obj = obj["state_dict"]
+        obj = _weights_of(obj, path)
         if not isinstance(obj, Mapping) or not all(
             isinstance(v, torch.Tensor) for v in obj.values()
         ):
@@ -147,6 +144,26 @@ def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         f"checkpoint {path} has an unknown extension {path.suffix!r}; use .safetensors, "
         ".pt, .pth, .bin or .ckpt"
     )
+
+
+def _is_state_dict(obj: object) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(
+        isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _weights_of(obj: object, path: Path) -> object:
+    """The state dict inside a training-state file (``{"model": ..., "optimizer": ...,
+    "epoch": ...}``, Lightning's ``{"state_dict": ...}``): the one entry that is a dict of
+    tensors. Several such entries (a model and its EMA copy) are ambiguous: refused."""
+    if not isinstance(obj, Mapping) or _is_state_dict(obj):
+        return obj
+    found = [str(k) for k, v in obj.items() if _is_state_dict(v)]
+    if len(found) > 1:
+        raise WhylookError(
+            f"checkpoint {path} holds several state dicts ({', '.join(found)}); save the one "
+            "to analyse on its own (torch.save(ckpt['<name>'], path))"
+        )
+    return obj[found[0]] if found else obj
 
 
 #: What the user can run, on a checkpoint they trust, to turn a pickle that whylook refuses

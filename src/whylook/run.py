@@ -29,7 +29,7 @@ import itertools
 import os
 import platform
 import shutil
-from collections.abc import Iterator, Mapping, Sequence, Set
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,11 +222,13 @@ def fit_state(
     fill_normalize: bool = False,
 ) -> dict[str, torch.Tensor]:
     """``state`` made ready for ``model.load_state_dict``, or a one-line error on the first
-    missing, unexpected or mismatched key. A ``module.`` prefix (DataParallel) is dropped;
-    with ``fill_normalize``, missing :class:`Normalize` buffers are taken from ``model``.
+    missing, unexpected or mismatched key. A prefix on every key (``module.`` from
+    DataParallel, ``_orig_mod.`` from torch.compile, ``model.`` from a Lightning module) is
+    dropped; with ``fill_normalize``, missing :class:`Normalize` buffers are taken from
+    ``model``.
     """
     expected = model.state_dict()
-    state = _strip_module(state)
+    state = _strip_prefix(state, expected.keys())
     if fill_normalize:
         for key in _normalize_keys(model):
             state.setdefault(key, expected[key])
@@ -255,11 +257,19 @@ def fit_state(
     return state
 
 
-def _strip_module(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the ``module.`` prefix that DataParallel puts on every key."""
-    if state and all(k.startswith("module.") for k in state):
-        return {k.removeprefix("module."): v for k, v in state.items()}
-    return dict(state)
+def _strip_prefix(state: Mapping[str, torch.Tensor], expected: Iterable[str]
+                  ) -> dict[str, torch.Tensor]:
+    """Drop the leading name components that wrappers put on every key, one at a time,
+    while no key matches the model's and every key shares the same first component."""
+    want = set(expected)
+    out = dict(state)
+    while out and not want & out.keys():
+        heads = {k.split(".", 1)[0] for k in out}
+        if len(heads) != 1 or not all("." in k for k in out):
+            break
+        out = {k.split(".", 1)[1]: v for k, v in out.items()}
+    # Only a strip that reaches the model's names counts; otherwise report the keys as given.
+    return out if want & out.keys() else dict(state)
 
 
 def _normalize_keys(model: nn.Module) -> list[str]:
@@ -453,7 +463,7 @@ def import_checkpoints(
     records, imported = [], []
     with creating_run(out):
         for i, path in enumerate(progress_bar(paths, desc="import", progress=progress)):
-            state = _strip_module(_io.load_weights(path))
+            state = _strip_prefix(_io.load_weights(path), net.state_dict().keys())
             net.load_state_dict(fit_state(net, state, path, fill_normalize=True))
             _io.save_weights(out / checkpoint_file(i), net.state_dict())
             accuracy, loss = evaluate(net.to(dev), source.test, device=dev)
