@@ -236,6 +236,14 @@ def test_beta_heatmap_labels_transitions_where_the_class_is_blank(
     assert not any("blank" in x for row in beta_labels[1:] for x in row)
 
 
+def _drop_array(run: Path, name: str) -> None:
+    """Remove one array from the run's arrays.npz (as arrays not written by whylook)."""
+    path = run / "analysis" / "arrays.npz"
+    with np.load(path) as npz:
+        arrays = {key: npz[key] for key in npz.files if key != name}
+    np.savez(path, **arrays)
+
+
 def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[tuple, dict]]:
     """Record the calls of one figure function while still drawing it."""
     from whylook.report import figures
@@ -267,10 +275,7 @@ def test_beta_heatmap_shows_beta_per_typical_attention_change(
     assert len(calls) == 2
     assert "a typical change of attention to the prototype brought" in html
     # Without the intensities (arrays not written by whylook): raw β, and no such note.
-    path = small_run / "analysis" / "arrays.npz"
-    with np.load(path) as npz:
-        arrays = {k: npz[k] for k in npz.files if k != "intensity"}
-    np.savez(path, **arrays)
+    _drop_array(small_run, "intensity")
     calls.clear()
     html = report(small_run).read_text(encoding="utf-8")
     np.testing.assert_allclose(calls[0][0][0], beta[:, :, 0].T, rtol=1e-6)
@@ -299,10 +304,7 @@ def test_uncertain_plot_draws_the_accumulated_lead_it_is_decided_on(
     assert list(end_steps) == [c["step"] for c in exp["checkpoints"]][1:]
     assert f'alt="accumulated support of {entry["id"]}' in html
     # Without standard errors there is no lead to draw: the entry has no plot at all.
-    path = small_run / "analysis" / "arrays.npz"
-    with np.load(path) as npz:
-        arrays = {key: npz[key] for key in npz.files if key != "beta_se"}
-    np.savez(path, **arrays)
+    _drop_array(small_run, "beta_se")
     calls.clear()
     html = report(small_run).read_text(encoding="utf-8")
     assert calls == []
