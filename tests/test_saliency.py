@@ -186,6 +186,22 @@ def test_restores_after_error_during_forward() -> None:
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
 
 
+def test_out_of_memory_says_to_lower_the_batch_size() -> None:
+    class Hungry(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            # torch's own wording, whose advice names max_split_size_mb: not about images.
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. "
+                                         "If reserved memory is >> allocated memory try "
+                                         "setting max_split_size_mb")
+
+    model = _tiny_model()
+    model[1] = Hungry()
+    with pytest.raises(WhylookError) as info:
+        grad_cam(model, "0", _X, [0])
+    assert str(info.value).endswith("; use a smaller batch size (batch_size=...)")
+    assert "channels and size" not in str(info.value)
+
+
 def test_caller_no_grad_context_is_overridden() -> None:
     with torch.no_grad():
         res = grad_cam(_tiny_model(), "0", _X, [0])

@@ -426,8 +426,13 @@ class _LayerSession:
                 # One line instead of torch's traceback (kept as the cause for debugging).
                 text = str(exc).strip()
                 first = text.splitlines()[0] if text else type(exc).__name__
-                hint = ("; check that the images have the channels and size the model was "
-                        "built for" if _SHAPE_WORDS.search(first) else "")
+                if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in first:
+                    hint = "; use a smaller batch size (batch_size=...)"
+                elif _SHAPE_WORDS.search(first):
+                    hint = ("; check that the images have the channels and size the model "
+                            "was built for")
+                else:
+                    hint = ""
                 raise WhylookError(
                     f"the model failed on input of shape {tuple(x.shape)}: {first}{hint}"
                 ) from exc
