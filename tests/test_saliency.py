@@ -198,7 +198,8 @@ def test_out_of_memory_says_to_lower_the_batch_size() -> None:
     model[1] = Hungry()
     with pytest.raises(WhylookError) as info:
         grad_cam(model, "0", _X, [0])
-    assert str(info.value).endswith("; use a smaller batch size (batch_size=...)")
+    assert str(info.value).endswith("; use a smaller batch size (--batch-size, or "
+                                    "batch_size=...)")
     assert "channels and size" not in str(info.value)
 
 

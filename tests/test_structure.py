@@ -349,6 +349,33 @@ def test_cli_support_reads_the_named_fits(tmp_path: Path, tmp_path_factory) -> N
     np.testing.assert_array_equal(alone.arrays["support_z"], alone.arrays["support_z_by_fit"][0])
 
 
+def test_cli_batch_size_reaches_every_pass(
+    tmp_path: Path, tmp_path_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--batch-size`` sets the Grad-CAM batches (for memory); the maps stay the same."""
+    from _tiny_run import baseline, copy_run, explain_argv
+    from whylook.cli import main
+    from whylook.explain import load_explanation
+    from whylook.saliency import GradCAM
+
+    seen: list[int] = []
+    original = GradCAM._batches
+
+    def spy(self, images, labels, batch_size, *args):  # type: ignore[no-untyped-def]
+        seen.append(batch_size)
+        return original(self, images, labels, batch_size, *args)
+
+    _, reference = baseline(tmp_path_factory)  # may explain the reference run first
+    monkeypatch.setattr(GradCAM, "_batches", spy)
+    run = copy_run(reference, tmp_path / "run")  # no cache: every pass runs
+    assert main(explain_argv(run, "--batch-size", "7")) == 0
+    assert seen
+    assert set(seen) == {7}
+    np.testing.assert_allclose(load_explanation(run).arrays["saliency"],
+                               load_explanation(reference).arrays["saliency"],
+                               rtol=1e-5, atol=1e-7)
+
+
 def _summary_data(**fields):
     """A minimal explanation.json of three classes a, b, c for summary tests."""
     return {

@@ -145,6 +145,10 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
         "(default: the global and the class-conditional fit, the larger z against a "
         "corrected threshold), global (the paper's fit alone) or class",
     )
+    p.add_argument(
+        "--batch-size", type=int, default=None,
+        help="samples per Grad-CAM pass (default 256; lower it if memory runs out)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     _trust_option(p)
     p.set_defaults(handler=_cmd_explain)
@@ -154,12 +158,14 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from whylook.explain import ExplainSettings, explain
     from whylook.structure import StructureSettings
 
-    settings = None
-    if args.min_swings is not None or args.support is not None:
-        structure = (StructureSettings() if args.min_swings is None
-                     else StructureSettings(min_swings=args.min_swings))
-        settings = ExplainSettings(structure=structure,
-                                   support=args.support or ExplainSettings.support)
+    overrides: dict[str, object] = {}
+    if args.min_swings is not None:
+        overrides["structure"] = StructureSettings(min_swings=args.min_swings)
+    if args.support is not None:
+        overrides["support"] = args.support
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    settings = ExplainSettings(**overrides) if overrides else None
     result = explain(
         args.run,
         k=args.k,

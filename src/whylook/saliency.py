@@ -427,7 +427,7 @@ class _LayerSession:
                 text = str(exc).strip()
                 first = text.splitlines()[0] if text else type(exc).__name__
                 if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in first:
-                    hint = "; use a smaller batch size (batch_size=...)"
+                    hint = "; use a smaller batch size (--batch-size, or batch_size=...)"
                 elif _SHAPE_WORDS.search(first):
                     hint = ("; check that the images have the channels and size the model "
                             "was built for")
