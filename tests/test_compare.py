@@ -141,6 +141,27 @@ def test_two_seeds_are_compared_and_written_into_run_a(two_runs):
     text = res.summary()
     assert "strategy difference" in text
     assert "\n" in text
+    # The same agreement per typical attention change, recomputed here from the two runs'
+    # arrays: β[t, k, :] times the s.d. over samples of k's intensity change at t.
+    from whylook.explain import load_explanation
+
+    ea, eb = load_explanation(a), load_explanation(b)
+
+    def per_sd(e):  # type: ignore[no-untyped-def]
+        dp = np.diff(e.arrays["intensity"].astype(np.float64), axis=0)
+        return e.arrays["beta"].astype(np.float64) * dp.std(axis=1)[:, :, None]
+
+    sa, sb = per_sd(ea), per_sd(eb)
+    pairs = [(int(p["a"][2:]), int(p["b"][2:])) for p in d["matching"]["pairs"]
+             if p["iou"] >= d["matching"]["min_iou"]]
+    corrs = [np.corrcoef(sa[:, p].ravel(), sb[:, q].ravel())[0, 1] for p, q in pairs]
+    assert d["beta_per_sd"]["mean"] == pytest.approx(np.mean(corrs), abs=1e-6)
+    support_a, support_b = sa.sum(0), sb.sum(0)
+    per_class = [np.corrcoef(support_a[[p for p, _ in pairs], c],
+                             support_b[[q for _, q in pairs], c])[0, 1] for c in range(10)]
+    assert d["strategy_difference_per_sd"]["value"] == pytest.approx(
+        1 - np.nanmean(per_class), abs=1e-6)
+    assert "per typical attention change" in text
 
 
 @pytest.mark.slow

@@ -29,6 +29,12 @@ A's support profile over the matched prototypes with B's; the strategy differenc
 (matched) prototypes in the same proportions, about 1 when they are unrelated. It is
 reported next to the value under random matchings, which is what "unrelated" looks like
 for these two runs.
+
+Both β readings (2 and the strategy difference) are also reported per typical attention
+change (``beta_per_sd``, ``strategy_difference_per_sd``): ``β^t[k, :]`` times the standard
+deviation over samples of prototype ``k``'s intensity change at transition ``t``. Raw β is
+per unit of raw Grad-CAM, whose changes grow by an order of magnitude during training, so
+raw β weighs the first transitions most (docs/METHOD-NOTES.md, "Run comparison").
 """
 
 from __future__ import annotations
@@ -195,6 +201,55 @@ def strategy_difference(
     return float(1.0 - np.mean(list(per_class.values()))), per_class
 
 
+def _attention_sd(intensity: np.ndarray) -> np.ndarray:
+    """``(T, K, 1)``: the spread over samples of each prototype's intensity change."""
+    return np.diff(intensity.astype(np.float64), axis=0).std(axis=1)[:, :, None]
+
+
+def _beta_agreement(
+    beta_a: np.ndarray,
+    beta_b: np.ndarray,
+    good: list[tuple[int, int]],
+    base_pairs: list[tuple[int, int]],
+    random_pairs: list[list[tuple[int, int]]],
+) -> dict[str, Any]:
+    """β-trajectory correlations and the strategy difference, with their baselines."""
+    support_a, support_b = beta_a.sum(0), beta_b.sum(0)
+    diff, per_class = strategy_difference(support_a, support_b, good)
+    random_diffs = [d for pairs in random_pairs
+                    if (d := strategy_difference(support_a, support_b, pairs)[0]) is not None]
+    return {
+        "correlations": beta_correlations(beta_a, beta_b, good),
+        "baseline": [c for c in beta_correlations(beta_a, beta_b, base_pairs) if c is not None],
+        "difference": diff,
+        "per_class": per_class,
+        "random_differences": random_diffs,
+    }
+
+
+def _r6(x: float | None) -> float | None:
+    return None if x is None else round(float(x), 6)
+
+
+def _beta_json(agreement: dict[str, Any]) -> dict[str, Any]:
+    valid = [c for c in agreement["correlations"] if c is not None]
+    base = agreement["baseline"]
+    return {
+        "mean": _r6(np.mean(valid)) if valid else None,
+        "median": _r6(np.median(valid)) if valid else None,
+        "baseline_mean": _r6(np.mean(base)) if base else None,
+    }
+
+
+def _strategy_json(agreement: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+    randoms = agreement["random_differences"]
+    return {
+        "value": _r6(agreement["difference"]),
+        "random_matching": _r6(np.mean(randoms)) if randoms else None,
+        "per_class": {classes[c]: round(r, 6) for c, r in agreement["per_class"].items()},
+    }
+
+
 @dataclass(frozen=True)
 class Comparison:
     """The result of :func:`compare`; ``summary()`` is what the CLI prints."""
@@ -234,6 +289,14 @@ class Comparison:
             lines.append(
                 "  classes whose strategies differ most: "
                 + ", ".join(f"{c} (r={r:+.2f})" for c, r in worst)
+            )
+        bs, ss = d.get("beta_per_sd"), d.get("strategy_difference_per_sd")
+        if bs and ss:
+            lines.append(
+                f"  per typical attention change (β x s.d. of ΔP): β correlation "
+                f"{num(bs['mean'])} (arbitrary pairs {num(bs['baseline_mean'])}), strategy "
+                f"difference {num(ss['value'], '.3f')} (random matching "
+                f"{num(ss['random_matching'], '.3f')})"
             )
         jac = d["shared_prototypes"]
         lines.append(
@@ -348,25 +411,25 @@ def compare(
     a_to_b = {f"P-{p}": f"P-{q}" for p, q in good}
 
     beta_a, beta_b = ea.arrays["beta"].astype(np.float64), eb.arrays["beta"].astype(np.float64)
-    corrs = beta_correlations(beta_a, beta_b, good)
-    # Baseline: the same correlation for arbitrary (p, q), to show what "unrelated" looks like.
+    # Baselines: arbitrary (p, q) pairs and random matchings, to show what "unrelated" looks
+    # like; drawn once, so that both readings of β below are measured against the same ones.
     rng = np.random.default_rng(0)
     base_pairs = list(
         zip(rng.integers(0, ka, 500).tolist(), rng.integers(0, kb, 500).tolist(), strict=True)
     )
-    base = [c for c in beta_correlations(beta_a, beta_b, base_pairs) if c is not None]
-    valid = [c for c in corrs if c is not None]
-
-    support_a, support_b = beta_a.sum(0), beta_b.sum(0)
-    diff, per_class = strategy_difference(support_a, support_b, good)
-    random_diffs = []
-    for _ in range(random_matchings if good else 0):
-        q_perm = rng.permutation(kb)[: len(good)]
-        d, _ = strategy_difference(
-            support_a, support_b, [(p, int(q)) for (p, _), q in zip(good, q_perm, strict=True)]
-        )
-        if d is not None:
-            random_diffs.append(d)
+    random_pairs = [
+        [(p, int(q)) for (p, _), q in zip(good, rng.permutation(kb)[: len(good)], strict=True)]
+        for _ in range(random_matchings if good else 0)
+    ]
+    raw = _beta_agreement(beta_a, beta_b, good, base_pairs, random_pairs)
+    corrs = raw["correlations"]
+    # The same per typical attention change (β x s.d. of ΔP at each transition): raw β is
+    # largest at the first steps, where attention barely moves (report, METHOD-NOTES Step 5).
+    scaled = None
+    if "intensity" in ea.arrays and "intensity" in eb.arrays:
+        scaled = _beta_agreement(beta_a * _attention_sd(ea.arrays["intensity"]),
+                                 beta_b * _attention_sd(eb.arrays["intensity"]),
+                                 good, base_pairs, random_pairs)
 
     def shared(e: Any) -> dict[str, list[str]]:
         return {str(c["class"]): list(c["shared"]) for c in e.data["classes_explained"]}
@@ -397,9 +460,6 @@ def compare(
     lo_rho = None
     if len(keys) >= 3 and np.ptp(va) > 0 and np.ptp(vb) > 0:
         lo_rho = float(stats.spearmanr(va, vb).statistic)
-
-    def r6(x: float | None) -> float | None:
-        return None if x is None else round(float(x), 6)
 
     result = {
         "schema": SCHEMA,
@@ -432,34 +492,40 @@ def compare(
                     "a": f"P-{p}",
                     "b": f"P-{q}",
                     "iou": round(v, 6),
-                    "beta_correlation": r6(corrs[good.index((p, q))]) if (p, q) in good else None,
+                    "beta_correlation": _r6(corrs[good.index((p, q))]) if (p, q) in good else None,
                 }
                 for p, q, v in matches
             ],
         },
         "beta": {
-            "mean": r6(np.mean(valid)) if valid else None,
-            "median": r6(np.median(valid)) if valid else None,
-            "baseline_mean": r6(np.mean(base)) if base else None,
+            **_beta_json(raw),
             "definition": "Pearson correlation of beta[:, p, :] (A) and beta[:, q, :] "
             "(B) over transitions x classes, per matched pair",
         },
         "strategy_difference": {
-            "value": r6(diff),
-            "random_matching": r6(np.mean(random_diffs)) if random_diffs else None,
-            "per_class": {classes[c]: round(r, 6) for c, r in per_class.items()},
+            **_strategy_json(raw, classes),
             "definition": "1 - mean over classes of the Pearson correlation between the two "
             "runs' support (sum over t of beta) for the class, over matched "
             "prototypes; 0 = same strategy, ~1 = unrelated",
         },
+        # Both again with beta per typical attention change; null without intensities.
+        "beta_per_sd": None if scaled is None else {
+            **_beta_json(scaled),
+            "definition": "as beta, with beta[t, k, :] multiplied by the standard deviation "
+            "of prototype k's intensity change at transition t over the run's analysis set",
+        },
+        "strategy_difference_per_sd": None if scaled is None else {
+            **_strategy_json(scaled, classes),
+            "definition": "as strategy_difference, from beta per typical attention change",
+        },
         "shared_prototypes": {
-            "jaccard": {c: r6(v) for c, v in jac.items()},
-            "mean_jaccard": r6(np.mean(defined)) if defined else None,
+            "jaccard": {c: _r6(v) for c, v in jac.items()},
+            "mean_jaccard": _r6(np.mean(defined)) if defined else None,
             "n_classes": len(defined),
         },
         "confusion": {**conf_diff, "a": confs[0][1].tolist(), "b": confs[1][1].tolist()},
         "learning_order": {
-            "spearman": r6(lo_rho),
+            "spearman": _r6(lo_rho),
             "n_pairs": len(keys),
             "correlation_a": ea.data["learning_order_correlation"].get("spearman"),
             "correlation_b": eb.data["learning_order_correlation"].get("spearman"),
