@@ -1,0 +1,66 @@
+"""The package's public names: each the object its module defines, loaded on first use."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import types
+
+import pytest
+
+import whylook
+
+HEAVY = ("torch", "sklearn", "scipy", "matplotlib", "jinja2")
+
+
+def _fresh(code: str) -> str:
+    """Run ``code`` in a new interpreter (a clean import state) and return its output."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=300)
+    return done.stdout.strip()
+
+
+def test_importing_the_package_or_asking_for_help_loads_no_heavy_library():
+    loaded = _fresh(
+        "import sys, contextlib, io, whylook\n"
+        "from whylook.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    main(['--help'])\n"
+        f"print([m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    assert loaded == "[]"
+
+
+@pytest.mark.parametrize("name", whylook.__all__)
+def test_every_public_name_is_its_modules_object(name):
+    value = getattr(whylook, name)
+    if name == "__version__":
+        assert isinstance(value, str)
+        return
+    assert not isinstance(value, types.ModuleType), name
+    home = importlib.import_module(value.__module__)
+    assert getattr(home, name) is value
+    assert name in dir(whylook)
+
+
+def test_functions_named_like_their_modules_survive_any_import_order():
+    # Submodules first (as a user's `from whylook.explain import ExplainSettings` does),
+    # the package's names after: each must still be the function, not the module.
+    out = _fresh(
+        "import whylook.explain, whylook.train, whylook.compare\n"
+        "from whylook.report import report as r\n"
+        "from whylook.finetune import FinetuneResult\n"
+        "import whylook, types\n"
+        "names = ('explain', 'train', 'report', 'compare', 'finetune')\n"
+        "print([type(getattr(whylook, n)).__name__ for n in names])\n"
+        "print(whylook.report is r, sys_mod := __import__('sys').modules['whylook.report'])"
+    )
+    kinds, same = out.splitlines()
+    assert kinds == "['function', 'function', 'function', 'function', 'function']"
+    assert same.startswith("True <module 'whylook.report'")
+
+
+def test_an_unknown_name_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="no attribute 'explian'"):
+        _ = whylook.explian  # type: ignore[attr-defined]
