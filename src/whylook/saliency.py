@@ -16,7 +16,10 @@ Speed comes from doing only the work Grad-CAM needs:
 * one backward pass per batch, on the *sum* of the selected logits: in eval mode samples
   are independent, so the gradient of the sum w.r.t. sample ``i``'s activations is the
   gradient of sample ``i``'s own logit;
-* ``torch.autograd.grad`` w.r.t. that leaf only, in large batches.
+* ``torch.autograd.grad`` w.r.t. that leaf only, in large batches;
+* on CPU, the NHWC layout, and each ``Conv2d -> ReLU`` pair of an ``nn.Sequential`` before
+  the layer as one oneDNN kernel (``whylook/_fusion.py``): the ReLU's separate pass over
+  a fresh tensor, and the page faults of allocating it, go away.
 
 Sharding: results are per sample, so a checkpoint's saliency can be computed over slices
 of the samples and joined with :meth:`SaliencyResult.concat`.
@@ -37,6 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from whylook._fusion import available as _fusion_available
+from whylook._fusion import fused_conv_relu
 from whylook._progress import progress_bar
 from whylook.errors import WhylookError
 
@@ -317,6 +322,14 @@ def _use_channels_last(model: nn.Module, channels_last: bool | None) -> bool:
     return device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
+def _use_fusion(model: nn.Module, fuse: bool | None) -> bool:
+    """Resolve ``fuse``: ``False`` is off; ``None`` or ``True``, on where it applies (a
+    float32 CPU model with oneDNN; see ``whylook/_fusion.py``)."""
+    if fuse is not None and not isinstance(fuse, bool):
+        raise WhylookError(f"fuse must be True, False or None, not {fuse!r}")
+    return fuse is not False and _fusion_available(model)
+
+
 class _LayerSession:
     """Context manager that puts the model in analysis state and always restores it.
 
@@ -333,11 +346,14 @@ class _LayerSession:
         *,
         freeze: bool,
         channels_last: bool = False,
+        fuse: bool = False,
     ) -> None:
         self.model = model
         self.name, self.layer = resolve_layer(model, layer)
         self.freeze = freeze
         self.channels_last = channels_last
+        self.fuse = fuse
+        self._fusion: contextlib.ExitStack | None = None
         self._converted = False
         self.mode: str = "grad"  # "grad": make a leaf; "features": stop after the layer
         self.activation: torch.Tensor | None = None
@@ -370,6 +386,9 @@ class _LayerSession:
                     p.requires_grad_(False)
             if self.channels_last:
                 self._to_channels_last()
+            if self.fuse:
+                self._fusion = contextlib.ExitStack()
+                self._fusion.enter_context(fused_conv_relu(self.model, keep=(self.layer,)))
             self._handle = self.layer.register_forward_hook(self._hook)
         except BaseException:
             self._restore()
@@ -403,6 +422,9 @@ class _LayerSession:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if self._fusion is not None:
+            self._fusion.close()
+            self._fusion = None
         self._to_default_layout()
         for m, training in self._saved_training:
             m.training = training
@@ -489,6 +511,11 @@ class GradCAM:
     which is faster there; ``True``/``False`` force it on or off. The values are the same
     up to float rounding, and the model's own layout is restored afterwards.
 
+    ``fuse=None`` (or ``True``) runs each ``Conv2d`` directly followed by a ``ReLU`` in an
+    ``nn.Sequential`` as one oneDNN kernel on float32 CPU models, wherever no gradient is
+    needed (before the layer); the same values, less memory traffic. ``False`` turns it
+    off. The model's modules are put back afterwards.
+
     >>> import torch
     >>> from torch import nn
     >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
@@ -506,6 +533,7 @@ class GradCAM:
         *,
         device: str | torch.device | None = None,
         channels_last: bool | None = None,
+        fuse: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise WhylookError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -514,7 +542,8 @@ class GradCAM:
         self.model = model
         self.device, self.dtype = _model_device_dtype(model)
         self._session = _LayerSession(
-            model, layer, freeze=True, channels_last=_use_channels_last(model, channels_last)
+            model, layer, freeze=True, channels_last=_use_channels_last(model, channels_last),
+            fuse=_use_fusion(model, fuse),
         )
         self.layer_name = self._session.name
         self._depth = 0
@@ -688,6 +717,7 @@ def grad_cam(
     progress: bool | None = None,
     channels_last: bool | None = None,
     rows: RowArray | None = None,
+    fuse: bool | None = None,
 ) -> SaliencyResult:
     """Raw Grad-CAM on the true-class logit at ``layer``, and softmax confidences.
 
@@ -704,6 +734,7 @@ def grad_cam(
         channels_last: memory layout of the pass (see :class:`GradCAM`); ``None`` = auto.
         rows: optional indices of the images to use, in order; each batch is gathered on
             its own, so a subset of a large array is never copied whole.
+        fuse: ``Conv2d -> ReLU`` as one kernel on CPU (see :class:`GradCAM`); ``None`` = auto.
 
     Returns:
         :class:`SaliencyResult` with ``saliency`` (N, h, w), ``confidence`` (N, M) and
@@ -718,7 +749,7 @@ def grad_cam(
     >>> res.saliency.shape, res.saliency.dtype.name
     ((4, 7, 7), 'float32')
     """
-    cam = GradCAM(model, layer, device=device, channels_last=channels_last)
+    cam = GradCAM(model, layer, device=device, channels_last=channels_last, fuse=fuse)
     return cam(
         images,
         labels,
@@ -742,6 +773,7 @@ def layer_features(
     progress: bool | None = None,
     channels_last: bool | None = None,
     rows: RowArray | None = None,
+    fuse: bool | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the layer's activations ``(B, d, h, w)`` batch by batch, on the model's device.
 
@@ -749,7 +781,8 @@ def layer_features(
     is computed. Meant for fitting prototypes over a large set without holding all
     features (feed each batch to ``PrototypeFinder.partial_fit``). The model is in eval
     mode while the generator runs, and is restored when it finishes or is closed.
-    ``rows`` (optional) selects the images, gathered batch by batch (see :func:`grad_cam`).
+    ``rows`` (optional) selects the images, gathered batch by batch, and ``channels_last``
+    and ``fuse`` choose how the pass runs (see :func:`grad_cam`).
 
     >>> import torch
     >>> from torch import nn
@@ -765,7 +798,8 @@ def layer_features(
     index = _check_rows(rows, images)
     n = int(images.shape[0]) if index is None else int(index.size)
     with _LayerSession(
-        model, layer, freeze=False, channels_last=_use_channels_last(model, channels_last)
+        model, layer, freeze=False, channels_last=_use_channels_last(model, channels_last),
+        fuse=_use_fusion(model, fuse),
     ) as session, torch.no_grad():
         session.mode = "features"
         starts = range(0, n, batch_size)

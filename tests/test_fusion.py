@@ -1,0 +1,173 @@
+"""Convolution + ReLU fused on CPU: the same values as the plain pass, the model put back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from whylook import _fusion
+from whylook.models import build_model
+from whylook.saliency import GradCAM, grad_cam, layer_features
+
+needs_kernel = pytest.mark.skipif(
+    _fusion._kernel() is None, reason="this torch build has no oneDNN convolution kernel"
+)
+
+
+def _smallcnn() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("smallcnn", num_classes=10, in_channels=1, image_size=28)
+
+
+def _images(n: int = 12) -> torch.Tensor:
+    # Digit-like: mostly zeros with bright strokes, as the ReLUs see on MNIST.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(n, 1, 28, 28, generator=gen)
+    return torch.where(x > 0.7, x, torch.zeros(()))
+
+
+def _vgg_like() -> nn.Sequential:
+    """Conv-ReLU pairs before the layer (index 3) and after it."""
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True),          # 0, 1: fused
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),                      # 2, 3: 3 is the layer
+        nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU(),           # 4, 5: after the layer
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    )
+
+
+@needs_kernel
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_pass_equals_plain_pass_on_smallcnn(channels_last: bool) -> None:
+    model = _smallcnn()
+    x, y = _images(), torch.arange(12) % 10
+    plain = grad_cam(model, "block3", x, y, fuse=False, channels_last=channels_last,
+                     return_features=True)
+    fused = grad_cam(model, "block3", x, y, fuse=True, channels_last=channels_last,
+                     return_features=True)
+    assert float(plain.saliency.max()) > 0  # not a comparison of zeros
+    np.testing.assert_allclose(fused.saliency, plain.saliency, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fused.confidence, plain.confidence, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fused.features, plain.features, rtol=1e-4, atol=1e-5)
+    feats = torch.cat(list(layer_features(model, "block3", x, fuse=True, batch_size=5)))
+    np.testing.assert_allclose(feats.numpy(), plain.features, rtol=1e-4, atol=1e-5)
+
+
+def _unpatched(model: nn.Module) -> bool:
+    return all("forward" not in vars(m) for m in model.modules())
+
+
+@needs_kernel
+def test_containers_run_fused_inside_the_block_and_are_put_back() -> None:
+    model = _smallcnn()
+    entries = [list(m.named_children()) for m in model.modules()]
+    keys = list(model.state_dict())
+    with GradCAM(model, "block3", fuse=True) as cam:
+        # block1, block2 and block3 (inside the layer, before its hook) run fused; their
+        # entries stay the model's own modules.
+        assert [name for name, m in model.named_modules() if "forward" in vars(m)] == [
+            "block1", "block2", "block3"]
+        assert [list(m.named_children()) for m in model.modules()] == entries
+        cam(_images(3), [0, 1, 2])
+    assert _unpatched(model)
+    assert [list(m.named_children()) for m in model.modules()] == entries
+    assert list(model.state_dict()) == keys
+
+
+@needs_kernel
+def test_put_back_after_an_error_inside_the_block() -> None:
+    model = _smallcnn()
+    patched_inside: list[bool] = []
+
+    def use_then_fail() -> None:
+        with GradCAM(model, "block3", fuse=True):
+            patched_inside.append(not _unpatched(model))
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        use_then_fail()
+    assert patched_inside == [True]
+    assert _unpatched(model)
+
+
+@needs_kernel
+def test_layer_and_pairs_after_it_keep_their_gradients() -> None:
+    """The layer (a ReLU) is never fused; the pair after it runs unfused for the backward."""
+    captum_attr = pytest.importorskip("captum.attr")
+    model = _vgg_like().eval()
+    x = torch.rand(4, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 4, 2, 1])
+    calls: list[int] = []
+    real = _fusion._kernel()
+    assert real is not None
+
+    def counting(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_fusion, "_kernel", lambda: counting)
+        grad_cam(model, "3", x, y, fuse=True, batch_size=4)
+    assert len(calls) == 1  # (0, 1) only: (2, 3) holds the layer, (4, 5) needs gradients
+    ref = captum_attr.LayerGradCam(model, model[3]).attribute(x, target=y, relu_attributions=True)
+    ref = ref.detach()
+    fused = grad_cam(model, "3", x, y, fuse=True)
+    assert float(ref.abs().max()) > 1e-4
+    np.testing.assert_allclose(fused.saliency, ref[:, 0].numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(fused.saliency, grad_cam(model, "3", x, y, fuse=False).saliency)
+
+
+@needs_kernel
+def test_hooked_modules_and_other_containers_are_left_alone() -> None:
+    model = _vgg_like()
+    seen: list[torch.Size] = []
+    model[0].register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+    grad_cam(model, "3", torch.rand(2, 3, 12, 12), [0, 1], fuse=True)
+    assert seen == [torch.Size([2, 8, 12, 12])]  # the hooked convolution ran on its own
+
+    class Shared(nn.Module):  # the ReLU of the pair is also called outside its container
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = self.body(x)
+            return self.head(self.body[1](a.mean(dim=(2, 3)) - 0.1))
+
+    net = Shared()
+    x = torch.rand(3, 1, 6, 6)
+    plain = grad_cam(net, "body", x, [0, 1, 2], fuse=False)
+    fused = grad_cam(net, "body", x, [0, 1, 2], fuse=True)
+    np.testing.assert_allclose(fused.saliency, plain.saliency, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fused.confidence, plain.confidence, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_a_kernel_that_fails_falls_back_to_the_plain_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(*_args: object) -> torch.Tensor:
+        raise RuntimeError("oneDNN: unsupported")
+
+    model = _smallcnn()
+    x, y = _images(4), [1, 2, 3, 4]
+    plain = grad_cam(model, "block3", x, y, fuse=False)
+    monkeypatch.setattr(_fusion, "_kernel", lambda: refuse)
+    fused = grad_cam(model, "block3", x, y, fuse=True)
+    np.testing.assert_array_equal(fused.saliency, plain.saliency)
+
+
+def test_fuse_off_and_unavailable_models_touch_nothing() -> None:
+    model = _smallcnn().double()
+    assert not _fusion.available(model)
+    with _fusion.fused_conv_relu(model) as count:
+        assert count == 0
+        assert _unpatched(model)
+    with GradCAM(_smallcnn(), "block3", fuse=False) as cam:
+        assert _unpatched(cam.model)
+    with pytest.raises(Exception, match="fuse must be True, False or None"):
+        grad_cam(model, "block3", _images(2).double(), [0, 1], fuse="yes")  # type: ignore[arg-type]
