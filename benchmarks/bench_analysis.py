@@ -84,6 +84,7 @@ SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
 import whylook  # noqa: E402
+from whylook._fusion import fused_conv_relu  # noqa: E402
 from whylook.data import to_tensor  # noqa: E402
 from whylook.run import RunFolder  # noqa: E402
 
@@ -225,12 +226,13 @@ WHYLOOK_CHANNELS_LAST: bool | None = None
 
 
 def run_whylook(models: list[nn.Module], layer: str, images: np.ndarray, labels: np.ndarray,
-                bs: int, device: torch.device, channels_last: bool | None = None) -> Any:
+                bs: int, device: torch.device, channels_last: bool | None = None,
+                fuse: bool | None = None) -> Any:
     out = None
     layout = WHYLOOK_CHANNELS_LAST if channels_last is None else channels_last
     for m in models:
         res = whylook.grad_cam(m, layer, images, labels, batch_size=bs, device=device,
-                               channels_last=layout)
+                               channels_last=layout, fuse=fuse)
         out = out if out is not None else res.saliency
     return out
 
@@ -248,8 +250,12 @@ def _layout(model: nn.Module, nhwc: bool) -> Iterator[None]:
 
 
 def run_floor(models: list[nn.Module], layer: str, images: np.ndarray, labels: np.ndarray,
-              bs: int, device: torch.device, nhwc: bool) -> None:
-    """Bare forward + backward from the true-class logits to the layer's output (see top)."""
+              bs: int, device: torch.device, nhwc: bool, fused: bool = False) -> None:
+    """Bare forward + backward from the true-class logits to the layer's output (see top).
+
+    ``fused``: the same pass with the Conv2d -> ReLU pairs before the layer as one kernel,
+    as whylook runs them on CPU, so that whylook's own kernel choice is not counted as a
+    gain over the floor."""
     for m in models:
         module = dict(m.named_modules())[layer]
         flags = [p.requires_grad for p in m.parameters()]
@@ -263,7 +269,8 @@ def run_floor(models: list[nn.Module], layer: str, images: np.ndarray, labels: n
 
         handle = module.register_forward_hook(leaf)
         try:
-            with _layout(m, nhwc):
+            with _layout(m, nhwc), (fused_conv_relu(m, keep=(module,)) if fused
+                                    else contextlib.nullcontext()):
                 for x, y in _batches(images, labels, bs, device):
                     if nhwc:
                         x = x.contiguous(memory_format=torch.channels_last)
@@ -361,9 +368,12 @@ def bench_saliency(run: RunFolder, models: list[nn.Module], sizes: Sizes, device
         "whylook": call(run_whylook),
         # The other layout, to show what whylook's layout choice is worth here.
         "whylook (other layout)": call(run_whylook, channels_last=not _auto_nhwc(device)),
+        "whylook (unfused)": call(run_whylook, fuse=False),
         "floor (NHWC)": call(run_floor, nhwc=True),
         "floor (NCHW)": call(run_floor, nhwc=False),
     }
+    if device.type == "cpu":
+        contenders["floor (NHWC, fused)"] = call(run_floor, nhwc=True, fused=True)
     if available("captum"):
         contenders["captum"] = call(run_captum)
         contenders["captum (NHWC model)"] = call(run_captum, nhwc=True)
@@ -422,6 +432,8 @@ def bench_saliency(run: RunFolder, models: list[nn.Module], sizes: Sizes, device
         "speedup_vs_fastest_plain_rival": (med[fastest_plain] / med["whylook"]
                                            if fastest_plain else None),
         "whylook_over_floor": med["whylook"] / med[floor_name],
+        "whylook_over_fused_floor": (med["whylook"] / med["floor (NHWC, fused)"]
+                                     if "floor (NHWC, fused)" in med else None),
         "max_rel_diff_vs_captum": agreement,
     }
 
@@ -532,7 +544,7 @@ def timed_explain(run: RunFolder, device: torch.device, *, fresh: bool = True,
 
 
 def explain_floor(run: RunFolder, models: list[nn.Module], n: int, device: torch.device,
-                  bs: int, nhwc: bool) -> float:
+                  bs: int, nhwc: bool, fused: bool = False) -> float:
     """The floor of an explain: one bare saliency pass per sample per checkpoint."""
     from whylook.explain import stratified_rows
 
@@ -541,7 +553,8 @@ def explain_floor(run: RunFolder, models: list[nn.Module], n: int, device: torch
     images = np.ascontiguousarray(train.images[rows])
     gc.collect()
     start = time.perf_counter()
-    run_floor(models, run.layer, images, train.labels[rows].astype(np.int64), bs, device, nhwc)
+    run_floor(models, run.layer, images, train.labels[rows].astype(np.int64), bs, device, nhwc,
+              fused=fused)
     return time.perf_counter() - start
 
 
@@ -568,15 +581,26 @@ def bench_explain(run: RunFolder, models: list[nn.Module], n: int, device: torch
     to 8.6 s within a minute, which made a single before/after pair misleading.
     """
     explain_floor(run, models[-1:], 256, device, bs, nhwc)  # warm-up
+    # On CPU also the floor with whylook's fused Conv2d -> ReLU kernels, so that the ratio
+    # can be read against the same kernels as well.
+    fused = device.type == "cpu"
     floors: list[float] = []
+    fused_floors: list[float] = []
+
+    def floor_pair(label: str) -> None:
+        floors.append(explain_floor(run, models, n, device, bs, nhwc))
+        text = f"  {label} (T+1={len(models)}, n={n}) {floors[-1]:.2f} s"
+        if fused:
+            fused_floors.append(explain_floor(run, models, n, device, bs, nhwc, fused=True))
+            text += f", fused {fused_floors[-1]:.2f} s"
+        print(text, flush=True)
+
     runs: list[tuple[float, dict[str, float]]] = []
     for r in range(repeats):
-        floors.append(explain_floor(run, models, n, device, bs, nhwc))
-        print(f"  floor (T+1={len(models)}, n={n}) {floors[-1]:.2f} s", flush=True)
+        floor_pair("floor")
         runs.append(timed_explain(run, device, analysis_size=n))
         print(f"  explain {runs[-1][0]:.2f} s (repeat {r + 1} of {repeats})", flush=True)
-    floors.append(explain_floor(run, models, n, device, bs, nhwc))
-    print(f"  floor again {floors[-1]:.2f} s", flush=True)
+    floor_pair("floor again")
     cached_total, cached_stages = timed_explain(run, device, fresh=False, analysis_size=n)
     print(f"  explain, all shards cached {cached_total:.2f} s", flush=True)
     totals = [t for t, _ in runs]
@@ -598,6 +622,9 @@ def bench_explain(run: RunFolder, models: list[nn.Module], n: int, device: torch
         "floor_seconds": floors,
         "floor": floor,
         "over_floor": total / floor,
+        "fused_floor_seconds": fused_floors,
+        "fused_floor": float(np.median(fused_floors)) if fused_floors else None,
+        "over_fused_floor": total / float(np.median(fused_floors)) if fused_floors else None,
         "cached_seconds": cached_total,
         "cached_stages": cached_stages,
         "import_seconds": import_seconds(),
@@ -768,7 +795,11 @@ def render(res: dict[str, Any]) -> str:
                          f"(logits by a hook) and grad-cam ({s['fastest_rival']}), "
                          f"{s['speedup_vs_fastest_plain_rival']:.2f}x the faster of the two as "
                          f"their APIs are used ({s['fastest_plain_rival']}); whylook / floor = "
-                         f"{s['whylook_over_floor']:.2f}; max relative difference of the maps "
+                         f"{s['whylook_over_floor']:.2f}"
+                         + (f" (against the floor with whylook's fused kernels: "
+                            f"{s['whylook_over_fused_floor']:.2f})"
+                            if s.get("whylook_over_fused_floor") else "")
+                         + f"; max relative difference of the maps "
                          f"vs Captum {s['max_rel_diff_vs_captum']:.1e}.")
         lines.append("")
     e = res.get("explain")
@@ -789,6 +820,11 @@ def render(res: dict[str, Any]) -> str:
             f"| floor: {e['checkpoints']} x {e['n']} bare passes (median of "
             f"{' / '.join(f'{x:.2f}' for x in e['floor_seconds'])}) | {e['floor']:.2f} | |",
             f"| **explain / floor** | **{e['over_floor']:.2f}x** | |",
+            *([f"| floor with whylook's fused Conv2d -> ReLU kernels (median of "
+               f"{' / '.join(f'{x:.2f}' for x in e['fused_floor_seconds'])}) | "
+               f"{e['fused_floor']:.2f} | |",
+               f"| **explain / fused floor** | **{e['over_fused_floor']:.2f}x** | |"]
+              if e.get("fused_floor") else []),
             f"| rerun with every shard cached | {e['cached_seconds']:.2f} | |",
             "",
             f"Python imports of the analysis modules (not in the total; a CLI call pays them "
@@ -855,6 +891,10 @@ def targets(res: dict[str, Any]) -> dict[str, str]:
         note = " (--quick: fixed costs dominate at these sizes)" if res.get("quick") else ""
         out["explain within 1.3x of the floor"] = (
             f"{v:.2f}x — {'met' if v <= 1.3 else 'NOT met'}{note}")
+        if e.get("over_fused_floor"):
+            v = e["over_fused_floor"]
+            out["explain within 1.3x of the floor with whylook's fused kernels"] = (
+                f"{v:.2f}x — {'met' if v <= 1.3 else 'NOT met'}{note}")
     if mem and mem["growth_ratio"] is not None:
         v = mem["growth_ratio"]
         verdict = "met" if v <= 1.5 else "NOT met"
