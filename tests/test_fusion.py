@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -171,3 +173,32 @@ def test_fuse_off_and_unavailable_models_touch_nothing() -> None:
         assert _unpatched(cam.model)
     with pytest.raises(Exception, match="fuse must be True, False or None"):
         grad_cam(model, "block3", _images(2).double(), [0, 1], fuse="yes")  # type: ignore[arg-type]
+
+
+@needs_kernel
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(4, 8, 3, bias=False),
+    nn.Conv2d(4, 8, 3, groups=4, padding=1),
+    nn.Conv2d(4, 8, (3, 5), padding=(1, 2), stride=(2, 1), dilation=(1, 2)),
+    nn.Conv2d(4, 4, 1),
+], ids=["no-bias", "grouped", "strided-dilated", "1x1"])
+@pytest.mark.parametrize("nhwc_weights", [False, True])
+@pytest.mark.parametrize("nhwc_input", [False, True])
+def test_convolution_variants_and_layouts(conv: nn.Conv2d, nhwc_weights: bool,
+                                          nhwc_input: bool) -> None:
+    conv = copy.deepcopy(conv)  # the parameters are shared between the cases
+    net = nn.Sequential(conv, nn.ReLU())
+    if nhwc_weights:
+        net.to(memory_format=torch.channels_last)
+    x = torch.randn(3, 4, 11, 13)
+    if nhwc_input:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = torch.relu(conv(x))
+        with _fusion.fused_conv_relu(net) as count:
+            out = net(x)
+    assert count == 1
+    assert out.shape == ref.shape
+    assert float(ref.max()) > 0
+    assert out.is_contiguous() == ref.is_contiguous()  # the layout eager torch would give
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
