@@ -371,6 +371,8 @@ def test_cli_batch_size_reaches_every_pass(
     assert main(explain_argv(run, "--batch-size", "7")) == 0
     assert seen
     assert set(seen) == {7}
+    assert load_explanation(run).data["settings"]["batch_size"] == 7
+    assert load_explanation(reference).data["settings"]["batch_size"] == 256
     np.testing.assert_allclose(load_explanation(run).arrays["saliency"],
                                load_explanation(reference).arrays["saliency"],
                                rtol=1e-5, atol=1e-7)

@@ -708,6 +708,8 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
             "support": settings.support,
             "support_threshold": round(structure.support_threshold, 6),
             "subgroups": settings.subgroups,
+            # Not a choice of the method, but of how its passes ran (for reproducing them).
+            "batch_size": int(settings.batch_size),
         },
         "prototypes": [
             {
