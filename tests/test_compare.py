@@ -18,9 +18,6 @@ from whylook.compare import (
 )
 from whylook.errors import WhylookError
 
-# Images per class of the small real runs: enough for every stage, small for a 2-core CPU.
-SMALL = 80
-
 
 def test_iou_matching_recovers_a_relabelling():
     rng = np.random.default_rng(0)
@@ -91,26 +88,13 @@ def test_confusion_difference_by_hand():
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     """Two small smallcnn runs on mnist5k that differ only in the data-order seed."""
-    from whylook.data import load_data
-    from whylook.explain import explain
-    from whylook.train import train
+    from _tiny_run import small_mnist_run
 
     root = tmp_path_factory.mktemp("compare")
     runs = []
     for data_seed in (0, 1):
-        run = train(
-            load_data("mnist5k", limit_per_class=SMALL),
-            "smallcnn",
-            epochs=1,
-            checkpoints=4,
-            seed=0,
-            data_seed=data_seed,
-            device="cpu",
-            out=root / f"seed{data_seed}",
-            progress=False,
-        )
-        explain(run, analysis_size=300, seed=0, device="cpu", progress=False)
-        runs.append(run.path)
+        small_mnist_run(root / f"seed{data_seed}", data_seed=data_seed)
+        runs.append(root / f"seed{data_seed}")
     return runs
 
 

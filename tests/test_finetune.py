@@ -24,9 +24,6 @@ from whylook.finetune import (
     stage_order,
 )
 
-# Images per class of the small real run: enough for every stage, small for a 2-core CPU.
-SMALL = 80
-
 # --------------------------------------------------------------------------- hand-made
 
 
@@ -181,23 +178,10 @@ def small_run(tmp_path_factory) -> Path:
     is under test here, so when none is found the prototype most active in both 4s and 9s
     is declared uncertain between them in ``explanation.json``.
     """
-    from whylook.data import load_data
-    from whylook.explain import explain
-    from whylook.train import train
+    from _tiny_run import small_mnist_run
 
     out = tmp_path_factory.mktemp("finetune") / "run"
-    run = train(
-        load_data("mnist5k", limit_per_class=SMALL),
-        "smallcnn",
-        epochs=1,
-        checkpoints=4,
-        seed=0,
-        data_seed=0,
-        device="cpu",
-        out=out,
-        progress=False,
-    )
-    exp = explain(run, analysis_size=300, seed=0, device="cpu", progress=False)
+    exp = small_mnist_run(out)
     if not exp.data["uncertain_prototypes"]:
         labels, active = exp.arrays["labels"], exp.arrays["active"]
         both = np.minimum(active[labels == 4].mean(0), active[labels == 9].mean(0))

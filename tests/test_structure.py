@@ -43,6 +43,21 @@ def _run(labels, mass, conf, beta, se, groups, zero_maps=None, **kw):
     )
 
 
+def _one_class_summary(why_no_shared: dict, spearman: float | None = None,
+                       p_value: float | None = None) -> str:
+    """The summary of a one-class explanation.json whose class has no shared prototypes."""
+    from whylook.explain import Explanation
+
+    return Explanation(path=Path("."), data={
+        "classes": ["a"], "k": K, "layer": "l", "grid": [2, 2], "checkpoints": [{}] * 3,
+        "settings": {"analysis_size": 9},
+        "classes_explained": [{"class": "a", "shared": [], "specialized": [],
+                               "why_no_shared": why_no_shared}],
+        "uncertain_prototypes": [], "learning_order": [{"pair": ["a", "a"]}],
+        "learning_order_correlation": {"spearman": spearman, "p_value": p_value, "n_pairs": 1},
+    }, arrays={}).summary()
+
+
 def test_shared_needs_activity_and_significant_support():
     labels, mass, conf, beta, se, groups = _base()
     in_a = labels == 0
@@ -68,7 +83,6 @@ def test_shared_needs_activity_and_significant_support():
 def test_a_class_without_shared_prototypes_says_which_half_of_the_rule_fails():
     """9's case on full MNIST: the part most samples are looked at through has no support
     (it is shared with other classes); the part that has support is looked at in few."""
-    from whylook.explain import Explanation
     from whylook.structure import Candidate
 
     labels, mass, conf, beta, se, groups = _base()
@@ -109,28 +123,14 @@ def test_a_class_without_shared_prototypes_says_which_half_of_the_rule_fails():
                                       "also_active_in": ["b"]}
     assert data["best_supported"] == {"id": "P-1", "active_rate": 0.2, "support_z": 10.0,
                                       "also_active_in": []}
-    line = Explanation(path=Path("."), data={
-        "classes": ["a"], "k": K, "layer": "l", "grid": [2, 2], "checkpoints": [{}] * 3,
-        "settings": {"analysis_size": 9},
-        "classes_explained": [{"class": "a", "shared": [], "specialized": [],
-                               "why_no_shared": data}],
-        "uncertain_prototypes": [], "learning_order": [{"pair": ["a", "a"]}],
-        "learning_order_correlation": {"spearman": None, "p_value": None, "n_pairs": 1},
-    }, arrays={}).summary()
+    line = _one_class_summary(data)
     assert ("a: none: most looked-at P-0 (100%, z -10.0; also most of b), P-3 (75%, z +1.0) "
             "lack support; "
             "best supported P-1 (z +10.0) is looked at in 20%") in line
     # Where nothing is looked at in most samples, the line says so instead.
     data = no_support.to_json()["classes_explained"][0]["why_no_shared"]
     assert data["activity_met"] is False
-    line = Explanation(path=Path("."), data={
-        "classes": ["a"], "k": K, "layer": "l", "grid": [2, 2], "checkpoints": [{}] * 3,
-        "settings": {"analysis_size": 9},
-        "classes_explained": [{"class": "a", "shared": [], "specialized": [],
-                               "why_no_shared": data}],
-        "uncertain_prototypes": [], "learning_order": [{"pair": ["a", "a"]}],
-        "learning_order_correlation": {"spearman": -0.9, "p_value": 0.0, "n_pairs": 1},
-    }, arrays={}).summary()
+    line = _one_class_summary(data, spearman=-0.9, p_value=0.0)
     assert ("a: none: no prototype is looked at in most of its samples (most: P-4 (15%, "
             "z +0.0)") in line
     assert "no prototype's support clears noise" in line
