@@ -21,6 +21,9 @@ The container's ``forward`` is replaced on the instance, not its entries: ``seq[
 (``self.body[1](x)``) gets what it always got, and removing the instance attribute on exit
 (also on error) restores the container exactly.
 
+The kernel is an internal operator of torch (the project pins torch 2.14.1): where a
+build lacks it nothing is fused, and where it raises, the pair runs unfused from then on.
+
 The fused kernel has no backward, so a pair runs unfused whenever autograd would record
 it (after the prototype layer, where the logits' gradient flows), and whenever its input
 is not a 4-D float32 CPU tensor.
