@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -295,6 +296,23 @@ def test_strategies_start_from_the_final_checkpoint_and_seeds_only_change_the_or
     assert by_again["curated>full"].confusions[0] == by["curated>full"].confusions[1]
     # The curated set is a property of the run, not of the seed.
     assert np.array_equal(again.curated.keep, res.curated.keep)
+
+
+@pytest.mark.slow
+def test_a_callers_inference_mode_changes_nothing(small_run, tmp_path):
+    import torch
+
+    ft = importlib.import_module("whylook.finetune")
+    inside_run, outside_run = (
+        shutil.copytree(small_run, tmp_path / name, ignore=shutil.ignore_patterns("finetune"))
+        for name in ("inside", "outside")
+    )
+    kwargs = {"strategies": ["full>full"], "seeds": [0], "device": "cpu", "progress": False}
+    with torch.inference_mode():
+        inside = ft.finetune(inside_run, **kwargs)
+    outside = ft.finetune(outside_run, **kwargs)
+    assert inside.strategies == outside.strategies
+    assert inside.strategies[0].accuracy[0] > 0.5  # it trained
 
 
 @pytest.mark.slow

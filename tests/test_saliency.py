@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -203,10 +204,22 @@ def test_out_of_memory_says_to_lower_the_batch_size() -> None:
     assert "channels and size" not in str(info.value)
 
 
-def test_caller_no_grad_context_is_overridden() -> None:
-    with torch.no_grad():
-        res = grad_cam(_tiny_model(), "0", _X, [0])
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_caller_no_grad_context_is_overridden(context: Any) -> None:
+    model = _tiny_model()
+    with context():
+        # Inputs made inside the caller's context too (inference tensors there).
+        res = grad_cam(model, "0", _X.clone(), [0])
+        feats = next(iter(layer_features(model, "0", _X.clone())))
     np.testing.assert_allclose(res.saliency[0], _CAM_CLASS0, atol=1e-6)
+    assert feats.shape == (1, 2, 2, 2)
+
+
+def test_weights_made_under_inference_mode_are_a_one_line_error() -> None:
+    with torch.inference_mode():
+        model = _tiny_model()  # its parameters are inference tensors: no backward through them
+    with pytest.raises(WhylookError, match=r"inference_mode\(\).*outside it"):
+        grad_cam(model, "0", _X, [0])
 
 
 def test_bad_layers_and_inputs() -> None:

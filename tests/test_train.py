@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,26 @@ def test_data_seed_changes_the_order_but_not_the_initialisation(
     assert other_order[-1] != base[-1]
     other_init = _bytes(train(tiny_data, seed=1, data_seed=0, out=tmp_path / "d", **TINY))
     assert other_init[0] != base[0]
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_a_callers_no_grad_or_inference_mode_changes_nothing(
+    baseline, tiny_data, tmp_path: Path, context
+) -> None:
+    """Notebooks often run everything under no_grad or inference_mode: train must still
+    train, and explain must still take gradients through checkpoints it loads there."""
+    from whylook.explain import explain
+
+    with context():
+        again = train(tiny_data, "smallcnn", seed=0, out=tmp_path / "b", **TINY)
+        inside = explain(again, analysis_size=60, k=5, progress=False)
+    assert _bytes(again) == _bytes(baseline)
+    # Copied without analysis/: the explain outside computes every pass again.
+    copy = shutil.copytree(again.path, tmp_path / "c", ignore=shutil.ignore_patterns("analysis"))
+    outside = explain(RunFolder.open(copy), analysis_size=60, k=5, progress=False)
+    assert float(inside.arrays["saliency"].max()) > 0
+    for name in ("saliency", "confidence", "beta", "beta_z"):
+        np.testing.assert_array_equal(inside.arrays[name], outside.arrays[name])
 
 
 def test_training_leaves_the_callers_rng_alone(tiny_data, tmp_path: Path) -> None:

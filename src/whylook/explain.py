@@ -337,7 +337,9 @@ def explain(
     )
     _check_settings(settings)
     folder = run if isinstance(run, RunFolder) else RunFolder.open(run)
-    with run_lock(folder.path):
+    # Under a caller's inference_mode the checkpoints would load as inference tensors,
+    # which Grad-CAM's backward cannot go through.
+    with run_lock(folder.path), torch.inference_mode(False):
         return _explain_locked(folder, settings, resolve_device(device), progress)
 
 

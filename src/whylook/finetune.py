@@ -888,7 +888,8 @@ def finetune(
     if optimizer is not None and str(optimizer).lower() not in {"adam", "sgd"}:
         raise WhylookError(f"unknown optimizer {optimizer!r}; use adam or sgd")
     dev = resolve_device(device)
-    with run_lock(folder.path):
+    # Fine-tuning trains: a caller's no_grad or inference_mode must not reach it.
+    with run_lock(folder.path), torch.inference_mode(False), torch.enable_grad():
         # Read again under the lock: an explain that held it may have rewritten the file.
         return _finetune_locked(
             folder,

@@ -539,6 +539,11 @@ class GradCAM:
             raise WhylookError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         if device is not None:
             model.to(torch.device(device))
+        if any(p.is_inference() for p in model.parameters()):
+            raise WhylookError(
+                "the model's weights were made under torch.inference_mode(), and Grad-CAM's "
+                "backward pass cannot go through them; build or load the model outside it"
+            )
         self.model = model
         self.device, self.dtype = _model_device_dtype(model)
         self._session = _LayerSession(
@@ -571,6 +576,10 @@ class GradCAM:
         session.mode = "grad"
         # inference_mode/no_grad set by a caller would silently disable the backward.
         with torch.inference_mode(False), torch.enable_grad():
+            # Tensors made under a caller's inference_mode cannot take part in a backward
+            # (the labels are saved by gather); a copy made here is an ordinary tensor.
+            x = x.clone() if x.is_inference() else x
+            y = y.clone() if y.is_inference() else y
             logits = session.forward(x)
             acts = session.activation
             assert logits is not None

@@ -104,7 +104,10 @@ def train(
     total_steps = epochs * steps_per_epoch
     steps = checkpoint_steps(total_steps, checkpoints, schedule, steps_per_epoch)
 
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    # A caller's no_grad or inference_mode would leave nothing to train (or weights that no
+    # backward can go through); training always runs with gradients.
+    with torch.inference_mode(False), torch.enable_grad(), \
+            torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         net = build_for(model, source)
         layer_name, shape = resolve_layer(net, layer, (source.channels, *source.image_size))
