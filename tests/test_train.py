@@ -112,6 +112,24 @@ def test_a_callers_no_grad_or_inference_mode_changes_nothing(
         np.testing.assert_array_equal(inside.arrays[name], outside.arrays[name])
 
 
+def test_a_callers_float64_default_changes_nothing(baseline, tiny_data, tmp_path: Path) -> None:
+    """torch.set_default_dtype(torch.float64), common in scientific notebooks: models are
+    still built in float32, the images' type, and train the same weights."""
+    from whylook.explain import explain
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        again = train(tiny_data, "smallcnn", seed=0, out=tmp_path / "b", **TINY)
+        result = explain(again, analysis_size=60, k=5, progress=False)
+        assert again.load_model(-1).block3.conv.weight.dtype == torch.float32
+        assert torch.get_default_dtype() == torch.float64  # the caller's setting is kept
+    finally:
+        torch.set_default_dtype(previous)
+    assert _bytes(again) == _bytes(baseline)
+    assert float(result.arrays["saliency"].max()) > 0
+
+
 def test_training_leaves_the_callers_rng_alone(tiny_data, tmp_path: Path) -> None:
     before = torch.get_rng_state()
     train(tiny_data, out=tmp_path / "r", **{**TINY, "epochs": 1, "checkpoints": 2})

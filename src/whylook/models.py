@@ -239,6 +239,19 @@ def build_model(
     std = tuple(std) if std is not None else (0.5,) * in_channels
     if len(mean) != in_channels or len(std) != in_channels:
         raise WhylookError(f"mean/std need {in_channels} values each, one per channel")
+    # Models take float32 images (the project's convention) and checkpoints hold float32
+    # weights; a caller's torch.set_default_dtype(torch.float64) must not change that.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        return _construct(name, num_classes, in_channels, (h, w), mean, std)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _construct(name: str, num_classes: int, in_channels: int, size: tuple[int, int],
+               mean: tuple[float, ...], std: tuple[float, ...]) -> nn.Module:
+    h, w = size
     if name == "smallcnn":
         return SmallCNN(num_classes, in_channels, (h, w), mean, std)
     if name in {"resnet18", "resnet50"}:
@@ -458,12 +471,13 @@ def _trace(
         handles.append(module.register_forward_hook(hook))
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     was_training = model.training
     try:
         # eval(): batch-norm with a batch of one and a 1x1 map fails in training mode.
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, *[int(s) for s in input_shape], device=device))
+            model(torch.zeros(1, *[int(s) for s in input_shape], device=device, dtype=dtype))
     except WhylookError:
         raise
     except Exception as exc:
