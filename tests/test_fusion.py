@@ -164,6 +164,12 @@ def test_a_kernel_that_fails_falls_back_to_the_plain_pass(
 
 
 def test_fuse_off_and_unavailable_models_touch_nothing() -> None:
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False  # the caller turned oneDNN off
+    try:
+        assert not _fusion.available(_smallcnn())
+    finally:
+        torch.backends.mkldnn.enabled = enabled
     model = _smallcnn().double()
     assert not _fusion.available(model)
     with _fusion.fused_conv_relu(model) as count:

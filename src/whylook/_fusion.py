@@ -44,7 +44,9 @@ Kernel = Callable[..., torch.Tensor]
 
 
 def _kernel() -> Kernel | None:
-    if not torch.backends.mkldnn.is_available():
+    # A caller who turned oneDNN off (torch.backends.mkldnn.enabled = False) gets torch's
+    # other convolutions, unfused.
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return None
     try:
         return torch.ops.mkldnn._convolution_pointwise  # type: ignore[no-any-return]
