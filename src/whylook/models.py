@@ -240,8 +240,11 @@ def build_model(
     if len(mean) != in_channels or len(std) != in_channels:
         raise WhylookError(f"mean/std need {in_channels} values each, one per channel")
     # Models take float32 images (the project's convention) and checkpoints hold float32
-    # weights; a caller's torch.set_default_dtype(torch.float64) must not change that.
+    # weights; a caller's torch.set_default_dtype(torch.float64) must not change that. The
+    # default is process-wide, so it is switched only when it is not float32 already.
     previous = torch.get_default_dtype()
+    if previous == torch.float32:
+        return _construct(name, num_classes, in_channels, (h, w), mean, std)
     torch.set_default_dtype(torch.float32)
     try:
         return _construct(name, num_classes, in_channels, (h, w), mean, std)
