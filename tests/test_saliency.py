@@ -215,6 +215,24 @@ def test_caller_no_grad_context_is_overridden(context: Any) -> None:
     assert feats.shape == (1, 2, 2, 2)
 
 
+@pytest.mark.parametrize("wrap", [lambda z, a: (z, a), lambda z, a: {"logits": z},
+                                  lambda z, a: z[:, :, None]], ids=["tuple", "dict", "3-d"])
+def test_outputs_that_are_not_logits_are_one_line_errors(wrap: Any) -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> Any:
+            a = torch.relu(self.conv(x))
+            return wrap(self.fc(a.mean(dim=(2, 3))), a)
+
+    with pytest.raises(WhylookError, match=r"must return logits of shape \(B, M\), got "
+                                           r"(a tuple|a dict|\(2, 3, 1\))"):
+        grad_cam(Net(), "conv", torch.rand(2, 1, 6, 6), [0, 1])
+
+
 def test_weights_made_under_inference_mode_are_a_one_line_error() -> None:
     with torch.inference_mode():
         model = _tiny_model()  # its parameters are inference tensors: no backward through them

@@ -584,9 +584,12 @@ class GradCAM:
             acts = session.activation
             assert logits is not None
             assert acts is not None
-            if logits.ndim != 2:
+            if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+                got = (tuple(logits.shape) if isinstance(logits, torch.Tensor)
+                       else f"a {type(logits).__name__}")
                 raise WhylookError(
-                    f"the model must return logits of shape (B, M), got {tuple(logits.shape)}"
+                    f"the model must return logits of shape (B, M), got {got}; wrap a model "
+                    "that returns more in a module whose forward returns only the logits"
                 )
             if not bool(torch.isfinite(logits).all()):
                 raise WhylookError(
