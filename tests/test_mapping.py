@@ -165,3 +165,40 @@ def test_bad_input() -> None:
     bad[0, 0, 0] = np.inf
     with pytest.raises(WhylookError, match="NaN or infinite"):
         fit_mapping(bad, np.zeros((2, 10, 4)))
+
+
+def test_explain_stores_every_group_fit(tmp_path_factory) -> None:
+    """METHOD fits β per HDBSCAN group too; explain keeps those fits in arrays.npz, each
+    the fit of exactly its group's rows (refitted here from the stored arrays)."""
+    from _tiny_run import baseline, load_arrays
+    from whylook.explain import load_explanation
+    from whylook.intensity import delta
+
+    _, run = baseline(tmp_path_factory)
+    a = load_arrays(run)
+    settings = load_explanation(run).data["settings"]
+    t_count, k, m = a["beta"].shape
+    key = a["beta_group_key"]
+    expected = [
+        (t, g, int((a["groups"][t] == g).sum()))
+        for t in range(t_count)
+        for g in np.unique(a["groups"][t])
+        if g >= 0 and (a["groups"][t] == g).sum() >= 10
+    ]
+    assert key.tolist() == [list(e) for e in expected]
+    assert len(expected) > 0, "the tiny run must have at least one group to check"
+    g_count = len(expected)
+    for name in ("beta_group", "beta_group_se", "beta_group_z"):
+        assert a[name].shape == (g_count, k, m), name
+        assert a[name].dtype == np.float32, name
+    assert load_explanation(run).data["mapping"]["group_fits"] == g_count
+    refit = fit_mapping(delta(a["intensity"]), delta(a["confidence"]), groups=a["groups"],
+                        lam=settings["ridge_lambda"], n_boot=settings["bootstrap"],
+                        seed=settings["seed"])
+    for name, values in refit.group_arrays().items():
+        np.testing.assert_array_equal(a[name], values, err_msg=name)
+    t, g, _ = expected[-1]
+    rows = a["groups"][t] == g
+    alone = ridge_fit(delta(a["intensity"])[t][rows], delta(a["confidence"])[t][rows],
+                      n_boot=settings["bootstrap"], seed=[settings["seed"], t, g + 1])
+    np.testing.assert_allclose(a["beta_group"][-1], alone.beta, rtol=1e-5, atol=1e-6)

@@ -677,6 +677,9 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         "prototype_rows": proto_rows,
         "zero_saliency_rate": structure.zero_saliency_rate,
     }
+    # Step 5 fits every HDBSCAN group of every transition too (METHOD); nothing in Step 6
+    # reads them, so they are kept for the user, not thrown away.
+    arrays.update(mapping.group_arrays())
     if class_mapping is not None:
         arrays["beta_class"] = class_mapping.beta
         arrays["beta_class_se"] = class_mapping.beta_se
@@ -743,6 +746,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
                     "cv_r2": [None if not np.isfinite(r) else round(float(r), 6)
                               for r in mapping.cv_r2],
                     "bootstrap": int(mapping.n_boot),
+                    "group_fits": len(mapping.group_fits),
                     "skipped_groups": len(mapping.skipped_groups)},
         "versions": {"whylook": __version__, "torch": torch.__version__,
                      "numpy": np.__version__, "python": platform.python_version()},

@@ -129,6 +129,39 @@ class Mapping:
                 return g.fit
         raise WhylookError(f"no ridge fit for group {group} of transition {t} (skipped or absent)")
 
+    def group_arrays(self) -> dict[str, np.ndarray]:
+        """The group fits as the arrays ``explain`` stores, one row per fitted group:
+
+        ``beta_group``, ``beta_group_se``, ``beta_group_z``: ``float32 (G, K, M)``;
+        ``beta_group_key``: ``int64 (G, 3)``, each row ``(transition, group, samples)``;
+        ``beta_group_lambda``: ``float64 (G,)``. ``G`` may be 0 (every transition all noise).
+
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> dp = rng.normal(size=(2, 60, 3))
+        >>> groups = np.tile(np.repeat([0, 1, -1], 20), (2, 1))  # 2 transitions, 60 samples
+        >>> arrays = fit_mapping(dp, dp @ np.eye(3, 2), groups=groups, n_boot=10).group_arrays()
+        >>> arrays["beta_group"].shape, arrays["beta_group_key"].tolist()
+        ((4, 3, 2), [[0, 0, 20], [0, 1, 20], [1, 0, 20], [1, 1, 20]])
+        """
+        k, m = self.beta.shape[1:]
+        fits = [g.fit for g in self.group_fits]
+
+        def stack(name: str) -> np.ndarray:
+            if not fits:
+                return np.zeros((0, k, m), np.float32)
+            return np.stack([getattr(f, name) for f in fits]).astype(np.float32)
+
+        return {
+            "beta_group": stack("beta"),
+            "beta_group_se": stack("beta_se"),
+            "beta_group_z": stack("z"),
+            "beta_group_key": np.array(
+                [(g.t, g.group, g.fit.n) for g in self.group_fits], np.int64
+            ).reshape(-1, 3),
+            "beta_group_lambda": np.array([f.lam for f in fits], np.float64),
+        }
+
 
 # --------------------------------------------------------------------------- one transition
 
