@@ -70,3 +70,20 @@ def test_the_listed_names_are_the_loadable_ones():
 def test_an_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'explian'"):
         _ = whylook.explian  # type: ignore[attr-defined]
+
+
+def test_every_cli_argument_says_what_it_is_in_help():
+    import argparse
+
+    from whylook.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [
+        f"{name} {action.dest}"
+        for name, parser in sub.choices.items()
+        for action in parser._actions
+        if not isinstance(action, argparse._HelpAction) and not (action.help or "").strip()
+    ]
+    assert sorted(sub.choices) == ["compare", "demo", "explain", "finetune", "import",
+                                   "report", "train"]
+    assert missing == []

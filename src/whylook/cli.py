@@ -16,6 +16,11 @@ from whylook.errors import WhylookError
 
 Handler = Callable[[argparse.Namespace], int]
 
+_DATA_SPECS = ("mnist5k (built in; the default), npz:PATH, folder:PATH (or a .zip), "
+               "torchvision:mnist:ROOT or torchvision:cifar10:ROOT")
+_MODEL_HELP = ("smallcnn (default), resnet18, resnet50, inception_v3, or your own as "
+               "package.module:factory")
+
 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors keep the CLI's contract: one ``error:`` line, exit 2.
@@ -43,17 +48,22 @@ def _k_value(text: str) -> int | str:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model and save checkpoints into a run folder")
-    p.add_argument("--data", default="mnist5k", help="data spec (default: mnist5k)")
-    p.add_argument("--model", default="smallcnn", help="model name or package.module:factory")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--checkpoints", type=int, default=12, help="number of checkpoints (T+1)")
-    p.add_argument("--schedule", choices=["log", "linear", "epoch"], default="log")
+    p.add_argument("--data", default="mnist5k", help=f"data spec: {_DATA_SPECS}")
+    p.add_argument("--model", default="smallcnn", help=_MODEL_HELP)
+    p.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
+    p.add_argument("--checkpoints", type=int, default=12,
+                   help="number of checkpoints, T+1 (default 12)")
+    p.add_argument(
+        "--schedule", choices=["log", "linear", "epoch"], default="log",
+        help="checkpoint spacing: log (dense early, where most is learned; default), linear, "
+        "or one per epoch",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for the weight initialisation")
     p.add_argument("--data-seed", type=int, default=None, help="seed for the data order")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="training batch (default 128)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (model default)")
     p.add_argument("--layer", default=None, help="prototype layer to record as the default")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _device_option(p)
     p.add_argument("--out", required=True, type=Path, help="run folder to create")
     p.set_defaults(handler=_cmd_train)
 
@@ -86,12 +96,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _add_import(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import", help="bring checkpoints trained elsewhere into a run folder")
     p.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint files in training order")
-    p.add_argument("--data", default="mnist5k")
-    p.add_argument("--model", default="smallcnn", help="model name or package.module:factory")
-    p.add_argument("--steps", default=None, help="comma-separated optimizer step per checkpoint")
-    p.add_argument("--layer", default=None)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--data", default="mnist5k",
+                   help=f"the data the checkpoints were trained on: {_DATA_SPECS}")
+    p.add_argument("--model", default="smallcnn", help=_MODEL_HELP)
+    p.add_argument(
+        "--steps", default=None,
+        help="comma-separated optimizer step of each checkpoint, increasing (default: 0, 1, 2, "
+        "...); the report's time axes use them",
+    )
+    p.add_argument("--layer", default=None,
+                   help="prototype layer to record as the default (default: the model's)")
+    _device_option(p)
+    p.add_argument("--out", required=True, type=Path, help="run folder to create")
     p.set_defaults(handler=_cmd_import)
 
 
@@ -119,9 +135,10 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 def _add_explain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explain", help="compute the structured explanation of a run")
-    p.add_argument("run", type=Path)
+    p.add_argument("run", type=Path, help="run folder (from whylook train or whylook import)")
     p.add_argument("--k", type=_k_value, default="default", help="prototypes: number or 'auto'")
-    p.add_argument("--layer", default=None)
+    p.add_argument("--layer", default=None,
+                   help="prototype layer, a module name (default: the run's)")
     p.add_argument(
         "--analysis-size", type=int, default=None,
         help="samples analysed at every checkpoint (default: 2000, stratified by class)",
@@ -131,7 +148,8 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
         help="samples whose final features find the prototypes (default: the analysis set; "
         "a larger set adds other training samples to it)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sample choice, K-Means and the bootstrap (default 0)")
     p.add_argument(
         "--min-swings",
         type=int,
@@ -149,7 +167,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, default=None,
         help="samples per Grad-CAM pass (default 256; lower it if memory runs out)",
     )
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _device_option(p)
     _trust_option(p)
     p.set_defaults(handler=_cmd_explain)
 
@@ -182,7 +200,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="perturbation fine-tuning from the uncertain prototypes")
-    p.add_argument("run", type=Path)
+    p.add_argument("run", type=Path, help="an explained run folder")
     p.add_argument("--pair", default="auto", help="class pair 'a,b' or 'auto'")
     p.add_argument(
         "--strategies",
@@ -191,7 +209,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
     p.add_argument("--lr", type=float, default=None, help="default: the run's training rate")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _device_option(p)
     _trust_option(p)
     p.set_defaults(handler=_cmd_finetune)
 
@@ -213,15 +231,15 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="compare the strategies of two runs")
-    p.add_argument("run_a", type=Path)
-    p.add_argument("run_b", type=Path)
+    p.add_argument("run_a", type=Path, help="an explained run folder")
+    p.add_argument("run_b", type=Path, help="another, on the same data and model")
     p.add_argument(
         "--out",
         type=Path,
         default=None,
         help="a .json file or a folder for compare.json (default: RUN_A/compare/<RUN_B>.json)",
     )
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _device_option(p)
     _trust_option(p)
     p.set_defaults(handler=_cmd_compare)
 
@@ -236,7 +254,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write the HTML report of a run")
-    p.add_argument("run", type=Path)
+    p.add_argument("run", type=Path, help="an explained run folder")
     p.add_argument("--out", type=Path, default=None, help="folder (default: RUN/report)")
     p.set_defaults(handler=_cmd_report)
 
@@ -251,8 +269,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train + explain + report on the built-in mnist5k")
-    p.add_argument("--out", type=Path, default=Path("whylook-demo"))
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", type=Path, default=Path("whylook-demo"),
+                   help="run folder to create (default: whylook-demo)")
+    _device_option(p)
     p.set_defaults(handler=_cmd_demo)
 
 
@@ -261,6 +280,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     demo(out=args.out, device=args.device)
     return 0
+
+
+def _device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto (default): CUDA when torch sees a GPU, else the CPU")
 
 
 def _trust_option(p: argparse.ArgumentParser) -> None:
