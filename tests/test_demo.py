@@ -17,7 +17,9 @@ from whylook.cli import main
 pytestmark = pytest.mark.slow
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-CLASS_LINE = re.compile(r"^ {2,}(\d): (P-\d+(, P-\d+)*|none: .+)(  \| specialized: .+)?$")
+CLASS_LINE = re.compile(
+    r"^ {2,}(\d): (P-\d+(, P-\d+)*( \(\+\d+ more\))?|none: .+)(  \| specialized: .+)?$"
+)
 
 
 def _readme_summary() -> list[str]:

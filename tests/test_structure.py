@@ -421,6 +421,24 @@ def test_summary_counts_class_pairs_not_entries(tmp_path):
     assert "Uncertain prototypes: 3 of 4 on 2 class pairs (3 prototype-pair entries)" in text
 
 
+def test_summary_says_how_many_it_leaves_out(tmp_path):
+    """The summary lists 6 shared prototypes per class and 10 uncertain entries; what it
+    leaves out it counts, so a reader never takes a cut list for the whole."""
+    from whylook.explain import Explanation
+
+    ids = [f"P-{i}" for i in range(9)]
+    uncertain = [{"id": f"P-{i}", "classes": ["a", "b"], "swings": 2, "steps": [1, 2]}
+                 for i in range(12)]
+    data = _summary_data(uncertain_prototypes=uncertain)
+    data["classes_explained"][0]["shared"] = ids
+    data["classes_explained"][1]["shared"] = ids[:6]
+    lines = Explanation(path=tmp_path, data=data, arrays={}).summary().splitlines()
+    assert "             a: P-0, P-1, P-2, P-3, P-4, P-5 (+3 more)" in lines
+    assert "             b: P-0, P-1, P-2, P-3, P-4, P-5" in lines
+    assert sum(line.startswith("  P-") for line in lines) == 10
+    assert "  ... 2 more entries in explanation.json and the report" in lines
+
+
 def test_support_threshold_is_bonferroni_for_the_number_of_fits():
     from whylook.structure import support_threshold
 

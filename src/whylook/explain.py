@@ -50,6 +50,8 @@ _CACHE_VERSION = "1"
 # checkpoint's Grad-CAM pass until the prototypes exist to assign them (ResNet-50 at
 # layer3: 2000 samples take 400 MB), instead of a second feature pass over them.
 _HELD_FEATURES_BYTES = 1 << 29
+# The printed summary lists this many uncertain-prototype entries (the rest: it says how many).
+_UNCERTAIN_LISTED = 10
 
 
 #: The readings of "support for class c" (ExplainSettings.support).
@@ -116,7 +118,7 @@ class Explanation:
             lines.append(weak)
         lines += ["", "Shared prototypes per class (strongest first):"]
         for c in d["classes_explained"]:
-            shared = ", ".join(c["shared"][:6]) or _no_shared_text(c.get("why_no_shared"))
+            shared = _listed(c["shared"], 6) or _no_shared_text(c.get("why_no_shared"))
             spec = "; ".join(
                 f"group {g['group']} (n={g['size']}): {', '.join(g['prototypes'])}"
                 for g in c["specialized"]
@@ -133,11 +135,14 @@ class Explanation:
         n_pairs = len({tuple(sorted(u["classes"])) for u in unc})
         lines.append(f"Uncertain prototypes: {n_unc} of {d['k']} on {n_pairs} class pairs "
                      f"({len(unc)} prototype-pair entries)")
-        for u in unc[:10]:
+        for u in unc[:_UNCERTAIN_LISTED]:
             lines.append(
                 f"  {u['id']}: swings {u['swings']}x between {u['classes'][0]} and "
                 f"{u['classes'][1]} (at steps {', '.join(map(str, u['steps']))})"
             )
+        if len(unc) > _UNCERTAIN_LISTED:
+            lines.append(f"  ... {len(unc) - _UNCERTAIN_LISTED} more entries in "
+                         "explanation.json and the report")
         order = d["learning_order"]
         lines.append("")
         first = [f"{p['pair'][0]}/{p['pair'][1]}" for p in order[:5]]
@@ -154,6 +159,12 @@ class Explanation:
             )
         lines.append(f"\nwritten to {self.path}")
         return "\n".join(lines)
+
+
+def _listed(ids: list[str], limit: int) -> str:
+    """The first ``limit`` ids, and how many the summary leaves out (never silently)."""
+    more = f" (+{len(ids) - limit} more)" if len(ids) > limit else ""
+    return ", ".join(ids[:limit]) + more
 
 
 def _near_chance_text(d: dict[str, Any]) -> str | None:
