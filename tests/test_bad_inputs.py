@@ -382,6 +382,11 @@ CASES: dict[str, Case] = {
         lambda c: c.train(c.npz(y_train=0 * Y, y_test=np.zeros(24, int), classes=None)),
     ),
     "empty-class": ("whylook train", lambda c: c.train(c.npz(y_train=np.where(Y == 1, 0, Y)))),
+    "training-one-class": ("whylook train", lambda c: c.train(c.npz(y_train=0 * Y))),
+    "labels-from-one": (
+        "whylook train",
+        lambda c: c.train(c.npz(y_train=Y + 1, y_test=np.arange(24) % 3 + 1, classes=None)),
+    ),
     "empty-test-split": (
         "whylook train",
         lambda c: c.train(c.npz(x_test=np.zeros((0, 16, 16), np.uint8), y_test=np.zeros(0, int))),

@@ -308,10 +308,24 @@ def _validate(spec: str, classes: tuple[str, ...], train: Split, test: Split) ->
                 f"(0..{m - 1}); labels must be class indices"
             )
     counts = np.bincount(train.labels, minlength=m)
-    if (counts == 0).any():
-        empty = classes[int(np.flatnonzero(counts == 0)[0])]
+    used, empty = np.flatnonzero(counts), np.flatnonzero(counts == 0)
+    if used.size < 2:
         raise WhylookError(
-            f"{spec}: class {empty!r} has no training images; add some or drop the class"
+            f"{spec}: every training image is of class {classes[int(used[0])]!r}; a classifier "
+            "needs training images of at least 2 classes"
+        )
+    if empty.size:
+        if classes == tuple(str(i) for i in range(m)) and empty.tolist() == list(range(used[0])):
+            # Labels counted from 1 (or higher): read as indices, they leave the first
+            # classes empty, and "drop the class" would not be a fix the user can make.
+            first = int(used[0])
+            raise WhylookError(
+                f"{spec}: training labels start at {first}, but labels are class indices "
+                f"counted from 0; subtract {first} from y_train and y_test"
+            )
+        raise WhylookError(
+            f"{spec}: class {classes[int(empty[0])]!r} has no training images; add some or "
+            "drop the class"
         )
 
 
