@@ -120,8 +120,14 @@ def test_pair_choice_auto_user_and_errors():
         choose_pair(_fake_explanation(unc), conf, "0,1")
     with pytest.raises(WhylookError, match="two different"):
         choose_pair(_fake_explanation(unc), conf, "2,2")
-    with pytest.raises(WhylookError, match="found no uncertain prototypes"):
+    with pytest.raises(WhylookError, match="found no uncertain prototypes") as info:
         choose_pair(_fake_explanation([]), conf, "auto")
+    assert "`--min-swings 1`" in str(info.value)  # the default rule: the looser one is named
+    strict_one = _fake_explanation([])
+    strict_one.data["structure_settings"] = {"min_swings": 1}
+    with pytest.raises(WhylookError, match="found no uncertain prototypes") as info:
+        choose_pair(strict_one, conf, "auto")
+    assert "--min-swings" not in str(info.value)
 
 
 def test_table_reports_sample_std_and_paired_differences(tmp_path):

@@ -502,11 +502,15 @@ def choose_pair(
     )
     if isinstance(pair, str) and pair.strip().lower() == "auto":
         if not by_pair:
+            swings = (explanation.data.get("structure_settings") or {}).get("min_swings", 2)
+            # A model that learns within a few checkpoints changes side once: the looser
+            # rule is the first thing to try, before training again.
+            looser = (" or `--min-swings 1` (one change of side counts)"
+                      if isinstance(swings, int) and swings > 1 else "")
             raise WhylookError(
                 "the explanation found no uncertain prototypes, so the curated set would equal "
-                "the full set; rerun `whylook explain` with more checkpoints (train with a "
-                "larger --checkpoints) or a larger --analysis-size so that swings can be told "
-                "from noise"
+                f"the full set; rerun `whylook explain` with a larger --analysis-size{looser}, "
+                "or train with a larger --checkpoints, so that swings can be told from noise"
             )
         scored = sorted(
             by_pair.items(),
