@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from whylook.mapping import fit_mapping
+
 __all__ = ["make_synthetic_run"]
 
 
@@ -206,6 +208,10 @@ def make_synthetic_run(
         "class_groups": class_groups,
         "confusion": confusion,
     }
+    # The HDBSCAN groups' own ridge fits, as explain stores them (real fits of these arrays).
+    group_fits = fit_mapping(np.diff(intensity, axis=0), np.diff(confidence, axis=0),
+                             groups=groups, n_boot=20, seed=seed, min_group_size=5)
+    arrays.update(group_fits.group_arrays())
     np.savez(run / "analysis" / "arrays.npz", **arrays)
 
     # -- explanation.json ----------------------------------------------------------------

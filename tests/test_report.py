@@ -25,7 +25,7 @@ from whylook.report._tables import tables
 from whylook.report.patches import _pixel_mask, thumbnail
 
 CHROMIUM = Path("/usr/bin/chromium")
-CORE_SECTIONS = ["overview", "prototypes", "classes", "uncertain", "learning-order"]
+CORE_SECTIONS = ["overview", "prototypes", "classes", "uncertain", "patterns", "learning-order"]
 XSS = "<img src=x onerror=alert(1)>"
 DATA_URI = re.compile(r'src="data:(image/(?:png|jpeg));base64,([A-Za-z0-9+/=]+)"')
 
@@ -624,3 +624,71 @@ def test_report_of_a_real_small_run(tmp_path: Path) -> None:
     _decode_all_images(html)
     if CHROMIUM.exists():
         _assert_page_works(page, tmp_path, CORE_SECTIONS)
+
+
+# -- learning patterns (Steps 4-5 per transition) -----------------------------------------
+
+
+def test_patterns_section_reads_each_group_from_the_arrays(small_run: Path) -> None:
+    """Each group row: its size and make-up, the class whose confidence it gained most
+    (recomputed here from the confidences) and the prototypes its own fit credits with
+    that gain (z at least the threshold, β > 0, strongest first)."""
+    from whylook.report import _Builder
+    from whylook.report._inputs import load
+
+    with np.load(small_run / "analysis" / "arrays.npz") as npz:
+        a = {k: npz[k] for k in npz.files}
+    section = _Builder(load(small_run)).patterns()
+    assert section["note"] is None
+    assert section["figure"] is not None
+    groups, conf, labels = a["groups"], a["confidence"].astype(np.float64), a["labels"]
+    expected = [(t, g) for t in range(groups.shape[0]) for g in np.unique(groups[t]) if g >= 0]
+    assert [r["group"] for r in section["rows"]] == [g for _, g in expected]
+    fits = {(int(t), int(g)): i for i, (t, g, _) in enumerate(a["beta_group_key"])}
+    named = 0
+    for row, (t, g) in zip(section["rows"], expected, strict=True):
+        rows = groups[t] == g
+        assert row["size"] == rows.sum()
+        most = int(np.argmax(np.bincount(labels[rows], minlength=2)))
+        assert row["made_of"].startswith(f"{['a', 'b'][most]} (")
+        gain = int(np.argmax((conf[t + 1] - conf[t])[rows].mean(axis=0)))
+        assert row["gain"].startswith(f"{['a', 'b'][gain]} +")
+        i = fits[(t, int(g))]
+        z, beta = a["beta_group_z"][i][:, gain], a["beta_group"][i][:, gain]
+        want = [f"P-{k}" for k in np.argsort(-z, kind="stable") if z[k] >= 2 and beta[k] > 0]
+        assert [d["id"] for d in row["drivers"]] == want[:3]
+        named += len(want[:3])
+    assert named > 0, "the synthetic run must credit some prototype to check"
+
+
+def test_patterns_section_without_group_fits_or_groups(small_run: Path) -> None:
+    """An analysis written before the group fits were stored still shows its groups and
+    says how to get the rest; all-noise transitions say so; a bad key is one error."""
+    from whylook.report import _Builder
+    from whylook.report._inputs import load
+
+    for name in ("beta_group_key", "beta_group", "beta_group_z", "beta_group_se",
+                 "beta_group_lambda"):
+        _drop_array(small_run, name)
+    section = _Builder(load(small_run)).patterns()
+    assert section["rows"]
+    assert all(r["drivers"] is None for r in section["rows"])
+    assert "rerun `whylook explain`" in section["note"]
+    html = report(small_run).read_text(encoding="utf-8")
+    assert "Learning patterns" in html
+
+    path = small_run / "analysis" / "arrays.npz"
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["groups"][:] = -1
+    np.savez(path, **arrays)
+    section = _Builder(load(small_run)).patterns()
+    assert section["rows"] == []
+    assert "all noise" in section["note"]
+
+    arrays["beta_group_key"] = np.array([[99, 0, 10]])
+    arrays["beta_group"] = arrays["beta_group_z"] = np.zeros((1, 4, 2), np.float32)
+    np.savez(path, **arrays)
+    with pytest.raises(WhylookError, match="transition out of range") as info:
+        report(small_run)
+    assert "\n" not in str(info.value)

@@ -55,6 +55,8 @@ _MAX_BETA_ROWS = 40  # prototypes in a class's β heatmap; all of them when K is
 _MAX_UNCERTAIN_SHOWN = 24  # uncertain prototypes drawn in full (the rest in a table)
 _UNCERTAIN_OPEN = 6  # of those, shown expanded (the others in one collapsed block)
 _MAX_TIMELINE = 60  # class pairs drawn in the learning-order timeline
+_DRIVERS = 3  # prototypes named per learning-pattern group
+_GROUP_CLASSES = 3  # classes named in a learning-pattern group's make-up
 _GALLERY_PAGE = 16  # prototypes per collapsible block of the gallery
 _SALIENCY_PANELS = 6  # checkpoints in a class's saliency strip
 
@@ -545,6 +547,66 @@ class _Builder:
         result["unplotted"] = len(order) - len(pts)
         return result
 
+    def patterns(self) -> dict[str, Any]:
+        """Steps 4-5 per transition: each HDBSCAN group, what its confidences did, and the
+        prototypes its own ridge fit credits with the confidence it gained most."""
+        a, classes = self.a, self.inp.classes
+        result: dict[str, Any] = {"rows": [], "figure": None, "note": None,
+                                  "z": self.z_threshold}
+        if "groups" not in a:  # its shape, when present, was checked on loading
+            result["note"] = "This analysis has no learning-pattern groups (arrays.npz groups)."
+            return result
+        groups, conf = a["groups"].astype(np.int64), a["confidence"].astype(np.float64)
+        fits = self._group_fits()
+        if fits is None:
+            result["note"] = ("This analysis predates the stored group fits: rerun `whylook "
+                              "explain` to see which prototypes drove each group.")
+        n, steps = len(self.labels), self.inp.steps
+        sizes: list[list[tuple[int, int]]] = []
+        for t in range(groups.shape[0]):
+            change = conf[t + 1] - conf[t]
+            bars = []
+            for g in sorted(set(groups[t].tolist()) - {-1}):
+                rows = groups[t] == g
+                mean = change[rows].mean(axis=0)
+                gain, loss = int(np.argmax(mean)), int(np.argmin(mean))
+                made_of = np.bincount(self.labels[rows], minlength=self.m)
+                top = [c for c in np.argsort(-made_of, kind="stable")[:_GROUP_CLASSES]
+                       if made_of[c] > 0]
+                fit = None if fits is None else fits.get((t, g))
+                result["rows"].append({
+                    "steps": f"{steps[t]} → {steps[t + 1]}", "group": g,
+                    "size": int(rows.sum()), "share": _pct(rows.mean()),
+                    "made_of": ", ".join(f"{classes[c]} ({_pct(made_of[c] / rows.sum())})"
+                                         for c in top),
+                    "gain": f"{classes[gain]} {mean[gain]:+.3f}",
+                    "loss": f"{classes[loss]} {mean[loss]:+.3f}",
+                    "drivers": None if fit is None else self._drivers(*fit, gain),
+                })
+                bars.append((int(rows.sum()), gain))
+            sizes.append(bars)
+        if result["rows"]:
+            result["figure"] = self.out.figure(
+                "patterns.png", figures.pattern_groups(self.end_steps, sizes, n, classes))
+        else:
+            result["note"] = ("Every transition came out all noise: no group of samples "
+                              "changed its confidences alike (patterns.all_noise_transitions).")
+        return result
+
+    def _group_fits(self) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] | None:
+        """``{(t, group): (beta (K, M), z (K, M))}`` from arrays.npz, None if not stored."""
+        key, beta, z = (self.a.get(name) for name in
+                        ("beta_group_key", "beta_group", "beta_group_z"))
+        if key is None or beta is None or z is None:
+            return None
+        return {(int(t), int(g)): (beta[i], z[i]) for i, (t, g, _) in enumerate(key)}
+
+    def _drivers(self, beta: np.ndarray, z: np.ndarray, c: int) -> list[dict[str, Any]]:
+        """Prototypes whose extra attention raised confidence in class ``c`` beyond noise."""
+        up = [k for k in np.argsort(-z[:, c], kind="stable")
+              if z[k, c] >= self.z_threshold and beta[k, c] > 0][:_DRIVERS]
+        return [{"id": f"P-{k}", "anchor": f"proto-{k}", "z": float(z[k, c])} for k in up]
+
     def _result_block(self, prefix: str, content: Any, title: str) -> list[dict[str, Any]]:
         blocks = []
         for i, table in enumerate(tables(content, title)):
@@ -591,13 +653,14 @@ class _Builder:
             "gallery": self.gallery(),
             "classes": self.classes(),
             "uncertain": self.uncertain(),
+            "patterns": self.patterns(),
             "learning": self.learning(),
             "finetune": self.finetune(),
             "compare": self.compare(),
         }
         sections = [("overview", "Overview"), ("prototypes", "Prototypes"),
                     ("classes", "Classes"), ("uncertain", "Uncertain prototypes"),
-                    ("learning-order", "Learning order")]
+                    ("patterns", "Learning patterns"), ("learning-order", "Learning order")]
         if ctx["finetune"] is not None:
             sections.append(("finetune", "Fine-tuning"))
         if ctx["compare"]:

@@ -33,7 +33,8 @@ _REQUIRED = {
 }
 # Extra arrays (ARCHITECTURE.md) used when present; each has a fallback.
 _OPTIONAL = ("beta_z", "beta_se", "intensity", "mass_share", "activity", "active",
-             "class_groups", "confusion", "presence")
+             "class_groups", "confusion", "presence", "groups", "beta_group", "beta_group_z",
+             "beta_group_key")
 _PROTO = re.compile(r"^P-(\d+)$")
 
 
@@ -153,7 +154,17 @@ def _check(run: Path, exp: dict[str, Any], arrays: dict[str, np.ndarray]) -> Non
         "presence": (n, k),
         "class_groups": (n,),
         "confusion": (t + 1, m, m),
+        "groups": (t, n),
     }
+    if "beta_group_key" in arrays:
+        g = arrays["beta_group_key"].shape[0]
+        for name, shape in (("beta_group_key", (g, 3)), ("beta_group", (g, k, m)),
+                            ("beta_group_z", (g, k, m))):
+            if name not in arrays or arrays[name].shape != shape:
+                raise inconsistent(run, f"{name} is missing or not of shape {shape}")
+        key = arrays["beta_group_key"]
+        if g and (key[:, 0].min() < 0 or key[:, 0].max() >= t):
+            raise inconsistent(run, "beta_group_key names a transition out of range")
     for name, shape in expect.items():
         if name in arrays and arrays[name].shape != shape:
             raise inconsistent(run, f"{name} has shape {arrays[name].shape}, expected {shape}")

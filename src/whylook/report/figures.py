@@ -33,6 +33,7 @@ __all__ = [
     "confusion",
     "distinctness_scatter",
     "learning_timeline",
+    "pattern_groups",
     "saliency_strip",
     "uncertain_support",
 ]
@@ -329,6 +330,47 @@ def learning_timeline(
         if any(s is None for s in separated):
             ax.text(never_x, -0.9, "never", ha="center", va="bottom", fontsize=7, color="0.4")
         ax.set_title("separation step of each class pair" + (f" ({note})" if note else ""))
+        fig.tight_layout()
+        return _png(fig)
+
+
+def pattern_groups(
+    end_steps: Sequence[int],
+    groups: Sequence[Sequence[tuple[int, int]]],
+    n: int,
+    classes: Sequence[str],
+) -> bytes:
+    """The learning-pattern groups of each transition as one stacked bar: noise in grey at
+    the bottom, then each group, largest first, coloured by the class it gained confidence
+    in most (``groups[t]``: ``(size, class index)`` per group)."""
+    from matplotlib.patches import Patch
+
+    with _figure(7.5, 3.2) as fig:
+        ax = fig.subplots()
+        x = np.arange(len(groups))
+        noise = [n - sum(size for size, _ in bars) for bars in groups]
+        ax.bar(x, noise, color="0.85", width=0.8)
+        bottom = np.array(noise, dtype=float)
+        colour = matplotlib.colormaps["tab10"]
+        seen: dict[int, None] = {}
+        for t, bars in enumerate(groups):
+            for size, c in bars:
+                ax.bar(t, size, bottom=bottom[t], width=0.8, color=colour(c % 10),
+                       edgecolor="white", linewidth=0.5)
+                if size >= 0.07 * n:  # a label only where it fits inside its segment
+                    ax.text(t, bottom[t] + size / 2, _short(classes[c], 8), ha="center",
+                            va="center", fontsize=7, color="white")
+                bottom[t] += size
+                seen[c] = None
+        handles = [Patch(color="0.85", label="noise")] + [
+            Patch(color=colour(c % 10), label=_short(classes[c])) for c in sorted(seen)[:12]]
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7,
+                  frameon=False, title="gained most", title_fontsize=7)
+        ax.set_xticks(x, [f"→{s}" for s in end_steps], fontsize=7)
+        ax.set_xlabel("transition (ends at step)")
+        ax.set_ylabel("samples")
+        ax.set_ylim(0, n)
+        ax.set_title("groups of samples whose confidences moved alike")
         fig.tight_layout()
         return _png(fig)
 
