@@ -25,7 +25,11 @@ import numpy as np
 
 from whylook.mapping import fit_mapping
 
-__all__ = ["make_synthetic_run"]
+__all__ = ["CIFAR10_CLASSES", "make_synthetic_run"]
+
+#: CIFAR-10's class names in label order (the shared JPEG copy's folders, sorted).
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
 
 
 def _shape_image(rng: np.random.Generator, y: int, size: int, channels: int) -> np.ndarray:

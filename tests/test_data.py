@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _synthetic_run import CIFAR10_CLASSES
 from whylook import data as data_mod
 from whylook.data import Split, channel_stats, load_data, to_tensor
 from whylook.errors import WhylookError
@@ -254,18 +255,7 @@ def test_fast_decoder_gives_the_same_pixels_as_pil(tmp_path: Path, monkeypatch) 
 
 def test_real_cifar10_zip_slice(cifar_zip: Path) -> None:
     ds = load_data(f"folder:{cifar_zip}", limit_per_class=20)
-    assert ds.classes == (
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    )
+    assert ds.classes == CIFAR10_CLASSES
     assert (ds.channels, ds.image_size, len(ds.train), len(ds.test)) == (3, (32, 32), 200, 200)
     assert np.bincount(ds.train.labels).tolist() == [20] * 10
     # The first bird of train/ in sorted order, decoded by PIL, is exactly our pixels.

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _synthetic_run import make_synthetic_run
+from _synthetic_run import CIFAR10_CLASSES, make_synthetic_run
 from whylook.cli import main
 from whylook.errors import WhylookError
 from whylook.report import PAGE_BUDGET_BYTES, report
@@ -501,18 +501,7 @@ def test_generic_tables() -> None:
 def test_page_stays_under_budget_for_k128_cifar(tmp_path: Path) -> None:
     run = make_synthetic_run(
         tmp_path,
-        classes=[
-            "airplane",
-            "automobile",
-            "bird",
-            "cat",
-            "deer",
-            "dog",
-            "frog",
-            "horse",
-            "ship",
-            "truck",
-        ],
+        classes=list(CIFAR10_CLASSES),
         k=128,
         grid=(8, 8),
         channels=3,
