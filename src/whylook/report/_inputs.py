@@ -157,12 +157,12 @@ def _check(run: Path, exp: dict[str, Any], arrays: dict[str, np.ndarray]) -> Non
         "groups": (t, n),
     }
     if "beta_group_key" in arrays:
-        g = arrays["beta_group_key"].shape[0]
+        key = arrays["beta_group_key"]
+        g = key.shape[0] if key.ndim else -1  # a 0-d key fails the shape check below
         for name, shape in (("beta_group_key", (g, 3)), ("beta_group", (g, k, m)),
                             ("beta_group_z", (g, k, m))):
             if name not in arrays or arrays[name].shape != shape:
                 raise inconsistent(run, f"{name} is missing or not of shape {shape}")
-        key = arrays["beta_group_key"]
         if g and (key[:, 0].min() < 0 or key[:, 0].max() >= t):
             raise inconsistent(run, "beta_group_key names a transition out of range")
     for name, shape in expect.items():
