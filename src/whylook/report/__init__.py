@@ -26,6 +26,7 @@ class and 10-20 KB per prototype.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 from collections.abc import Sequence
@@ -57,6 +58,7 @@ _UNCERTAIN_OPEN = 6  # of those, shown expanded (the others in one collapsed blo
 _MAX_TIMELINE = 60  # class pairs drawn in the learning-order timeline
 _DRIVERS = 3  # prototypes named per learning-pattern group
 _GROUP_CLASSES = 3  # classes named in a learning-pattern group's make-up
+_CLASS_PATTERNS = 3  # learning-pattern groups named in a class's section
 _GALLERY_PAGE = 16  # prototypes per collapsible block of the gallery
 _SALIENCY_PANELS = 6  # checkpoints in a class's saliency strip
 
@@ -417,6 +419,7 @@ class _Builder:
                 "saliency": saliency,
                 "unseen": self._unseen(entry.get("learning_unseen")),
                 "uncertain": uncertain_by_class.get(ci, []),
+                "patterns": self._patterns_of(ci),
             })
         return out
 
@@ -547,21 +550,17 @@ class _Builder:
         result["unplotted"] = len(order) - len(pts)
         return result
 
-    def patterns(self) -> dict[str, Any]:
-        """Steps 4-5 per transition: each HDBSCAN group, what its confidences did, and the
-        prototypes its own ridge fit credits with the confidence it gained most."""
-        a, classes = self.a, self.inp.classes
-        result: dict[str, Any] = {"rows": [], "figure": None, "note": None,
-                                  "z": self.z_threshold}
-        if "groups" not in a:  # its shape, when present, was checked on loading
-            result["note"] = "This analysis has no learning-pattern groups (arrays.npz groups)."
-            return result
-        groups, conf = a["groups"].astype(np.int64), a["confidence"].astype(np.float64)
+    @functools.cached_property
+    def _pattern_rows(self) -> tuple[list[dict[str, Any]], list[list[tuple[int, int]]]]:
+        """Every learning-pattern group as a table row, and per transition the groups'
+        ``(size, class gained most)`` for the figure (both empty without ``groups``)."""
+        if "groups" not in self.a:  # its shape, when present, was checked on loading
+            return [], []
+        classes, steps = self.inp.classes, self.inp.steps
+        groups = self.a["groups"].astype(np.int64)
+        conf = self.a["confidence"].astype(np.float64)
         fits = self._group_fits()
-        if fits is None:
-            result["note"] = ("This analysis predates the stored group fits: rerun `whylook "
-                              "explain` to see which prototypes drove each group.")
-        n, steps = len(self.labels), self.inp.steps
+        rows_out: list[dict[str, Any]] = []
         sizes: list[list[tuple[int, int]]] = []
         for t in range(groups.shape[0]):
             change = conf[t + 1] - conf[t]
@@ -574,20 +573,41 @@ class _Builder:
                 top = [c for c in np.argsort(-made_of, kind="stable")[:_GROUP_CLASSES]
                        if made_of[c] > 0]
                 fit = None if fits is None else fits.get((t, g))
-                result["rows"].append({
+                rows_out.append({
                     "steps": f"{steps[t]} → {steps[t + 1]}", "group": g,
                     "size": int(rows.sum()), "share": _pct(rows.mean()),
                     "made_of": ", ".join(f"{classes[c]} ({_pct(made_of[c] / rows.sum())})"
                                          for c in top),
+                    "gain_class": gain, "gain_value": float(mean[gain]),
                     "gain": f"{classes[gain]} {mean[gain]:+.3f}",
                     "loss": f"{classes[loss]} {mean[loss]:+.3f}",
                     "drivers": None if fit is None else self._drivers(*fit, gain),
                 })
                 bars.append((int(rows.sum()), gain))
             sizes.append(bars)
-        if result["rows"]:
+        return rows_out, sizes
+
+    def _patterns_of(self, ci: int) -> list[dict[str, Any]]:
+        """The groups that gained most in class ``ci``, largest gain first (a few)."""
+        rows = [r for r in self._pattern_rows[0] if r["gain_class"] == ci]
+        return sorted(rows, key=lambda r: -r["gain_value"])[:_CLASS_PATTERNS]
+
+    def patterns(self) -> dict[str, Any]:
+        """Steps 4-5 per transition: each HDBSCAN group, what its confidences did, and the
+        prototypes its own ridge fit credits with the confidence it gained most."""
+        rows, sizes = self._pattern_rows
+        result: dict[str, Any] = {"rows": rows, "figure": None, "note": None,
+                                  "z": self.z_threshold}
+        if "groups" not in self.a:
+            result["note"] = "This analysis has no learning-pattern groups (arrays.npz groups)."
+            return result
+        if self._group_fits() is None:
+            result["note"] = ("This analysis predates the stored group fits: rerun `whylook "
+                              "explain` to see which prototypes drove each group.")
+        if rows:
             result["figure"] = self.out.figure(
-                "patterns.png", figures.pattern_groups(self.end_steps, sizes, n, classes))
+                "patterns.png", figures.pattern_groups(self.end_steps, sizes,
+                                                       len(self.labels), self.inp.classes))
         else:
             result["note"] = ("Every transition came out all noise: no group of samples "
                               "changed its confidences alike (patterns.all_noise_transitions).")
