@@ -643,7 +643,8 @@ def test_patterns_section_reads_each_group_from_the_arrays(small_run: Path) -> N
         assert row["made_of"].startswith(f"{['a', 'b'][most]} (")
         mean = (conf[t + 1] - conf[t])[rows].mean(axis=0)
         gain = int(np.argmax(mean))
-        gained.setdefault(gain, []).append((-mean[gain], row["steps"]))
+        if gain == most:  # a class's section names groups mostly of its own samples
+            gained.setdefault(gain, []).append((-mean[gain], row["steps"]))
         assert row["gain"].startswith(f"{['a', 'b'][gain]} +")
         i = fits[(t, int(g))]
         z, beta = a["beta_group_z"][i][:, gain], a["beta_group"][i][:, gain]
@@ -651,12 +652,13 @@ def test_patterns_section_reads_each_group_from_the_arrays(small_run: Path) -> N
         assert [d["id"] for d in row["drivers"]] == want[:3]
         named += len(want[:3])
     assert named > 0, "the synthetic run must credit some prototype to check"
-    # Each class's section names the groups that gained most in it, largest gain first.
+    # Each class's section names the groups mostly of its samples that gained most in it,
+    # largest gain first.
     builder = _Builder(load(small_run))
     for ci, entry in enumerate(builder.classes()):
         assert [r["steps"] for r in entry["patterns"]] == [
             steps for _, steps in sorted(gained.get(ci, []))[:3]]
-        assert entry["patterns"], "each class gains most in some group of the synthetic run"
+    assert any(entry["patterns"] for entry in builder.classes()), "nothing to check"
 
 
 def test_patterns_section_without_group_fits_or_groups(small_run: Path) -> None:

@@ -578,7 +578,7 @@ class _Builder:
                     "size": int(rows.sum()), "share": _pct(rows.mean()),
                     "made_of": ", ".join(f"{classes[c]} ({_pct(made_of[c] / rows.sum())})"
                                          for c in top),
-                    "gain_class": gain, "gain_value": float(mean[gain]),
+                    "gain_class": gain, "gain_value": float(mean[gain]), "most_of": top[0],
                     "gain": f"{classes[gain]} {mean[gain]:+.3f}",
                     "loss": f"{classes[loss]} {mean[loss]:+.3f}",
                     "drivers": None if fit is None else self._drivers(*fit, gain),
@@ -588,8 +588,11 @@ class _Builder:
         return rows_out, sizes
 
     def _patterns_of(self, ci: int) -> list[dict[str, Any]]:
-        """The groups that gained most in class ``ci``, largest gain first (a few)."""
-        rows = [r for r in self._pattern_rows[0] if r["gain_class"] == ci]
+        """The groups mostly of class ``ci`` that gained most in it, largest gain first (a
+        few). Mixed groups whose largest gain is a class's are left out: a group where
+        nothing much moved (late in training) still has a largest gain, of +0.001."""
+        rows = [r for r in self._pattern_rows[0]
+                if r["gain_class"] == ci and r["most_of"] == ci]
         return sorted(rows, key=lambda r: -r["gain_value"])[:_CLASS_PATTERNS]
 
     def patterns(self) -> dict[str, Any]:
