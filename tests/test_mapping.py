@@ -202,3 +202,47 @@ def test_explain_stores_every_group_fit(tmp_path_factory) -> None:
     alone = ridge_fit(delta(a["intensity"])[t][rows], delta(a["confidence"])[t][rows],
                       n_boot=settings["bootstrap"], seed=[settings["seed"], t, g + 1])
     np.testing.assert_allclose(a["beta_group"][-1], alone.beta, rtol=1e-5, atol=1e-6)
+
+
+def test_explanation_describes_every_learning_pattern(tmp_path_factory) -> None:
+    """explanation.json lists every HDBSCAN group (fitted or too small to fit) with what
+    its confidences did, recomputed here from the stored arrays, and the prototypes its
+    own fit credits with the gain, checked against the stored group fits."""
+    from _tiny_run import baseline, load_arrays
+    from whylook.explain import load_explanation
+
+    _, run = baseline(tmp_path_factory)
+    a = load_arrays(run)
+    d = load_explanation(run).data
+    groups, conf = a["groups"], a["confidence"].astype(np.float64)
+    every = [(t, int(g), int((groups[t] == g).sum()))
+             for t in range(groups.shape[0]) for g in np.unique(groups[t]) if g >= 0]
+    entries = d["learning_patterns"]
+    assert [(e["transition"], e["group"], e["size"]) for e in entries] == every
+    assert any(e["prototypes"] for e in entries), "the tiny run must credit some prototype"
+    fitted = {(int(t), int(g)): i for i, (t, g, _) in enumerate(a["beta_group_key"])}
+    threshold = d["structure_settings"]["z_threshold"]
+    for e in entries:
+        t, g = e["transition"], e["group"]
+        rows = groups[t] == g
+        mean = (conf[t + 1] - conf[t])[rows].mean(axis=0)
+        assert e["gained_most"]["class"] == d["classes"][int(np.argmax(mean))]
+        counts = np.bincount(a["labels"][rows], minlength=len(d["classes"]))
+        assert e["made_of"][0] == {"class": d["classes"][int(np.argmax(counts))],
+                                   "share": pytest.approx(counts.max() / rows.sum(), abs=1e-6)}
+        shares = [c["share"] for c in e["made_of"]]
+        assert shares == sorted(shares, reverse=True)
+        assert e["gained_most"]["change"] == pytest.approx(mean.max(), abs=1e-6)
+        assert e["steps"] == [d["checkpoints"][t]["step"], d["checkpoints"][t + 1]["step"]]
+        if (t, g) not in fitted:
+            assert e["prototypes"] is None
+            continue
+        c = int(np.argmax(mean))
+        z, beta = a["beta_group_z"][fitted[(t, g)]], a["beta_group"][fitted[(t, g)]]
+        changed = (np.diff(a["intensity"], axis=0)[t][rows] != 0).sum(axis=0)
+        for p in e["prototypes"]:
+            k = int(p["id"][2:])
+            assert changed[k] >= max(5, 0.1 * rows.sum())
+            assert z[k, c] >= threshold - 1e-3
+            assert beta[k, c] > 0
+            assert p["z"] == pytest.approx(z[k, c], abs=1e-3)

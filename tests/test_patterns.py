@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from whylook.errors import WhylookError
-from whylook.patterns import default_min_cluster_size, find_patterns
+from whylook.patterns import default_min_cluster_size, describe_groups, find_patterns
 
 
 def _confidence_from_changes(changes: np.ndarray) -> np.ndarray:
@@ -108,3 +108,66 @@ def test_bad_input() -> None:
     bad[0, 0, 0] = np.nan
     with pytest.raises(WhylookError, match="finite"):
         find_patterns(bad, np.zeros(10, int))
+
+
+def test_describe_groups_by_hand() -> None:
+    """Two transitions, hand-made: group 0 of transition 0 is three samples of class 1
+    whose confidence moves from class 0 to class 1 by 0.3, 0.4 and 0.5; with a fit where
+    prototype 2 (z 5) and prototype 0 (z 2.5) raise class 1, prototype 1 lowers it (z -4)
+    and prototype 3 raises it below the threshold (z 1.9)."""
+    conf = np.full((3, 5, 2), 0.5)
+    for i, d in enumerate((0.3, 0.4, 0.5)):
+        conf[1, i] = [0.5 - d, 0.5 + d]
+    conf[2] = conf[1]
+    conf[2, 3:] = [[0.9, 0.1], [0.9, 0.1]]  # samples 3-4 move to class 0 at transition 1
+    labels = np.array([1, 1, 1, 0, 0])
+    groups = np.array([[0, 0, 0, -1, -1], [-1, -1, -1, 0, 0]])
+    z = np.zeros((4, 2))
+    z[:, 1] = [2.5, -4.0, 5.0, 1.9]
+    beta = np.sign(z)
+    first, second = describe_groups(groups, labels, conf, fits={(0, 0): (beta, z)})
+    assert (first.transition, first.group, first.size) == (0, 0, 3)
+    assert first.made_of == ((1, 1.0),)
+    assert first.gained == pytest.approx((1, 0.4))
+    assert first.lost == pytest.approx((0, -0.4))
+    assert first.drivers == ((2, 5.0), (0, 2.5))
+    assert (second.transition, second.size, second.made_of) == (1, 2, ((0, 1.0),))
+    assert second.gained == pytest.approx((0, 0.4))
+    assert second.drivers is None  # no fit of its own
+    assert describe_groups(groups, labels, conf, fits={(0, 0): (beta, z)},
+                           z_threshold=3.0)[0].drivers == ((2, 5.0),)
+    entry = first.to_json(["zero", "one"], [0, 10, 20])
+    assert entry == {"transition": 0, "steps": [0, 10], "group": 0, "size": 3,
+                     "made_of": [{"class": "one", "share": 1.0}],
+                     "gained_most": {"class": "one", "change": 0.4},
+                     "lost_most": {"class": "zero", "change": -0.4},
+                     "prototypes": [{"id": "P-2", "z": 5.0}, {"id": "P-0", "z": 2.5}]}
+    with pytest.raises(WhylookError, match="groups must be"):
+        describe_groups(groups[:1], labels, conf)
+
+
+def test_describe_groups_needs_drivers_seen_in_enough_samples() -> None:
+    """A coefficient carried by one sample passes any z threshold (its bootstrap z is
+    about 2.07 whatever its size): with the intensities given, a driver's attention must
+    have changed in at least a tenth of the group's samples, and in five."""
+    n, k = 40, 3
+    conf = np.zeros((2, n, 2))
+    conf[0] = 0.5
+    conf[1] = [0.2, 0.8]
+    intensity = np.zeros((2, n, k))
+    intensity[1, :, 0] = 1.0  # prototype 0: attention changed in all 40 samples
+    intensity[1, :1, 1] = 1.0  # prototype 1: in one sample only
+    intensity[1, :5, 2] = 1.0  # prototype 2: in five samples (a tenth would be 4)
+    z = np.zeros((k, 2))
+    z[:, 1] = [3.0, 2.07, 2.5]
+    fits = {(0, 0): (np.ones((k, 2)), z)}
+    groups, labels = np.zeros((1, n), int), np.ones(n, int)
+    (free,) = describe_groups(groups, labels, conf, fits=fits)
+    assert free.drivers == ((0, 3.0), (2, 2.5), (1, 2.07))
+    (seen,) = describe_groups(groups, labels, conf, fits=fits, intensity=intensity)
+    assert seen.drivers == ((0, 3.0), (2, 2.5))
+    (strict,) = describe_groups(groups, labels, conf, fits=fits, intensity=intensity,
+                                min_changed=0.2)
+    assert strict.drivers == ((0, 3.0),)
+    with pytest.raises(WhylookError, match="intensity must be"):
+        describe_groups(groups, labels, conf, fits=fits, intensity=intensity[:, :3])

@@ -648,7 +648,9 @@ def test_patterns_section_reads_each_group_from_the_arrays(small_run: Path) -> N
         assert row["gain"].startswith(f"{['a', 'b'][gain]} +")
         i = fits[(t, int(g))]
         z, beta = a["beta_group_z"][i][:, gain], a["beta_group"][i][:, gain]
-        want = [f"P-{k}" for k in np.argsort(-z, kind="stable") if z[k] >= 2 and beta[k] > 0]
+        changed = (np.diff(a["intensity"], axis=0)[t][rows] != 0).sum(axis=0)
+        want = [f"P-{k}" for k in np.argsort(-z, kind="stable")
+                if z[k] >= 2 and beta[k] > 0 and changed[k] >= max(5, 0.1 * rows.sum())]
         assert [d["id"] for d in row["drivers"]] == want[:3]
         named += len(want[:3])
     assert named > 0, "the synthetic run must credit some prototype to check"
@@ -692,3 +694,38 @@ def test_patterns_section_without_group_fits_or_groups(small_run: Path) -> None:
     with pytest.raises(WhylookError, match="transition out of range") as info:
         report(small_run)
     assert "\n" not in str(info.value)
+
+
+def test_patterns_section_reads_explanation_json_first(small_run: Path) -> None:
+    """Where explanation.json describes the learning patterns (as explain writes it), the
+    report shows that description; a malformed entry is one line that says what to do."""
+    from whylook.report import _Builder
+    from whylook.report._inputs import load
+
+    path = small_run / "analysis" / "explanation.json"
+    exp = json.loads(path.read_text())
+    exp["learning_patterns"] = [{
+        "transition": 1, "steps": [0, 0], "group": 7, "size": 12,
+        "made_of": [{"class": "b", "share": 0.75}, {"class": "a", "share": 0.25}],
+        "gained_most": {"class": "b", "change": 0.25},
+        "lost_most": {"class": "a", "change": -0.25},
+        "prototypes": [{"id": "P-3", "z": 9.5}],
+    }]
+    path.write_text(json.dumps(exp))
+    builder = _Builder(load(small_run))
+    (row,) = builder.patterns()["rows"]
+    steps = load(small_run).steps
+    assert row["steps"] == f"{steps[1]} → {steps[2]}"
+    assert (row["group"], row["size"], row["gain"], row["loss"]) == (7, 12, "b +0.250", "a -0.250")
+    assert row["made_of"] == "b (75.0%), a (25.0%)"
+    assert row["drivers"] == [{"id": "P-3", "anchor": "proto-3", "z": 9.5}]
+    assert [r["group"] for r in builder.classes()[1]["patterns"]] == [7]
+    assert "P-3</a> (9.5)" in report(small_run).read_text(encoding="utf-8")
+
+    for bad in ({"transition": 1}, {**exp["learning_patterns"][0], "transition": 99},
+                {**exp["learning_patterns"][0], "prototypes": [{"id": "P-99", "z": 1.0}]}):
+        exp["learning_patterns"] = [bad]
+        path.write_text(json.dumps(exp))
+        with pytest.raises(WhylookError, match="inconsistent") as info:
+            report(small_run)
+        assert "\n" not in str(info.value)

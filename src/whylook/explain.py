@@ -414,7 +414,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     from whylook import intensity as inten
     from whylook.mapping import fit_class_mapping, fit_mapping
     from whylook.models import get_layer, layer_shape
-    from whylook.patterns import find_patterns
+    from whylook.patterns import describe_groups, find_patterns
     from whylook.prototypes import (
         INIT_VECTORS,
         REFINE_ITER,
@@ -752,6 +752,13 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
                                   if f],
             "min_cluster_size": int(patterns.min_cluster_size),
         },
+        "learning_patterns": [
+            g.to_json(list(classes), [int(c.step) for c in ckpts])
+            for g in describe_groups(
+                patterns.groups, labels, confidence, intensity=intensity,
+                z_threshold=settings.structure.z_threshold,
+                fits={(f.t, f.group): (f.fit.beta, f.fit.z) for f in mapping.group_fits})
+        ],
         "mapping": {"lambdas": [float(f"{x:.6g}") for x in mapping.lambdas],
                     "lambda_mode": mapping.lambda_mode,
                     "cv_r2": [None if not np.isfinite(r) else round(float(r), 6)

@@ -43,8 +43,16 @@ from sklearn.cluster import HDBSCAN
 from whylook._parallel import check_n_jobs, thread_map
 from whylook.errors import WhylookError
 from whylook.intensity import _as_array
+from whylook.structure import prototype_id
 
-__all__ = ["Patterns", "cluster", "default_min_cluster_size", "find_patterns"]
+__all__ = [
+    "GroupSummary",
+    "Patterns",
+    "cluster",
+    "default_min_cluster_size",
+    "describe_groups",
+    "find_patterns",
+]
 
 
 def default_min_cluster_size(n: int, fraction: float = 0.02, floor: int = 15) -> int:
@@ -263,3 +271,129 @@ def find_patterns(
         min_samples=None if min_samples is None else int(min_samples),
         allow_single_cluster=bool(allow_single_cluster),
     )
+
+
+# --------------------------------------------------------------------------- describing them
+
+GroupFits = dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    """One learning pattern: HDBSCAN group ``group`` of transition ``transition``.
+
+    Attributes:
+        transition, group, size: where it is and how many samples it holds.
+        made_of: ``((class, share), ...)``: the classes of its samples, most common first.
+        gained, lost: ``(class, change)``: the class whose confidence rose most (fell
+            most) on average over its samples, and that mean change.
+        drivers: ``((prototype, z), ...)``: from the group's own ridge fit, the prototypes
+            whose extra attention raised the confidence in ``gained`` at a bootstrap z of
+            at least the threshold (β > 0), strongest first, among those whose intensity
+            changed in enough of the group's samples (see :func:`describe_groups`);
+            ``None`` when the group has no fit of its own (smaller than the mapping's
+            minimum group size).
+    """
+
+    transition: int
+    group: int
+    size: int
+    made_of: tuple[tuple[int, float], ...]
+    gained: tuple[int, float]
+    lost: tuple[int, float]
+    drivers: tuple[tuple[int, float], ...] | None
+
+    def to_json(self, classes: list[str], steps: list[int]) -> dict[str, object]:
+        """The entry of ``explanation.json``'s ``learning_patterns`` (class names, the
+        transition's checkpoint steps, prototype ids)."""
+        return {
+            "transition": self.transition,
+            "steps": [int(steps[self.transition]), int(steps[self.transition + 1])],
+            "group": self.group,
+            "size": self.size,
+            # A list, not an object: JSON is written with sorted keys, and the order
+            # (most common class first) is part of the answer.
+            "made_of": [{"class": classes[c], "share": round(share, 6)}
+                        for c, share in self.made_of],
+            "gained_most": {"class": classes[self.gained[0]], "change": round(self.gained[1], 6)},
+            "lost_most": {"class": classes[self.lost[0]], "change": round(self.lost[1], 6)},
+            "prototypes": None if self.drivers is None else [
+                {"id": prototype_id(k), "z": round(z, 3)} for k, z in self.drivers],
+        }
+
+
+def describe_groups(
+    groups: object,
+    labels: object,
+    confidence: object,
+    *,
+    fits: GroupFits | None = None,
+    intensity: object | None = None,
+    z_threshold: float = 2.0,
+    min_changed: float = 0.1,
+    top: int = 3,
+) -> tuple[GroupSummary, ...]:
+    """What each learning pattern is: its make-up, the class it gained most and lost most
+    in, and (with ``fits``) the prototypes its own ridge fit credits with the gain.
+
+    Args:
+        groups: ``(T, n)`` HDBSCAN labels (``Patterns.groups``; -1 is noise).
+        labels: ``(n,)`` true classes; confidence: ``(T+1, n, M)``.
+        fits: ``{(t, group): (beta (K, M), z (K, M))}``, e.g. from
+            :meth:`whylook.mapping.Mapping.group_arrays`; ``None``: no drivers.
+        intensity: ``(T+1, n, K)`` prototype intensities. A driver's intensity must change
+            in at least ``min_changed`` of the group's samples (and in 5): a coefficient
+            that one sample carries gets a bootstrap z of about 2.07 whatever its size
+            (the resamples either hold that sample or not), two samples about 2.9, so the
+            z alone cannot tell it from signal. Samples whose Grad-CAM map is blank at both
+            ends (Step 6's "learning unseen") change no intensity at all.
+        z_threshold: the bootstrap z a driver needs; top: classes and drivers listed.
+
+    >>> import numpy as np
+    >>> conf = np.array([[[0.5, 0.5]] * 4, [[0.9, 0.1]] * 2 + [[0.5, 0.5]] * 2])
+    >>> one = describe_groups(np.array([[0, 0, -1, -1]]), np.array([0, 1, 0, 1]), conf)[0]
+    >>> one.size, one.made_of, one.gained, one.drivers
+    (2, ((0, 0.5), (1, 0.5)), (0, 0.4), None)
+    """
+    g_arr, y = _as_array(groups, "groups"), _as_array(labels, "labels")
+    conf = _as_array(confidence, "confidence").astype(np.float64)
+    shapes_fit = (conf.ndim == 3 and g_arr.shape == (conf.shape[0] - 1, conf.shape[1])
+                  and y.shape == (conf.shape[1],))
+    if not shapes_fit:
+        raise WhylookError(
+            f"groups must be (T, n), labels (n,) and confidence (T+1, n, M); got "
+            f"{g_arr.shape}, {y.shape} and {conf.shape}"
+        )
+    m = conf.shape[2]
+    moved = None
+    if intensity is not None:
+        inten = _as_array(intensity, "intensity")
+        if inten.ndim != 3 or inten.shape[:2] != conf.shape[:2]:
+            raise WhylookError(f"intensity must be (T+1, n, K), got {inten.shape}")
+        moved = np.diff(inten, axis=0) != 0  # (T, n, K)
+    out = []
+    for t in range(g_arr.shape[0]):
+        change = conf[t + 1] - conf[t]
+        for g in np.unique(g_arr[t]):
+            if g < 0:
+                continue
+            rows = g_arr[t] == g
+            mean = change[rows].mean(axis=0)
+            gain, loss = int(np.argmax(mean)), int(np.argmin(mean))
+            counts = np.bincount(y[rows], minlength=m)
+            made_of = tuple((int(c), float(counts[c] / rows.sum()))
+                            for c in np.argsort(-counts, kind="stable")[:top] if counts[c])
+            fit = None if fits is None else fits.get((t, int(g)))
+            drivers = None
+            if fit is not None:
+                beta, z = fit
+                enough = (np.ones(z.shape[0], bool) if moved is None else
+                          moved[t][rows].sum(axis=0) >= max(5, min_changed * rows.sum()))
+                drivers = tuple((int(k), float(z[k, gain]))
+                                for k in np.argsort(-z[:, gain], kind="stable")
+                                if z[k, gain] >= z_threshold and beta[k, gain] > 0
+                                and enough[k])[:top]
+            out.append(GroupSummary(t, int(g), int(rows.sum()), made_of,
+                                    (gain, float(mean[gain])), (loss, float(mean[loss])),
+                                    drivers))
+    return tuple(out)

@@ -56,8 +56,6 @@ _MAX_BETA_ROWS = 40  # prototypes in a class's β heatmap; all of them when K is
 _MAX_UNCERTAIN_SHOWN = 24  # uncertain prototypes drawn in full (the rest in a table)
 _UNCERTAIN_OPEN = 6  # of those, shown expanded (the others in one collapsed block)
 _MAX_TIMELINE = 60  # class pairs drawn in the learning-order timeline
-_DRIVERS = 3  # prototypes named per learning-pattern group
-_GROUP_CLASSES = 3  # classes named in a learning-pattern group's make-up
 _CLASS_PATTERNS = 3  # learning-pattern groups named in a class's section
 _GALLERY_PAGE = 16  # prototypes per collapsible block of the gallery
 _SALIENCY_PANELS = 6  # checkpoints in a class's saliency strip
@@ -553,39 +551,43 @@ class _Builder:
     @functools.cached_property
     def _pattern_rows(self) -> tuple[list[dict[str, Any]], list[list[tuple[int, int]]]]:
         """Every learning-pattern group as a table row, and per transition the groups'
-        ``(size, class gained most)`` for the figure (both empty without ``groups``)."""
-        if "groups" not in self.a:  # its shape, when present, was checked on loading
-            return [], []
-        classes, steps = self.inp.classes, self.inp.steps
-        groups = self.a["groups"].astype(np.int64)
-        conf = self.a["confidence"].astype(np.float64)
-        fits = self._group_fits()
-        rows_out: list[dict[str, Any]] = []
-        sizes: list[list[tuple[int, int]]] = []
-        for t in range(groups.shape[0]):
-            change = conf[t + 1] - conf[t]
-            bars = []
-            for g in sorted(set(groups[t].tolist()) - {-1}):
-                rows = groups[t] == g
-                mean = change[rows].mean(axis=0)
-                gain, loss = int(np.argmax(mean)), int(np.argmin(mean))
-                made_of = np.bincount(self.labels[rows], minlength=self.m)
-                top = [c for c in np.argsort(-made_of, kind="stable")[:_GROUP_CLASSES]
-                       if made_of[c] > 0]
-                fit = None if fits is None else fits.get((t, g))
-                rows_out.append({
-                    "steps": f"{steps[t]} → {steps[t + 1]}", "group": g,
-                    "size": int(rows.sum()), "share": _pct(rows.mean()),
-                    "made_of": ", ".join(f"{classes[c]} ({_pct(made_of[c] / rows.sum())})"
-                                         for c in top),
-                    "gain_class": gain, "gain_value": float(mean[gain]), "most_of": top[0],
-                    "gain": f"{classes[gain]} {mean[gain]:+.3f}",
-                    "loss": f"{classes[loss]} {mean[loss]:+.3f}",
-                    "drivers": None if fit is None else self._drivers(*fit, gain),
-                })
-                bars.append((int(rows.sum()), gain))
-            sizes.append(bars)
-        return rows_out, sizes
+        ``(size, class gained most)`` for the figure (both empty without ``groups``).
+
+        From ``explanation.json``'s ``learning_patterns``; an analysis written before that
+        field gets the same description from its arrays (without drivers if it lacks the
+        group fits)."""
+        from whylook.patterns import describe_groups
+
+        inp = self.inp
+        entries = self.exp.get("learning_patterns")
+        if not isinstance(entries, list):
+            if "groups" not in self.a:  # its shape, when present, was checked on loading
+                return [], []
+            entries = [g.to_json(inp.classes, inp.steps) for g in describe_groups(
+                self.a["groups"], self.labels, self.a["confidence"], fits=self._group_fits(),
+                intensity=self.a.get("intensity"), z_threshold=self.z_threshold)]
+        rows: list[dict[str, Any]] = []
+        sizes: list[list[tuple[int, int]]] = [[] for _ in self.end_steps]
+        for e in entries:
+            t, size = int(e["transition"]), int(e["size"])
+            gain, loss = e["gained_most"], e["lost_most"]
+            gain_class = inp.class_index(gain["class"])
+            made_of = [(c["class"], c["share"]) for c in e["made_of"]]
+            protos = e.get("prototypes")
+            rows.append({
+                "steps": f"{inp.steps[t]} → {inp.steps[t + 1]}", "group": int(e["group"]),
+                "size": size, "share": _pct(size / len(self.labels)),
+                "made_of": ", ".join(f"{c} ({_pct(share)})" for c, share in made_of),
+                "most_of": inp.class_index(made_of[0][0]) if made_of else None,
+                "gain_class": gain_class, "gain_value": float(gain["change"]),
+                "gain": f"{gain['class']} {gain['change']:+.3f}",
+                "loss": f"{loss['class']} {loss['change']:+.3f}",
+                "drivers": None if protos is None else [
+                    {"id": d["id"], "anchor": f"proto-{inp.proto_index(d['id'])}",
+                     "z": float(d["z"])} for d in protos],
+            })
+            sizes[t].append((size, gain_class))
+        return rows, sizes
 
     def _patterns_of(self, ci: int) -> list[dict[str, Any]]:
         """The groups mostly of class ``ci`` that gained most in it, largest gain first (a
@@ -601,19 +603,20 @@ class _Builder:
         rows, sizes = self._pattern_rows
         result: dict[str, Any] = {"rows": rows, "figure": None, "note": None,
                                   "z": self.z_threshold}
-        if "groups" not in self.a:
-            result["note"] = "This analysis has no learning-pattern groups (arrays.npz groups)."
+        described = "learning_patterns" in self.exp
+        if not rows:
+            result["note"] = (
+                "Every transition came out all noise: no group of samples changed its "
+                "confidences alike (patterns.all_noise_transitions)."
+                if described or "groups" in self.a else
+                "This analysis has no learning-pattern groups (arrays.npz groups).")
             return result
-        if self._group_fits() is None:
+        if not described and self._group_fits() is None:
             result["note"] = ("This analysis predates the stored group fits: rerun `whylook "
                               "explain` to see which prototypes drove each group.")
-        if rows:
-            result["figure"] = self.out.figure(
-                "patterns.png", figures.pattern_groups(self.end_steps, sizes,
-                                                       len(self.labels), self.inp.classes))
-        else:
-            result["note"] = ("Every transition came out all noise: no group of samples "
-                              "changed its confidences alike (patterns.all_noise_transitions).")
+        result["figure"] = self.out.figure(
+            "patterns.png", figures.pattern_groups(self.end_steps, sizes, len(self.labels),
+                                                   self.inp.classes))
         return result
 
     def _group_fits(self) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] | None:
@@ -623,12 +626,6 @@ class _Builder:
         if key is None or beta is None or z is None:
             return None
         return {(int(t), int(g)): (beta[i], z[i]) for i, (t, g, _) in enumerate(key)}
-
-    def _drivers(self, beta: np.ndarray, z: np.ndarray, c: int) -> list[dict[str, Any]]:
-        """Prototypes whose extra attention raised confidence in class ``c`` beyond noise."""
-        up = [k for k in np.argsort(-z[:, c], kind="stable")
-              if z[k, c] >= self.z_threshold and beta[k, c] > 0][:_DRIVERS]
-        return [{"id": f"P-{k}", "anchor": f"proto-{k}", "z": float(z[k, c])} for k in up]
 
     def _result_block(self, prefix: str, content: Any, title: str) -> list[dict[str, Any]]:
         blocks = []

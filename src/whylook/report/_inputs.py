@@ -109,10 +109,34 @@ def _load_explanation(run: Path) -> dict[str, Any]:
                       ("classes_explained", list)):
         if not isinstance(exp.get(key), kind):
             raise inconsistent(run, f"explanation.json has no list {key!r}")
-    for key in ("uncertain_prototypes", "learning_order"):
+    for key in ("uncertain_prototypes", "learning_order", "learning_patterns"):
         if not isinstance(exp.get(key, []), list):
             raise inconsistent(run, f"explanation.json {key!r} is not a list")
+    for entry in exp.get("learning_patterns", []):
+        if not _learning_pattern_ok(entry):
+            raise inconsistent(run, f"a learning_patterns entry is malformed: {str(entry)[:80]}")
     return exp
+
+
+def _learning_pattern_ok(e: Any) -> bool:
+    """The fields the report reads from one ``learning_patterns`` entry, with their types
+    (class names and prototype ids are checked against the run where they are used)."""
+    def change(x: Any) -> bool:
+        return isinstance(x, dict) and "class" in x and isinstance(x.get("change"), int | float)
+
+    number = int | float
+    return (
+        isinstance(e, dict)
+        and all(isinstance(e.get(key), int) for key in ("transition", "group", "size"))
+        and isinstance(e.get("made_of"), list)
+        and all(isinstance(c, dict) and "class" in c and isinstance(c.get("share"), number)
+                for c in e["made_of"])
+        and change(e.get("gained_most")) and change(e.get("lost_most"))
+        and (e.get("prototypes") is None or (
+            isinstance(e["prototypes"], list)
+            and all(isinstance(d, dict) and "id" in d and isinstance(d.get("z"), number)
+                    for d in e["prototypes"])))
+    )
 
 
 def _load_arrays(run: Path) -> dict[str, np.ndarray]:
@@ -181,6 +205,8 @@ def _check(run: Path, exp: dict[str, Any], arrays: dict[str, np.ndarray]) -> Non
         raise inconsistent(run, "assignments out of range")
     if n == 0 or t1 < 2:
         raise inconsistent(run, "empty analysis set or fewer than two checkpoints")
+    if any(not 0 <= e["transition"] < t for e in exp.get("learning_patterns", [])):
+        raise inconsistent(run, "learning_patterns names a transition out of range")
 
 
 def _data_spec(run_json: dict[str, Any], exp: dict[str, Any]) -> Any:
