@@ -1,6 +1,13 @@
-"""Small text formats shared by the summary and the report."""
+"""Small text formats shared by the summary, the report, the CLI and its errors.
+
+Imports nothing heavy: ``whylook --help`` reads from here without loading torch.
+"""
 
 from __future__ import annotations
+
+#: The data specs whylook reads, as the CLI's help and data's errors name them.
+DATA_SPECS = ("mnist5k, npz:PATH, folder:PATH (a folder or .zip), "
+              "torchvision:mnist:ROOT or torchvision:cifar10:ROOT")
 
 
 def floor_pct(rate: float) -> str:

@@ -12,12 +12,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from whylook._text import DATA_SPECS
 from whylook.errors import WhylookError
 
 Handler = Callable[[argparse.Namespace], int]
 
-_DATA_SPECS = ("mnist5k (built in; the default), npz:PATH, folder:PATH (or a .zip), "
-               "torchvision:mnist:ROOT or torchvision:cifar10:ROOT")
 _MODEL_HELP = ("smallcnn (default), resnet18, resnet50, inception_v3, or your own as "
                "package.module:factory")
 
@@ -48,7 +47,8 @@ def _k_value(text: str) -> int | str:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model and save checkpoints into a run folder")
-    p.add_argument("--data", default="mnist5k", help=f"data spec: {_DATA_SPECS}")
+    p.add_argument("--data", default="mnist5k",
+                   help=f"data spec: {DATA_SPECS}; default mnist5k (built in)")
     p.add_argument("--model", default="smallcnn", help=_MODEL_HELP)
     p.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
     p.add_argument("--checkpoints", type=int, default=12,
@@ -97,7 +97,8 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import", help="bring checkpoints trained elsewhere into a run folder")
     p.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint files in training order")
     p.add_argument("--data", default="mnist5k",
-                   help=f"the data the checkpoints were trained on: {_DATA_SPECS}")
+                   help=f"the data the checkpoints were trained on: {DATA_SPECS}; "
+                   "default mnist5k (built in)")
     p.add_argument("--model", default="smallcnn", help=_MODEL_HELP)
     p.add_argument(
         "--steps", default=None,

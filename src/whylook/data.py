@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from whylook._text import DATA_SPECS
 from whylook.errors import WhylookError
 
 __all__ = [
@@ -63,10 +64,7 @@ IMAGE_EXTENSIONS = frozenset(
 
 _MNIST5K_TEST_FRACTION = 0.2
 _MNIST5K_SEED = 0
-_SPEC_HELP = (
-    "use mnist5k, npz:PATH, folder:PATH (a folder or .zip), torchvision:mnist:ROOT or "
-    "torchvision:cifar10:ROOT"
-)
+_SPEC_HELP = f"use {DATA_SPECS}"
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "F"})
 _FAST_DECODE = frozenset({".jpg", ".jpeg", ".png"})
 _FAST_DECODE_MIN = 20_000
