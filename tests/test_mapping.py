@@ -246,3 +246,16 @@ def test_explanation_describes_every_learning_pattern(tmp_path_factory) -> None:
             assert z[k, c] >= threshold - 1e-3
             assert beta[k, c] > 0
             assert p["z"] == pytest.approx(z[k, c], abs=1e-3)
+
+
+def test_upper_products_match_the_gathered_columns_bit_for_bit() -> None:
+    # Both paths (few rows: gather; many: one slice per column) in triu_indices order.
+    from whylook.mapping import _upper_products
+
+    rng = np.random.default_rng(3)
+    iu, ju = np.triu_indices(7)
+    for rows in (3, 600):
+        p = rng.normal(size=(rows, 7))
+        got = _upper_products(p)
+        assert got.shape == (rows, 28)
+        assert np.array_equal(got, p[:, iu] * p[:, ju])

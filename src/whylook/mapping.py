@@ -212,7 +212,7 @@ def _bootstrap(
     for lo in range(0, n, step):
         p = pi[lo : lo + step]
         w = weights[:, lo : lo + step]
-        gram_u += w @ (p[:, iu] * p[:, ju])
+        gram_u += w @ _upper_products(p)
         cross += w @ (p[:, :, None] * c[lo : lo + step, None, :]).reshape(p.shape[0], -1)
     gram = np.zeros((n_boot, k, k))
     gram[:, iu, ju] = gram_u
@@ -224,6 +224,24 @@ def _bootstrap(
     except np.linalg.LinAlgError:
         # Only reachable with lam = 0 and a resample that does not span all prototypes.
         return np.linalg.pinv(gram) @ cross
+
+
+def _upper_products(p: np.ndarray) -> np.ndarray:
+    """``(rows, k(k+1)/2)`` products ``p[:, i] * p[:, j]`` for ``i <= j`` in
+    ``np.triu_indices`` order, bit for bit either way. On many rows, one slice per ``i``
+    (2000 x 32: 6 ms against 16 ms for gathering both columns by index, which was a
+    quarter of a transition's bootstrap); on few, the gather (200 rows: 0.3 against 0.46
+    ms, where the k calls' overhead dominates)."""
+    k = p.shape[1]
+    if p.shape[0] < 512:
+        iu, ju = np.triu_indices(k)
+        return p[:, iu] * p[:, ju]
+    out = np.empty((p.shape[0], k * (k + 1) // 2))
+    at = 0
+    for i in range(k):
+        np.multiply(p[:, i : i + 1], p[:, i:], out=out[:, at : at + k - i])
+        at += k - i
+    return out
 
 
 def _one_blas_thread() -> contextlib.AbstractContextManager[object]:
