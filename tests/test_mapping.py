@@ -233,9 +233,13 @@ def test_explanation_describes_every_learning_pattern(tmp_path_factory) -> None:
         shares = [c["share"] for c in e["made_of"]]
         assert shares == sorted(shares, reverse=True)
         assert e["gained_most"]["change"] == pytest.approx(mean.max(), abs=1e-6)
+        assert e["steady"] == bool(np.abs(mean).max() < 0.01)
         assert e["steps"] == [d["checkpoints"][t]["step"], d["checkpoints"][t + 1]["step"]]
         if (t, g) not in fitted:
             assert e["prototypes"] is None
+            continue
+        if e["steady"]:
+            assert e["prototypes"] == []
             continue
         c = int(np.argmax(mean))
         z, beta = a["beta_group_z"][fitted[(t, g)]], a["beta_group"][fitted[(t, g)]]

@@ -140,10 +140,35 @@ def test_describe_groups_by_hand() -> None:
     assert entry == {"transition": 0, "steps": [0, 10], "group": 0, "size": 3,
                      "made_of": [{"class": "one", "share": 1.0}],
                      "gained_most": {"class": "one", "change": 0.4},
-                     "lost_most": {"class": "zero", "change": -0.4},
+                     "lost_most": {"class": "zero", "change": -0.4}, "steady": False,
                      "prototypes": [{"id": "P-2", "z": 5.0}, {"id": "P-0", "z": 2.5}]}
     with pytest.raises(WhylookError, match="groups must be"):
         describe_groups(groups[:1], labels, conf)
+
+
+def test_describe_groups_marks_steady_groups() -> None:
+    """A group whose confidences moved by less than a percentage point in every class (a
+    late, saturated transition) still has a largest gain; it is marked steady and no
+    prototype is credited with that gain, however large its z."""
+    conf = np.full((2, 4, 2), 0.5)
+    conf[1, :2] = [0.495, 0.505]  # samples 0-1: +0.005 for class 1
+    conf[1, 2:] = [0.48, 0.52]  # samples 2-3: +0.02
+    groups, labels = np.array([[0, 0, 1, 1]]), np.array([1, 1, 1, 1])
+    fit = (np.ones((3, 2)), np.full((3, 2), 9.0))
+    fits = {(0, 0): fit, (0, 1): fit}
+    still, moved = describe_groups(groups, labels, conf, fits=fits)
+    assert still.steady
+    assert still.gained == pytest.approx((1, 0.005))
+    assert still.drivers == ()
+    assert not moved.steady
+    assert moved.drivers == ((0, 9.0), (1, 9.0), (2, 9.0))
+    assert still.to_json(["a", "b"], [0, 1])["steady"] is True
+    (unfitted,) = describe_groups(groups[:, :2], labels[:2], conf[:, :2])
+    assert unfitted.steady
+    assert unfitted.drivers is None
+    loose = describe_groups(groups, labels, conf, fits=fits, min_change=0.001)
+    assert not any(g.steady for g in loose)
+    assert loose[0].drivers
 
 
 def test_describe_groups_needs_drivers_seen_in_enough_samples() -> None:

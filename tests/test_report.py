@@ -710,19 +710,36 @@ def test_patterns_section_reads_explanation_json_first(small_run: Path) -> None:
         "gained_most": {"class": "b", "change": 0.25},
         "lost_most": {"class": "a", "change": -0.25},
         "prototypes": [{"id": "P-3", "z": 9.5}],
+    }, {  # steady: an older file without the flag, or one that says so
+        "transition": 1, "steps": [0, 0], "group": 8, "size": 30,
+        "made_of": [{"class": "b", "share": 1.0}],
+        "gained_most": {"class": "b", "change": 0.004},
+        "lost_most": {"class": "a", "change": -0.004},
+        "prototypes": [],
     }]
     path.write_text(json.dumps(exp))
     builder = _Builder(load(small_run))
-    (row,) = builder.patterns()["rows"]
+    row, still = builder.patterns()["rows"]
+    assert still["steady"]
+    assert not row["steady"]
+    exp["learning_patterns"][1]["steady"] = True
+    path.write_text(json.dumps(exp))
+    builder = _Builder(load(small_run))
+    row, still = builder.patterns()["rows"]
+    assert still["steady"]
+    assert not row["steady"]
     steps = load(small_run).steps
     assert row["steps"] == f"{steps[1]} → {steps[2]}"
     assert (row["group"], row["size"], row["gain"], row["loss"]) == (7, 12, "b +0.250", "a -0.250")
     assert row["made_of"] == "b (75.0%), a (25.0%)"
     assert row["drivers"] == [{"id": "P-3", "anchor": "proto-3", "z": 9.5}]
-    assert [r["group"] for r in builder.classes()[1]["patterns"]] == [7]
-    assert "P-3</a> (9.5)" in report(small_run).read_text(encoding="utf-8")
+    assert [r["group"] for r in builder.classes()[1]["patterns"]] == [7]  # not steady 8
+    html = report(small_run).read_text(encoding="utf-8")
+    assert "P-3</a> (9.5)" in html
+    assert "steady: no class moved by 0.01" in html
 
     for bad in ({"transition": 1}, {**exp["learning_patterns"][0], "transition": 99},
+                {**exp["learning_patterns"][0], "steady": "no"},
                 {**exp["learning_patterns"][0], "prototypes": [{"id": "P-99", "z": 1.0}]}):
         exp["learning_patterns"] = [bad]
         path.write_text(json.dumps(exp))

@@ -46,6 +46,7 @@ from whylook.intensity import _as_array
 from whylook.structure import prototype_id
 
 __all__ = [
+    "STEADY_CHANGE",
     "GroupSummary",
     "Patterns",
     "cluster",
@@ -276,6 +277,9 @@ def find_patterns(
 # --------------------------------------------------------------------------- describing them
 
 GroupFits = dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]
+#: A learning pattern whose mean confidence change stays below this for every class is
+#: steady (``GroupSummary.steady``): one percentage point of confidence.
+STEADY_CHANGE = 0.01
 
 
 @dataclass(frozen=True)
@@ -292,7 +296,10 @@ class GroupSummary:
             at least the threshold (β > 0), strongest first, among those whose intensity
             changed in enough of the group's samples (see :func:`describe_groups`);
             ``None`` when the group has no fit of its own (smaller than the mapping's
-            minimum group size).
+            minimum group size); empty for a steady group.
+        steady: no class's mean confidence moved by ``min_change`` or more (late in
+            training most samples are saturated and their group still has a largest
+            gain, of +0.001); ``gained`` and ``lost`` are then only rounding-sized.
     """
 
     transition: int
@@ -302,6 +309,7 @@ class GroupSummary:
     gained: tuple[int, float]
     lost: tuple[int, float]
     drivers: tuple[tuple[int, float], ...] | None
+    steady: bool = False
 
     def to_json(self, classes: list[str], steps: list[int]) -> dict[str, object]:
         """The entry of ``explanation.json``'s ``learning_patterns`` (class names, the
@@ -317,6 +325,7 @@ class GroupSummary:
                         for c, share in self.made_of],
             "gained_most": {"class": classes[self.gained[0]], "change": round(self.gained[1], 6)},
             "lost_most": {"class": classes[self.lost[0]], "change": round(self.lost[1], 6)},
+            "steady": self.steady,
             "prototypes": None if self.drivers is None else [
                 {"id": prototype_id(k), "z": round(z, 3)} for k, z in self.drivers],
         }
@@ -331,6 +340,7 @@ def describe_groups(
     intensity: object | None = None,
     z_threshold: float = 2.0,
     min_changed: float = 0.1,
+    min_change: float = STEADY_CHANGE,
     top: int = 3,
 ) -> tuple[GroupSummary, ...]:
     """What each learning pattern is: its make-up, the class it gained most and lost most
@@ -348,6 +358,8 @@ def describe_groups(
             z alone cannot tell it from signal. Samples whose Grad-CAM map is blank at both
             ends (Step 6's "learning unseen") change no intensity at all.
         z_threshold: the bootstrap z a driver needs; top: classes and drivers listed.
+        min_change: a group whose mean confidence change stays below this for every
+            class is ``steady``: it gained nothing worth a driver.
 
     >>> import numpy as np
     >>> conf = np.array([[[0.5, 0.5]] * 4, [[0.9, 0.1]] * 2 + [[0.5, 0.5]] * 2])
@@ -384,8 +396,11 @@ def describe_groups(
             made_of = tuple((int(c), float(counts[c] / rows.sum()))
                             for c in np.argsort(-counts, kind="stable")[:top] if counts[c])
             fit = None if fits is None else fits.get((t, int(g)))
-            drivers = None
-            if fit is not None:
+            steady = bool(np.abs(mean).max() < min_change)
+            drivers: tuple[tuple[int, float], ...] | None = None
+            if fit is not None and steady:
+                drivers = ()
+            elif fit is not None:
                 beta, z = fit
                 enough = (np.ones(z.shape[0], bool) if moved is None else
                           moved[t][rows].sum(axis=0) >= max(5, min_changed * rows.sum()))
@@ -395,5 +410,5 @@ def describe_groups(
                                 and enough[k])[:top]
             out.append(GroupSummary(t, int(g), int(rows.sum()), made_of,
                                     (gain, float(mean[gain])), (loss, float(mean[loss])),
-                                    drivers))
+                                    drivers, steady))
     return tuple(out)

@@ -549,14 +549,15 @@ class _Builder:
         return result
 
     @functools.cached_property
-    def _pattern_rows(self) -> tuple[list[dict[str, Any]], list[list[tuple[int, int]]]]:
+    def _pattern_rows(self) -> tuple[list[dict[str, Any]], list[list[tuple[int, int | None]]]]:
         """Every learning-pattern group as a table row, and per transition the groups'
-        ``(size, class gained most)`` for the figure (both empty without ``groups``).
+        ``(size, class gained most or None when steady)`` for the figure (both empty
+        without ``groups``).
 
         From ``explanation.json``'s ``learning_patterns``; an analysis written before that
         field gets the same description from its arrays (without drivers if it lacks the
         group fits)."""
-        from whylook.patterns import describe_groups
+        from whylook.patterns import STEADY_CHANGE, describe_groups
 
         inp = self.inp
         entries = self.exp.get("learning_patterns")
@@ -567,42 +568,48 @@ class _Builder:
                 self.a["groups"], self.labels, self.a["confidence"], fits=self._group_fits(),
                 intensity=self.a.get("intensity"), z_threshold=self.z_threshold)]
         rows: list[dict[str, Any]] = []
-        sizes: list[list[tuple[int, int]]] = [[] for _ in self.end_steps]
+        sizes: list[list[tuple[int, int | None]]] = [[] for _ in self.end_steps]
         for e in entries:
             t, size = int(e["transition"]), int(e["size"])
             gain, loss = e["gained_most"], e["lost_most"]
             gain_class = inp.class_index(gain["class"])
             made_of = [(c["class"], c["share"]) for c in e["made_of"]]
             protos = e.get("prototypes")
+            steady = bool(e.get("steady", max(gain["change"], -loss["change"]) < STEADY_CHANGE))
             rows.append({
                 "steps": f"{inp.steps[t]} → {inp.steps[t + 1]}", "group": int(e["group"]),
                 "size": size, "share": _pct(size / len(self.labels)),
                 "made_of": ", ".join(f"{c} ({_pct(share)})" for c, share in made_of),
                 "most_of": inp.class_index(made_of[0][0]) if made_of else None,
                 "gain_class": gain_class, "gain_value": float(gain["change"]),
+                "steady": steady,
                 "gain": f"{gain['class']} {gain['change']:+.3f}",
                 "loss": f"{loss['class']} {loss['change']:+.3f}",
                 "drivers": None if protos is None else [
                     {"id": d["id"], "anchor": f"proto-{inp.proto_index(d['id'])}",
                      "z": float(d["z"])} for d in protos],
             })
-            sizes[t].append((size, gain_class))
+            sizes[t].append((size, None if steady else gain_class))
         return rows, sizes
 
     def _patterns_of(self, ci: int) -> list[dict[str, Any]]:
         """The groups mostly of class ``ci`` that gained most in it, largest gain first (a
-        few). Mixed groups whose largest gain is a class's are left out: a group where
-        nothing much moved (late in training) still has a largest gain, of +0.001."""
+        few). Mixed groups whose largest gain is a class's are left out, and steady ones:
+        a group where nothing much moved (late in training) still has a largest gain, of
+        +0.001."""
         rows = [r for r in self._pattern_rows[0]
-                if r["gain_class"] == ci and r["most_of"] == ci]
+                if r["gain_class"] == ci and r["most_of"] == ci and not r["steady"]]
         return sorted(rows, key=lambda r: -r["gain_value"])[:_CLASS_PATTERNS]
 
     def patterns(self) -> dict[str, Any]:
         """Steps 4-5 per transition: each HDBSCAN group, what its confidences did, and the
         prototypes its own ridge fit credits with the confidence it gained most."""
+        from whylook.patterns import STEADY_CHANGE
+
         rows, sizes = self._pattern_rows
         result: dict[str, Any] = {"rows": rows, "figure": None, "note": None,
-                                  "z": self.z_threshold}
+                                  "z": self.z_threshold,
+                                  "steady_min": f"{STEADY_CHANGE:g}"}
         described = "learning_patterns" in self.exp
         if not rows:
             result["note"] = (

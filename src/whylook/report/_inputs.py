@@ -132,6 +132,7 @@ def _learning_pattern_ok(e: Any) -> bool:
         and all(isinstance(c, dict) and "class" in c and isinstance(c.get("share"), number)
                 for c in e["made_of"])
         and change(e.get("gained_most")) and change(e.get("lost_most"))
+        and isinstance(e.get("steady", False), bool)
         and (e.get("prototypes") is None or (
             isinstance(e["prototypes"], list)
             and all(isinstance(d, dict) and "id" in d and isinstance(d.get("z"), number)

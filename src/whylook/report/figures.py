@@ -336,13 +336,14 @@ def learning_timeline(
 
 def pattern_groups(
     end_steps: Sequence[int],
-    groups: Sequence[Sequence[tuple[int, int]]],
+    groups: Sequence[Sequence[tuple[int, int | None]]],
     n: int,
     classes: Sequence[str],
 ) -> bytes:
     """The learning-pattern groups of each transition as one stacked bar: noise in grey at
     the bottom, then each group, largest first, coloured by the class it gained confidence
-    in most (``groups[t]``: ``(size, class index)`` per group)."""
+    in most, hatched grey when it is steady (``groups[t]``: ``(size, class index or None
+    for a steady group)`` per group)."""
     from matplotlib.patches import Patch
 
     with _figure(7.5, 3.2) as fig:
@@ -353,8 +354,13 @@ def pattern_groups(
         bottom = np.array(noise, dtype=float)
         colour = matplotlib.colormaps["tab10"]
         seen: dict[int, None] = {}
+        steady = {"facecolor": "0.97", "edgecolor": "0.6", "hatch": "///"}
         for t, bars in enumerate(groups):
             for size, c in bars:
+                if c is None:
+                    ax.bar(t, size, bottom=bottom[t], width=0.8, linewidth=0.5, **steady)
+                    bottom[t] += size
+                    continue
                 ax.bar(t, size, bottom=bottom[t], width=0.8, color=colour(c % 10),
                        edgecolor="white", linewidth=0.5)
                 if size >= 0.07 * n:  # a label only where it fits inside its segment
@@ -364,6 +370,8 @@ def pattern_groups(
                 seen[c] = None
         handles = [Patch(color="0.85", label="noise")] + [
             Patch(color=colour(c % 10), label=_short(classes[c])) for c in sorted(seen)[:12]]
+        if any(c is None for bars in groups for _, c in bars):
+            handles.insert(1, Patch(label="steady", **steady))
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7,
                   frameon=False, title="gained most", title_fontsize=7)
         ax.set_xticks(x, [f"→{s}" for s in end_steps], fontsize=7)
