@@ -10,6 +10,7 @@ two seeds of the full fit agree with each other.
     python benchmarks/bench_kmeans.py RUN                       # n = 2000, seeds 0-4
     python benchmarks/bench_kmeans.py RUN --n 4000 --seeds 3 --out results/kmeans.json
     python benchmarks/bench_kmeans.py RUN --n-init 3      # and with 3 k-means++ starts
+    python benchmarks/bench_kmeans.py RUN --lloyd         # and with Lloyd's algorithm
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n-init", type=int, default=1,
                     help="also fit part + refinement with this many k-means++ starts")
+    ap.add_argument("--lloyd", action="store_true",
+                    help="also fit part + refinement with scikit-learn's Lloyd algorithm "
+                         "instead of Elkan's (the default)")
     ap.add_argument("--out", type=Path, default=None, help="JSON result path")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -66,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "part + refinement (default)": {}}
     if args.n_init > 1:
         variants[f"part + refinement, n_init={args.n_init}"] = {"n_init": args.n_init}
+    if args.lloyd:
+        variants["part + refinement, Lloyd"] = {"algorithm": "lloyd"}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     labels: dict[tuple[str, int], np.ndarray] = {}
     z: np.ndarray | None = None
@@ -97,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ari_between_seeds_full": agreement(full, full),
         "ari_same_seed_part_vs_full": agreement(full, part),
         "ari_between_seeds": {name: agreement(name, name) for name in variants},
+        "ari_same_seed_vs_default": {name: agreement(part, name) for name in variants
+                                     if name not in (full, part)},
     }
     lines = [f"K-Means on {z.shape[0]} vectors (n = {args.n}, p = {z.shape[1]}, K = {args.k}), "
              f"{args.threads} thread(s), seeds 0-{args.seeds - 1}:", "",
@@ -111,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines += ["", "Adjusted Rand index between seeds, per K-Means: " + "; ".join(
         f"{name}: mean {np.mean(v):.3f} ({min(v):.3f} - {max(v):.3f})"
         for name, v in res["ari_between_seeds"].items()) + "."]
+    if res["ari_same_seed_vs_default"]:
+        lines += ["", "The same seed against the default: " + "; ".join(
+            f"{name}: mean {np.mean(v):.3f} ({min(v):.3f} - {max(v):.3f})"
+            for name, v in res["ari_same_seed_vs_default"].items()) + "."]
     print("\n".join(lines))
     if args.out:
         args.out.write_text(json.dumps(res, indent=1))

@@ -260,8 +260,29 @@ def test_k_auto_starts_the_refinement_from_the_chosen_candidate(kmeans_rows, mon
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"init_vectors": 1}, "init_vectors"), ({"init_vectors": 2.5}, "init_vectors"),
-     ({"refine_iter": 0}, "refine_iter")],
+     ({"refine_iter": 0}, "refine_iter"), ({"algorithm": "full"}, "algorithm")],
 )
 def test_bad_kmeans_settings(kwargs: dict, message: str) -> None:
     with pytest.raises(WhylookError, match=message):
         PrototypeFinder(k=4, **kwargs)
+
+
+def test_elkan_and_lloyd_run_the_same_iterations(kmeans_rows, monkeypatch) -> None:
+    """Elkan (the default) only skips distance computations that cannot change an
+    assignment: on planted clusters it gives Lloyd's centres, and it is what runs."""
+    import whylook.prototypes as prototypes
+
+    algorithms: list[str] = []
+
+    class Spy(prototypes.KMeans):  # kmeans_rows has already replaced KMeans with its spy
+        def fit(self, X, y=None, sample_weight=None):
+            algorithms.append(self.algorithm)
+            return super().fit(X, y, sample_weight)
+
+    monkeypatch.setattr(prototypes, "KMeans", Spy)
+    feats, _, _ = _planted(200)
+    elkan = PrototypeFinder(k=4, seed=0, init_vectors=100).fit([feats])
+    assert algorithms == ["elkan", "elkan"]
+    lloyd = PrototypeFinder(k=4, seed=0, init_vectors=100, algorithm="lloyd").fit([feats])
+    assert algorithms[2:] == ["lloyd", "lloyd"]
+    np.testing.assert_allclose(elkan.centers, lloyd.centers, rtol=1e-6, atol=1e-6)

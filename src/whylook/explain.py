@@ -417,6 +417,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     from whylook.patterns import describe_groups, find_patterns
     from whylook.prototypes import (
         INIT_VECTORS,
+        KMEANS_ALGORITHM,
         REFINE_ITER,
         PrototypeFinder,
         Prototypes,
@@ -486,7 +487,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     # them another way are recomputed, not reused (the saliency shards stay valid).
     proto_key = _digest({**common, "ckpt": digests[-1], "rows": _digest(proto_rows.tolist()),
                          "k": k_value, "p": settings.n_components, "seed": settings.seed,
-                         "kmeans": [INIT_VECTORS, REFINE_ITER]})
+                         "kmeans": [INIT_VECTORS, REFINE_ITER, KMEANS_ALGORITHM]})
     proto_file = cache / f"prototypes-{proto_key[:20]}.npz"
     cached = _load_cached(proto_file)
     prototypes = None if cached is None else Prototypes.from_arrays(cached)
