@@ -30,6 +30,7 @@ can be split by transition (:func:`ridge_fit` on one transition).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -204,7 +205,7 @@ def _bootstrap(
     draws = rng.integers(0, n, size=(n_boot, n)) + (np.arange(n_boot) * n)[:, None]
     weights = np.bincount(draws.ravel(), minlength=n_boot * n).reshape(n_boot, n).astype(float)
     # Only the upper triangle of each Gram matrix is computed (it is symmetric).
-    iu, ju = np.triu_indices(k)
+    iu, ju = _triu(k)
     gram_u = np.zeros((n_boot, iu.size))
     cross = np.zeros((n_boot, k * m))
     # Chunk the per-sample products so they stay within a fixed memory budget.
@@ -226,6 +227,15 @@ def _bootstrap(
         return np.linalg.pinv(gram) @ cross
 
 
+@functools.lru_cache(maxsize=8)
+def _triu(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.triu_indices(k)``, read-only and computed once per K (~150 fits share it)."""
+    iu, ju = np.triu_indices(k)
+    iu.flags.writeable = False
+    ju.flags.writeable = False
+    return iu, ju
+
+
 def _upper_products(p: np.ndarray) -> np.ndarray:
     """``(rows, k(k+1)/2)`` products ``p[:, i] * p[:, j]`` for ``i <= j`` in
     ``np.triu_indices`` order, bit for bit either way. On many rows, one slice per ``i``
@@ -234,7 +244,7 @@ def _upper_products(p: np.ndarray) -> np.ndarray:
     ms, where the k calls' overhead dominates)."""
     k = p.shape[1]
     if p.shape[0] < 512:
-        iu, ju = np.triu_indices(k)
+        iu, ju = _triu(k)
         return p[:, iu] * p[:, ju]
     out = np.empty((p.shape[0], k * (k + 1) // 2))
     at = 0
