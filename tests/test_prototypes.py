@@ -267,14 +267,14 @@ def test_bad_kmeans_settings(kwargs: dict, message: str) -> None:
         PrototypeFinder(k=4, **kwargs)
 
 
-def test_elkan_and_lloyd_run_the_same_iterations(kmeans_rows, monkeypatch) -> None:
+def test_elkan_and_lloyd_run_the_same_iterations(monkeypatch) -> None:
     """Elkan (the default) only skips distance computations that cannot change an
     assignment: on planted clusters it gives Lloyd's centres, and it is what runs."""
     import whylook.prototypes as prototypes
 
     algorithms: list[str] = []
 
-    class Spy(prototypes.KMeans):  # kmeans_rows has already replaced KMeans with its spy
+    class Spy(prototypes.KMeans):
         def fit(self, X, y=None, sample_weight=None):
             algorithms.append(self.algorithm)
             return super().fit(X, y, sample_weight)
