@@ -53,6 +53,7 @@ __all__ = [
     "default_min_cluster_size",
     "describe_groups",
     "find_patterns",
+    "is_steady",
 ]
 
 
@@ -282,6 +283,16 @@ GroupFits = dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]
 STEADY_CHANGE = 0.01
 
 
+def is_steady(gained: float, lost: float, min_change: float = STEADY_CHANGE) -> bool:
+    """Whether a group whose largest mean confidence gain is ``gained`` and largest loss
+    ``lost`` (negative) is steady: no class moved by ``min_change``.
+
+    >>> is_steady(0.004, -0.002), is_steady(0.004, -0.02)
+    (True, False)
+    """
+    return bool(max(gained, -lost) < min_change)
+
+
 @dataclass(frozen=True)
 class GroupSummary:
     """One learning pattern: HDBSCAN group ``group`` of transition ``transition``.
@@ -396,7 +407,7 @@ def describe_groups(
             made_of = tuple((int(c), float(counts[c] / rows.sum()))
                             for c in np.argsort(-counts, kind="stable")[:top] if counts[c])
             fit = None if fits is None else fits.get((t, int(g)))
-            steady = bool(np.abs(mean).max() < min_change)
+            steady = is_steady(float(mean[gain]), float(mean[loss]), min_change)
             drivers: tuple[tuple[int, float], ...] | None = None
             if fit is not None and steady:
                 drivers = ()

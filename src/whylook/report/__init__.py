@@ -557,7 +557,7 @@ class _Builder:
         From ``explanation.json``'s ``learning_patterns``; an analysis written before that
         field gets the same description from its arrays (without drivers if it lacks the
         group fits)."""
-        from whylook.patterns import STEADY_CHANGE, describe_groups
+        from whylook.patterns import describe_groups, is_steady
 
         inp = self.inp
         entries = self.exp.get("learning_patterns")
@@ -575,7 +575,7 @@ class _Builder:
             gain_class = inp.class_index(gain["class"])
             made_of = [(c["class"], c["share"]) for c in e["made_of"]]
             protos = e.get("prototypes")
-            steady = bool(e.get("steady", max(gain["change"], -loss["change"]) < STEADY_CHANGE))
+            steady = bool(e.get("steady", is_steady(gain["change"], loss["change"])))
             rows.append({
                 "steps": f"{inp.steps[t]} → {inp.steps[t + 1]}", "group": int(e["group"]),
                 "size": size, "share": _pct(size / len(self.labels)),

@@ -357,17 +357,14 @@ def pattern_groups(
         steady = {"facecolor": "0.97", "edgecolor": "0.6", "hatch": "///"}
         for t, bars in enumerate(groups):
             for size, c in bars:
-                if c is None:
-                    ax.bar(t, size, bottom=bottom[t], width=0.8, linewidth=0.5, **steady)
-                    bottom[t] += size
-                    continue
-                ax.bar(t, size, bottom=bottom[t], width=0.8, color=colour(c % 10),
-                       edgecolor="white", linewidth=0.5)
-                if size >= 0.07 * n:  # a label only where it fits inside its segment
-                    ax.text(t, bottom[t] + size / 2, _short(classes[c], 8), ha="center",
-                            va="center", fontsize=7, color="white")
+                style = steady if c is None else {"color": colour(c % 10), "edgecolor": "white"}
+                ax.bar(t, size, bottom=bottom[t], width=0.8, linewidth=0.5, **style)
+                if c is not None:
+                    if size >= 0.07 * n:  # a label only where it fits inside its segment
+                        ax.text(t, bottom[t] + size / 2, _short(classes[c], 8), ha="center",
+                                va="center", fontsize=7, color="white")
+                    seen[c] = None
                 bottom[t] += size
-                seen[c] = None
         handles = [Patch(color="0.85", label="noise")] + [
             Patch(color=colour(c % 10), label=_short(classes[c])) for c in sorted(seen)[:12]]
         if any(c is None for bars in groups for _, c in bars):
