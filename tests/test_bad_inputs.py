@@ -443,6 +443,9 @@ CASES: dict[str, Case] = {
     "support-unknown": ("whylook explain", lambda c: c.explain(c.run(), "--support", "local")),
     "shard-size-zero": ("explain()", lambda c: _explain_api(c, shard_size=0)),
     "bootstrap-one": ("explain()", lambda c: _explain_api(c, bootstrap=1)),
+    "standard-errors-unknown": (
+        "whylook explain", lambda c: c.explain(c.run(), "--standard-errors", "exact")
+    ),
     "ridge-lambda-negative": ("explain()", lambda c: _explain_api(c, ridge_lambda=-1.0)),
     "min-cluster-size-one": ("explain()", lambda c: _explain_api(c, min_cluster_size=1)),
     "train-too-many-checkpoints": (

@@ -1,4 +1,4 @@
-"""Step 5: ridge mapping with CV lambda and bootstrap z-scores."""
+"""Step 5: ridge mapping with CV lambda and jackknife or bootstrap z-scores."""
 
 from __future__ import annotations
 
@@ -50,22 +50,82 @@ def test_cv_agrees_with_sklearn_ridgecv() -> None:
     np.testing.assert_allclose(fit.beta, ref.coef_.T, rtol=1e-8, atol=1e-10)
 
 
-def test_bootstrap_separates_signal_from_noise() -> None:
-    rng = np.random.default_rng(3)
-    n, k, m = 400, 6, 3
+def _planted(seed: int = 3, n: int = 400, k: int = 6, m: int = 3) -> tuple[np.ndarray, ...]:
+    """One planted effect (prototype 2 -> class 1) in noise whose size varies by sample."""
+    rng = np.random.default_rng(seed)
     pi = rng.normal(size=(n, k))
     true = np.zeros((k, m))
-    true[2, 1] = 0.5  # the one planted effect
-    c = pi @ true + rng.normal(0, 1.0, (n, m))
-    fit = ridge_fit(pi, c, n_boot=200, seed=0)
+    true[2, 1] = 0.5
+    noise = rng.normal(0, 1.0, (n, m)) * (0.5 + np.abs(pi[:, :1]))  # heteroskedastic
+    return pi, pi @ true + noise
+
+
+@pytest.mark.parametrize("method", ["jackknife", "bootstrap"])
+def test_standard_errors_separate_signal_from_noise(method: str) -> None:
+    pi, c = _planted()
+    m = c.shape[1]
+    fit = ridge_fit(pi, c, standard_errors=method, n_boot=200, seed=0)  # type: ignore[arg-type]
     assert fit.z[2, 1] > 6
     null = np.delete(fit.z.ravel(), 2 * m + 1)
     assert np.abs(null).max() < 3.5
     np.testing.assert_allclose(fit.z, fit.beta / fit.beta_se)
-    # Deterministic for a seed, different for another.
-    again = ridge_fit(pi, c, n_boot=200, seed=0)
+    again = ridge_fit(pi, c, standard_errors=method, n_boot=200, seed=0)  # type: ignore[arg-type]
     np.testing.assert_array_equal(again.beta_se, fit.beta_se)
-    assert not np.array_equal(ridge_fit(pi, c, n_boot=200, seed=1).beta_se, fit.beta_se)
+    other = ridge_fit(pi, c, standard_errors=method, n_boot=200, seed=1)  # type: ignore[arg-type]
+    # The bootstrap depends on its seed; the jackknife has none.
+    assert np.array_equal(other.beta_se, fit.beta_se) == (method == "jackknife")
+
+
+@pytest.mark.parametrize("lam", [0.0, 3.0, "cv"])
+def test_jackknife_is_the_delete_one_refits(lam: float | str) -> None:
+    """The closed form equals n explicit refits without one sample each, at the fit's lambda."""
+    pi, c = _planted(seed=7, n=60, k=5, m=2)
+    fit = ridge_fit(pi, c, lam=lam)  # type: ignore[arg-type]
+    n, k = pi.shape
+    refits = np.stack([
+        np.linalg.solve(np.delete(pi, i, 0).T @ np.delete(pi, i, 0) + fit.lam * np.eye(k),
+                        np.delete(pi, i, 0).T @ np.delete(c, i, 0))
+        for i in range(n)
+    ])
+    expected = np.sqrt((n - 1) / n * ((refits - refits.mean(axis=0)) ** 2).sum(axis=0))
+    np.testing.assert_allclose(fit.beta_se, expected, rtol=1e-9)
+
+
+def test_jackknife_agrees_with_a_long_bootstrap() -> None:
+    """Both estimate the same sampling noise: with 4000 resamples the bootstrap's own noise
+    is ~1%, and the jackknife's leverage correction adds ~k/n on top."""
+    pi, c = _planted()
+    jack = ridge_fit(pi, c).beta_se
+    boot = ridge_fit(pi, c, standard_errors="bootstrap", n_boot=4000, seed=0).beta_se
+    ratio = jack / boot
+    assert ratio.min() > 0.95, ratio
+    assert ratio.max() < 1.1, ratio
+
+
+def test_a_coefficient_one_sample_carries_is_not_significant() -> None:
+    """Leaving that sample out removes the coefficient, so the jackknife puts its z near 1
+    whatever its size; a bootstrap resample holds the sample or not, z ~ 2.07."""
+    rng = np.random.default_rng(9)
+    n = 300
+    pi = rng.normal(size=(n, 3))
+    pi[:, 2] = 0.0
+    pi[0, 2] = 5.0  # only sample 0 ever changed its attention to prototype 2
+    c = pi[:, :1] * 0.3 + rng.normal(0, 0.1, (n, 1))
+    c[0] += 4.0
+    jack = ridge_fit(pi, c, lam=0.01)
+    boot = ridge_fit(pi, c, lam=0.01, standard_errors="bootstrap", n_boot=400, seed=0)
+    assert jack.beta[2, 0] > 0.5
+    assert 0.9 < jack.z[2, 0] < 1.1
+    assert 1.8 < boot.z[2, 0] < 2.4
+    assert jack.z[0, 0] > 10  # the real effect stays clear
+    # Without shrinkage that sample alone fixes the coefficient, and the fit without it
+    # is not unique (the update formula would divide by zero): it is refitted, and the
+    # minimum-norm solution, which puts 0 there, gives the same reading.
+    free = ridge_fit(pi, c, lam=0.0)
+    assert free.beta[2, 0] > 0.5
+    assert 0.9 < free.z[2, 0] < 1.1
+    assert np.isfinite(free.beta_se).all()
+    assert free.z[0, 0] > 10
 
 
 def test_constant_prototype_gets_zero_z() -> None:
@@ -102,7 +162,7 @@ def test_fit_mapping_groups_and_skips() -> None:
     # Transition t alone gives the same fit as inside fit_mapping (seeded per transition).
     alone = ridge_fit(dp[1], dy[1], n_boot=30, seed=[0, 1, 0])
     np.testing.assert_allclose(mp.beta_se[1], alone.beta_se, rtol=1e-6)
-    fixed = fit_mapping(dp, dy, lam=2.0, n_boot=0)
+    fixed = fit_mapping(dp, dy, lam=2.0, standard_errors="none")
     assert fixed.lambda_mode == "fixed"
     np.testing.assert_array_equal(fixed.lambdas, [2.0, 2.0])
     assert np.isnan(fixed.z).all()
@@ -159,6 +219,12 @@ def test_bad_input() -> None:
         ridge_fit(dp[0], np.zeros((10, 2)), lam=-1.0)
     with pytest.raises(WhylookError, match="n_boot"):
         ridge_fit(dp[0], np.zeros((10, 2)), n_boot=1)
+    for call in (lambda: ridge_fit(dp[0], np.zeros((10, 2)), standard_errors="exact"),
+                 lambda: fit_mapping(dp, np.zeros((2, 10, 4)), standard_errors="hc3"),
+                 lambda: fit_class_mapping(dp, np.zeros((2, 10, 4)), np.zeros(10, int),
+                                           standard_errors=None)):
+        with pytest.raises(WhylookError, match="standard_errors must be one of"):
+            call()  # type: ignore[arg-type]
     with pytest.raises(WhylookError, match="groups"):
         fit_mapping(dp, np.zeros((2, 10, 4)), groups=np.zeros((2, 9), int))
     bad = dp.copy()
@@ -193,8 +259,9 @@ def test_explain_stores_every_group_fit(tmp_path_factory) -> None:
         assert a[name].dtype == np.float32, name
     assert load_explanation(run).data["mapping"]["group_fits"] == g_count
     refit = fit_mapping(delta(a["intensity"]), delta(a["confidence"]), groups=a["groups"],
-                        lam=settings["ridge_lambda"], n_boot=settings["bootstrap"],
-                        seed=settings["seed"])
+                        lam=settings["ridge_lambda"],
+                        standard_errors=settings["standard_errors"],
+                        n_boot=settings["bootstrap"], seed=settings["seed"])
     for name, values in refit.group_arrays().items():
         np.testing.assert_array_equal(a[name], values, err_msg=name)
     t, g, _ = expected[-1]

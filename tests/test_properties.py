@@ -365,6 +365,7 @@ ALTERNATIVES = {
     "ridge_lambda": st.one_of(st.just("cv"), st.floats(allow_nan=True, allow_infinity=True),
                               st.text(max_size=3)),
     "bootstrap": st.one_of(st.integers(-1, 4), ODD),
+    "standard_errors": st.sampled_from(["jackknife", "bootstrap", "none", ""]),
     "support": st.sampled_from(["global+class", "class", "global", "other"]),
     "subgroups": st.sampled_from(["trajectory+profile", "trajectory", "other"]),
 }

@@ -165,6 +165,11 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
         "corrected threshold), global (the paper's fit alone) or class",
     )
     p.add_argument(
+        "--standard-errors", default=None,
+        help="how the ridge coefficients' noise is measured: jackknife (default; exact, "
+        "no seed) or bootstrap (100 resamples, as before 2026-12-05)",
+    )
+    p.add_argument(
         "--batch-size", type=int, default=None,
         help="samples per Grad-CAM pass (default 256; lower it if memory runs out)",
     )
@@ -184,6 +189,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         overrides["support"] = args.support
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
+    if args.standard_errors is not None:
+        overrides["standard_errors"] = args.standard_errors
     settings = ExplainSettings(**overrides) if overrides else None
     result = explain(
         args.run,

@@ -72,6 +72,10 @@ class ExplainSettings:
     n_components: int | None = None
     min_cluster_size: int | None = None
     ridge_lambda: float | str = "cv"
+    # docs/METHOD-NOTES.md, Step 5: how β's noise is measured, the exact jackknife by
+    # default; "bootstrap" draws `bootstrap` resamples instead (the default before
+    # 2026-12-05, and 10x slower).
+    standard_errors: str = "jackknife"
     bootstrap: int = 100
     # docs/METHOD-NOTES.md: "support for class c", weighted by class c's learning phase,
     # from the global beta and the class-conditional ridge fits, whichever has the larger
@@ -382,6 +386,10 @@ def _check_settings(s: ExplainSettings) -> None:
             raise WhylookError(f"{name} must be a whole number >= {low}, not {value!r}")
     if not (whole(s.bootstrap) and (s.bootstrap == 0 or s.bootstrap >= 2)):
         raise WhylookError(f"bootstrap must be 0 or a whole number >= 2, not {s.bootstrap!r}")
+    if s.standard_errors not in ("jackknife", "bootstrap"):
+        raise WhylookError(
+            f"standard_errors must be 'jackknife' or 'bootstrap', not {s.standard_errors!r}"
+        )
     lam = s.ridge_lambda
     if not (isinstance(lam, str) and lam == "cv") and not (
         isinstance(lam, int | float | np.number) and not isinstance(lam, bool)
@@ -632,7 +640,8 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     d_intensity, d_confidence = inten.delta(intensity), inten.delta(confidence)
     mapping = fit_mapping(
         d_intensity, d_confidence, groups=patterns.groups,
-        lam=settings.ridge_lambda, n_boot=settings.bootstrap, seed=settings.seed, n_jobs=n_jobs,
+        lam=settings.ridge_lambda, standard_errors=settings.standard_errors,
+        n_boot=settings.bootstrap, seed=settings.seed, n_jobs=n_jobs,
     )
     class_mapping = None
     support_fits = []
@@ -641,7 +650,9 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         support_fits.append((mapping.beta, mapping.beta_se))
     if "class" in readings:
         class_mapping = fit_class_mapping(d_intensity, d_confidence, labels,
-                                          lam=settings.ridge_lambda, n_boot=settings.bootstrap,
+                                          lam=settings.ridge_lambda,
+                                          standard_errors=settings.standard_errors,
+                                          n_boot=settings.bootstrap,
                                           seed=settings.seed, n_jobs=n_jobs)
         support_fits.append((class_mapping.beta, class_mapping.beta_se))
 
@@ -721,6 +732,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
             "explained_variance": round(float(np.sum(prototypes.explained_variance_ratio)), 6),
             "min_cluster_size": int(patterns.min_cluster_size),
             "ridge_lambda": settings.ridge_lambda,
+            "standard_errors": settings.standard_errors,
             "bootstrap": int(settings.bootstrap),
             "support": settings.support,
             "support_threshold": round(structure.support_threshold, 6),
@@ -764,7 +776,9 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
                     "lambda_mode": mapping.lambda_mode,
                     "cv_r2": [None if not np.isfinite(r) else round(float(r), 6)
                               for r in mapping.cv_r2],
-                    "bootstrap": int(mapping.n_boot),
+                    "standard_errors": mapping.standard_errors,
+                    "bootstrap": int(mapping.n_boot) if mapping.standard_errors == "bootstrap"
+                    else 0,
                     "group_fits": len(mapping.group_fits),
                     "skipped_groups": len(mapping.skipped_groups)},
         "versions": {"whylook": __version__, "torch": torch.__version__,

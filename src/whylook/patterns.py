@@ -303,7 +303,7 @@ class GroupSummary:
         gained, lost: ``(class, change)``: the class whose confidence rose most (fell
             most) on average over its samples, and that mean change.
         drivers: ``((prototype, z), ...)``: from the group's own ridge fit, the prototypes
-            whose extra attention raised the confidence in ``gained`` at a bootstrap z of
+            whose extra attention raised the confidence in ``gained`` at a z of
             at least the threshold (β > 0), strongest first, among those whose intensity
             changed in enough of the group's samples (see :func:`describe_groups`);
             ``None`` when the group has no fit of its own (smaller than the mapping's
@@ -365,10 +365,12 @@ def describe_groups(
         intensity: ``(T+1, n, K)`` prototype intensities. A driver's intensity must change
             in at least ``min_changed`` of the group's samples (and in 5): a coefficient
             that one sample carries gets a bootstrap z of about 2.07 whatever its size
-            (the resamples either hold that sample or not), two samples about 2.9, so the
-            z alone cannot tell it from signal. Samples whose Grad-CAM map is blank at both
-            ends (Step 6's "learning unseen") change no intensity at all.
-        z_threshold: the bootstrap z a driver needs; top: classes and drivers listed.
+            (the resamples either hold that sample or not), two samples about 2.9, so
+            with bootstrap standard errors the z alone cannot tell it from signal (the
+            default jackknife puts it near 1; the condition guards either way). Samples
+            whose Grad-CAM map is blank at both ends (Step 6's "learning unseen") change
+            no intensity at all.
+        z_threshold: the z a driver needs; top: classes and drivers listed.
         min_change: a group whose mean confidence change stays below this for every
             class is ``steady``: it gained nothing worth a driver.
 

@@ -2,7 +2,8 @@
 
 The paper describes shared, specialized and uncertain prototypes and the learning order
 informally. This module pins each one down as a rule over arrays, and every rule that
-reads β separates signal from noise with the bootstrap standard errors of Step 5:
+reads β separates signal from noise with the standard errors of Step 5 (jackknife by
+default):
 
 * **active** – prototype ``k`` is active in sample ``i`` when its *activity* (see
   :func:`whylook.intensity.activity`) is at least ``active_threshold``: by default its
@@ -12,7 +13,7 @@ reads β separates signal from noise with the bootstrap standard errors of Step 
 * **support** – the evidence that more attention to ``k`` raised the confidence in class
   ``c`` *while class c was being learned*: ``Σ_t w_t β^t[k, c] / Σ_t w_t`` with
   ``w_t`` the mean rise of class ``c``'s own confidence over its samples at transition
-  ``t`` (falls count as 0), and a z-score from the per-step bootstrap standard errors.
+  ``t`` (falls count as 0), and a z-score from the per-step standard errors.
   A plain sum over all transitions mixes phases: early on, when the model cannot yet
   tell classes apart, β trades weight between co-occurring prototypes and its signs are
   unstable; the transitions in which a class is learned are the ones that say what the
@@ -33,7 +34,7 @@ reads β separates signal from noise with the bootstrap standard errors of Step 
 * **uncertain** prototypes – for a prototype active in both classes of a pair, the class
   it significantly favours changes at least ``min_swings`` times across the checkpoints.
   It favours ``a`` at checkpoint t when its support accumulated so far,
-  ``Σ_{s<t} (β^s[k, a] − β^s[k, b])``, is at least ``z_threshold`` bootstrap standard
+  ``Σ_{s<t} (β^s[k, a] − β^s[k, b])``, is at least ``z_threshold`` standard
   errors above zero (and ``b`` when below). Per-transition coefficients flip sign often as
   co-occurring prototypes trade weight; only a flip of the accumulated lead is a
   sustained change of which class the prototype serves.
@@ -321,7 +322,7 @@ def assemble(
             final checkpoint (:func:`whylook.intensity.activity` under
             ``settings.active_rule``).
         confidence: (T+1, n, M) softmax confidences at each checkpoint.
-        beta, beta_se: (T, K, M) ridge coefficients and their bootstrap standard errors.
+        beta, beta_se: (T, K, M) ridge coefficients and their standard errors.
         class_groups: (n,) the per-class sub-group of each sample (-1 is noise).
         support_fits: the fits "support for class c" is read from, each a pair
             ``(beta, se)`` of shape (T, K, M), e.g. the class-conditional fits of
@@ -570,7 +571,7 @@ def _specialized(
 
 def accumulated_lead(beta: np.ndarray, se: np.ndarray, p: int, a: int, b: int) -> np.ndarray:
     """``(T,)``: after each transition, how far prototype ``p``'s support accumulated so
-    far favours class ``a`` over ``b``, in bootstrap standard errors.
+    far favours class ``a`` over ``b``, in standard errors.
 
     ``Σ_{s<=t} (β^s[p, a] − β^s[p, b])`` over ``sqrt(Σ_{s<=t} se^s[p, a]² + se^s[p, b]²)``
     (0 where both are 0). At or above ``z_threshold`` the prototype favours ``a``, at or
@@ -602,7 +603,7 @@ def _uncertain(
         used = np.flatnonzero(active_rate[p] >= settings.uncertain_min_rate)
         for a, b in combinations(used.tolist(), 2):
             # The lead of a over b in the support accumulated up to each checkpoint, in
-            # units of its bootstrap standard error. Per-transition coefficients flip sign
+            # units of its standard error. Per-transition coefficients flip sign
             # all the time as co-occurring prototypes trade weight; a flip of the
             # accumulated lead is a sustained change of which class the prototype serves.
             z = accumulated_lead(beta, se, p, a, b)

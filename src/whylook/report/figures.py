@@ -184,7 +184,7 @@ def beta_heatmap(
     is a confidence change per unit of intensity, and raw Grad-CAM grows by orders of
     magnitude during training, so raw β is largest at the first steps, where attention
     barely moves, and the colour scale hides the steps where the class is learned.
-    Where bootstrap z-scores are given, cells with |z| ≥ 2 get a dot, so the reader can
+    Where z-scores are given, cells with |z| ≥ 2 get a dot, so the reader can
     tell signal from noise. ``blank`` (T,) is the fraction of the class's samples whose
     Grad-CAM map is all zero at both ends of each transition: β cannot see those samples
     there, and a transition where it is at least 5% says so in its label.
