@@ -512,8 +512,8 @@ class StageClock:
         for fn in ("prototype_intensity", "mass_share", "activity"):
             self.patch(inten, fn, "intensity")
         self.patch(patterns, "find_patterns", "patterns (HDBSCAN)")
-        self.patch(mapping, "fit_mapping", "mapping (ridge + bootstrap)")
-        self.patch(mapping, "fit_class_mapping", "mapping (ridge + bootstrap)")
+        self.patch(mapping, "fit_mapping", "mapping (ridge + standard errors)")
+        self.patch(mapping, "fit_class_mapping", "mapping (ridge + standard errors)")
         self.patch(ex, "assemble", "structure")
         return self
 

@@ -330,3 +330,32 @@ def test_upper_products_match_the_gathered_columns_bit_for_bit() -> None:
         got = _upper_products(p)
         assert got.shape == (rows, 28)
         assert np.array_equal(got, p[:, iu] * p[:, ju])
+
+
+def test_explain_records_and_honours_its_standard_errors(tmp_path_factory) -> None:
+    """The CLI's --standard-errors reaches Step 5 and the files say which was used: the
+    same β either way, different standard errors, and z = β / se in both."""
+    from _tiny_run import baseline, copy_run, explain_argv, load_arrays
+    from whylook.cli import main
+    from whylook.explain import load_explanation
+
+    _, run = baseline(tmp_path_factory)
+    jack = load_arrays(run)
+    data = load_explanation(run).data
+    assert data["settings"]["standard_errors"] == "jackknife"
+    assert data["mapping"]["standard_errors"] == "jackknife"
+    assert data["mapping"]["bootstrap"] == 0  # no resamples were drawn
+
+    other = copy_run(run, tmp_path_factory.mktemp("bootstrap") / "run")
+    assert main(explain_argv(other, "--standard-errors", "bootstrap")) == 0
+    boot = load_arrays(other)
+    data = load_explanation(other).data
+    assert data["settings"]["standard_errors"] == "bootstrap"
+    assert data["mapping"] == {**data["mapping"], "standard_errors": "bootstrap",
+                               "bootstrap": 100}
+    np.testing.assert_array_equal(boot["beta"], jack["beta"])
+    assert not np.allclose(boot["beta_se"], jack["beta_se"])
+    for a in (jack, boot):
+        expected = np.divide(a["beta"], a["beta_se"], out=np.zeros_like(a["beta"]),
+                             where=a["beta_se"] > 0)
+        np.testing.assert_allclose(a["beta_z"], expected, rtol=1e-4, atol=1e-5)

@@ -74,7 +74,7 @@ class ExplainSettings:
     ridge_lambda: float | str = "cv"
     # docs/METHOD-NOTES.md, Step 5: how β's noise is measured, the exact jackknife by
     # default; "bootstrap" draws `bootstrap` resamples instead (the default before
-    # 2026-12-05, and 10x slower).
+    # 2026-12-05; Step 5 then takes 4.4x as long).
     standard_errors: str = "jackknife"
     bootstrap: int = 100
     # docs/METHOD-NOTES.md: "support for class c", weighted by class c's learning phase,

@@ -28,7 +28,8 @@ in class c".
   once, the weighted Gram matrices ``sum_i w_bi pi_i pi_i^T`` of every resample coming from
   one matrix product of the resampling counts with the per-sample outer products.
   On real runs the two agree to within the bootstrap's own noise over the global fits
-  (docs/METHOD-NOTES.md, Step 5); the jackknife is 10x faster.
+  (docs/METHOD-NOTES.md, Step 5); with the jackknife, Step 5 runs 4.4x faster
+  (``benchmarks/bench_mapping.py``).
 * The same fit runs on each HDBSCAN group of each transition with at least
   ``min_group_size`` samples; smaller groups are skipped and listed.
 
