@@ -359,3 +359,60 @@ def test_explain_records_and_honours_its_standard_errors(tmp_path_factory) -> No
         expected = np.divide(a["beta"], a["beta_se"], out=np.zeros_like(a["beta"]),
                              where=a["beta_se"] > 0)
         np.testing.assert_allclose(a["beta_z"], expected, rtol=1e-4, atol=1e-5)
+
+
+def _refit_lead(dp: np.ndarray, dy: np.ndarray, lambdas: np.ndarray,
+                rows: np.ndarray) -> np.ndarray:
+    """``(T, K, M, M)`` accumulated leads of ridge fits of ``rows`` at the given lambdas."""
+    betas = np.stack([
+        np.linalg.solve(dp[t, rows].T @ dp[t, rows] + lambdas[t] * np.eye(dp.shape[2]),
+                        dp[t, rows].T @ dy[t, rows])
+        for t in range(dp.shape[0])
+    ])
+    return np.cumsum(betas[:, :, :, None] - betas[:, :, None, :], axis=0)
+
+
+@pytest.mark.parametrize("lam", [0.5, "cv"])
+def test_lead_se_is_the_jackknife_of_the_accumulated_lead(lam: float | str) -> None:
+    """Leaving a sample out of every transition at once: the standard error of the lead
+    of class a over b, accumulated over transitions, from n explicit refits."""
+    rng = np.random.default_rng(11)
+    t_count, n, k, m = 3, 40, 3, 3
+    dp = rng.normal(size=(t_count, n, k))
+    # Softmax-like targets: what one class gains the others lose, so errors correlate.
+    raw = dp @ rng.normal(size=(k, m)) + rng.normal(0, 1.0, (t_count, n, m))
+    dy = raw - raw.mean(axis=2, keepdims=True)
+    mp = fit_mapping(dp, dy, lam=lam)  # type: ignore[arg-type]
+    leads = np.stack([_refit_lead(dp, dy, mp.lambdas, np.delete(np.arange(n), i))
+                      for i in range(n)])
+    expected = np.sqrt((n - 1) / n * ((leads - leads.mean(axis=0)) ** 2).sum(axis=0))
+    assert mp.lead_se is not None
+    assert mp.lead_se.shape == (t_count, k, m, m)
+    np.testing.assert_allclose(mp.lead_se, expected, rtol=1e-4, atol=1e-7)
+    # At the first transition it is the jackknife of beta_a - beta_b, which the two
+    # coefficients' own standard errors in quadrature get wrong (their errors correlate).
+    quadrature = np.sqrt(mp.beta_se[0, :, :, None] ** 2 + mp.beta_se[0, :, None, :] ** 2)
+    off = ~np.eye(m, dtype=bool)
+    ratio = mp.lead_se[0][:, off] / quadrature[:, off]
+    assert ratio.max() > 1.2, ratio
+
+
+def test_lead_se_of_a_two_class_softmax_is_twice_a_coefficients() -> None:
+    """With two classes a sample's confidence change in b is minus that in a: the errors
+    of beta_a and beta_b are perfectly anti-correlated, the lead's error is twice each."""
+    rng = np.random.default_rng(12)
+    dp = rng.normal(size=(2, 200, 4))
+    gain = dp @ rng.normal(size=(4, 1)) + rng.normal(0, 1.0, (2, 200, 1))
+    for method in ("jackknife", "bootstrap"):
+        mp = fit_mapping(dp, np.concatenate([gain, -gain], axis=2),
+                         standard_errors=method, n_boot=300)  # type: ignore[arg-type]
+        assert mp.lead_se is not None
+        np.testing.assert_allclose(mp.lead_se[0, :, 0, 1], 2 * mp.beta_se[0, :, 0], rtol=1e-5)
+        np.testing.assert_allclose(mp.lead_se[:, :, 0, 0], 0.0, atol=1e-6)
+        np.testing.assert_allclose(mp.lead_se, mp.lead_se.transpose(0, 1, 3, 2))
+        if method == "bootstrap":  # resamples differ between transitions: variances add
+            np.testing.assert_allclose(mp.lead_se[1, :, 0, 1] ** 2,
+                                       4 * (mp.beta_se[0, :, 0] ** 2 + mp.beta_se[1, :, 0] ** 2),
+                                       rtol=1e-4)
+    assert fit_mapping(dp, np.concatenate([gain, -gain], axis=2),
+                       standard_errors="none").lead_se is None

@@ -303,7 +303,17 @@ def test_uncertain_plot_draws_the_accumulated_lead_it_is_decided_on(
     assert (threshold, names, proto) == (2.5, tuple(entry["classes"]), entry["id"])
     assert list(end_steps) == [c["step"] for c in exp["checkpoints"]][1:]
     assert f'alt="accumulated support of {entry["id"]}' in html
+    # explain stores the lead it decided on (in the errors of the lead itself, which
+    # count how the two classes' coefficients co-vary): the plot draws that one.
+    stored = [round(float(z), 4) for z in 1.5 * lead / lead_se]
+    exp["uncertain_prototypes"][0] = {**entry, "lead_z": stored}
+    (small_run / "analysis" / "explanation.json").write_text(json.dumps(exp))
+    calls.clear()
+    report(small_run)
+    np.testing.assert_array_equal(calls[0][0][1], stored)
     # Without standard errors there is no lead to draw: the entry has no plot at all.
+    exp["uncertain_prototypes"][0] = entry
+    (small_run / "analysis" / "explanation.json").write_text(json.dumps(exp))
     _drop_array(small_run, "beta_se")
     calls.clear()
     html = report(small_run).read_text(encoding="utf-8")

@@ -27,7 +27,7 @@ def _base():
     return labels, mass, conf, beta, se, groups
 
 
-def _run(labels, mass, conf, beta, se, groups, zero_maps=None, **kw):
+def _run(labels, mass, conf, beta, se, groups, zero_maps=None, lead_se=None, **kw):
     kw.setdefault("active_threshold", 0.1)
     return assemble(
         classes=["a", "b", "c"],
@@ -40,6 +40,7 @@ def _run(labels, mass, conf, beta, se, groups, zero_maps=None, **kw):
         class_groups=groups,
         settings=StructureSettings(**kw),
         zero_maps=zero_maps,
+        lead_se=lead_se,
     )
 
 
@@ -200,6 +201,36 @@ def test_uncertain_prototype_swings_beyond_noise_only():
     assert _run(labels, mass, conf, beta_once, se, groups).uncertain == ()
     once = _run(labels, mass, conf, beta_once, se, groups, min_swings=1).uncertain
     assert [(u.id, u.swings, u.checkpoints) for u in once] == [("P-3", 1, (2,))]
+
+
+def test_uncertain_reads_the_standard_error_of_the_lead_itself():
+    """Given the leads' own standard errors (Mapping.lead_se, which count how the two
+    classes' coefficients co-vary), the swings are decided on those, not on the two
+    coefficients' errors in quadrature; the JSON keeps the lead it was decided on."""
+    labels, mass, conf, beta, se, groups = _base()
+    both = (labels == 0) | (labels == 1)
+    mass[both, 3] = 0.3
+    beta[:, 3, 0] = [1.0, -2.0, 2.0, -2.0]
+    beta[:, 3, 1] = [-1.0, 2.0, -2.0, 2.0]
+    quadrature = np.sqrt(np.cumsum(se[:, :, :, None] ** 2 + se[:, :, None, :] ** 2, axis=0))
+    same = _run(labels, mass, conf, beta, se, groups, lead_se=quadrature).uncertain
+    assert [(u.id, u.swings) for u in same] == [("P-3", 3)]
+    expected = np.cumsum(beta[:, 3, 0] - beta[:, 3, 1]) / quadrature[:, 3, 0, 1]
+    np.testing.assert_allclose(same[0].lead_z, expected)
+    entry = _run(labels, mass, conf, beta, se, groups,
+                 lead_se=quadrature).to_json()["uncertain_prototypes"][0]
+    assert entry["lead_z"] == [round(float(z), 4) for z in expected]
+    # Anti-correlated errors (what one class gains the other loses) make the lead's error
+    # larger than the quadrature: here 14 times, and the same betas are inside the noise.
+    assert _run(labels, mass, conf, beta, se, groups, lead_se=14 * quadrature).uncertain == ()
+    # Positively correlated errors make it smaller: a swing the quadrature calls noise is
+    # real. Leads of 0.2 are 0.7-1.4 quadrature errors, but 2 of the lead's own.
+    small = beta / 10
+    assert _run(labels, mass, conf, small, se, groups).uncertain == ()
+    tight = _run(labels, mass, conf, small, se, groups, lead_se=np.full_like(quadrature, 0.1))
+    assert [(u.id, u.swings) for u in tight.uncertain] == [("P-3", 3)]
+    with pytest.raises(WhylookError, match="lead_se must have shape"):
+        _run(labels, mass, conf, beta, se, groups, lead_se=quadrature[:, :, :, :2])
 
 
 def test_uncertain_needs_the_prototype_in_both_classes():

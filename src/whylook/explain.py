@@ -662,7 +662,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         classes=classes, steps=steps, labels=labels, activity=activity,
         confidence=confidence, beta=mapping.beta, beta_se=mapping.beta_se,
         class_groups=patterns.class_groups, settings=settings.structure,
-        support_fits=support_fits, zero_maps=blank_maps(saliency),
+        support_fits=support_fits, zero_maps=blank_maps(saliency), lead_se=mapping.lead_se,
     )
 
     predictions = confidence.argmax(axis=2)

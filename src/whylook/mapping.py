@@ -30,6 +30,10 @@ in class c".
   On real runs the two agree to within the bootstrap's own noise over the global fits
   (docs/METHOD-NOTES.md, Step 5); with the jackknife, Step 5 runs 4.4x faster
   (``benchmarks/bench_mapping.py``).
+* ``lead_se``: the standard error of the accumulated lead ``sum_{s<=t} (beta^s[k, a] -
+  beta^s[k, b])`` that Step 6 reads for uncertain prototypes, from the same jackknife
+  (each sample left out of every transition at once) or bootstrap, so that it counts
+  how the two classes' coefficients co-vary.
 * The same fit runs on each HDBSCAN group of each transition with at least
   ``min_group_size`` samples; smaller groups are skipped and listed.
 
@@ -118,6 +122,9 @@ class Mapping:
         skipped_groups: ``(t, group, size)`` of groups smaller than ``min_group_size``.
         min_group_size: the threshold used.
         standard_errors: ``"jackknife"``, ``"bootstrap"`` or ``"none"``.
+        lead_se: ``float32 (T, K, M, M)``, ``lead_se[t, k, a, b]`` the standard error of
+            ``sum_{s<=t} (beta^s[k, a] - beta^s[k, b])``, the accumulated lead Step 6
+            reads for uncertain prototypes (``None`` without standard errors).
     """
 
     beta: np.ndarray
@@ -133,6 +140,7 @@ class Mapping:
     skipped_groups: tuple[tuple[int, int, int], ...]
     min_group_size: int
     standard_errors: str = "jackknife"
+    lead_se: np.ndarray | None = None
 
     @property
     def group_betas(self) -> dict[tuple[int, int], np.ndarray]:
@@ -210,14 +218,32 @@ def _loo_sse(u: np.ndarray, s: np.ndarray, c: np.ndarray, lams: np.ndarray) -> n
     return sse
 
 
-def _jackknife_se(
+@dataclass(frozen=True, eq=False)
+class _Influence:
+    """How leaving each sample out moves a fit's beta: ``d_i = -q_i e_i^T`` (K x M), except
+    on ``extra_rows``, whose ``d_i`` are given whole in ``extra`` (q and e are 0 there)."""
+
+    q: np.ndarray  # (n, K)
+    e: np.ndarray  # (n, M)
+    extra_rows: np.ndarray  # (f,)
+    extra: np.ndarray  # (f, K, M)
+
+    def dense(self) -> np.ndarray:
+        """``(n, K, M)`` every ``d_i``."""
+        d = -(self.q[:, :, None] * self.e[:, None, :])
+        d[self.extra_rows] = self.extra
+        return d
+
+
+def _jackknife(
     x: np.ndarray,
     y: np.ndarray,
     beta: np.ndarray,
     svd: tuple[np.ndarray, np.ndarray, np.ndarray],
     lam: float,
-) -> np.ndarray:
-    """``(K, M)`` delete-one jackknife standard errors of ridge at ``lam``, exactly.
+) -> tuple[np.ndarray, _Influence]:
+    """``(K, M)`` delete-one jackknife standard errors of ridge at ``lam``, exactly, and the
+    influences they come from.
 
     Without sample ``i`` the solution moves by ``d_i = -q_i e_i`` with ``q_i = A^{-1} pi_i``
     (``A = pi^T pi + lam I``) and ``e_i = r_i / (1 - h_i)``; the jackknife variance
@@ -236,14 +262,51 @@ def _jackknife_se(
     free = keep <= 1e-12
     e = (y - x @ beta) / np.where(free, 1.0, keep)[:, None]
     e[free] = 0.0
+    q[free] = 0.0
     sum_sq = (q**2).T @ (e**2)  # sum_i d_i^2
     total = -(q.T @ e)  # sum_i d_i
-    for i in np.flatnonzero(free):
+    extra_rows = np.flatnonzero(free)
+    extra = np.zeros((extra_rows.size, *beta.shape))
+    for j, i in enumerate(extra_rows):
         rest = np.arange(n) != i
-        d = np.linalg.lstsq(x[rest], y[rest], rcond=None)[0] - beta
-        sum_sq += d**2
-        total += d
-    return np.sqrt(np.maximum((n - 1) / n * (sum_sq - total**2 / n), 0.0))
+        extra[j] = np.linalg.lstsq(x[rest], y[rest], rcond=None)[0] - beta
+    sum_sq += (extra**2).sum(axis=0)
+    total += extra.sum(axis=0)
+    se = np.sqrt(np.maximum((n - 1) / n * (sum_sq - total**2 / n), 0.0))
+    return se, _Influence(q, e, extra_rows, extra)
+
+
+def _lead_se(
+    parts: Sequence[_Influence | np.ndarray | None], standard_errors: str, shape: tuple[int, ...]
+) -> np.ndarray | None:
+    """``(T, K, M, M)``: the standard error of ``sum_{s<=t} (beta^s[k, a] - beta^s[k, b])``.
+
+    Step 6 reads that accumulated lead of class ``a`` over ``b`` to find uncertain
+    prototypes. ``beta[k, a]`` and ``beta[k, b]`` come from the same samples, whose
+    confidence gained in one class is lost in another, so their errors are correlated
+    (and a sample's errors at successive transitions may be); adding the two standard
+    errors in quadrature was off by a factor 0.5-1.4 on real runs. The jackknife leaves
+    each sample out of every transition at once and takes the variance of the lead
+    itself; the bootstrap, whose resamples differ between transitions, gives each
+    transition's ``Var(beta_a - beta_b)`` from its resamples and adds them up.
+    """
+    if not parts or any(part is None for part in parts):
+        return None
+    n, k, m = shape
+    out = np.empty((len(parts), k, m, m))
+    total = np.zeros((n, k, m)) if standard_errors == "jackknife" else np.zeros((k, m, m))
+    for t, part in enumerate(parts):
+        if isinstance(part, _Influence):
+            total += part.dense()  # each sample's move of the lead, summed over transitions
+            centred = total - total.mean(axis=0)
+            cov = np.matmul(centred.transpose(1, 2, 0), centred.transpose(1, 0, 2)) * (n - 1) / n
+        else:
+            centred = part - part.mean(axis=0)
+            total += np.einsum("bka,bkc->kac", centred, centred) / (part.shape[0] - 1)
+            cov = total
+        var = np.diagonal(cov, axis1=1, axis2=2)
+        out[t] = var[:, :, None] + var[:, None, :] - 2.0 * cov
+    return np.sqrt(np.maximum(out, 0.0))
 
 
 def _bootstrap(
@@ -351,7 +414,11 @@ def ridge_fit(
                           n_boot=n_boot, seed=seed)
 
 
-def _ridge_fit(
+def _ridge_fit(pi: object, c: object, **options: object) -> RidgeFit:
+    return _ridge_fit_parts(pi, c, **options)[0]  # type: ignore[arg-type]
+
+
+def _ridge_fit_parts(
     pi: object,
     c: object,
     *,
@@ -360,7 +427,9 @@ def _ridge_fit(
     standard_errors: str,
     n_boot: int,
     seed: int | Sequence[int],
-) -> RidgeFit:
+) -> tuple[RidgeFit, _Influence | np.ndarray | None]:
+    """The fit, and what its standard errors came from: the jackknife's influences or the
+    bootstrap's solutions (``None`` without standard errors)."""
     x = np.asarray(_as_array(pi, "pi"), dtype=np.float64)
     y = np.asarray(_as_array(c, "c"), dtype=np.float64)
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
@@ -399,17 +468,18 @@ def _ridge_fit(
     beta = vt.T @ (_shrink(s, lam_value)[:, None] * (u.T @ y))
     if standard_errors == "none" or (standard_errors == "bootstrap" and n_boot == 0):
         nan = np.full_like(beta, np.nan)
-        return RidgeFit(beta, nan, nan.copy(), lam_value, cv_r2, n)
+        return RidgeFit(beta, nan, nan.copy(), lam_value, cv_r2, n), None
+    parts: _Influence | np.ndarray
     if standard_errors == "jackknife":
-        se = _jackknife_se(x, y, beta, (u, s, vt), lam_value)
+        se, parts = _jackknife(x, y, beta, (u, s, vt), lam_value)
     else:
-        boots = _bootstrap(x, y, lam_value, int(n_boot), np.random.default_rng(seed))
-        se = boots.std(axis=0, ddof=1)
+        parts = _bootstrap(x, y, lam_value, int(n_boot), np.random.default_rng(seed))
+        se = parts.std(axis=0, ddof=1)
     # A prototype whose intensity never changes has beta = se = 0 up to rounding; its z
     # must be 0, not the ratio of two rounding errors.
     tol = 1e-9 * max(float(np.abs(beta).max(initial=0.0)), float(se.max(initial=0.0)), 1e-300)
     z = np.divide(beta, se, out=np.zeros_like(beta), where=se > tol)
-    return RidgeFit(beta, se, z, lam_value, cv_r2, n)
+    return RidgeFit(beta, se, z, lam_value, cv_r2, n), parts
 
 
 def _check_standard_errors(value: object) -> None:
@@ -478,9 +548,10 @@ def fit_mapping(
     _check_standard_errors(standard_errors)
     check_n_jobs(n_jobs)
 
-    def fit(t: int, rows: np.ndarray | slice, tag: int) -> RidgeFit:
-        return _ridge_fit(dp[t][rows], dy[t][rows], lam=lam, alphas=alphas,
-                          standard_errors=standard_errors, n_boot=n_boot, seed=[seed, t, tag])
+    def fit(t: int, rows: np.ndarray | slice, tag: int) -> tuple[RidgeFit, object]:
+        return _ridge_fit_parts(dp[t][rows], dy[t][rows], lam=lam, alphas=alphas,
+                                standard_errors=standard_errors, n_boot=n_boot,
+                                seed=[seed, t, tag])
 
     # Every transition's fit over all samples, then its groups' fits; all independent.
     jobs: list[tuple[int, np.ndarray | slice, int]] = []
@@ -506,12 +577,15 @@ def fit_mapping(
     lambdas = np.zeros(t_count)
     cv_r2 = np.zeros(t_count)
     group_fits: list[GroupFit] = []
-    for (t, _, tag), res in zip(jobs, fits, strict=True):
+    parts: list = [None] * t_count
+    for (t, _, tag), (res, part) in zip(jobs, fits, strict=True):
         if tag == 0:
+            parts[t] = part
             beta[t], se[t], z[t] = res.beta, res.beta_se, res.z
             lambdas[t], cv_r2[t] = res.lam, res.cv_r2
         else:
             group_fits.append(GroupFit(t, tag - 1, res))
+    lead_se = _lead_se(parts, standard_errors, (n, k, m))
     return Mapping(
         beta=beta,
         beta_se=se,
@@ -526,6 +600,7 @@ def fit_mapping(
         skipped_groups=tuple(skipped),
         min_group_size=int(min_group_size),
         standard_errors=standard_errors,
+        lead_se=None if lead_se is None else lead_se.astype(np.float32),
     )
 
 

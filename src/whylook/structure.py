@@ -34,8 +34,10 @@ default):
 * **uncertain** prototypes – for a prototype active in both classes of a pair, the class
   it significantly favours changes at least ``min_swings`` times across the checkpoints.
   It favours ``a`` at checkpoint t when its support accumulated so far,
-  ``Σ_{s<t} (β^s[k, a] − β^s[k, b])``, is at least ``z_threshold`` standard
-  errors above zero (and ``b`` when below). Per-transition coefficients flip sign often as
+  ``Σ_{s<t} (β^s[k, a] − β^s[k, b])``, is at least ``z_threshold`` of its own standard
+  errors above zero (and ``b`` when below): ``lead_se`` from Step 5, which counts how the
+  two classes' coefficients co-vary, or else their errors in quadrature. Per-transition
+  coefficients flip sign often as
   co-occurring prototypes trade weight; only a flip of the accumulated lead is a
   sustained change of which class the prototype serves.
 * **learning order** – a pair (a, b) is separated at the first checkpoint from which its
@@ -185,6 +187,7 @@ class UncertainPrototype:
     steps: tuple[int, ...]
     checkpoints: tuple[int, ...]
     favoured: tuple[str | None, ...]
+    lead_z: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -242,7 +245,7 @@ class Structure:
             "uncertain_prototypes": [
                 {"id": u.id, "classes": list(u.classes), "swings": u.swings,
                  "steps": list(u.steps), "checkpoints": list(u.checkpoints),
-                 "favoured": list(u.favoured)}
+                 "favoured": list(u.favoured), "lead_z": [round(z, 4) for z in u.lead_z]}
                 for u in self.uncertain
             ],
             "learning_order": [
@@ -311,6 +314,7 @@ def assemble(
     settings: StructureSettings | None = None,
     support_fits: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
     zero_maps: np.ndarray | None = None,
+    lead_se: np.ndarray | None = None,
 ) -> Structure:
     """Assemble the structured explanation.
 
@@ -331,6 +335,10 @@ def assemble(
             the threshold is Bonferroni-corrected for their number (module notes).
         zero_maps: (T+1, n) bool, True where a sample's Grad-CAM map is all zero at a
             checkpoint; gives each class its *learning unseen* (module notes).
+        lead_se: (T, K, M, M) standard errors of the accumulated leads
+            (:attr:`whylook.mapping.Mapping.lead_se`), which count the correlation of a
+            prototype's coefficients for two classes; default: ``beta_se`` added in
+            quadrature, as if they were independent.
 
     Example:
         >>> import numpy as np
@@ -410,7 +418,13 @@ def assemble(
             )
         )
 
-    uncertain = _uncertain(beta, se, active_rate, classes, steps, settings)
+    if lead_se is not None:
+        lead_se = np.asarray(lead_se, dtype=np.float64)
+        if lead_se.shape != (*beta.shape, m):
+            raise WhylookError(
+                f"lead_se must have shape {(*beta.shape, m)}, got {lead_se.shape}"
+            )
+    uncertain = _uncertain(beta, se, active_rate, classes, steps, settings, lead_se)
     order = _learning_order(labels, confidence, activity, classes, steps, settings)
     return Structure(
         settings=settings,
@@ -569,23 +583,39 @@ def _specialized(
     return tuple(out)
 
 
-def accumulated_lead(beta: np.ndarray, se: np.ndarray, p: int, a: int, b: int) -> np.ndarray:
+def accumulated_lead(
+    beta: np.ndarray,
+    se: np.ndarray | None,
+    p: int,
+    a: int,
+    b: int,
+    lead_se: np.ndarray | None = None,
+) -> np.ndarray:
     """``(T,)``: after each transition, how far prototype ``p``'s support accumulated so
     far favours class ``a`` over ``b``, in standard errors.
 
-    ``Σ_{s<=t} (β^s[p, a] − β^s[p, b])`` over ``sqrt(Σ_{s<=t} se^s[p, a]² + se^s[p, b]²)``
-    (0 where both are 0). At or above ``z_threshold`` the prototype favours ``a``, at or
-    below its negative ``b``; :func:`assemble` counts the changes of side as swings.
+    ``Σ_{s<=t} (β^s[p, a] − β^s[p, b])`` over its standard error ``lead_se[t, p, a, b]``
+    (:attr:`whylook.mapping.Mapping.lead_se`), or, without it, over
+    ``sqrt(Σ_{s<=t} se^s[p, a]² + se^s[p, b]²)`` (0 where the error is 0). At or above
+    ``z_threshold`` the prototype favours ``a``, at or below its negative ``b``;
+    :func:`assemble` counts the changes of side as swings.
 
     >>> import numpy as np
     >>> beta = np.zeros((3, 1, 2)); beta[:, 0, 0] = [1.0, 1.0, -4.0]
     >>> accumulated_lead(beta, np.full((3, 1, 2), 0.5), 0, 0, 1).round(2).tolist()
     [1.41, 2.0, -1.63]
+    >>> accumulated_lead(beta, None, 0, 0, 1, lead_se=np.ones((3, 1, 2, 2))).tolist()
+    [1.0, 2.0, -2.0]
     """
     lead = np.cumsum(beta[:, p, a] - beta[:, p, b])
-    lead_se = np.sqrt(np.cumsum(se[:, p, a] ** 2 + se[:, p, b] ** 2))
+    if lead_se is not None:
+        error = lead_se[:, p, a, b]
+    elif se is not None:
+        error = np.sqrt(np.cumsum(se[:, p, a] ** 2 + se[:, p, b] ** 2))
+    else:
+        raise WhylookError("accumulated_lead needs se or lead_se")
     with np.errstate(invalid="ignore", divide="ignore"):
-        z = lead / lead_se
+        z = lead / error
     return np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
 
 
@@ -596,6 +626,7 @@ def _uncertain(
     classes: tuple[str, ...],
     steps: list[int],
     settings: StructureSettings,
+    lead_se: np.ndarray | None,
 ) -> tuple[UncertainPrototype, ...]:
     k = beta.shape[1]
     found = []
@@ -606,7 +637,7 @@ def _uncertain(
             # units of its standard error. Per-transition coefficients flip sign
             # all the time as co-occurring prototypes trade weight; a flip of the
             # accumulated lead is a sustained change of which class the prototype serves.
-            z = accumulated_lead(beta, se, p, a, b)
+            z = accumulated_lead(beta, se, p, a, b, lead_se)
             favoured = np.where(z >= settings.z_threshold, a,
                                 np.where(z <= -settings.z_threshold, b, -1))
             decided = np.flatnonzero(favoured >= 0)
@@ -622,6 +653,7 @@ def _uncertain(
                         steps=tuple(steps[s + 1] for s in switches),
                         checkpoints=tuple(s + 1 for s in switches),
                         favoured=tuple(classes[f] if f >= 0 else None for f in favoured),
+                        lead_z=tuple(float(v) for v in z),
                     )
                 )
     found.sort(key=lambda u: (-u.swings, int(u.id[2:]), u.classes))

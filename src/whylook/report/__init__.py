@@ -494,16 +494,30 @@ class _Builder:
             top = top_a[:half] + top_b[: _TOP - min(half, len(top_a))]
             row["strip"] = self._strip(f"uncertain-P-{k}-{a}-{b}.png", top, [k])
             row["captions"] = [inp.classes[self.labels[r]] for r in top]
-            # The accumulated lead needs the standard errors; without them (arrays not
-            # written by whylook) the entry has no plot rather than a misleading one.
-            row["plot"] = None if "beta_se" not in self.a else self.out.figure(
+            # The accumulated lead in standard errors, as Step 6 read it (files written
+            # before 2026-12-05 lack lead_z: it is recomputed as it was read then). Without
+            # standard errors (arrays not written by whylook) the entry has no plot rather
+            # than a misleading one.
+            lead_z = self._lead_z(u, k, a, b)
+            row["plot"] = None if lead_z is None else self.out.figure(
                 f"uncertain-P-{k}-{a}-{b}.png",
                 figures.uncertain_support(
-                    self.end_steps, accumulated_lead(self.a["beta"], self.a["beta_se"], k, a, b),
-                    self.z_threshold, (inp.classes[a], inp.classes[b]), steps, f"P-{k}"))
+                    self.end_steps, lead_z, self.z_threshold,
+                    (inp.classes[a], inp.classes[b]), steps, f"P-{k}"))
             items.append(row)
         return {"entries": items[:_UNCERTAIN_OPEN], "folded": items[_UNCERTAIN_OPEN:],
                 "rest": rest}
+
+    def _lead_z(self, entry: dict[str, Any], k: int, a: int, b: int) -> np.ndarray | None:
+        """The entry's accumulated lead per transition, in standard errors."""
+        stored = entry.get("lead_z")
+        if isinstance(stored, list) and len(stored) == len(self.end_steps) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in stored
+        ):
+            return np.asarray(stored, dtype=np.float64)
+        if "beta_se" not in self.a:
+            return None
+        return accumulated_lead(self.a["beta"], self.a["beta_se"], k, a, b)
 
     def learning(self) -> dict[str, Any]:
         order = []
