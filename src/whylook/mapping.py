@@ -16,14 +16,15 @@ in class c".
   by orders of magnitude between checkpoints; the absolute lambda is recorded. Ties go to
   the larger lambda.
 * Signal vs noise: a standard error for every coefficient and ``z = beta / se``.
-  ``se="jackknife"`` (the default) is the delete-one jackknife of the ridge solution at the
-  chosen lambda, in closed form: leaving sample ``i`` out moves beta by
+  ``standard_errors="jackknife"`` (the default) is the delete-one jackknife of the ridge
+  solution at the chosen lambda, in closed form: leaving sample ``i`` out moves beta by
   ``-(pi^T pi + lambda I)^{-1} pi_i e_i / (1 - h_i)``, with ``e_i`` its residual and
   ``h_i`` its leverage, so every refit comes from the one SVD, with no resampling
-  noise and no seed. It is the heteroskedasticity-consistent "HC3" estimator, the one
-  recommended for samples this small (a class's ~200 samples against K = 32
-  prototypes), and it keeps a coefficient that one sample carries at ``|z|`` about 1.
-  ``se="bootstrap"`` draws ``n_boot`` resamples of the samples (seeded per transition and
+  noise and no seed. It is in essence the heteroskedasticity-consistent "HC3"
+  estimator, the one recommended for samples this small (a class's ~200 samples against
+  K = 32 prototypes), and it keeps a coefficient that one sample carries at ``|z|`` about
+  1. In the class fits it is the more cautious of the two (docs/METHOD-NOTES.md, Step 5).
+  ``"bootstrap"`` draws ``n_boot`` resamples of the samples (seeded per transition and
   group), each solved in closed form with the chosen lambda; all resamples are solved at
   once, the weighted Gram matrices ``sum_i w_bi pi_i pi_i^T`` of every resample coming from
   one matrix product of the resampling counts with the per-sample outer products.
