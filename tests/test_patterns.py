@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
+from whylook import patterns
 from whylook.errors import WhylookError
-from whylook.patterns import default_min_cluster_size, describe_groups, find_patterns
+from whylook.patterns import (
+    cluster,
+    default_min_cluster_size,
+    describe_groups,
+    find_patterns,
+    neighbour_search,
+)
 
 
 def _confidence_from_changes(changes: np.ndarray) -> np.ndarray:
@@ -77,6 +84,36 @@ def test_threads_do_not_change_the_patterns() -> None:
     assert one.n_groups_per_transition.sum() >= 6  # the planted groups were found at all
     with pytest.raises(WhylookError, match="n_jobs must be"):
         find_patterns(conf, labels, n_jobs=0)
+
+
+def test_many_dimensions_use_the_brute_force_search_with_the_same_groups(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A 40-class model's confidence changes: three planted groups in 40 dimensions.
+    rng = np.random.default_rng(7)
+    n, d = 600, 40
+    truth = rng.integers(0, 3, n)
+    x = rng.normal(0, 0.3, (3, d))[truth] + rng.normal(0, 0.02, (n, d))
+    used: list[str] = []
+    real = patterns.HDBSCAN
+
+    def spy(**kwargs: object) -> object:
+        used.append(str(kwargs["algorithm"]))
+        return real(**kwargs)
+
+    monkeypatch.setattr(patterns, "HDBSCAN", spy)
+    labels = cluster(x, min_cluster_size=20)
+    assert used == ["brute"]
+    tree = real(min_cluster_size=20, algorithm="kd_tree", copy=True).fit_predict(x)
+    assert adjusted_rand_score(truth, labels) == 1.0
+    np.testing.assert_array_equal(labels >= 0, tree >= 0)
+    assert adjusted_rand_score(labels, tree) == 1.0
+    # Few dimensions, or too many rows for a dense distance matrix: scikit-learn's choice.
+    cluster(x[:, :10], min_cluster_size=20)
+    assert used[-1] == "auto"
+    assert neighbour_search(patterns.BRUTE_MAX_ROWS, patterns.BRUTE_MIN_DIM) == "brute"
+    assert neighbour_search(patterns.BRUTE_MAX_ROWS + 1, 500) == "auto"
+    assert neighbour_search(100, patterns.BRUTE_MIN_DIM - 1) == "auto"
 
 
 def test_all_noise_is_flagged_not_crashed() -> None:
