@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats
+from scipy.spatial.distance import jensenshannon
 
 from whylook.errors import WhylookError
-from whylook.structure import StructureSettings, assemble, pairwise_accuracy
+from whylook.structure import StructureSettings, accumulated_lead, assemble, pairwise_accuracy
 
 M, K, T = 3, 5, 4
 N_PER = 20
@@ -313,6 +314,65 @@ def test_pairwise_accuracy_closed_form():
     )
     # Rows 0 and 2 are right within the pair (0, 1); rows 1 and 3 are wrong.
     assert pairwise_accuracy(conf, labels, 0, 1).tolist() == [0.5]
+
+
+def test_many_classes_match_the_rules_pair_by_pair():
+    # 12 classes (66 pairs), prototypes active in several classes, noisy leads and
+    # accuracies: every pair's learning order and uncertain verdict, read one at a time.
+    rng = np.random.default_rng(5)
+    m, k, t1, n_per = 12, 6, 12, 15
+    labels = np.repeat(np.arange(m), n_per)
+    n = labels.size
+    conf = rng.dirichlet(np.ones(m) * 0.5, size=(t1, n))
+    for t in range(t1):  # classes grow confident one after another, with stragglers
+        sure = (labels < t * 1.5) & (rng.random(n) < 0.97)
+        conf[t, sure] = 0.02
+        conf[t, sure, labels[sure]] = 1.0 - 0.02 * (m - 1)
+    activity = rng.dirichlet(np.ones(k) * 0.3, n)
+    beta = rng.normal(0, 1.0, (t1 - 1, k, m))
+    lead_se = rng.uniform(0.2, 0.8, (t1 - 1, k, m, m))
+    lead_se = (lead_se + lead_se.transpose(0, 1, 3, 2)) / 2
+    steps = [10 * t for t in range(t1)]
+    classes = [f"c{c}" for c in range(m)]
+    settings = StructureSettings(active_threshold=0.3, uncertain_min_rate=0.1)
+    s = assemble(classes=classes, steps=steps, labels=labels, activity=activity,
+                 confidence=conf, beta=beta, beta_se=np.ones_like(beta),
+                 class_groups=-np.ones(n, dtype=np.int16), settings=settings,
+                 lead_se=lead_se)
+
+    by_pair = {p.pair: p for p in s.learning_order.pairs}
+    assert len(by_pair) == m * (m - 1) // 2
+    level = 1.0 - settings.separation_tolerance
+    profiles = [activity[labels == c].mean(axis=0) for c in range(m)]
+    for a in range(m):
+        for b in range(a + 1, m):
+            acc = pairwise_accuracy(conf, labels, a, b)
+            below = np.flatnonzero(acc < level)
+            at = 0 if below.size == 0 else None if below[-1] == t1 - 1 else below[-1] + 1
+            got = by_pair[(classes[a], classes[b])]
+            assert got.separated_at_checkpoint == at
+            assert got.final_pairwise_accuracy == acc[-1]
+            assert got.distinctness == pytest.approx(
+                jensenshannon(profiles[a], profiles[b], base=2), abs=1e-12)
+    assert len({p.separated_at_checkpoint for p in by_pair.values()}) >= 4
+
+    active = np.asarray(s.active_rate_by_class)
+    expected = []
+    for p in range(k):
+        used = np.flatnonzero(active[p] >= settings.uncertain_min_rate)
+        for i, a in enumerate(used):
+            for b in used[i + 1:]:
+                z = accumulated_lead(beta, None, p, a, b, lead_se=lead_se)
+                side = np.where(z >= settings.z_threshold, 1,
+                                np.where(z <= -settings.z_threshold, -1, 0))
+                decided = side[side != 0]
+                swings = int((decided[1:] != decided[:-1]).sum())
+                if swings >= settings.min_swings:
+                    expected.append((f"P-{p}", (classes[a], classes[b]), swings,
+                                     tuple(float(v) for v in z)))
+    got = [(u.id, u.classes, u.swings, u.lead_z) for u in s.uncertain]
+    assert sorted(got) == sorted(expected)
+    assert len(expected) >= 5
 
 
 def test_bad_shapes_and_settings_are_one_line_errors():

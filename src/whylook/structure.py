@@ -61,7 +61,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from itertools import combinations
 from typing import Any
 
 import numpy as np
@@ -607,16 +606,45 @@ def accumulated_lead(
     >>> accumulated_lead(beta, None, 0, 0, 1, lead_se=np.ones((3, 1, 2, 2))).tolist()
     [1.0, 2.0, -2.0]
     """
-    lead = np.cumsum(beta[:, p, a] - beta[:, p, b])
+    return _leads(beta, se, p, np.array([a]), np.array([b]), lead_se)[:, 0]
+
+
+def _leads(
+    beta: np.ndarray,
+    se: np.ndarray | None,
+    p: int,
+    a: np.ndarray,
+    b: np.ndarray,
+    lead_se: np.ndarray | None,
+) -> np.ndarray:
+    """``(T, A)``: :func:`accumulated_lead` of prototype ``p`` for the pairs ``(a[j], b[j])``."""
+    lead = np.cumsum(beta[:, p, a] - beta[:, p, b], axis=0)
     if lead_se is not None:
         error = lead_se[:, p, a, b]
     elif se is not None:
-        error = np.sqrt(np.cumsum(se[:, p, a] ** 2 + se[:, p, b] ** 2))
+        error = np.sqrt(np.cumsum(se[:, p, a] ** 2 + se[:, p, b] ** 2, axis=0))
     else:
         raise WhylookError("accumulated_lead needs se or lead_se")
     with np.errstate(invalid="ignore", divide="ignore"):
         z = lead / error
     return np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _sides(z: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """For leads ``z (T, A)``: the side each pair's prototype takes after each transition
+    (+1 its first class, -1 its second, 0 undecided) and where that side differs from the
+    last decided one before it (a swing).
+
+    >>> sides, swings = _sides(np.array([[3.0], [0.5], [-2.5], [-3.0], [2.0]]), 2.0)
+    >>> sides[:, 0].tolist(), np.flatnonzero(swings[:, 0]).tolist()
+    ([1, 0, -1, -1, 1], [2, 4])
+    """
+    sides = np.where(z >= threshold, 1, np.where(z <= -threshold, -1, 0))
+    at = np.arange(z.shape[0])[:, None]
+    last = np.maximum.accumulate(np.where(sides != 0, at, -1), axis=0)
+    before = np.vstack([np.full((1, z.shape[1]), -1), last[:-1]])
+    side_before = np.take_along_axis(sides, np.maximum(before, 0), axis=0)
+    return sides, (sides != 0) & (before >= 0) & (sides != side_before)
 
 
 def _uncertain(
@@ -632,30 +660,33 @@ def _uncertain(
     found = []
     for p in range(k):
         used = np.flatnonzero(active_rate[p] >= settings.uncertain_min_rate)
-        for a, b in combinations(used.tolist(), 2):
-            # The lead of a over b in the support accumulated up to each checkpoint, in
-            # units of its standard error. Per-transition coefficients flip sign
-            # all the time as co-occurring prototypes trade weight; a flip of the
-            # accumulated lead is a sustained change of which class the prototype serves.
-            z = accumulated_lead(beta, se, p, a, b, lead_se)
-            favoured = np.where(z >= settings.z_threshold, a,
-                                np.where(z <= -settings.z_threshold, b, -1))
-            decided = np.flatnonzero(favoured >= 0)
-            switches = [int(decided[i]) for i in range(1, len(decided))
-                        if favoured[decided[i]] != favoured[decided[i - 1]]]
-            if len(switches) >= settings.min_swings:
-                found.append(
-                    UncertainPrototype(
-                        id=prototype_id(p),
-                        classes=(classes[a], classes[b]),
-                        swings=len(switches),
-                        # Transition t ends at checkpoint t+1: that is where the swing shows.
-                        steps=tuple(steps[s + 1] for s in switches),
-                        checkpoints=tuple(s + 1 for s in switches),
-                        favoured=tuple(classes[f] if f >= 0 else None for f in favoured),
-                        lead_z=tuple(float(v) for v in z),
-                    )
+        if used.size < 2:
+            continue
+        # Every pair of those classes at once, in combinations() order.
+        first, second = np.triu_indices(used.size, 1)
+        a, b = used[first], used[second]
+        # The lead of a over b in the support accumulated up to each checkpoint, in units
+        # of its standard error. Per-transition coefficients flip sign all the time as
+        # co-occurring prototypes trade weight; a flip of the accumulated lead is a
+        # sustained change of which class the prototype serves.
+        z = _leads(beta, se, p, a, b, lead_se)
+        sides, swings = _sides(z, settings.z_threshold)
+        for j in np.flatnonzero(swings.sum(axis=0) >= settings.min_swings):
+            switches = np.flatnonzero(swings[:, j]).tolist()
+            pair = (classes[a[j]], classes[b[j]])
+            found.append(
+                UncertainPrototype(
+                    id=prototype_id(p),
+                    classes=pair,
+                    swings=len(switches),
+                    # Transition t ends at checkpoint t+1: that is where the swing shows.
+                    steps=tuple(steps[s + 1] for s in switches),
+                    checkpoints=tuple(s + 1 for s in switches),
+                    favoured=tuple(pair[0] if v > 0 else pair[1] if v < 0 else None
+                                   for v in sides[:, j]),
+                    lead_z=tuple(float(v) for v in z[:, j]),
                 )
+            )
     found.sort(key=lambda u: (-u.swings, int(u.id[2:]), u.classes))
     return tuple(found)
 
@@ -671,6 +702,19 @@ def pairwise_accuracy(confidence: np.ndarray, labels: np.ndarray, a: int, b: int
     return (conf[:, idx, true] > conf[:, idx, other]).mean(axis=1)
 
 
+def _pairwise_accuracies(confidence: np.ndarray, labels: np.ndarray, m: int) -> np.ndarray:
+    """``(T+1, M, M)``: :func:`pairwise_accuracy` of every pair at once (symmetric; the
+    diagonal is meaningless), from how often each class's samples rank it above each
+    other class."""
+    wins = np.zeros((confidence.shape[0], m, m))
+    for c in range(m):
+        conf = confidence[:, labels == c]
+        wins[:, c] = (conf[:, :, c : c + 1] > conf).sum(axis=1)
+    counts = np.bincount(labels, minlength=m).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (wins + wins.transpose(0, 2, 1)) / (counts[:, None] + counts[None, :])
+
+
 def _learning_order(
     labels: np.ndarray,
     confidence: np.ndarray,
@@ -682,28 +726,28 @@ def _learning_order(
     m = len(classes)
     profiles = np.stack([activity[labels == c].mean(axis=0) for c in range(m)])
     level = 1.0 - settings.separation_tolerance
+    acc = _pairwise_accuracies(confidence, labels, m)
+    checkpoints = np.arange(acc.shape[0])[:, None, None]
+    # The last checkpoint at which each pair is still below the level (-1: never).
+    last_below = np.where(acc < level, checkpoints, -1).max(axis=0)
+    has_mass = profiles.sum(axis=1) > 0
     pairs = []
-    for a, b in combinations(range(m), 2):
-        acc = pairwise_accuracy(confidence, labels, a, b)
-        below = np.flatnonzero(acc < level)
-        if len(below) == 0:
-            at = 0
-        elif below[-1] == len(acc) - 1:
-            at = None
-        else:
-            at = int(below[-1] + 1)
-        pa, pb = profiles[a], profiles[b]
-        has_mass = pa.sum() > 0 and pb.sum() > 0
-        distinct = float(jensenshannon(pa, pb, base=2)) if has_mass else 0.0
-        pairs.append(
-            PairSeparation(
-                pair=(classes[a], classes[b]),
-                separated_at_step=None if at is None else steps[at],
-                separated_at_checkpoint=at,
-                distinctness=distinct if np.isfinite(distinct) else 0.0,
-                final_pairwise_accuracy=float(acc[-1]),
+    for a in range(m - 1):
+        # One call per class against all later ones: 100 classes make 4950 pairs.
+        distinct = jensenshannon(profiles[a], profiles[a + 1:], base=2, axis=-1)
+        for b in range(a + 1, m):
+            below = int(last_below[a, b])
+            at = 0 if below < 0 else None if below == acc.shape[0] - 1 else below + 1
+            js = float(distinct[b - a - 1]) if has_mass[a] and has_mass[b] else 0.0
+            pairs.append(
+                PairSeparation(
+                    pair=(classes[a], classes[b]),
+                    separated_at_step=None if at is None else steps[at],
+                    separated_at_checkpoint=at,
+                    distinctness=js if np.isfinite(js) else 0.0,
+                    final_pairwise_accuracy=float(acc[-1, a, b]),
+                )
             )
-        )
     # Pairs never separated rank after every separated pair (tied among themselves).
     late = len(steps)
     when = np.array([p.separated_at_checkpoint if p.separated_at_checkpoint is not None
