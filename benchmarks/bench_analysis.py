@@ -467,7 +467,8 @@ class StageClock:
 
     def patch(self, owner: Any, name: str, stage: str, *, generator: bool = False) -> None:
         if not hasattr(owner, name):
-            return
+            # A stage that silently goes untimed would be counted as "other".
+            raise RuntimeError(f"cannot time {stage!r}: {owner!r} has no {name!r}")
         orig = getattr(owner, name)
         clock = self
 
@@ -488,13 +489,17 @@ class StageClock:
         self._patches.append((owner, name, orig))
 
     def __enter__(self) -> StageClock:
-        import whylook.explain as ex
+        import importlib
+
         import whylook.intensity as inten
         import whylook.mapping as mapping
         import whylook.patterns as patterns
         import whylook.saliency as sal
         from whylook.prototypes import PrototypeFinder, Prototypes
 
+        # Not ``import whylook.explain as ex``: that binds the package's explain function,
+        # which has none of these attributes.
+        ex = importlib.import_module("whylook.explain")
         self.patch(RunFolder, "data", "load data")
         self.patch(RunFolder, "load_model", "load checkpoints")
         self.patch(ex, "_checkpoint_model", "load checkpoints")
