@@ -146,6 +146,15 @@ def machine_info(threads: int, device: torch.device) -> dict[str, Any]:
     return info
 
 
+def write_result(out: Path | None, result: dict[str, Any]) -> None:
+    """Write a benchmark's raw result to ``out`` (JSON) with the command that made it."""
+    result.setdefault("command", "python benchmarks/" + " ".join(
+        [Path(sys.argv[0]).name, *sys.argv[1:]]))
+    if out is not None:
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"written: {out}")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_analysis import machine_info, timed_explain
+from bench_analysis import machine_info, timed_explain, write_result
 from threadpoolctl import threadpool_limits
 
 import whylook
@@ -84,7 +83,6 @@ def main() -> None:
     print(f"  {'total':40s} {statistics.median(totals):6.2f} s")
     result = {
         "machine": info,
-        "command": "python benchmarks/bench_classes.py " + " ".join(sys.argv[1:]),
         "classes": args.classes,
         "total_seconds": totals,
         "stage_seconds": dict(stages),
@@ -92,9 +90,7 @@ def main() -> None:
         "pairs": len(explanation.get("learning_order", [])),
         "final_test_accuracy": accuracy,
     }
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
-        print(f"written: {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,12 @@ prototype shares), for models with more classes than the data at hand.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from bench_analysis import machine_info
+from bench_analysis import machine_info, write_result
 from threadpoolctl import threadpool_limits
 
 import whylook.patterns as patterns
@@ -106,12 +104,9 @@ def main() -> None:
         "machine": info,
         "run": str(args.run) if args.run else f"synthetic, {args.classes} classes",
         "transitions": t1 - 1, "n": n, "classes": m,
-        "command": "python benchmarks/bench_hdbscan.py " + " ".join(sys.argv[1:]),
         "rows": rows,
     }
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
-        print(f"written: {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
