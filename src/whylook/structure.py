@@ -733,8 +733,10 @@ def _learning_order(
     has_mass = profiles.sum(axis=1) > 0
     pairs = []
     for a in range(m - 1):
-        # One call per class against all later ones: 100 classes make 4950 pairs.
-        distinct = jensenshannon(profiles[a], profiles[a + 1:], base=2, axis=-1)
+        # One call per class against all later ones: 100 classes make 4950 pairs. A class
+        # the model never looks at has no profile to compare (0 below, as before).
+        with np.errstate(invalid="ignore", divide="ignore"):
+            distinct = jensenshannon(profiles[a], profiles[a + 1:], base=2, axis=-1)
         for b in range(a + 1, m):
             below = int(last_below[a, b])
             at = 0 if below < 0 else None if below == acc.shape[0] - 1 else below + 1
