@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -373,6 +374,21 @@ def test_many_classes_match_the_rules_pair_by_pair():
     got = [(u.id, u.classes, u.swings, u.lead_z) for u in s.uncertain]
     assert sorted(got) == sorted(expected)
     assert len(expected) >= 5
+
+
+def test_a_class_never_looked_at_has_no_distinctness_and_no_warning():
+    labels, mass, conf, beta, se, groups = _base()
+    mass[labels == 1] = 0.0  # every Grad-CAM map of class b blank
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = _run(labels, mass, conf, beta, se, groups)
+    by_pair = {p.pair: p.distinctness for p in s.learning_order.pairs}
+    assert by_pair[("a", "b")] == 0.0
+    assert by_pair[("b", "c")] == 0.0
+    assert by_pair[("a", "c")] == 0.0  # same uniform profile: nothing tells them apart
+    mass[labels == 2, 3] = 0.5
+    s = _run(labels, mass, conf, beta, se, groups)
+    assert {p.pair: p.distinctness for p in s.learning_order.pairs}[("a", "c")] > 0.1
 
 
 def test_bad_shapes_and_settings_are_one_line_errors():
