@@ -163,3 +163,7 @@ def test_uncertain_prototypes_sit_on_pairs_the_model_confuses(mnist_run):
     all_mean = np.mean([pair_conf[a, b] for a in range(10) for b in range(a + 1, 10)])
     assert all(pair_conf[a, b] > 0 for a, b in flagged)
     assert flagged_mean > all_mean
+    # explanation.json reports the same check.
+    check = d["uncertain_pairs_confusion"]
+    assert check["flagged_pairs"] == len(flagged)
+    assert check["lift"] == pytest.approx(flagged_mean / all_mean, rel=1e-5)

@@ -375,6 +375,21 @@ def test_many_classes_match_the_rules_pair_by_pair():
     assert sorted(got) == sorted(expected)
     assert len(expected) >= 5
 
+    # The flagged pairs' confusion against the average pair's, counted sample by sample.
+    wrong = np.zeros((m, m))
+    for t in range(1, t1):
+        for i in range(n):
+            wrong[labels[i], conf[t, i].argmax()] += 1
+    pairs = {tuple(sorted((int(u.classes[0][1:]), int(u.classes[1][1:])))) for u in s.uncertain}
+    flagged = np.mean([wrong[a, b] + wrong[b, a] for a, b in pairs])
+    average = np.mean([wrong[a, b] + wrong[b, a] for a in range(m) for b in range(a + 1, m)])
+    check = s.uncertain_confusion
+    assert check.flagged_pairs == len(pairs)
+    assert check.flagged_mean == pytest.approx(flagged)
+    assert check.all_pairs_mean == pytest.approx(average)
+    assert check.lift == pytest.approx(flagged / average)
+    assert s.to_json()["uncertain_pairs_confusion"]["lift"] == pytest.approx(flagged / average)
+
 
 def test_a_class_never_looked_at_has_no_distinctness_and_no_warning():
     labels, mass, conf, beta, se, groups = _base()
@@ -526,6 +541,29 @@ def test_summary_counts_class_pairs_not_entries(tmp_path):
         entry("P-0", "a", "b"), entry("P-1", "b", "a"), entry("P-2", "a", "c")])
     text = Explanation(path=tmp_path, data=data, arrays={}).summary()
     assert "Uncertain prototypes: 3 of 4 on 2 class pairs (3 prototype-pair entries)" in text
+
+
+def test_summary_says_how_much_the_flagged_pairs_were_confused(tmp_path):
+    from whylook.explain import Explanation
+
+    def line(check):
+        data = _summary_data(uncertain_pairs_confusion=check)
+        text = Explanation(path=tmp_path, data=data, arrays={}).summary()
+        return [x for x in text.splitlines() if "average class pair" in x]
+
+    def check(lift):
+        return {"flagged_pairs": 2, "flagged_mean": 3.0, "all_pairs_mean": 3.0 / lift,
+                "lift": lift}
+
+    assert line(check(1.66)) == [
+        "  the model confused those pairs 1.66x as often as the average class pair (errors "
+        "both ways, every checkpoint after the first)"]
+    weak = line(check(1.02))
+    assert len(weak) == 1
+    assert "barely more, so some of these swings may be chance" in weak[0]
+    assert line(None) == []  # written before the field existed
+    assert line({"flagged_pairs": 0, "flagged_mean": None, "all_pairs_mean": 2.0,
+                 "lift": None}) == []  # nothing flagged
 
 
 def test_summary_says_how_many_it_leaves_out(tmp_path):

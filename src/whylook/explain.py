@@ -50,6 +50,9 @@ _CACHE_VERSION = "1"
 # checkpoint's Grad-CAM pass until the prototypes exist to assign them (ResNet-50 at
 # layer3: 2000 samples take 400 MB), instead of a second feature pass over them.
 _HELD_FEATURES_BYTES = 1 << 29
+# Below this lift the summary says the uncertain prototypes' pairs hardly stand out from
+# the average pair (MNIST runs: 1.6-1.7; a 100-class run with 20 samples a class: 1.02).
+_WEAK_LIFT = 1.25
 # The printed summary lists this many uncertain-prototype entries (the rest: it says how many).
 _UNCERTAIN_LISTED = 10
 
@@ -139,6 +142,9 @@ class Explanation:
         n_pairs = len({tuple(sorted(u["classes"])) for u in unc})
         lines.append(f"Uncertain prototypes: {n_unc} of {d['k']} on {n_pairs} class pairs "
                      f"({len(unc)} prototype-pair entries)")
+        check = _pair_confusion_text(d.get("uncertain_pairs_confusion"))
+        if check:
+            lines.append(check)
         for u in unc[:_UNCERTAIN_LISTED]:
             lines.append(
                 f"  {u['id']}: swings {u['swings']}x between {u['classes'][0]} and "
@@ -163,6 +169,20 @@ class Explanation:
             )
         lines.append(f"\nwritten to {self.path}")
         return "\n".join(lines)
+
+
+def _pair_confusion_text(check: dict[str, Any] | None) -> str | None:
+    """How much more the flagged pairs were confused than the average pair (files written
+    before 2026-12-05 do not say)."""
+    if not check or check.get("lift") is None:
+        return None
+    lift = float(check["lift"])
+    text = (f"  the model confused those pairs {lift:.2f}x as often as the average class pair "
+            "(errors both ways, every checkpoint after the first)")
+    if lift < _WEAK_LIFT:
+        text += ("; barely more, so some of these swings may be chance: with many class "
+                 "pairs to test, raise --analysis-size (docs/METHOD-NOTES.md, Step 6)")
+    return text
 
 
 def _listed(ids: list[str], limit: int) -> str:

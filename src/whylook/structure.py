@@ -74,6 +74,7 @@ __all__ = [
     "ClassExplanation",
     "LearningOrder",
     "NoShared",
+    "PairConfusion",
     "PairSeparation",
     "SpecializedGroup",
     "Structure",
@@ -81,6 +82,7 @@ __all__ = [
     "UncertainPrototype",
     "accumulated_lead",
     "assemble",
+    "pair_confusion",
     "prototype_id",
 ]
 
@@ -207,6 +209,21 @@ class LearningOrder:
 
 
 @dataclass(frozen=True)
+class PairConfusion:
+    """How often the model confused the class pairs that uncertain prototypes swing
+    between, against the average pair: errors from one class of a pair to the other,
+    both ways, over every checkpoint after initialisation. The paper reads an uncertain
+    prototype as a cause of its pair's confusion, so the flagged pairs should stand out;
+    a ``lift`` near 1 says the swings found are no better than picking pairs at random.
+    """
+
+    flagged_pairs: int
+    flagged_mean: float | None  # confusions per flagged pair (None: no pair flagged)
+    all_pairs_mean: float  # confusions per class pair
+    lift: float | None  # flagged_mean / all_pairs_mean (None: either is missing or 0)
+
+
+@dataclass(frozen=True)
 class Structure:
     """The structured explanation (Step 6) plus the arrays it was read from."""
 
@@ -221,6 +238,7 @@ class Structure:
     classes: tuple[ClassExplanation, ...]
     uncertain: tuple[UncertainPrototype, ...]
     learning_order: LearningOrder
+    uncertain_confusion: PairConfusion | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The Step-6 part of ``explanation.json``."""
@@ -254,6 +272,12 @@ class Structure:
                  "final_pairwise_accuracy": round(p.final_pairwise_accuracy, 6)}
                 for p in self.learning_order.pairs
             ],
+            "uncertain_pairs_confusion": None if self.uncertain_confusion is None else {
+                "flagged_pairs": self.uncertain_confusion.flagged_pairs,
+                "flagged_mean": _round_or_none(self.uncertain_confusion.flagged_mean),
+                "all_pairs_mean": _round_or_none(self.uncertain_confusion.all_pairs_mean),
+                "lift": _round_or_none(self.uncertain_confusion.lift),
+            },
             "learning_order_correlation": {
                 "spearman": _round_or_none(self.learning_order.spearman),
                 "p_value": _round_or_none(self.learning_order.p_value),
@@ -437,7 +461,39 @@ def assemble(
         classes=tuple(class_expl),
         uncertain=uncertain,
         learning_order=order,
+        uncertain_confusion=pair_confusion(confidence, labels, classes, uncertain),
     )
+
+
+def pair_confusion(
+    confidence: np.ndarray,
+    labels: np.ndarray,
+    classes: Sequence[str],
+    uncertain: Sequence[UncertainPrototype],
+) -> PairConfusion:
+    """:class:`PairConfusion` of the pairs in ``uncertain``, from the argmax of the
+    confidences ``(T+1, n, M)`` at every checkpoint after the first.
+
+    >>> conf = np.array([[[.9, .1, 0], [.1, .9, 0], [0, .1, .9]],
+    ...                  [[.2, .8, 0], [.6, .4, 0], [0, .1, .9]]])
+    >>> u = UncertainPrototype("P-0", ("a", "b"), 2, (1, 2), (1, 2), ("a", "b"), (2.0, -2.0))
+    >>> c = pair_confusion(conf, np.array([0, 1, 2]), ["a", "b", "c"], [u])
+    >>> c.flagged_pairs, c.flagged_mean, round(c.all_pairs_mean, 3), c.lift
+    (1, 2.0, 0.667, 3.0)
+    """
+    m = len(classes)
+    predicted = np.asarray(confidence)[1:].argmax(axis=2)
+    counts = np.bincount((np.asarray(labels)[None, :] * m + predicted).ravel(),
+                         minlength=m * m).reshape(m, m)
+    both_ways = counts + counts.T
+    upper = np.triu_indices(m, 1)
+    all_mean = float(both_ways[upper].mean()) if m > 1 else 0.0
+    index = {name: i for i, name in enumerate(classes)}
+    flagged = {tuple(sorted(index[c] for c in u.classes)) for u in uncertain}
+    flagged_mean = float(np.mean([both_ways[a, b] for a, b in flagged])) if flagged else None
+    lift = flagged_mean / all_mean if flagged_mean is not None and all_mean > 0 else None
+    return PairConfusion(flagged_pairs=len(flagged), flagged_mean=flagged_mean,
+                         all_pairs_mean=all_mean, lift=lift)
 
 
 def blank_maps(saliency: np.ndarray) -> np.ndarray:
