@@ -180,8 +180,9 @@ def _pair_confusion_text(check: dict[str, Any] | None) -> str | None:
     text = (f"  the model confused those pairs {lift:.2f}x as often as the average class pair "
             "(errors both ways, every checkpoint after the first)")
     if lift < _WEAK_LIFT:
-        text += ("; barely more, so some of these swings may be chance: with many class "
-                 "pairs to test, raise --analysis-size (docs/METHOD-NOTES.md, Step 6)")
+        text += ("; barely more: the rule tests every pair a prototype is active in, and "
+                 "over many pairs some swings pass by chance, so read them with care "
+                 "(docs/METHOD-NOTES.md, Step 6)")
     return text
 
 
