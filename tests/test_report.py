@@ -197,6 +197,36 @@ def test_class_learned_unseen_says_so_and_a_bad_value_is_one_line(small_run: Pat
         report(small_run)
 
 
+def test_uncertain_section_says_how_much_the_flagged_pairs_were_confused(
+    small_run: Path,
+) -> None:
+    path = small_run / "analysis" / "explanation.json"
+    exp = json.loads(path.read_text())
+    assert exp["uncertain_prototypes"]
+
+    def uncertain_section() -> str:
+        html = report(small_run).read_text(encoding="utf-8")
+        part = html[html.index('<section id="uncertain">'):]
+        return part[:part.index("</section>")]
+
+    exp["uncertain_pairs_confusion"] = {"flagged_pairs": 1, "flagged_mean": 9.0,
+                                        "all_pairs_mean": 5.0, "lift": 1.8}
+    path.write_text(json.dumps(exp))
+    assert ("The model confused those pairs 1.80x as often as the average class pair"
+            in uncertain_section())
+    assert "chance" not in uncertain_section()
+    exp["uncertain_pairs_confusion"]["lift"] = 1.02
+    path.write_text(json.dumps(exp))
+    assert "some swings pass by chance" in uncertain_section()
+    del exp["uncertain_pairs_confusion"]  # written before the check existed
+    path.write_text(json.dumps(exp))
+    assert "average class pair" not in uncertain_section()
+    exp["uncertain_pairs_confusion"] = {"lift": "high"}
+    path.write_text(json.dumps(exp))
+    with pytest.raises(WhylookError, match=r"bad uncertain_pairs_confusion entry"):
+        report(small_run)
+
+
 def test_beta_heatmap_labels_transitions_where_the_class_is_blank(
     small_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -40,3 +40,26 @@ def near_chance_caution(accuracy: float, n_classes: int) -> str | None:
     return (f"the final model is right on {floor_pct(accuracy)} of the analysis set (chance: "
             f"{floor_pct(chance)}); it has learned little, so there is little for this "
             "explanation to explain: train longer and explain again")
+
+
+#: Below this lift the summary and the report say that the uncertain prototypes' pairs
+#: hardly stand out from the average pair (MNIST runs: 1.6-1.9; a 100-class run: 1.02).
+WEAK_LIFT = 1.25
+
+
+def pair_confusion_text(lift: float) -> str:
+    """How much more often the model confused the uncertain prototypes' pairs than the
+    average pair (``uncertain_pairs_confusion.lift``), with a caution when barely more.
+
+    >>> pair_confusion_text(1.86)[:50]
+    'the model confused those pairs 1.86x as often as t'
+    >>> "chance" in pair_confusion_text(1.02)
+    True
+    """
+    text = (f"the model confused those pairs {lift:.2f}x as often as the average class pair "
+            "(errors both ways, every checkpoint after the first)")
+    if lift < WEAK_LIFT:
+        text += ("; barely more: the rule tests every pair a prototype is active in, and "
+                 "over many pairs some swings pass by chance, so read them with care "
+                 "(docs/METHOD-NOTES.md, Step 6)")
+    return text

@@ -24,7 +24,7 @@ import torch
 from whylook import __version__
 from whylook._io import file_digest, read_json, run_lock, save_npz, write_json
 from whylook._progress import progress_bar
-from whylook._text import floor_pct, near_chance_caution
+from whylook._text import floor_pct, near_chance_caution, pair_confusion_text
 from whylook.errors import WhylookError
 from whylook.structure import (
     UNSEEN_NOTE,
@@ -50,9 +50,6 @@ _CACHE_VERSION = "1"
 # checkpoint's Grad-CAM pass until the prototypes exist to assign them (ResNet-50 at
 # layer3: 2000 samples take 400 MB), instead of a second feature pass over them.
 _HELD_FEATURES_BYTES = 1 << 29
-# Below this lift the summary says the uncertain prototypes' pairs hardly stand out from
-# the average pair (MNIST runs: 1.6-1.7; a 100-class run with 20 samples a class: 1.02).
-_WEAK_LIFT = 1.25
 # The printed summary lists this many uncertain-prototype entries (the rest: it says how many).
 _UNCERTAIN_LISTED = 10
 
@@ -172,18 +169,11 @@ class Explanation:
 
 
 def _pair_confusion_text(check: dict[str, Any] | None) -> str | None:
-    """How much more the flagged pairs were confused than the average pair (files written
-    before 2026-12-05 do not say)."""
+    """The summary's line on ``uncertain_pairs_confusion`` (files written before
+    2026-12-05 have none)."""
     if not check or check.get("lift") is None:
         return None
-    lift = float(check["lift"])
-    text = (f"  the model confused those pairs {lift:.2f}x as often as the average class pair "
-            "(errors both ways, every checkpoint after the first)")
-    if lift < _WEAK_LIFT:
-        text += ("; barely more: the rule tests every pair a prototype is active in, and "
-                 "over many pairs some swings pass by chance, so read them with care "
-                 "(docs/METHOD-NOTES.md, Step 6)")
-    return text
+    return "  " + pair_confusion_text(float(check["lift"]))
 
 
 def _listed(ids: list[str], limit: int) -> str:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from whylook._io import atomic_write, run_lock
-from whylook._text import floor_pct, near_chance_caution
+from whylook._text import floor_pct, near_chance_caution, pair_confusion_text
 from whylook.errors import WhylookError
 from whylook.report import figures, patches
 from whylook.report._inputs import Inputs, inconsistent, load
@@ -506,7 +506,20 @@ class _Builder:
                     (inp.classes[a], inp.classes[b]), steps, f"P-{k}"))
             items.append(row)
         return {"entries": items[:_UNCERTAIN_OPEN], "folded": items[_UNCERTAIN_OPEN:],
-                "rest": rest}
+                "rest": rest, "check": self._pair_confusion()}
+
+    def _pair_confusion(self) -> str | None:
+        """The sentence on how much the flagged pairs were confused (older files: none)."""
+        check = self.exp.get("uncertain_pairs_confusion")
+        if check is None:
+            return None
+        lift = check.get("lift") if isinstance(check, dict) else "missing"
+        if lift is None:
+            return None
+        if not isinstance(lift, int | float) or isinstance(lift, bool) or not lift >= 0:
+            raise inconsistent(self.inp.run_path, "bad uncertain_pairs_confusion entry")
+        text = pair_confusion_text(float(lift))
+        return text[0].upper() + text[1:] + "."
 
     def _lead_z(self, entry: dict[str, Any], k: int, a: int, b: int) -> np.ndarray | None:
         """The entry's accumulated lead per transition, in standard errors."""
