@@ -43,7 +43,8 @@ def near_chance_caution(accuracy: float, n_classes: int) -> str | None:
 
 
 #: Below this lift the summary and the report say that the uncertain prototypes' pairs
-#: hardly stand out from the average pair (MNIST runs: 1.6-1.9; a 100-class run: 1.02).
+#: hardly stand out from the average pair (the demo: 1.86; a synthetic 100-class run:
+#: 1.02 with 20 samples a class, 1.29 with 60; docs/METHOD-NOTES.md, Step 6).
 WEAK_LIFT = 1.25
 
 
