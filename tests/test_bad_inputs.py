@@ -446,6 +446,9 @@ CASES: dict[str, Case] = {
     "standard-errors-unknown": (
         "whylook explain", lambda c: c.explain(c.run(), "--standard-errors", "exact")
     ),
+    "uncertain-null-negative": (
+        "whylook explain", lambda c: c.explain(c.run(), "--uncertain-null", "-1")
+    ),
     "ridge-lambda-negative": ("explain()", lambda c: _explain_api(c, ridge_lambda=-1.0)),
     "min-cluster-size-one": ("explain()", lambda c: _explain_api(c, min_cluster_size=1)),
     "train-too-many-checkpoints": (

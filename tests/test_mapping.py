@@ -361,6 +361,46 @@ def test_explain_records_and_honours_its_standard_errors(tmp_path_factory) -> No
         np.testing.assert_allclose(a["beta_z"], expected, rtol=1e-4, atol=1e-5)
 
 
+def test_explain_counts_what_the_uncertain_rule_flags_by_chance(tmp_path_factory) -> None:
+    """--uncertain-null N refits Step 5 N times with the intensity changes shuffled across
+    samples and records what the uncertain rule flags each time; off by default."""
+    from _tiny_run import baseline, copy_run, explain_argv
+    from whylook.cli import main
+    from whylook.explain import load_explanation
+    from whylook.mapping import fit_mapping
+    from whylook.structure import StructureSettings, uncertain_rule
+
+    _, run = baseline(tmp_path_factory)
+    data = load_explanation(run).data
+    assert data["settings"]["uncertain_null"] == 0
+    assert data["uncertain_by_chance"] is None
+    other = copy_run(run, tmp_path_factory.mktemp("null") / "run")
+    assert main(explain_argv(other, "--uncertain-null", "3")) == 0
+    exp = load_explanation(other)
+    chance = exp.data["uncertain_by_chance"]
+    assert exp.data["settings"]["uncertain_null"] == 3
+    assert chance["shuffles"] == 3
+    assert len(chance["flagged"]) == 3
+    assert chance["mean"] == pytest.approx(np.mean(chance["flagged"]))
+    # The real fit is untouched, and each count is the rule on one shuffled refit.
+    np.testing.assert_array_equal(exp.arrays["beta"], load_explanation(run).arrays["beta"])
+    a = exp.arrays
+    dp = np.diff(a["intensity"].astype(np.float64), axis=0)
+    dy = np.diff(a["confidence"].astype(np.float64), axis=0)
+    rng = np.random.default_rng([exp.data["settings"]["seed"], 6])
+    classes = exp.data["classes"]
+    rate = np.stack([a["active"][a["labels"] == c].mean(axis=0)
+                     for c in range(len(classes))], axis=1)
+    steps = [c["step"] for c in exp.data["checkpoints"]]
+    for count in chance["flagged"]:
+        null = fit_mapping(dp[:, rng.permutation(dp.shape[1])], dy)
+        found = uncertain_rule(null.beta, null.beta_se, rate, classes, steps,
+                               StructureSettings(**exp.data["structure_settings"]),
+                               null.lead_se)
+        assert len(found) == count
+    assert f"flags {chance['mean']:.1f} entries (3 shuffles, mean)" in exp.summary()
+
+
 def _refit_lead(dp: np.ndarray, dy: np.ndarray, lambdas: np.ndarray,
                 rows: np.ndarray) -> np.ndarray:
     """``(T, K, M, M)`` accumulated leads of ridge fits of ``rows`` at the given lambdas."""

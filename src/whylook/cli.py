@@ -170,6 +170,12 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
         "no seed) or bootstrap (100 resamples, as before 2026-12-05)",
     )
     p.add_argument(
+        "--uncertain-null", type=int, default=None, metavar="SHUFFLES",
+        help="measure how many uncertain prototypes the rule flags by chance: refit the "
+        "ridge mapping this many times with each sample's attention changes given to "
+        "another sample (default 0: not measured; 20 is a good start, one ridge fit each)",
+    )
+    p.add_argument(
         "--batch-size", type=int, default=None,
         help="samples per Grad-CAM pass (default 256; lower it if memory runs out)",
     )
@@ -191,6 +197,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         overrides["batch_size"] = args.batch_size
     if args.standard_errors is not None:
         overrides["standard_errors"] = args.standard_errors
+    if args.uncertain_null is not None:
+        overrides["uncertain_null"] = args.uncertain_null
     settings = ExplainSettings(**overrides) if overrides else None
     result = explain(
         args.run,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from whylook.structure import (
     assemble,
     blank_maps,
     prototype_id,
+    uncertain_rule,
 )
 
 __all__ = [
@@ -86,6 +87,10 @@ class ExplainSettings:
     support: str = "global+class"
     subgroups: str = "trajectory+profile"
     structure: StructureSettings = field(default_factory=StructureSettings)
+    # docs/METHOD-NOTES.md, Step 6: how many times to refit Step 5 with each sample's
+    # intensity changes given to another sample and count what the uncertain rule flags
+    # then, by chance (0: not measured; each shuffle costs one more Step-5 fit).
+    uncertain_null: int = 0
 
 
 @dataclass(frozen=True)
@@ -142,6 +147,11 @@ class Explanation:
         check = _pair_confusion_text(d.get("uncertain_pairs_confusion"))
         if check:
             lines.append(check)
+        chance = d.get("uncertain_by_chance")
+        if chance:
+            lines.append(f"  with each sample's attention changes given to another sample, the "
+                         f"rule flags {chance['mean']:.1f} entries ({chance['shuffles']} "
+                         "shuffles, mean): about that many of these may be chance")
         for u in unc[:_UNCERTAIN_LISTED]:
             lines.append(
                 f"  {u['id']}: swings {u['swings']}x between {u['classes'][0]} and "
@@ -395,6 +405,10 @@ def _check_settings(s: ExplainSettings) -> None:
             value is not None and not (whole(value) and value >= low)
         ):
             raise WhylookError(f"{name} must be a whole number >= {low}, not {value!r}")
+    if not (whole(s.uncertain_null) and s.uncertain_null >= 0):
+        raise WhylookError(
+            f"uncertain_null must be a whole number >= 0, not {s.uncertain_null!r}"
+        )
     if not (whole(s.bootstrap) and (s.bootstrap == 0 or s.bootstrap >= 2)):
         raise WhylookError(f"bootstrap must be 0 or a whole number >= 2, not {s.bootstrap!r}")
     if s.standard_errors not in ("jackknife", "bootstrap"):
@@ -411,6 +425,38 @@ def _check_settings(s: ExplainSettings) -> None:
         raise WhylookError(
             f"structure must be a StructureSettings, not {type(s.structure).__name__}"
         )
+
+
+def _uncertain_by_chance(
+    d_intensity: np.ndarray,
+    d_confidence: np.ndarray,
+    active_rate: np.ndarray,
+    classes: Sequence[str],
+    steps: list[int],
+    settings: ExplainSettings,
+    n_jobs: int,
+    progress: bool | None,
+) -> list[int] | None:
+    """Entries the uncertain rule flags after each of ``settings.uncertain_null`` shuffles
+    of which sample's intensity changes go with which sample's confidence changes (one
+    shuffle for every transition, so each sample keeps its trajectory): with no prototype
+    able to drive any confidence, all it flags is chance (docs/METHOD-NOTES.md, Step 6).
+    The same prototype-pair tests as the real run, as its active rates are kept."""
+    from whylook.mapping import fit_mapping
+
+    if not settings.uncertain_null:
+        return None
+    rng = np.random.default_rng([settings.seed, 6])
+    flagged = []
+    for _ in progress_bar(range(settings.uncertain_null), desc="uncertain rule: shuffles",
+                          total=settings.uncertain_null, progress=progress):
+        order = rng.permutation(d_intensity.shape[1])
+        null = fit_mapping(d_intensity[:, order], d_confidence, lam=settings.ridge_lambda,
+                           standard_errors=settings.standard_errors,
+                           n_boot=settings.bootstrap, seed=settings.seed, n_jobs=n_jobs)
+        flagged.append(len(uncertain_rule(null.beta, null.beta_se, active_rate, classes,
+                                          steps, settings.structure, null.lead_se)))
+    return flagged
 
 
 def _load_cached(path: Path) -> dict[str, np.ndarray] | None:
@@ -676,6 +722,9 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         support_fits=support_fits, zero_maps=blank_maps(saliency), lead_se=mapping.lead_se,
     )
 
+    by_chance = _uncertain_by_chance(d_intensity, d_confidence, structure.active_rate_by_class,
+                                     classes, steps, settings, n_jobs, progress)
+
     predictions = confidence.argmax(axis=2)
     confusion = np.zeros((t1, m, m), dtype=np.int64)
     for t in range(t1):
@@ -748,6 +797,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
             "support": settings.support,
             "support_threshold": round(structure.support_threshold, 6),
             "subgroups": settings.subgroups,
+            "uncertain_null": int(settings.uncertain_null),
             # Not a choice of the method, but of how its passes ran (for reproducing them).
             "batch_size": int(settings.batch_size),
         },
@@ -765,6 +815,10 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
             for p in range(k_final)
         ],
         **structure.to_json(),
+        "uncertain_by_chance": None if by_chance is None else {
+            "shuffles": len(by_chance), "flagged": by_chance,
+            "mean": round(float(np.mean(by_chance)), 6),
+        },
         "patterns": {
             "groups_per_transition": [int(g) for g in patterns.n_groups_per_transition],
             "noise_fraction": [round(float(f), 6) for f in patterns.noise_fraction],

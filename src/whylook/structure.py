@@ -84,6 +84,7 @@ __all__ = [
     "assemble",
     "pair_confusion",
     "prototype_id",
+    "uncertain_rule",
 ]
 
 
@@ -701,6 +702,35 @@ def _sides(z: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     before = np.vstack([np.full((1, z.shape[1]), -1), last[:-1]])
     side_before = np.take_along_axis(sides, np.maximum(before, 0), axis=0)
     return sides, (sides != 0) & (before >= 0) & (sides != side_before)
+
+
+def uncertain_rule(
+    beta: np.ndarray,
+    beta_se: np.ndarray,
+    active_rate: np.ndarray,
+    classes: Sequence[str],
+    steps: Sequence[int],
+    settings: StructureSettings | None = None,
+    lead_se: np.ndarray | None = None,
+) -> tuple[UncertainPrototype, ...]:
+    """The uncertain-prototype rule alone, as :func:`assemble` applies it, on the given
+    coefficients ``(T, K, M)`` and active rates ``(K, M)`` (see the module notes): for
+    rerunning it on other fits of the same run, e.g. under a null.
+
+    >>> beta = np.zeros((3, 1, 2)); beta[:, 0, 0] = [4.0, -10.0, 14.0]
+    >>> [u.swings for u in uncertain_rule(beta, np.ones_like(beta), np.ones((1, 2)),
+    ...                                   ["a", "b"], [0, 1, 2, 3])]
+    [2]
+    """
+    beta = np.asarray(beta, dtype=np.float64)
+    k, m = beta.shape[1:]
+    if np.shape(beta_se) != beta.shape or np.shape(active_rate) != (k, m):
+        raise WhylookError(
+            f"beta_se must have beta's shape {beta.shape} and active_rate ({k}, {m}), not "
+            f"{np.shape(beta_se)} and {np.shape(active_rate)}"
+        )
+    return _uncertain(beta, np.asarray(beta_se, dtype=np.float64), np.asarray(active_rate),
+                      tuple(classes), list(steps), settings or StructureSettings(), lead_se)
 
 
 def _uncertain(
