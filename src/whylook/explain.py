@@ -31,6 +31,7 @@ from whylook.structure import (
     StructureSettings,
     assemble,
     blank_maps,
+    confusion_matrix,
     prototype_id,
     uncertain_rule,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "load_explanation",
     "prototype_rows",
     "stratified_rows",
+    "uncertain_by_chance",
 ]
 
 SCHEMA = "whylook.explanation/1"
@@ -427,21 +429,24 @@ def _check_settings(s: ExplainSettings) -> None:
         )
 
 
-def _uncertain_by_chance(
+def uncertain_by_chance(
     d_intensity: np.ndarray,
     d_confidence: np.ndarray,
     active_rate: np.ndarray,
     classes: Sequence[str],
-    steps: list[int],
+    steps: Sequence[int],
     settings: ExplainSettings,
-    n_jobs: int,
-    progress: bool | None,
+    *,
+    n_jobs: int | None = None,
+    progress: bool | None = False,
 ) -> list[int] | None:
     """Entries the uncertain rule flags after each of ``settings.uncertain_null`` shuffles
-    of which sample's intensity changes go with which sample's confidence changes (one
-    shuffle for every transition, so each sample keeps its trajectory): with no prototype
-    able to drive any confidence, all it flags is chance (docs/METHOD-NOTES.md, Step 6).
-    The same prototype-pair tests as the real run, as its active rates are kept."""
+    of which sample's intensity changes ``(T, n, K)`` go with which sample's confidence
+    changes ``(T, n, M)`` (one shuffle for every transition, so each sample keeps its
+    trajectory): with no prototype able to drive any confidence, all it flags is chance
+    (docs/METHOD-NOTES.md, Step 6). Step 5 is refitted with ``settings``' ridge penalty
+    and standard errors; the active rates ``(K, M)`` are the real run's, so the rule runs
+    the same prototype-pair tests. ``None`` when ``settings.uncertain_null`` is 0."""
     from whylook.mapping import fit_mapping
 
     if not settings.uncertain_null:
@@ -722,13 +727,11 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         support_fits=support_fits, zero_maps=blank_maps(saliency), lead_se=mapping.lead_se,
     )
 
-    by_chance = _uncertain_by_chance(d_intensity, d_confidence, structure.active_rate_by_class,
-                                     classes, steps, settings, n_jobs, progress)
+    by_chance = uncertain_by_chance(d_intensity, d_confidence, structure.active_rate_by_class,
+                                    classes, steps, settings, n_jobs=n_jobs, progress=progress)
 
     predictions = confidence.argmax(axis=2)
-    confusion = np.zeros((t1, m, m), dtype=np.int64)
-    for t in range(t1):
-        np.add.at(confusion[t], (labels, predictions[t]), 1)
+    confusion = np.stack([confusion_matrix(labels, predictions[t], m) for t in range(t1)])
 
     active = structure.active
     top_samples = []

@@ -57,6 +57,7 @@ from whylook._io import atomic_write, file_digest, read_json, run_lock, save_npz
 from whylook._progress import progress_bar
 from whylook.errors import WhylookError
 from whylook.models import resolve_device
+from whylook.structure import confusion_matrix
 
 __all__ = [
     "DEFAULT_STRATEGIES",
@@ -110,17 +111,6 @@ def parse_strategy(text: str) -> tuple[str, ...]:
 
 def _label(stages: Sequence[str]) -> str:
     return "→".join(stages)
-
-
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, m: int) -> np.ndarray:
-    """``(M, M)`` int64 counts, rows = true class, columns = predicted class.
-
-    >>> confusion_matrix(np.array([0, 0, 1]), np.array([0, 1, 1]), 2).tolist()
-    [[1, 1], [0, 1]]
-    """
-    out = np.zeros((m, m), dtype=np.int64)
-    np.add.at(out, (np.asarray(labels, np.int64), np.asarray(predictions, np.int64)), 1)
-    return out
 
 
 def confusion_count(confusion: np.ndarray, a: int, b: int) -> int:

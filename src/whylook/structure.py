@@ -82,6 +82,7 @@ __all__ = [
     "UncertainPrototype",
     "accumulated_lead",
     "assemble",
+    "confusion_matrix",
     "pair_confusion",
     "prototype_id",
     "uncertain_rule",
@@ -466,6 +467,17 @@ def assemble(
     )
 
 
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, m: int) -> np.ndarray:
+    """``(M, M)`` int64 counts, rows = true class, columns = predicted class.
+
+    >>> confusion_matrix(np.array([0, 0, 1]), np.array([0, 1, 1]), 2).tolist()
+    [[1, 1], [0, 1]]
+    """
+    out = np.zeros((m, m), dtype=np.int64)
+    np.add.at(out, (np.asarray(labels, np.int64), np.asarray(predictions, np.int64)), 1)
+    return out
+
+
 def pair_confusion(
     confidence: np.ndarray,
     labels: np.ndarray,
@@ -483,9 +495,8 @@ def pair_confusion(
     (1, 2.0, 0.667, 3.0)
     """
     m = len(classes)
-    predicted = np.asarray(confidence)[1:].argmax(axis=2)
-    counts = np.bincount((np.asarray(labels)[None, :] * m + predicted).ravel(),
-                         minlength=m * m).reshape(m, m)
+    predicted = np.asarray(confidence)[1:].argmax(axis=2)  # (T, n), checkpoint-major
+    counts = confusion_matrix(np.tile(labels, predicted.shape[0]), predicted.ravel(), m)
     both_ways = counts + counts.T
     upper = np.triu_indices(m, 1)
     all_mean = float(both_ways[upper].mean()) if m > 1 else 0.0

@@ -42,7 +42,13 @@ from whylook.errors import WhylookError
 from whylook.report import figures, patches
 from whylook.report._inputs import Inputs, inconsistent, load
 from whylook.report._tables import tables
-from whylook.structure import UNSEEN_NOTE, accumulated_lead, blank_maps, blank_rates
+from whylook.structure import (
+    UNSEEN_NOTE,
+    accumulated_lead,
+    blank_maps,
+    blank_rates,
+    confusion_matrix,
+)
 
 __all__ = ["PAGE_BUDGET_BYTES", "report"]
 
@@ -229,9 +235,8 @@ class _Builder:
             source = (f"analysis set (n={len(self.labels)}), final checkpoint, from "
                       "arrays.npz confusion[-1]")
         else:
-            pred = self.a["confidence"][-1].argmax(axis=1)
-            matrix = np.zeros((self.m, self.m), np.int64)
-            np.add.at(matrix, (self.labels, pred), 1)
+            matrix = confusion_matrix(self.labels, self.a["confidence"][-1].argmax(axis=1),
+                                      self.m)
             source = (f"analysis set (n={len(self.labels)}), final checkpoint, recomputed "
                       "from the stored confidences")
         conf_uri = self.out.figure("overview-confusion.png", figures.confusion(
