@@ -1,13 +1,16 @@
-"""How often Step 6's uncertain rule fires by chance: a permutation null on a finished run.
+"""How often Step 6's uncertain rule fires with no link between attention and confidence.
 
 The rule tests every (prototype, class pair) with the prototype active in at least a
 tenth of both classes, and flags those whose accumulated lead changes side at least twice
 beyond 2 standard errors. ``whylook.explain.uncertain_by_chance`` (what ``whylook explain
---uncertain-null N`` runs) refits Step 5 with the run's own settings after shuffling which
-sample's intensity changes go with which sample's confidence changes (one shuffle for all
-transitions, so each sample keeps its trajectory) and applies the rule again: what it
-flags then is chance. This runs it on a finished run's stored arrays, without redoing the
-analysis, and prints the tests, the flags on the real data and under each shuffle.
+--uncertain-null N`` runs) refits Step 5 with the run's own settings after cutting the
+link two ways and applies the rule again: with every sample's confidence changes
+multiplied by a random sign (all coefficients truly zero: what the rule flags is chance)
+and with every sample's intensity changes given to another sample (one shuffle for all
+transitions: the classes' and prototypes' average changes survive, and the ridge without
+intercept credits them, so what it flags is that drift). This runs it on a finished run's
+stored arrays, without redoing the analysis, and prints the tests, the flags on the real
+data and under each null, and which real entries the shuffles flag too.
 
     python benchmarks/uncertain_null.py RUN [--permutations 20] [--out FILE]
 """
@@ -53,17 +56,23 @@ def main() -> None:
                 (active_rate >= settings.structure.uncertain_min_rate).sum(axis=1))
     delta_p = np.diff(a["intensity"].astype(np.float64), axis=0)
     delta_y = np.diff(a["confidence"].astype(np.float64), axis=0)
-    real = len(d["uncertain_prototypes"])
+    real = [(u["id"], *u["classes"]) for u in d["uncertain_prototypes"]]
     with threadpool_limits(1):
         null = uncertain_by_chance(delta_p, delta_y, active_rate, classes, steps, settings,
-                                   progress=None) or []
+                                   flagged=real, progress=None)
+    assert null is not None
     print(f"{len(classes)} classes, {tests} (prototype, pair) tests; flagged on the run: "
-          f"{real}; under the null: mean {statistics.mean(null):.1f} (min {min(null)}, max "
-          f"{max(null)}), {statistics.mean(null) / tests:.2%} of the tests")
+          f"{len(real)}")
+    for name, counts in (("sign-flipped (chance)", null.sign_flipped),
+                         ("shuffled (average drift)", null.shuffled)):
+        print(f"  {name}: mean {statistics.mean(counts):.1f} (min {min(counts)}, max "
+              f"{max(counts)}), {statistics.mean(counts) / tests:.2%} of the tests")
+    print(f"  real entries flagged under shuffles too: {len(null.in_shuffles)} "
+          f"({sum(c == len(null.shuffled) for c in null.in_shuffles.values())} under every one)")
     result: dict[str, Any] = {
         "machine": machine_info(1, torch.device("cpu")),
-        "run": str(args.run), "classes": len(classes), "tests": tests, "flagged": real,
-        "flagged_null": null, "settings": d["structure_settings"],
+        "run": str(args.run), "classes": len(classes), "tests": tests, "flagged": len(real),
+        **null.to_json(), "settings": d["structure_settings"],
     }
     write_result(args.out, result)
 

@@ -362,8 +362,9 @@ def test_explain_records_and_honours_its_standard_errors(tmp_path_factory) -> No
 
 
 def test_explain_counts_what_the_uncertain_rule_flags_by_chance(tmp_path_factory) -> None:
-    """--uncertain-null N refits Step 5 N times with the intensity changes shuffled across
-    samples and records what the uncertain rule flags each time; off by default."""
+    """--uncertain-null N refits Step 5 N times with the confidence changes sign-flipped
+    and N times with the intensity changes shuffled across samples, and records what the
+    uncertain rule flags each time; off by default."""
     from _tiny_run import baseline, copy_run, explain_argv
     from whylook.cli import main
     from whylook.explain import load_explanation
@@ -377,12 +378,13 @@ def test_explain_counts_what_the_uncertain_rule_flags_by_chance(tmp_path_factory
     other = copy_run(run, tmp_path_factory.mktemp("null") / "run")
     assert main(explain_argv(other, "--uncertain-null", "3")) == 0
     exp = load_explanation(other)
-    chance = exp.data["uncertain_by_chance"]
+    null = exp.data["uncertain_by_chance"]
     assert exp.data["settings"]["uncertain_null"] == 3
-    assert chance["shuffles"] == 3
-    assert len(chance["flagged"]) == 3
-    assert chance["mean"] == pytest.approx(np.mean(chance["flagged"]))
-    # The real fit is untouched, and each count is the rule on one shuffled refit.
+    assert null["draws"] == 3
+    assert len(null["sign_flipped"]) == len(null["shuffled"]) == 3
+    assert null["sign_flipped_mean"] == pytest.approx(np.mean(null["sign_flipped"]))
+    assert null["shuffled_mean"] == pytest.approx(np.mean(null["shuffled"]))
+    # The real fit is untouched, and each count is the rule on one refit.
     np.testing.assert_array_equal(exp.arrays["beta"], load_explanation(run).arrays["beta"])
     a = exp.arrays
     dp = np.diff(a["intensity"].astype(np.float64), axis=0)
@@ -392,13 +394,24 @@ def test_explain_counts_what_the_uncertain_rule_flags_by_chance(tmp_path_factory
     rate = np.stack([a["active"][a["labels"] == c].mean(axis=0)
                      for c in range(len(classes))], axis=1)
     steps = [c["step"] for c in exp.data["checkpoints"]]
-    for count in chance["flagged"]:
-        null = fit_mapping(dp[:, rng.permutation(dp.shape[1])], dy)
-        found = uncertain_rule(null.beta, null.beta_se, rate, classes, steps,
-                               StructureSettings(**exp.data["structure_settings"]),
-                               null.lead_se)
-        assert len(found) == count
-    assert f"flags {chance['mean']:.1f} entries (3 shuffles, mean)" in exp.summary()
+    structure = StructureSettings(**exp.data["structure_settings"])
+    real = {(u["id"], *u["classes"]) for u in exp.data["uncertain_prototypes"]}
+    seen: dict[tuple[str, ...], int] = {}
+
+    def rule(x: np.ndarray, y: np.ndarray) -> list[tuple[str, ...]]:
+        refit = fit_mapping(x, y)
+        return [(u.id, *u.classes) for u in uncertain_rule(
+            refit.beta, refit.beta_se, rate, classes, steps, structure, refit.lead_se)]
+
+    for flipped, shuffled in zip(null["sign_flipped"], null["shuffled"], strict=True):
+        signs = rng.choice(np.array([-1.0, 1.0]), size=dp.shape[1])
+        assert len(rule(dp, dy * signs[None, :, None])) == flipped
+        found = rule(dp[:, rng.permutation(dp.shape[1])], dy)
+        assert len(found) == shuffled
+        for key in real.intersection(found):
+            seen[key] = seen.get(key, 0) + 1
+    assert {(e["id"], *e["classes"]): e["shuffles"] for e in null["entries_in_shuffles"]} == seen
+    assert "by chance (confidence changes sign-flipped, 3 refits)" in exp.summary()
 
 
 def _refit_lead(dp: np.ndarray, dy: np.ndarray, lambdas: np.ndarray,

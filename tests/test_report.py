@@ -214,10 +214,10 @@ def test_uncertain_section_says_how_much_the_flagged_pairs_were_confused(
     path.write_text(json.dumps(exp))
     assert ("The model confused those pairs 1.80x as often as the average class pair"
             in uncertain_section())
-    assert "chance" not in uncertain_section()
+    assert "--uncertain-null" not in uncertain_section()
     exp["uncertain_pairs_confusion"]["lift"] = 1.02
     path.write_text(json.dumps(exp))
-    assert "some swings pass by chance" in uncertain_section()
+    assert "--uncertain-null N names the entries" in uncertain_section()
     del exp["uncertain_pairs_confusion"]  # written before the check existed
     path.write_text(json.dumps(exp))
     assert "average class pair" not in uncertain_section()

@@ -170,10 +170,12 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
         "no seed) or bootstrap (100 resamples, as before 2026-12-05)",
     )
     p.add_argument(
-        "--uncertain-null", type=int, default=None, metavar="SHUFFLES",
-        help="measure how many uncertain prototypes the rule flags by chance: refit the "
-        "ridge mapping this many times with each sample's attention changes given to "
-        "another sample (default 0: not measured; 20 is a good start, one ridge fit each)",
+        "--uncertain-null", type=int, default=None, metavar="DRAWS",
+        help="measure what the uncertain rule flags with no link between attention and "
+        "confidence: refit the ridge mapping this many times with each sample's confidence "
+        "changes sign-flipped (chance) and as many with its attention changes given to "
+        "another sample (the classes' average drift alone) (default 0: not measured; 20 "
+        "is a good start, two ridge fits each)",
     )
     p.add_argument(
         "--batch-size", type=int, default=None,

@@ -29,6 +29,7 @@ from whylook.errors import WhylookError
 from whylook.structure import (
     UNSEEN_NOTE,
     StructureSettings,
+    UncertainPrototype,
     assemble,
     blank_maps,
     confusion_matrix,
@@ -39,6 +40,7 @@ from whylook.structure import (
 __all__ = [
     "ExplainSettings",
     "Explanation",
+    "UncertainNull",
     "explain",
     "load_explanation",
     "prototype_rows",
@@ -89,9 +91,9 @@ class ExplainSettings:
     support: str = "global+class"
     subgroups: str = "trajectory+profile"
     structure: StructureSettings = field(default_factory=StructureSettings)
-    # docs/METHOD-NOTES.md, Step 6: how many times to refit Step 5 with each sample's
-    # intensity changes given to another sample and count what the uncertain rule flags
-    # then, by chance (0: not measured; each shuffle costs one more Step-5 fit).
+    # docs/METHOD-NOTES.md, Step 6: how many times to refit Step 5 with the link between
+    # attention and confidence cut, by a sign flip and by a shuffle, and count what the
+    # uncertain rule flags then (0: not measured; each draw costs two more Step-5 fits).
     uncertain_null: int = 0
 
 
@@ -149,11 +151,7 @@ class Explanation:
         check = _pair_confusion_text(d.get("uncertain_pairs_confusion"))
         if check:
             lines.append(check)
-        chance = d.get("uncertain_by_chance")
-        if chance:
-            lines.append(f"  with each sample's attention changes given to another sample, the "
-                         f"rule flags {chance['mean']:.1f} entries ({chance['shuffles']} "
-                         "shuffles, mean): about that many of these may be chance")
+        lines += _uncertain_null_text(d.get("uncertain_by_chance"))
         for u in unc[:_UNCERTAIN_LISTED]:
             lines.append(
                 f"  {u['id']}: swings {u['swings']}x between {u['classes'][0]} and "
@@ -429,6 +427,42 @@ def _check_settings(s: ExplainSettings) -> None:
         )
 
 
+@dataclass(frozen=True)
+class UncertainNull:
+    """What the uncertain rule flags on Step-5 refits that break the link between
+    attention and confidence, two ways (:func:`uncertain_by_chance`).
+
+    Attributes:
+        sign_flipped: entries flagged after each refit with every sample's confidence
+            changes multiplied by a random sign (the same for all its transitions and
+            classes): the true coefficients are all zero, so this is chance alone.
+        shuffled: entries flagged after each refit with every sample's intensity changes
+            given to another sample (one shuffle for all transitions): each class's and
+            prototype's average change per transition survives, and the paper's ridge,
+            which has no intercept, credits a prototype whose attention rose on average
+            with whatever the confidences did on average. This is the drift alone.
+        in_shuffles: for each real entry ``(prototype id, class, class)`` also flagged
+            under some shuffle, in how many of them.
+    """
+
+    sign_flipped: tuple[int, ...]
+    shuffled: tuple[int, ...]
+    in_shuffles: dict[tuple[str, str, str], int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "draws": len(self.shuffled),
+            "sign_flipped": list(self.sign_flipped),
+            "sign_flipped_mean": round(float(np.mean(self.sign_flipped)), 6),
+            "shuffled": list(self.shuffled),
+            "shuffled_mean": round(float(np.mean(self.shuffled)), 6),
+            "entries_in_shuffles": [
+                {"id": key[0], "classes": list(key[1:]), "shuffles": n}
+                for key, n in self.in_shuffles.items()
+            ],
+        }
+
+
 def uncertain_by_chance(
     d_intensity: np.ndarray,
     d_confidence: np.ndarray,
@@ -437,31 +471,92 @@ def uncertain_by_chance(
     steps: Sequence[int],
     settings: ExplainSettings,
     *,
+    flagged: Sequence[tuple[str, str, str]] = (),
     n_jobs: int | None = None,
     progress: bool | None = False,
-) -> list[int] | None:
-    """Entries the uncertain rule flags after each of ``settings.uncertain_null`` shuffles
-    of which sample's intensity changes ``(T, n, K)`` go with which sample's confidence
-    changes ``(T, n, M)`` (one shuffle for every transition, so each sample keeps its
-    trajectory): with no prototype able to drive any confidence, all it flags is chance
-    (docs/METHOD-NOTES.md, Step 6). Step 5 is refitted with ``settings``' ridge penalty
-    and standard errors; the active rates ``(K, M)`` are the real run's, so the rule runs
-    the same prototype-pair tests. ``None`` when ``settings.uncertain_null`` is 0."""
+) -> UncertainNull | None:
+    """The uncertain rule on ``settings.uncertain_null`` pairs of refits of Step 5 that
+    cut the link between the intensity changes ``(T, n, K)`` and the confidence changes
+    ``(T, n, M)``: one with each sample's confidence changes sign-flipped (chance), one
+    with its intensity changes given to another sample (the average drift), see
+    :class:`UncertainNull` and docs/METHOD-NOTES.md, Step 6. Step 5 is refitted with
+    ``settings``' ridge penalty and standard errors; the active rates ``(K, M)`` are the
+    real run's, so the rule runs the same prototype-pair tests. ``flagged`` are the real
+    run's entries, ``(prototype id, class, class)``, counted in the shuffles. ``None``
+    when ``settings.uncertain_null`` is 0.
+
+    >>> rng = np.random.default_rng(0)
+    >>> t, n = 4, 400
+    >>> dp = rng.normal(1.0, 0.3, (t, n, 1))  # attention to P-0 rises in every sample
+    >>> drift = np.array([1.0, -2.0, 2.0, -2.0])[:, None]  # a, b take turns gaining
+    >>> dy = np.stack([drift, -drift], axis=2) + rng.normal(0, 0.3, (t, n, 2))
+    >>> null = uncertain_by_chance(dp, dy, np.ones((1, 2)), ["a", "b"], range(t + 1),
+    ...                            ExplainSettings(uncertain_null=3),
+    ...                            flagged=[("P-0", "a", "b")])
+    >>> null.sign_flipped, null.shuffled, null.in_shuffles
+    ((0, 0, 0), (1, 1, 1), {('P-0', 'a', 'b'): 3})
+    """
     from whylook.mapping import fit_mapping
 
     if not settings.uncertain_null:
         return None
+    d_intensity = np.asarray(d_intensity, dtype=np.float64)
+    d_confidence = np.asarray(d_confidence, dtype=np.float64)
+    classes, steps = list(classes), list(steps)
     rng = np.random.default_rng([settings.seed, 6])
-    flagged = []
-    for _ in progress_bar(range(settings.uncertain_null), desc="uncertain rule: shuffles",
+    n = d_intensity.shape[1]
+
+    def rule(dp: np.ndarray, dy: np.ndarray) -> tuple[UncertainPrototype, ...]:
+        refit = fit_mapping(dp, dy, lam=settings.ridge_lambda,
+                            standard_errors=settings.standard_errors,
+                            n_boot=settings.bootstrap, seed=settings.seed, n_jobs=n_jobs)
+        return uncertain_rule(refit.beta, refit.beta_se, active_rate, classes, steps,
+                              settings.structure, refit.lead_se)
+
+    sign_flipped, shuffled = [], []
+    in_shuffles = dict.fromkeys(flagged, 0)
+    for _ in progress_bar(range(settings.uncertain_null), desc="uncertain rule: nulls",
                           total=settings.uncertain_null, progress=progress):
-        order = rng.permutation(d_intensity.shape[1])
-        null = fit_mapping(d_intensity[:, order], d_confidence, lam=settings.ridge_lambda,
-                           standard_errors=settings.standard_errors,
-                           n_boot=settings.bootstrap, seed=settings.seed, n_jobs=n_jobs)
-        flagged.append(len(uncertain_rule(null.beta, null.beta_se, active_rate, classes,
-                                          steps, settings.structure, null.lead_se)))
-    return flagged
+        signs = rng.choice(np.array([-1.0, 1.0]), size=n)
+        sign_flipped.append(len(rule(d_intensity, d_confidence * signs[None, :, None])))
+        found = rule(d_intensity[:, rng.permutation(n)], d_confidence)
+        shuffled.append(len(found))
+        for u in found:
+            key = (u.id, *u.classes)
+            if key in in_shuffles:
+                in_shuffles[key] += 1
+    return UncertainNull(tuple(sign_flipped), tuple(shuffled),
+                         {key: c for key, c in in_shuffles.items() if c})
+
+
+def _uncertain_null_text(null: dict[str, Any] | None) -> list[str]:
+    """The summary's lines on the uncertain rule's nulls (:class:`UncertainNull`).
+
+    >>> null = UncertainNull((0, 1), (2, 3), {("P-9", "0", "1"): 2}).to_json()
+    >>> for line in _uncertain_null_text(null):
+    ...     print(line)  # doctest: +NORMALIZE_WHITESPACE
+      by chance (confidence changes sign-flipped, 2 refits): 0.5 entries flagged on
+      average; from the average drift alone (attention changes shuffled): 2.5
+        of these entries, flagged under shuffles too: P-9 0/1 (2/2)
+    >>> old = {"shuffles": 20, "flagged": [2] * 20, "mean": 2.0}
+    >>> print(_uncertain_null_text(old)[0])  # doctest: +NORMALIZE_WHITESPACE
+      with each sample's attention changes given to another sample, the rule flags 2.0
+      entries (20 shuffles, mean)
+    """
+    if not null:
+        return []
+    if "draws" not in null:  # written before the sign-flip null: shuffles alone
+        return [f"  with each sample's attention changes given to another sample, the rule "
+                f"flags {null['mean']:.1f} entries ({null['shuffles']} shuffles, mean)"]
+    draws = null["draws"]
+    lines = [f"  by chance (confidence changes sign-flipped, {draws} refits): "
+             f"{null['sign_flipped_mean']:.1f} entries flagged on average; from the average "
+             f"drift alone (attention changes shuffled): {null['shuffled_mean']:.1f}"]
+    drift = [f"{e['id']} {e['classes'][0]}/{e['classes'][1]} ({e['shuffles']}/{draws})"
+             for e in null["entries_in_shuffles"]]
+    if drift:
+        lines.append(f"    of these entries, flagged under shuffles too: {', '.join(drift)}")
+    return lines
 
 
 def _load_cached(path: Path) -> dict[str, np.ndarray] | None:
@@ -727,8 +822,11 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         support_fits=support_fits, zero_maps=blank_maps(saliency), lead_se=mapping.lead_se,
     )
 
-    by_chance = uncertain_by_chance(d_intensity, d_confidence, structure.active_rate_by_class,
-                                    classes, steps, settings, n_jobs=n_jobs, progress=progress)
+    by_chance = uncertain_by_chance(
+        d_intensity, d_confidence, structure.active_rate_by_class, classes, steps, settings,
+        flagged=[(u.id, *u.classes) for u in structure.uncertain], n_jobs=n_jobs,
+        progress=progress,
+    )
 
     predictions = confidence.argmax(axis=2)
     confusion = np.stack([confusion_matrix(labels, predictions[t], m) for t in range(t1)])
@@ -818,10 +916,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
             for p in range(k_final)
         ],
         **structure.to_json(),
-        "uncertain_by_chance": None if by_chance is None else {
-            "shuffles": len(by_chance), "flagged": by_chance,
-            "mean": round(float(np.mean(by_chance)), 6),
-        },
+        "uncertain_by_chance": None if by_chance is None else by_chance.to_json(),
         "patterns": {
             "groups_per_transition": [int(g) for g in patterns.n_groups_per_transition],
             "noise_fraction": [round(float(f), 6) for f in patterns.noise_fraction],
