@@ -28,7 +28,7 @@ from bench_analysis import machine_info, write_result
 from threadpoolctl import threadpool_limits
 
 from whylook.explain import ExplainSettings, load_explanation, uncertain_by_chance
-from whylook.structure import StructureSettings
+from whylook.structure import StructureSettings, UncertainPrototype, pair_confusion
 
 
 def main() -> None:
@@ -69,10 +69,21 @@ def main() -> None:
               f"{max(counts)}), {statistics.mean(counts) / tests:.2%} of the tests")
     print(f"  real entries flagged under shuffles too: {len(null.in_shuffles)} "
           f"({sum(c == len(null.shuffled) for c in null.in_shuffles.values())} under every one)")
+    # Do the entries that the average drift flags too point at confused pairs more than
+    # the rest? The lift of each half (pair_confusion, as explain's own check).
+    drift = {key for key, c in null.in_shuffles.items() if 2 * c >= len(null.shuffled)}
+    entries = [UncertainPrototype(u["id"], tuple(u["classes"]), u["swings"], (), (), ())
+               for u in d["uncertain_prototypes"]]
+    lifts = {}
+    for name, part in (("in_half_the_shuffles", True), ("the_rest", False)):
+        chosen = [u for u in entries if ((u.id, *u.classes) in drift) == part]
+        lift = pair_confusion(a["confidence"], labels, classes, chosen).lift
+        lifts[name] = {"entries": len(chosen), "lift": lift}
+        print(f"  entries {name.replace('_', ' ')}: {len(chosen)}, lift {lift}")
     result: dict[str, Any] = {
         "machine": machine_info(1, torch.device("cpu")),
         "run": str(args.run), "classes": len(classes), "tests": tests, "flagged": len(real),
-        **null.to_json(), "settings": d["structure_settings"],
+        **null.to_json(), "lift_by_drift": lifts, "settings": d["structure_settings"],
     }
     write_result(args.out, result)
 

@@ -227,6 +227,43 @@ def test_uncertain_section_says_how_much_the_flagged_pairs_were_confused(
         report(small_run)
 
 
+def test_uncertain_section_shows_the_null_and_marks_drift_entries(small_run: Path) -> None:
+    """With --uncertain-null's result in explanation.json, the section says what the rule
+    flags by chance and from the average drift, and tags the entries the shuffles flagged
+    too; without it, neither; a malformed result is a one-line error."""
+    path = small_run / "analysis" / "explanation.json"
+    exp = json.loads(path.read_text())
+    first = exp["uncertain_prototypes"][0]
+
+    def uncertain_section() -> str:
+        html = report(small_run).read_text(encoding="utf-8")
+        part = html[html.index('<section id="uncertain">'):]
+        return part[:part.index("</section>")]
+
+    assert "--uncertain-null" not in uncertain_section()
+    assert "drift 3/4" not in uncertain_section()
+    exp["uncertain_by_chance"] = {
+        "draws": 4, "sign_flipped": [0, 0, 2, 0], "sign_flipped_mean": 0.5,
+        "shuffled": [3, 2, 3, 3], "shuffled_mean": 2.75,
+        "entries_in_shuffles": [{"id": first["id"], "classes": first["classes"],
+                                 "shuffles": 3}],
+    }
+    path.write_text(json.dumps(exp))
+    section = uncertain_section()
+    assert ("Measured with --uncertain-null: by chance (confidence changes sign-flipped, 4 "
+            "refits): 0.5 entries flagged on average" in section)
+    assert "from the average drift alone (attention changes shuffled): 2.8" in section
+    heading = section[section.index(f">{first['id']}</a>: "):]
+    assert "drift 3/4" in heading[:heading.index("</h3>")]
+    assert section.count("drift 3/4") == 1
+    for bad in ({"draws": 4}, {"draws": 4, "sign_flipped_mean": "low", "shuffled_mean": 1.0,
+                                "entries_in_shuffles": []}, [1, 2]):
+        exp["uncertain_by_chance"] = bad
+        path.write_text(json.dumps(exp))
+        with pytest.raises(WhylookError, match=r"bad uncertain_by_chance entry"):
+            report(small_run)
+
+
 def test_beta_heatmap_labels_transitions_where_the_class_is_blank(
     small_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

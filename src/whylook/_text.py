@@ -5,6 +5,8 @@ Imports nothing heavy: ``whylook --help`` reads from here without loading torch.
 
 from __future__ import annotations
 
+from typing import Any
+
 #: The data specs whylook reads, as the CLI's help and data's errors name them.
 DATA_SPECS = ("mnist5k, npz:PATH, folder:PATH (a folder or .zip), "
               "torchvision:mnist:ROOT or torchvision:cifar10:ROOT")
@@ -67,3 +69,38 @@ def pair_confusion_text(lift: float) -> str:
                  "come with such a trade, which point at confusions more "
                  "(docs/METHOD-NOTES.md, Step 6)")
     return text
+
+
+def uncertain_null_lines(null: dict[str, Any] | None) -> list[str]:
+    """What the uncertain rule flagged with the link between attention and confidence cut
+    (``uncertain_by_chance`` in explanation.json; :class:`whylook.explain.UncertainNull`),
+    in words: the mean flags by chance and from the classes' average drift, then the
+    entries the drift flags too.
+
+    >>> null = {"draws": 2, "sign_flipped": [0, 1], "sign_flipped_mean": 0.5,
+    ...         "shuffled": [2, 3], "shuffled_mean": 2.5,
+    ...         "entries_in_shuffles": [{"id": "P-9", "classes": ["0", "1"], "shuffles": 2}]}
+    >>> for line in uncertain_null_lines(null):
+    ...     print(line)  # doctest: +NORMALIZE_WHITESPACE
+    by chance (confidence changes sign-flipped, 2 refits): 0.5 entries flagged on
+    average; from the average drift alone (attention changes shuffled): 2.5
+      of these entries, flagged under shuffles too: P-9 0/1 (2/2)
+    >>> old = {"shuffles": 20, "flagged": [2] * 20, "mean": 2.0}  # the first version
+    >>> print(uncertain_null_lines(old)[0])  # doctest: +NORMALIZE_WHITESPACE
+    with each sample's attention changes given to another sample, the rule flags 2.0
+    entries (20 shuffles, mean)
+    """
+    if not null:
+        return []
+    if "draws" not in null:
+        return [f"with each sample's attention changes given to another sample, the rule "
+                f"flags {null['mean']:.1f} entries ({null['shuffles']} shuffles, mean)"]
+    draws = null["draws"]
+    lines = [f"by chance (confidence changes sign-flipped, {draws} refits): "
+             f"{null['sign_flipped_mean']:.1f} entries flagged on average; from the average "
+             f"drift alone (attention changes shuffled): {null['shuffled_mean']:.1f}"]
+    drift = [f"{e['id']} {e['classes'][0]}/{e['classes'][1]} ({e['shuffles']}/{draws})"
+             for e in null["entries_in_shuffles"]]
+    if drift:
+        lines.append(f"  of these entries, flagged under shuffles too: {', '.join(drift)}")
+    return lines

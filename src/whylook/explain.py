@@ -24,7 +24,12 @@ import torch
 from whylook import __version__
 from whylook._io import file_digest, read_json, run_lock, save_npz, write_json
 from whylook._progress import progress_bar
-from whylook._text import floor_pct, near_chance_caution, pair_confusion_text
+from whylook._text import (
+    floor_pct,
+    near_chance_caution,
+    pair_confusion_text,
+    uncertain_null_lines,
+)
 from whylook.errors import WhylookError
 from whylook.structure import (
     UNSEEN_NOTE,
@@ -151,7 +156,7 @@ class Explanation:
         check = _pair_confusion_text(d.get("uncertain_pairs_confusion"))
         if check:
             lines.append(check)
-        lines += _uncertain_null_text(d.get("uncertain_by_chance"))
+        lines += [f"  {line}" for line in uncertain_null_lines(d.get("uncertain_by_chance"))]
         for u in unc[:_UNCERTAIN_LISTED]:
             lines.append(
                 f"  {u['id']}: swings {u['swings']}x between {u['classes'][0]} and "
@@ -511,7 +516,7 @@ def uncertain_by_chance(
                             standard_errors=settings.standard_errors,
                             n_boot=settings.bootstrap, seed=settings.seed, n_jobs=n_jobs)
         return uncertain_rule(refit.beta, refit.beta_se, active_rate, classes, steps,
-                              settings.structure, refit.lead_se)
+                              settings.structure, refit.lead_errors)
 
     sign_flipped, shuffled = [], []
     in_shuffles = dict.fromkeys(flagged, 0)
@@ -527,36 +532,6 @@ def uncertain_by_chance(
                 in_shuffles[key] += 1
     return UncertainNull(tuple(sign_flipped), tuple(shuffled),
                          {key: c for key, c in in_shuffles.items() if c})
-
-
-def _uncertain_null_text(null: dict[str, Any] | None) -> list[str]:
-    """The summary's lines on the uncertain rule's nulls (:class:`UncertainNull`).
-
-    >>> null = UncertainNull((0, 1), (2, 3), {("P-9", "0", "1"): 2}).to_json()
-    >>> for line in _uncertain_null_text(null):
-    ...     print(line)  # doctest: +NORMALIZE_WHITESPACE
-      by chance (confidence changes sign-flipped, 2 refits): 0.5 entries flagged on
-      average; from the average drift alone (attention changes shuffled): 2.5
-        of these entries, flagged under shuffles too: P-9 0/1 (2/2)
-    >>> old = {"shuffles": 20, "flagged": [2] * 20, "mean": 2.0}
-    >>> print(_uncertain_null_text(old)[0])  # doctest: +NORMALIZE_WHITESPACE
-      with each sample's attention changes given to another sample, the rule flags 2.0
-      entries (20 shuffles, mean)
-    """
-    if not null:
-        return []
-    if "draws" not in null:  # written before the sign-flip null: shuffles alone
-        return [f"  with each sample's attention changes given to another sample, the rule "
-                f"flags {null['mean']:.1f} entries ({null['shuffles']} shuffles, mean)"]
-    draws = null["draws"]
-    lines = [f"  by chance (confidence changes sign-flipped, {draws} refits): "
-             f"{null['sign_flipped_mean']:.1f} entries flagged on average; from the average "
-             f"drift alone (attention changes shuffled): {null['shuffled_mean']:.1f}"]
-    drift = [f"{e['id']} {e['classes'][0]}/{e['classes'][1]} ({e['shuffles']}/{draws})"
-             for e in null["entries_in_shuffles"]]
-    if drift:
-        lines.append(f"    of these entries, flagged under shuffles too: {', '.join(drift)}")
-    return lines
 
 
 def _load_cached(path: Path) -> dict[str, np.ndarray] | None:
@@ -819,7 +794,8 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         classes=classes, steps=steps, labels=labels, activity=activity,
         confidence=confidence, beta=mapping.beta, beta_se=mapping.beta_se,
         class_groups=patterns.class_groups, settings=settings.structure,
-        support_fits=support_fits, zero_maps=blank_maps(saliency), lead_se=mapping.lead_se,
+        support_fits=support_fits, zero_maps=blank_maps(saliency),
+        lead_se=mapping.lead_errors,
     )
 
     by_chance = uncertain_by_chance(

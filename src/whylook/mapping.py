@@ -31,10 +31,11 @@ in class c".
   On real runs the two agree to within the bootstrap's own noise over the global fits
   (docs/METHOD-NOTES.md, Step 5); with the jackknife, Step 5 runs 4.4x faster
   (``benchmarks/bench_mapping.py``).
-* ``lead_se``: the standard error of the accumulated lead ``sum_{s<=t} (beta^s[k, a] -
+* ``lead_errors``: the standard error of the accumulated lead ``sum_{s<=t} (beta^s[k, a] -
   beta^s[k, b])`` that Step 6 reads for uncertain prototypes, from the same jackknife
   (each sample left out of every transition at once) or bootstrap, so that it counts
-  how the two classes' coefficients co-vary.
+  how the two classes' coefficients co-vary; computed when asked, for the pairs Step 6
+  tests (:class:`LeadErrors`).
 * The same fit runs on each HDBSCAN group of each transition with at least
   ``min_group_size`` samples; smaller groups are skipped and listed.
 
@@ -61,6 +62,7 @@ __all__ = [
     "STANDARD_ERRORS",
     "ClassMapping",
     "GroupFit",
+    "LeadErrors",
     "Mapping",
     "RidgeFit",
     "fit_class_mapping",
@@ -123,9 +125,10 @@ class Mapping:
         skipped_groups: ``(t, group, size)`` of groups smaller than ``min_group_size``.
         min_group_size: the threshold used.
         standard_errors: ``"jackknife"``, ``"bootstrap"`` or ``"none"``.
-        lead_se: ``float32 (T, K, M, M)``, ``lead_se[t, k, a, b]`` the standard error of
-            ``sum_{s<=t} (beta^s[k, a] - beta^s[k, b])``, the accumulated lead Step 6
-            reads for uncertain prototypes (``None`` without standard errors).
+        lead_errors: the standard errors of the accumulated leads ``sum_{s<=t}
+            (beta^s[k, a] - beta^s[k, b])`` that Step 6 reads for uncertain prototypes,
+            computed for the pairs asked for (:class:`LeadErrors`; ``None`` without
+            standard errors).
     """
 
     beta: np.ndarray
@@ -141,7 +144,14 @@ class Mapping:
     skipped_groups: tuple[tuple[int, int, int], ...]
     min_group_size: int
     standard_errors: str = "jackknife"
-    lead_se: np.ndarray | None = None
+    lead_errors: LeadErrors | None = None
+
+    @functools.cached_property
+    def lead_se(self) -> np.ndarray | None:
+        """``float32 (T, K, M, M)``: ``lead_se[t, k, a, b]`` the standard error of the lead
+        of ``a`` over ``b`` (``None`` without standard errors); all of
+        :attr:`lead_errors` at once, ``4 T K M^2`` bytes."""
+        return None if self.lead_errors is None else self.lead_errors.dense()
 
     @property
     def group_betas(self) -> dict[tuple[int, int], np.ndarray]:
@@ -277,37 +287,73 @@ def _jackknife(
     return se, _Influence(q, e, extra_rows, extra)
 
 
-def _lead_se(
-    parts: Sequence[_Influence | np.ndarray | None], standard_errors: str, shape: tuple[int, ...]
-) -> np.ndarray | None:
-    """``(T, K, M, M)``: the standard error of ``sum_{s<=t} (beta^s[k, a] - beta^s[k, b])``.
+@dataclass(frozen=True, eq=False)
+class LeadErrors:
+    """Standard errors of the accumulated leads ``sum_{s<=t} (beta^s[k, a] - beta^s[k, b])``
+    that Step 6 reads for uncertain prototypes, computed for the pairs asked for.
 
-    Step 6 reads that accumulated lead of class ``a`` over ``b`` to find uncertain
-    prototypes. ``beta[k, a]`` and ``beta[k, b]`` come from the same samples, whose
-    confidence gained in one class is lost in another, so their errors are correlated
-    (and a sample's errors at successive transitions may be); adding the two standard
-    errors in quadrature was off by a factor 0.5-1.4 on real runs. The jackknife leaves
-    each sample out of every transition at once and takes the variance of the lead
-    itself; the bootstrap, whose resamples differ between transitions, gives each
-    transition's ``Var(beta_a - beta_b)`` from its resamples and adds them up.
+    ``beta[k, a]`` and ``beta[k, b]`` come from the same samples, whose confidence gained
+    in one class is lost in another, so their errors are correlated (and a sample's errors
+    at successive transitions may be); adding the two standard errors in quadrature was
+    off by a factor 0.5-1.4 on real runs. The jackknife leaves each sample out of every
+    transition at once and takes the variance of the lead itself; the bootstrap, whose
+    resamples differ between transitions, gives each transition's ``Var(beta_a - beta_b)``
+    from its resamples and adds them up. Step 6 tests only the pairs of classes a
+    prototype is active in, so the errors are computed per prototype for those classes:
+    all ``(T, K, M, M)`` of them at once (:meth:`dense`) would take gigabytes and minutes
+    near a thousand classes.
     """
-    if not parts or any(part is None for part in parts):
-        return None
-    n, k, m = shape
-    out = np.empty((len(parts), k, m, m))
-    total = np.zeros((n, k, m)) if standard_errors == "jackknife" else np.zeros((k, m, m))
-    for t, part in enumerate(parts):
-        if isinstance(part, _Influence):
-            total += part.dense()  # each sample's move of the lead, summed over transitions
-            centred = total - total.mean(axis=0)
-            cov = np.matmul(centred.transpose(1, 2, 0), centred.transpose(1, 0, 2)) * (n - 1) / n
-        else:
-            centred = part - part.mean(axis=0)
-            total += np.einsum("bka,bkc->kac", centred, centred) / (part.shape[0] - 1)
-            cov = total
-        var = np.diagonal(cov, axis1=1, axis2=2)
-        out[t] = var[:, :, None] + var[:, None, :] - 2.0 * cov
-    return np.sqrt(np.maximum(out, 0.0))
+
+    parts: tuple[_Influence | np.ndarray, ...]  # per transition: influences or resamples
+    standard_errors: str
+    shape: tuple[int, int, int]  # (n, K, M)
+
+    def pairs(self, k: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """``(T, A)``: the errors of prototype ``k``'s leads of ``a[j]`` over ``b[j]``.
+
+        >>> rng = np.random.default_rng(0)
+        >>> x, y = rng.normal(size=(2, 50, 2)), rng.normal(size=(2, 50, 3))
+        >>> errors = fit_mapping(x, y).lead_errors
+        >>> ab = errors.pairs(1, np.array([0, 2]), np.array([2, 1]))
+        >>> bool(np.allclose(ab, errors.dense()[:, 1, [0, 2], [2, 1]]))
+        True
+        """
+        a, b = np.asarray(a, dtype=np.intp), np.asarray(b, dtype=np.intp)
+        used, index = np.unique(np.concatenate([a, b]), return_inverse=True)
+        var = self._lead_var(k, used)
+        ia, ib = index[: a.size], index[a.size:]
+        return np.sqrt(np.maximum(var[:, ia, ib], 0.0))
+
+    def dense(self) -> np.ndarray:
+        """``float32 (T, K, M, M)``: every prototype's every lead's error."""
+        _, k, m = self.shape
+        out = np.empty((len(self.parts), k, m, m), np.float32)
+        every = np.arange(m)
+        for p in range(k):
+            out[:, p] = np.sqrt(np.maximum(self._lead_var(p, every), 0.0))
+        return out
+
+    def _lead_var(self, k: int, used: np.ndarray) -> np.ndarray:
+        """``(T, u, u)``: the variance of the lead of ``used[i]`` over ``used[j]``."""
+        n = self.shape[0]
+        out = np.empty((len(self.parts), used.size, used.size))
+        total = np.zeros((n, used.size) if self.standard_errors == "jackknife"
+                         else (used.size, used.size))
+        for t, part in enumerate(self.parts):
+            if isinstance(part, _Influence):
+                # Each sample's move of the lead, summed over the transitions so far.
+                move = -(part.q[:, k, None] * part.e[:, used])
+                move[part.extra_rows] = part.extra[:, k][:, used]
+                total += move
+                centred = total - total.mean(axis=0)
+                cov = (centred.T @ centred) * (n - 1) / n
+            else:
+                centred = part[:, k, used] - part[:, k, used].mean(axis=0)
+                total += (centred.T @ centred) / (part.shape[0] - 1)
+                cov = total
+            var = np.diagonal(cov)
+            out[t] = var[:, None] + var[None, :] - 2.0 * cov
+        return out
 
 
 def _bootstrap(
@@ -586,7 +632,8 @@ def fit_mapping(
             lambdas[t], cv_r2[t] = res.lam, res.cv_r2
         else:
             group_fits.append(GroupFit(t, tag - 1, res))
-    lead_se = _lead_se(parts, standard_errors, (n, k, m))
+    lead_errors = (None if any(part is None for part in parts)
+                   else LeadErrors(tuple(parts), standard_errors, (n, k, m)))
     return Mapping(
         beta=beta,
         beta_se=se,
@@ -601,7 +648,7 @@ def fit_mapping(
         skipped_groups=tuple(skipped),
         min_group_size=int(min_group_size),
         standard_errors=standard_errors,
-        lead_se=None if lead_se is None else lead_se.astype(np.float32),
+        lead_errors=lead_errors,
     )
 
 

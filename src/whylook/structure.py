@@ -68,6 +68,7 @@ from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
 from whylook.errors import WhylookError
+from whylook.mapping import LeadErrors
 
 __all__ = [
     "Candidate",
@@ -339,7 +340,7 @@ def assemble(
     settings: StructureSettings | None = None,
     support_fits: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
     zero_maps: np.ndarray | None = None,
-    lead_se: np.ndarray | None = None,
+    lead_se: np.ndarray | LeadErrors | None = None,
 ) -> Structure:
     """Assemble the structured explanation.
 
@@ -360,9 +361,10 @@ def assemble(
             the threshold is Bonferroni-corrected for their number (module notes).
         zero_maps: (T+1, n) bool, True where a sample's Grad-CAM map is all zero at a
             checkpoint; gives each class its *learning unseen* (module notes).
-        lead_se: (T, K, M, M) standard errors of the accumulated leads
-            (:attr:`whylook.mapping.Mapping.lead_se`), which count the correlation of a
-            prototype's coefficients for two classes; default: ``beta_se`` added in
+        lead_se: the standard errors of the accumulated leads, which count the
+            correlation of a prototype's coefficients for two classes:
+            :attr:`whylook.mapping.Mapping.lead_errors`, which computes those of the
+            pairs tested, or all of them, ``(T, K, M, M)``; default: ``beta_se`` added in
             quadrature, as if they were independent.
 
     Example:
@@ -443,7 +445,13 @@ def assemble(
             )
         )
 
-    if lead_se is not None:
+    if isinstance(lead_se, LeadErrors):
+        if lead_se.shape[1:] != beta.shape[1:] or len(lead_se.parts) != beta.shape[0]:
+            raise WhylookError(
+                f"lead_se holds {len(lead_se.parts)} transitions of (K, M) = "
+                f"{lead_se.shape[1:]}, beta is {beta.shape}"
+            )
+    elif lead_se is not None:
         lead_se = np.asarray(lead_se, dtype=np.float64)
         if lead_se.shape != (*beta.shape, m):
             raise WhylookError(
@@ -656,13 +664,14 @@ def accumulated_lead(
     p: int,
     a: int,
     b: int,
-    lead_se: np.ndarray | None = None,
+    lead_se: np.ndarray | LeadErrors | None = None,
 ) -> np.ndarray:
     """``(T,)``: after each transition, how far prototype ``p``'s support accumulated so
     far favours class ``a`` over ``b``, in standard errors.
 
     ``Σ_{s<=t} (β^s[p, a] − β^s[p, b])`` over its standard error ``lead_se[t, p, a, b]``
-    (:attr:`whylook.mapping.Mapping.lead_se`), or, without it, over
+    (:attr:`whylook.mapping.Mapping.lead_se`, or the same from
+    :attr:`~whylook.mapping.Mapping.lead_errors`), or, without it, over
     ``sqrt(Σ_{s<=t} se^s[p, a]² + se^s[p, b]²)`` (0 where the error is 0). At or above
     ``z_threshold`` the prototype favours ``a``, at or below its negative ``b``;
     :func:`assemble` counts the changes of side as swings.
@@ -683,11 +692,13 @@ def _leads(
     p: int,
     a: np.ndarray,
     b: np.ndarray,
-    lead_se: np.ndarray | None,
+    lead_se: np.ndarray | LeadErrors | None,
 ) -> np.ndarray:
     """``(T, A)``: :func:`accumulated_lead` of prototype ``p`` for the pairs ``(a[j], b[j])``."""
     lead = np.cumsum(beta[:, p, a] - beta[:, p, b], axis=0)
-    if lead_se is not None:
+    if isinstance(lead_se, LeadErrors):
+        error = lead_se.pairs(p, a, b)
+    elif lead_se is not None:
         error = lead_se[:, p, a, b]
     elif se is not None:
         error = np.sqrt(np.cumsum(se[:, p, a] ** 2 + se[:, p, b] ** 2, axis=0))
@@ -722,7 +733,7 @@ def uncertain_rule(
     classes: Sequence[str],
     steps: Sequence[int],
     settings: StructureSettings | None = None,
-    lead_se: np.ndarray | None = None,
+    lead_se: np.ndarray | LeadErrors | None = None,
 ) -> tuple[UncertainPrototype, ...]:
     """The uncertain-prototype rule alone, as :func:`assemble` applies it, on the given
     coefficients ``(T, K, M)`` and active rates ``(K, M)`` (see the module notes): for
@@ -751,7 +762,7 @@ def _uncertain(
     classes: tuple[str, ...],
     steps: list[int],
     settings: StructureSettings,
-    lead_se: np.ndarray | None,
+    lead_se: np.ndarray | LeadErrors | None,
 ) -> tuple[UncertainPrototype, ...]:
     k = beta.shape[1]
     found = []

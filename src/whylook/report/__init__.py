@@ -37,7 +37,12 @@ from typing import Any
 import numpy as np
 
 from whylook._io import atomic_write, run_lock
-from whylook._text import floor_pct, near_chance_caution, pair_confusion_text
+from whylook._text import (
+    floor_pct,
+    near_chance_caution,
+    pair_confusion_text,
+    uncertain_null_lines,
+)
 from whylook.errors import WhylookError
 from whylook.report import figures, patches
 from whylook.report._inputs import Inputs, inconsistent, load
@@ -476,6 +481,7 @@ class _Builder:
 
     def uncertain(self) -> dict[str, Any]:
         inp = self.inp
+        null, drift = self._uncertain_null()
         items, rest = [], []
         for i, u in enumerate(self.exp.get("uncertain_prototypes") or []):
             k = inp.proto_index(u.get("id"))
@@ -486,7 +492,8 @@ class _Builder:
             steps = [int(s) for s in u.get("steps") or [] if isinstance(s, int | float)]
             row = {"id": f"P-{k}", "anchor": f"proto-{k}", "a": inp.classes[a],
                    "b": inp.classes[b], "swings": u.get("swings"),
-                   "steps": ", ".join(str(s) for s in steps) or "—"}
+                   "steps": ", ".join(str(s) for s in steps) or "—",
+                   "drift": drift.get((f"P-{k}", *pair))}
             if i >= _MAX_UNCERTAIN_SHOWN:
                 rest.append(row)
                 continue
@@ -511,7 +518,40 @@ class _Builder:
                     (inp.classes[a], inp.classes[b]), steps, f"P-{k}"))
             items.append(row)
         return {"entries": items[:_UNCERTAIN_OPEN], "folded": items[_UNCERTAIN_OPEN:],
-                "rest": rest, "check": self._pair_confusion()}
+                "rest": rest, "check": self._pair_confusion(), "null": null}
+
+    def _uncertain_null(self) -> tuple[str | None, dict[tuple[str, ...], str]]:
+        """The sentence on ``whylook explain --uncertain-null`` (None when not measured)
+        and, per entry the shuffles flagged too, in how many of them ("3/20")."""
+        null = self.exp.get("uncertain_by_chance")
+        if null is None:
+            return None, {}
+
+        def count(v: object) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+
+        entries = null.get("entries_in_shuffles", []) if isinstance(null, dict) else None
+        ok = isinstance(entries, list) and all(
+            isinstance(e, dict) and isinstance(e.get("id"), str) and count(e.get("shuffles"))
+            and isinstance(e.get("classes"), list) and len(e["classes"]) == 2
+            for e in entries)
+        keys = (("draws", "sign_flipped_mean", "shuffled_mean") if "draws" in null
+                else ("shuffles", "mean")) if isinstance(null, dict) else ("?",)
+        if not ok or not all(count(null.get(key)) for key in keys):
+            raise inconsistent(self.inp.run_path, "bad uncertain_by_chance entry")
+        lines = uncertain_null_lines(null)
+        text = (f"Measured with --uncertain-null: {lines[0]}. The first is what "
+                "the rule flags with every true coefficient zero; the second keeps each "
+                "class's and prototype's average change per transition, which the ridge "
+                "credits (it has no intercept). Entries marked \"drift\" come up under "
+                "the shuffles too: their swings go with two classes trading confidence on "
+                "average, and on the runs measured so far those were the pairs the model "
+                "confused most (docs/METHOD-NOTES.md, Step 6).") if "draws" in null else (
+                f"Measured with --uncertain-null: {lines[0]}.")
+        draws = null.get("draws")
+        drift = {(e["id"], *map(str, e["classes"])): f"{e['shuffles']}/{draws}"
+                 for e in entries}
+        return text, drift
 
     def _pair_confusion(self) -> str | None:
         """The sentence on how much the flagged pairs were confused (older files: none)."""
