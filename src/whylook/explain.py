@@ -404,16 +404,13 @@ def _check_settings(s: ExplainSettings) -> None:
         ("batch_size", s.batch_size, 1),
         ("shard_size", s.shard_size, 1),
         ("seed", s.seed, 0),
+        ("uncertain_null", s.uncertain_null, 0),
     ):
-        optional = name not in {"batch_size", "shard_size", "seed"}
+        optional = name not in {"batch_size", "shard_size", "seed", "uncertain_null"}
         if (value is None and not optional) or (
             value is not None and not (whole(value) and value >= low)
         ):
             raise WhylookError(f"{name} must be a whole number >= {low}, not {value!r}")
-    if not (whole(s.uncertain_null) and s.uncertain_null >= 0):
-        raise WhylookError(
-            f"uncertain_null must be a whole number >= 0, not {s.uncertain_null!r}"
-        )
     if not (whole(s.bootstrap) and (s.bootstrap == 0 or s.bootstrap >= 2)):
         raise WhylookError(f"bootstrap must be 0 or a whole number >= 2, not {s.bootstrap!r}")
     if s.standard_errors not in ("jackknife", "bootstrap"):

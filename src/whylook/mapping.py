@@ -348,7 +348,8 @@ class LeadErrors:
                 centred = total - total.mean(axis=0)
                 cov = (centred.T @ centred) * (n - 1) / n
             else:
-                centred = part[:, k, used] - part[:, k, used].mean(axis=0)
+                solutions = part[:, k, used]
+                centred = solutions - solutions.mean(axis=0)
                 total += (centred.T @ centred) / (part.shape[0] - 1)
                 cov = total
             var = np.diagonal(cov)

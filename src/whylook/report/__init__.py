@@ -530,14 +530,17 @@ class _Builder:
         def count(v: object) -> bool:
             return isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
 
-        entries = null.get("entries_in_shuffles", []) if isinstance(null, dict) else None
-        ok = isinstance(entries, list) and all(
-            isinstance(e, dict) and isinstance(e.get("id"), str) and count(e.get("shuffles"))
-            and isinstance(e.get("classes"), list) and len(e["classes"]) == 2
-            for e in entries)
-        keys = (("draws", "sign_flipped_mean", "shuffled_mean") if "draws" in null
-                else ("shuffles", "mean")) if isinstance(null, dict) else ("?",)
-        if not ok or not all(count(null.get(key)) for key in keys):
+        ok = isinstance(null, dict)
+        if ok:
+            entries = null.get("entries_in_shuffles", [])
+            # Files from the first version of the check hold the shuffles alone.
+            keys = (("draws", "sign_flipped_mean", "shuffled_mean") if "draws" in null
+                    else ("shuffles", "mean"))
+            ok = isinstance(entries, list) and all(count(null.get(key)) for key in keys)
+            ok = ok and all(isinstance(e, dict) and isinstance(e.get("id"), str)
+                            and count(e.get("shuffles")) and isinstance(e.get("classes"), list)
+                            and len(e["classes"]) == 2 for e in entries)
+        if not ok:
             raise inconsistent(self.inp.run_path, "bad uncertain_by_chance entry")
         lines = uncertain_null_lines(null)
         text = (f"Measured with --uncertain-null: {lines[0]}. The first is what "
