@@ -6,9 +6,10 @@ classes (one HDBSCAN and one ridge fit per class) grow with M while the passes d
 This builds a synthetic M-class dataset (16x16 images, each class a fixed random pattern
 of dots shifted by up to a pixel, under noise; 60 training and 10 test images a class),
 trains ``smallcnn`` on it once (3 epochs, 12 checkpoints), and times a fresh ``explain``
-of 2000 samples stage by stage, ``--repeats`` times (medians).
+of 2000 samples (``--samples``) stage by stage, ``--repeats`` times (medians).
 
     python benchmarks/bench_classes.py --classes 100 --threads 1 --repeats 3
+    python benchmarks/bench_classes.py --classes 1000 --samples 8192 --repeats 1
 """
 
 from __future__ import annotations
@@ -52,10 +53,13 @@ def dotted_classes(path: Path, m: int, size: int = 16, seed: int = 0) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--samples", type=int, default=2000, help="explain's analysis set")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if not 0 < args.samples <= 60 * args.classes:
+        parser.error(f"--samples must be 1 to {60 * args.classes} (60 training images a class)")
     torch.set_num_threads(args.threads)
     info = machine_info(args.threads, torch.device("cpu"))
     print(f"whylook from {Path(whylook.__file__).parent}", flush=True)
@@ -71,7 +75,7 @@ def main() -> None:
               flush=True)
         totals, stages = [], defaultdict(list)
         for repeat in range(args.repeats):
-            total, by_stage = timed_explain(run, torch.device("cpu"))
+            total, by_stage = timed_explain(run, torch.device("cpu"), analysis_size=args.samples)
             totals.append(total)
             for name, seconds in by_stage.items():
                 stages[name].append(seconds)
@@ -84,6 +88,7 @@ def main() -> None:
     result = {
         "machine": info,
         "classes": args.classes,
+        "samples": args.samples,
         "total_seconds": totals,
         "stage_seconds": dict(stages),
         "uncertain_prototypes": len(explanation.get("uncertain_prototypes", [])),

@@ -10,11 +10,14 @@ n x n distance matrix per fit (32 MB at n = 2000, 800 MB at n = 10,000).
 
 ``--classes M`` times a synthetic M-class analysis instead of a run (12 checkpoints of
 2000 samples whose softmax confidences drift in four planted patterns per transition, 32
-prototype shares), for models with more classes than the data at hand.
+prototype shares), for models with more classes than the data at hand; ``--samples`` and
+``--checkpoints`` change its size, and ``--contenders`` leaves out the slow ones.
 
     python benchmarks/bench_hdbscan.py RUN                  # RUN/analysis/arrays.npz
     python benchmarks/bench_hdbscan.py RUN --threads 1 --repeats 5 --out results/hdb.json
     python benchmarks/bench_hdbscan.py --classes 100 --threads 1
+    python benchmarks/bench_hdbscan.py --classes 1000 --samples 8192 --checkpoints 3 \
+        --contenders rule auto --repeats 1
 """
 
 from __future__ import annotations
@@ -71,6 +74,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, nargs="?", help="run folder with an analysis")
     parser.add_argument("--classes", type=int, help="time a synthetic M-class analysis instead")
+    parser.add_argument("--samples", type=int, default=2000, help="with --classes: n")
+    parser.add_argument("--checkpoints", type=int, default=12, help="with --classes: T+1")
+    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS),
+                        help="the groups of each are compared with the first's")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
@@ -82,24 +89,24 @@ def main() -> None:
         with np.load(args.run / "analysis" / "arrays.npz") as npz:
             arrays = {k: npz[k] for k in ("confidence", "labels", "activity")}
     else:
-        arrays = synthetic(args.classes)
+        arrays = synthetic(args.classes, n=args.samples, checkpoints=args.checkpoints)
     t1, n, m = arrays["confidence"].shape
     rows = []
     info = machine_info(args.threads, torch.device("cpu"))
     with threadpool_limits(args.threads):
         base = None
-        for contender in CONTENDERS:
+        for contender in args.contenders:
             seconds, found = _time(arrays, contender, args.repeats, args.threads)
             base = base or found
             same = bool(np.array_equal(found.groups, base.groups)
                         and np.array_equal(found.class_groups, base.class_groups))
             rows.append({"algorithm": contender, "median_s": float(np.median(seconds)),
-                         "seconds": seconds, "same_groups_as_rule": same,
+                         "seconds": seconds, f"same_groups_as_{args.contenders[0]}": same,
                          "groups": int(found.n_groups_per_transition.sum()),
                          "class_groups": int(found.n_groups_per_class.sum())})
             print(f"{contender:>10}: {np.median(seconds):.3f} s (median of {args.repeats}), "
                   f"{rows[-1]['groups']} groups, {rows[-1]['class_groups']} class groups, "
-                  f"same groups as the rule: {same}", flush=True)
+                  f"same groups as {args.contenders[0]}: {same}", flush=True)
     result = {
         "machine": info,
         "run": str(args.run) if args.run else f"synthetic, {args.classes} classes",

@@ -11,6 +11,7 @@ two seeds of the full fit agree with each other.
     python benchmarks/bench_kmeans.py RUN --n 4000 --seeds 3 --out results/kmeans.json
     python benchmarks/bench_kmeans.py RUN --n-init 3      # and with 3 k-means++ starts
     python benchmarks/bench_kmeans.py RUN --lloyd         # and with Lloyd's algorithm
+    python benchmarks/bench_kmeans.py RUN --part-iter 20 30   # and with the part's fit capped
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lloyd", action="store_true",
                     help="also fit part + refinement with scikit-learn's Lloyd algorithm "
                          "instead of Elkan's (the default)")
+    ap.add_argument("--part-iter", type=int, nargs="*", default=[],
+                    help="also fit part + refinement with the part's K-Means stopped after "
+                         "this many iterations (max_iter; the default runs to convergence)")
     ap.add_argument("--out", type=Path, default=None, help="JSON result path")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -72,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         variants[f"part + refinement, n_init={args.n_init}"] = {"n_init": args.n_init}
     if args.lloyd:
         variants["part + refinement, Lloyd"] = {"algorithm": "lloyd"}
+    for cap in args.part_iter:
+        variants[f"part capped at {cap} iterations + refinement"] = {"max_iter": cap}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     labels: dict[tuple[str, int], np.ndarray] = {}
     z: np.ndarray | None = None

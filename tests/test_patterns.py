@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
@@ -112,8 +114,44 @@ def test_many_dimensions_use_the_brute_force_search_with_the_same_groups(
     cluster(x[:, :10], min_cluster_size=20)
     assert used[-1] == "auto"
     assert neighbour_search(patterns.BRUTE_MAX_ROWS, patterns.BRUTE_MIN_DIM) == "brute"
-    assert neighbour_search(patterns.BRUTE_MAX_ROWS + 1, 500) == "auto"
+    assert neighbour_search(patterns.BRUTE_MAX_ROWS + 1, patterns.BRUTE_WIDE_DIM - 1) == "auto"
     assert neighbour_search(100, patterns.BRUTE_MIN_DIM - 1) == "auto"
+    # Very many dimensions (a 1000-class model's transitions): brute force for as many rows
+    # as its two n x n float64 matrices fit the budget.
+    widest = math.isqrt(patterns.BRUTE_MAX_BYTES // 16)
+    assert patterns.brute_bytes(widest) <= patterns.BRUTE_MAX_BYTES
+    assert neighbour_search(patterns.BRUTE_MAX_ROWS + 1, patterns.BRUTE_WIDE_DIM) == "brute"
+    assert neighbour_search(widest, 1000) == "brute"
+    assert neighbour_search(widest + 1, 1000) == "auto"
+
+
+def test_brute_force_fits_side_by_side_stay_within_the_memory_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(3)
+    n, m = 200, 30  # 30 classes: the transitions (30 dimensions) take the brute-force search
+    conf = rng.dirichlet(np.ones(m), size=(4, n))
+    labels = np.arange(n) % m
+    asked: list[int] = []
+    real_map = patterns.thread_map
+
+    def spy(fn: object, items: object, n_jobs: int | None) -> object:
+        asked.append(patterns.check_n_jobs(n_jobs))
+        return real_map(fn, items, n_jobs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(patterns, "thread_map", spy)
+    roomy = find_patterns(conf, labels, n_jobs=4)
+    # Room for exactly two of the 200-row fits at once: four threads are cut to two.
+    monkeypatch.setattr(patterns, "BRUTE_MAX_BYTES", 2 * patterns.brute_bytes(n) + 1)
+    tight = find_patterns(conf, labels, n_jobs=4)
+    assert asked == [4, 2]
+    np.testing.assert_array_equal(roomy.groups, tight.groups)
+    np.testing.assert_array_equal(roomy.class_groups, tight.class_groups)
+    # A budget below one fit still runs the fits, one at a time.
+    monkeypatch.setattr(patterns, "BRUTE_MAX_ROWS", 10**6)
+    monkeypatch.setattr(patterns, "BRUTE_MAX_BYTES", 1)
+    find_patterns(conf, labels, n_jobs=4)
+    assert asked[-1] == 1
 
 
 def test_all_noise_is_flagged_not_crashed() -> None:

@@ -65,18 +65,47 @@ __all__ = [
 #: (benchmarks/RESULTS.md, "HDBSCAN in many dimensions"): a 100-class model's transitions
 #: (2000 x 100) 0.14 s against 0.94 s each; the class trajectories of the analysis
 #: benchmark (ten of ~200 x 142) 0.06 s against 0.17 s; at 4096 x 24, 0.88 s against
-#: 1.13 s; below 24 dimensions, or at 8192 rows, the tree is as fast or faster.
+#: 1.13 s; below 24 dimensions, or at 8192 rows in 24, the tree is as fast or faster.
 BRUTE_MIN_DIM = 24
 BRUTE_MAX_ROWS = 4096
+#: From ``BRUTE_WIDE_DIM`` dimensions on, the tree is slower at every size measured (8192
+#: rows: 9.6 s against 6.5 s in 100 dimensions, 80 s against 8.5 s in 1000, where 11
+#: transitions took a quarter of an hour), so brute force is used there for as many rows
+#: as its matrices allow (``BRUTE_MAX_BYTES``: up to 11,585 rows).
+BRUTE_WIDE_DIM = 100
+#: The memory brute-force fits may hold at once: a fit holds about two float64 n x n
+#: matrices (``brute_bytes``; measured 1.0 GB at 8192 rows, 1.8 GB at 12,000), and
+#: ``find_patterns`` runs fewer fits at once where ``n_jobs`` of them would hold more.
+BRUTE_MAX_BYTES = 2 << 30
+
+
+def brute_bytes(n: int) -> int:
+    """Memory of one brute-force HDBSCAN fit over ``n`` rows: two float64 ``n x n``."""
+    return 16 * n * n
 
 
 def neighbour_search(n: int, d: int) -> str:
     """HDBSCAN's ``algorithm`` for ``n`` rows of ``d`` dimensions (see ``BRUTE_MIN_DIM``).
 
     >>> neighbour_search(2000, 10), neighbour_search(2000, 100), neighbour_search(9000, 100)
-    ('auto', 'brute', 'auto')
+    ('auto', 'brute', 'brute')
+    >>> neighbour_search(9000, 50), neighbour_search(20000, 1000)
+    ('auto', 'auto')
     """
-    return "brute" if d >= BRUTE_MIN_DIM and n <= BRUTE_MAX_ROWS else "auto"
+    if d < BRUTE_MIN_DIM:
+        return "auto"
+    if n <= BRUTE_MAX_ROWS or (d >= BRUTE_WIDE_DIM and brute_bytes(n) <= BRUTE_MAX_BYTES):
+        return "brute"
+    return "auto"
+
+
+def _fits_at_once(shapes: list[tuple[int, int]], n_jobs: int | None) -> int:
+    """Workers for fits of these ``(n, d)`` shapes: ``n_jobs``, fewer where brute-force fits
+    running side by side would hold more than ``BRUTE_MAX_BYTES`` (never fewer than one)."""
+    workers = check_n_jobs(n_jobs)
+    held = max((brute_bytes(n) for n, d in shapes if neighbour_search(n, d) == "brute"),
+               default=0)
+    return max(1, min(workers, BRUTE_MAX_BYTES // held)) if held else workers
 
 
 def default_min_cluster_size(n: int, fraction: float = 0.02, floor: int = 15) -> int:
@@ -151,6 +180,10 @@ def _by_size(labels: np.ndarray) -> np.ndarray:
     return out
 
 
+def _dim(x: np.ndarray) -> int:
+    return int(x.shape[-1]) if x.ndim > 1 else 1
+
+
 def cluster(
     x: np.ndarray,
     *,
@@ -176,7 +209,7 @@ def cluster(
         min_cluster_size=min_cluster_size,
         min_samples=min_samples,
         allow_single_cluster=allow_single_cluster,
-        algorithm=neighbour_search(n, x.shape[-1] if x.ndim > 1 else 1),
+        algorithm=neighbour_search(n, _dim(x)),
         copy=True,
     )
     with warnings.catch_warnings():
@@ -212,7 +245,8 @@ def find_patterns(
             so variants that look different but are learned at the same time still
             split; see docs/METHOD-NOTES.md).
         n_jobs: threads for the independent HDBSCAN fits (``None``: one, ``-1``: one per
-            core); the result does not depend on it.
+            core), fewer where brute-force fits side by side would hold more than
+            ``BRUTE_MAX_BYTES``; the result does not depend on it.
 
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
@@ -270,8 +304,9 @@ def find_patterns(
         if extra is not None:
             trajectories = np.hstack([trajectories, extra[rows]])
         jobs.append((trajectories, size))
+    workers = _fits_at_once([(len(x), _dim(x)) for x, _ in jobs], n_jobs)
     labels_of = thread_map(lambda job: cluster(job[0], min_cluster_size=job[1], **opts),
-                           jobs, n_jobs)
+                           jobs, workers)
 
     groups = np.stack(labels_of[:t_count])
     n_groups = groups.max(axis=1).astype(np.int64) + 1
