@@ -239,10 +239,10 @@ class _Influence:
     extra_rows: np.ndarray  # (f,)
     extra: np.ndarray  # (f, K, M)
 
-    def dense(self) -> np.ndarray:
-        """``(n, K, M)`` every ``d_i``."""
-        d = -(self.q[:, :, None] * self.e[:, None, :])
-        d[self.extra_rows] = self.extra
+    def moves(self, k: int, used: np.ndarray) -> np.ndarray:
+        """``(n, u)``: every ``d_i[k, used]``, prototype ``k``'s row at the columns ``used``."""
+        d = -(self.q[:, k, None] * self.e[:, used])
+        d[self.extra_rows] = self.extra[:, k][:, used]
         return d
 
 
@@ -342,9 +342,7 @@ class LeadErrors:
         for t, part in enumerate(self.parts):
             if isinstance(part, _Influence):
                 # Each sample's move of the lead, summed over the transitions so far.
-                move = -(part.q[:, k, None] * part.e[:, used])
-                move[part.extra_rows] = part.extra[:, k][:, used]
-                total += move
+                total += part.moves(k, used)
                 centred = total - total.mean(axis=0)
                 cov = (centred.T @ centred) * (n - 1) / n
             else:
