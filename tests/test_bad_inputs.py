@@ -483,6 +483,9 @@ CASES: dict[str, Case] = {
     ),
     "explanation-missing": ("whylook report", lambda c: ["report", str(c.run())]),
     "report-out-not-writable": ("whylook report", _report_into_a_file),
+    "report-class-unknown": (
+        "whylook report", lambda c: ["report", str(c.run(analysis=True)), "--classes", "11"]
+    ),
     "explanation-json-corrupt": (
         "whylook report",
         lambda c: _analysis(c, lambda a: (a / "explanation.json").write_text("{\"k\": ")),

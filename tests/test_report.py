@@ -531,6 +531,110 @@ def test_cli_report(
     assert "whylook explain" in err
 
 
+def _many_class_run(tmp_path: Path) -> Path:
+    """40 classes (more than MAX_CLASS_SECTIONS), with uncertain entries on chosen pairs:
+    c5 in three, c7, c9, c12 in one each (besides the run's own entry)."""
+    run = make_synthetic_run(tmp_path, classes=[f"c{i}" for i in range(40)], k=6, n=120,
+                             checkpoints=4)
+    path = run / "analysis" / "explanation.json"
+    exp = json.loads(path.read_text())
+    template = exp["uncertain_prototypes"][0]
+    for pair in (["c5", "c7"], ["c5", "c9"], ["c12", "c5"]):
+        exp["uncertain_prototypes"].append({**template, "classes": pair})
+    path.write_text(json.dumps(exp))
+    return run
+
+
+def _drawn(html: str) -> list[str]:
+    return re.findall(r'<details id="class-(\d+)"', html)
+
+
+def test_many_classes_draw_the_flagged_ones_and_list_the_rest(tmp_path: Path) -> None:
+    from whylook.report import MAX_CLASS_SECTIONS
+
+    run = _many_class_run(tmp_path)
+    html = report(run).read_text()
+    exp = json.loads((run / "analysis" / "explanation.json").read_text())
+    with np.load(run / "analysis" / "arrays.npz") as a:
+        labels, final = a["labels"], a["confidence"][-1].argmax(axis=1)
+    # The rule, from the files: most uncertain entries first, then lowest accuracy.
+    counts = {f"c{i}": 0 for i in range(40)}
+    for u in exp["uncertain_prototypes"]:
+        for c in u["classes"]:
+            counts[c] += 1
+    accuracy = {f"c{i}": float(np.mean(final[labels == i] == i)) if np.any(labels == i)
+                else 2.0 for i in range(40)}
+    ranked = sorted(range(40), key=lambda i: (-counts[f"c{i}"], accuracy[f"c{i}"], i))
+    drawn = [int(i) for i in _drawn(html)]
+    assert drawn == sorted(ranked[:MAX_CLASS_SECTIONS])
+    assert {0, 1, 5, 7, 9, 12} <= set(drawn)
+    assert f"Drawn in full: {MAX_CLASS_SECTIONS} of 40 classes" in html
+    assert len(list((run / "report").glob("class-*-beta.png"))) == MAX_CLASS_SECTIONS
+    table = html.split('<details id="other-classes">')[1].split("</table>")[0]
+    rows = re.findall(r"<tr><td>(c\d+)</td><td class=\"num\">(\d+)</td>"
+                      r"<td class=\"num\">([^<]+)</td>", table)
+    others = sorted(set(range(40)) - set(drawn))
+    assert [r[0] for r in rows] == [f"c{i}" for i in others]
+    for name, n, acc in rows:
+        i = int(name[1:])
+        assert int(n) == int(np.sum(labels == i))
+        assert acc == ("—" if accuracy[name] > 1 else f"{100 * accuracy[name]:.1f}%")
+    assert "The other 10 classes (table only)" in html
+
+
+def test_report_classes_option_draws_those_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _many_class_run(tmp_path)
+    out = tmp_path / "out"
+    assert main(["report", str(run), "--out", str(out), "--classes", "c39", "c3"]) == 0
+    html = (out / "index.html").read_text()
+    assert _drawn(html) == ["3", "39"]
+    assert "the 2 of 40 classes asked for" in html
+    assert sorted(p.name for p in out.glob("class-*-beta.png")) == [
+        "class-003-beta.png", "class-039-beta.png"]
+    assert main(["report", str(run), "--out", str(out), "--classes", "all"]) == 0
+    html = (out / "index.html").read_text()
+    assert _drawn(html) == [str(i) for i in range(40)]
+    assert "other-classes" not in html
+    assert "Drawn in full" not in html
+    assert len(list(out.glob("class-*-beta.png"))) == 40
+    # Back to one class: the figures of the classes no longer drawn go.
+    assert main(["report", str(run), "--out", str(out), "--classes", "c3"]) == 0
+    assert sorted(p.name for p in out.glob("class-*.png")) == [
+        "class-003-beta.png", "class-003-saliency.png"]
+    capsys.readouterr()
+    assert main(["report", str(run), "--out", str(out), "--classes", "c3", "cat"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "class 'cat' is not one of the run's 40 classes (c0, c1" in err
+    assert "`all`" in err
+    with pytest.raises(WhylookError, match="name at least one class"):
+        report(run, out, classes=[])
+
+
+def test_long_tables_are_cut_and_say_where_the_rest_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    report_module = importlib.import_module("whylook.report")
+    run = _many_class_run(tmp_path)
+    monkeypatch.setattr(report_module, "_MAX_TABLE_ROWS", 2)
+    monkeypatch.setattr(report_module, "_MAX_UNCERTAIN_SHOWN", 1)
+    html = report(run, classes=["c0"]).read_text()
+    summary = ("The earliest 2 of 780 pairs (all of them are in explanation.json's "
+               "learning_order)</summary>")
+    assert html.count(summary) == 1
+    assert html.split(summary)[1].split("</table>")[0].count("<tr><td>") == 2
+    summary = ("3 more uncertain prototypes (table only: the first 2; all of them are in "
+               "explanation.json's uncertain_prototypes)</summary>")
+    assert html.count(summary) == 1
+    assert html.split(summary)[1].split("</table>")[0].count("<tr><td>") == 2
+    monkeypatch.setattr(report_module, "_MAX_TABLE_ROWS", 1000)
+    html = report(run, classes=["c0"]).read_text()
+    assert "All 780 pairs</summary>" in html
+    assert "3 more uncertain prototypes (table only)</summary>" in html
+
+
 # -- pieces -------------------------------------------------------------------------------
 
 
@@ -734,10 +838,10 @@ def test_patterns_section_reads_each_group_from_the_arrays(small_run: Path) -> N
     # Each class's section names the groups mostly of its samples that gained most in it,
     # largest gain first.
     builder = _Builder(load(small_run))
-    for ci, entry in enumerate(builder.classes()):
+    for ci, entry in enumerate(builder.classes()["drawn"]):
         assert [r["steps"] for r in entry["patterns"]] == [
             steps for _, steps in sorted(gained.get(ci, []))[:3]]
-    assert any(entry["patterns"] for entry in builder.classes()), "nothing to check"
+    assert any(entry["patterns"] for entry in builder.classes()["drawn"]), "nothing to check"
 
 
 def test_patterns_section_without_group_fits_or_groups(small_run: Path) -> None:
@@ -810,7 +914,7 @@ def test_patterns_section_reads_explanation_json_first(small_run: Path) -> None:
     assert (row["group"], row["size"], row["gain"], row["loss"]) == (7, 12, "b +0.250", "a -0.250")
     assert row["made_of"] == "b (75.0%), a (25.0%)"
     assert row["drivers"] == [{"id": "P-3", "anchor": "proto-3", "z": 9.5}]
-    assert [r["group"] for r in builder.classes()[1]["patterns"]] == [7]  # not steady 8
+    assert [r["group"] for r in builder.classes()["drawn"][1]["patterns"]] == [7]  # not steady 8
     html = report(small_run).read_text(encoding="utf-8")
     assert "P-3</a> (9.5)" in html
     assert "steady: no class moved by 0.01" in html

@@ -274,13 +274,17 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write the HTML report of a run")
     p.add_argument("run", type=Path, help="an explained run folder")
     p.add_argument("--out", type=Path, default=None, help="folder (default: RUN/report)")
+    p.add_argument("--classes", nargs="+", metavar="NAME", default=None,
+                   help="classes to draw in full, or `all` (default: all up to 30; past "
+                   "that, those in the most uncertain entries, then the least accurate); "
+                   "the others get a table row")
     p.set_defaults(handler=_cmd_report)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from whylook.report import report
 
-    path = report(args.run, out=args.out)
+    path = report(args.run, out=args.out, classes=args.classes)
     print(f"report: {path}")
     return 0
 

@@ -20,7 +20,10 @@ thumbnails (PNG or JPEG, whichever is smaller) and the per-class figures are dra
 dpi, so a 128-prototype, 10-class CIFAR run stays under :data:`PAGE_BUDGET_BYTES` (8 MB;
 asserted by the tests). Measured: 3.5 MB for a synthetic K=128, 10-class 32×32 RGB run;
 2.4 MB for ``whylook demo`` (MNIST, K=32). The page grows by roughly 100-200 KB per
-class and 10-20 KB per prototype.
+class and 10-20 KB per prototype, so past :data:`MAX_CLASS_SECTIONS` classes only that
+many are drawn in full (``classes=`` picks them) and the long tables (all class pairs,
+uncertain entries) stop at 1000 rows, naming where the rest is: a 1000-class run's page
+is 6.3 MB, written in 22 s (190 MB and over 5 minutes when every class was drawn).
 """
 
 from __future__ import annotations
@@ -55,10 +58,16 @@ from whylook.structure import (
     confusion_matrix,
 )
 
-__all__ = ["PAGE_BUDGET_BYTES", "report"]
+__all__ = ["MAX_CLASS_SECTIONS", "PAGE_BUDGET_BYTES", "report"]
 
 #: Size limit of ``index.html`` for a K=128, 10-class CIFAR-10 run (asserted in tests).
 PAGE_BUDGET_BYTES = 8 * 1024 * 1024
+
+#: Classes drawn in full by default. A class section is 100-200 KB of figures and patches
+#: and two figures to draw, so a 1000-class run drawn whole made a 190 MB page in over 5
+#: minutes; past this many classes the report draws the ones the explanation flags most
+#: and lists the rest in a table (``classes=`` / ``--classes`` picks others, or all).
+MAX_CLASS_SECTIONS = 30
 
 _TOP = 6  # thumbnails per prototype in the gallery and per uncertain prototype
 _CLASS_TOP = 5  # thumbnails per shared prototype / specialized sub-group of a class
@@ -70,6 +79,9 @@ _MAX_TIMELINE = 60  # class pairs drawn in the learning-order timeline
 _CLASS_PATTERNS = 3  # learning-pattern groups named in a class's section
 _GALLERY_PAGE = 16  # prototypes per collapsible block of the gallery
 _SALIENCY_PANELS = 6  # checkpoints in a class's saliency strip
+# Rows of the page's long tables (all class pairs, uncertain entries past those drawn):
+# the rest stay in explanation.json, which the table's summary names.
+_MAX_TABLE_ROWS = 1000
 
 # The page's only script: it checks that every image decoded and records what it found
 # on <html> (data-check, data-images-*, data-sections) for a headless browser to read.
@@ -122,7 +134,7 @@ def _pct(x: float | None) -> str:
 class _Builder:
     """Turns checked :class:`Inputs` into the template's context (and the figures)."""
 
-    def __init__(self, inp: Inputs) -> None:
+    def __init__(self, inp: Inputs, classes: Sequence[str] | None = None) -> None:
         self.inp = inp
         self.a = inp.arrays
         self.exp = inp.explanation
@@ -142,6 +154,7 @@ class _Builder:
         self.z_threshold = float(threshold) if isinstance(threshold, int | float) else 2.0
         self.share = self._activity()
         self.images = inp.images if inp.images is not None else self._stand_in_images()
+        self.drawn, self.drawn_note = self._pick_classes(classes)
 
     # -- shared helpers ------------------------------------------------------------------
 
@@ -167,6 +180,57 @@ class _Builder:
         np.add.at(share, (rows, flat.ravel()), sal.ravel())
         total = share.sum(axis=1, keepdims=True)
         return np.divide(share, total, out=np.zeros_like(share), where=total > 0)
+
+    def _final_accuracy(self) -> list[float | None]:
+        """Per class: final analysis-set accuracy (None for a class with no samples)."""
+        pred = self.a["confidence"][-1].argmax(axis=1)
+        hits = np.bincount(self.labels[pred == self.labels], minlength=self.m)
+        sizes = np.bincount(self.labels, minlength=self.m)
+        return [float(h / n) if n else None for h, n in zip(hits, sizes, strict=True)]
+
+    def _uncertain_counts(self) -> np.ndarray:
+        """(M,): uncertain-prototype entries each class takes part in."""
+        counts = np.zeros(self.m, dtype=np.int64)
+        for u in self.exp.get("uncertain_prototypes") or []:
+            for c in (u.get("classes") or [])[:2]:
+                counts[self.inp.class_index(c)] += 1
+        return counts
+
+    def _pick_classes(self, asked: Sequence[str] | None) -> tuple[set[int], str | None]:
+        """The classes drawn in full, and the page's sentence on the choice (None: all).
+
+        ``asked`` names classes as the run does, or ``["all"]``; without it every class
+        is drawn up to :data:`MAX_CLASS_SECTIONS`, and past that the ones in the most
+        uncertain-prototype entries, then those the final model gets wrong most often:
+        where a reader looks first, since those are what fine-tuning works on."""
+        everything = set(range(self.m))
+        if asked is not None:
+            names = [str(a) for a in asked]
+            if names == ["all"] and "all" not in self.inp.classes:
+                return everything, None
+            if not names:
+                raise WhylookError("no class to draw was named; name at least one class, "
+                                   "or `all`")
+            unknown = [a for a in names if a not in self.inp.class_indices]
+            if unknown:
+                shown = ", ".join(self.inp.classes[:10]) + (" …" if self.m > 10 else "")
+                raise WhylookError(
+                    f"class {unknown[0][:40]!r} is not one of the run's {self.m} classes "
+                    f"({shown}); name classes as explanation.json does, or `all`")
+            chosen = {self.inp.class_index(a) for a in names}
+            if len(chosen) == self.m:
+                return chosen, None
+            return chosen, (f"Drawn in full: the {len(chosen)} of {self.m} classes asked "
+                            "for; the others are in the table below.")
+        if self.m <= MAX_CLASS_SECTIONS:
+            return everything, None
+        counts, acc = self._uncertain_counts(), self._final_accuracy()
+        order = sorted(range(self.m), key=lambda c: (-counts[c], 2.0 if acc[c] is None
+                                                      else acc[c], c))
+        return set(order[:MAX_CLASS_SECTIONS]), (
+            f"Drawn in full: {MAX_CLASS_SECTIONS} of {self.m} classes, those in the most "
+            "uncertain-prototype entries, then those the final model gets wrong most often "
+            "on the analysis set; the others are in the table below.")
 
     def _stand_in_images(self) -> np.ndarray:
         """Final saliency as grey images, so patches still show where, if not what."""
@@ -338,7 +402,8 @@ class _Builder:
                 chosen.append(int(k))
         return sorted(chosen)
 
-    def classes(self) -> list[dict[str, Any]]:
+    def classes(self) -> dict[str, Any]:
+        """The classes drawn in full (``drawn``) and a table row for each of the others."""
         inp = self.inp
         conf = self.a["confidence"]
         t1 = conf.shape[0]
@@ -350,12 +415,22 @@ class _Builder:
                 # One prototype can swing in several pairs: name the pair, not just the id.
                 uncertain_by_class.setdefault(inp.class_index(c), []).append(
                     f"{u.get('id')} ({' ↔ '.join(pair)})")
-        out = []
+        out, others = [], []
+        accuracy = self._final_accuracy()
         for entry in self.exp["classes_explained"]:
             ci = inp.class_index(entry.get("class"))
             name = inp.classes[ci]
-            rows = np.nonzero(self.labels == ci)[0]
             shared_ids = [inp.proto_index(p) for p in entry.get("shared") or []]
+            if ci not in self.drawn:
+                others.append({
+                    "name": name, "n": entry.get("n", int(np.sum(self.labels == ci))),
+                    "accuracy": _pct(accuracy[ci]),
+                    "shared": [{"id": f"P-{k}", "anchor": f"proto-{k}"} for k in shared_ids],
+                    "specialized": len(entry.get("specialized") or []),
+                    "uncertain": len(uncertain_by_class.get(ci, [])),
+                })
+                continue
+            rows = np.nonzero(self.labels == ci)[0]
             strengths = list(entry.get("shared_strength") or [])
             shared = []
             for j, k in enumerate(shared_ids[:_MAX_SHARED_SHOWN]):
@@ -406,12 +481,11 @@ class _Builder:
                     "row": r,
                     "sample": int(self.a["sample_index"][r]),
                 }
-            final_acc = float(np.mean(conf[-1, rows].argmax(axis=1) == ci)) if len(rows) else None
             out.append({
                 "index": ci,
                 "name": name,
                 "n": entry.get("n", len(rows)),
-                "accuracy": _pct(final_acc),
+                "accuracy": _pct(accuracy[ci]),
                 "shared": shared,
                 "more_shared": more_shared,
                 "candidates": candidates,
@@ -429,7 +503,7 @@ class _Builder:
                 "uncertain": uncertain_by_class.get(ci, []),
                 "patterns": self._patterns_of(ci),
             })
-        return out
+        return {"drawn": out, "others": others, "note": self.drawn_note}
 
     def _unseen(self, value: Any) -> str | None:
         """The class's learning unseen as a percentage, when high enough to mention."""
@@ -518,7 +592,8 @@ class _Builder:
                     (inp.classes[a], inp.classes[b]), steps, f"P-{k}"))
             items.append(row)
         return {"entries": items[:_UNCERTAIN_OPEN], "folded": items[_UNCERTAIN_OPEN:],
-                "rest": rest, "check": self._pair_confusion(), "null": null}
+                "rest": rest[:_MAX_TABLE_ROWS], "rest_total": len(rest),
+                "check": self._pair_confusion(), "null": null}
 
     def _uncertain_null(self) -> tuple[str | None, dict[tuple[str, ...], str]]:
         """The sentence on ``whylook explain --uncertain-null`` (None when not measured)
@@ -601,8 +676,9 @@ class _Builder:
                 f" (p = {p:.2g}, n = {n_pairs})" if isinstance(p, int | float) else "")
         else:
             title = "Spearman ρ undefined (too few separated pairs)"
-        result: dict[str, Any] = {"rows": order, "title": title, "timeline": None,
-                                  "scatter": None, "note": ""}
+        result: dict[str, Any] = {"rows": order[:_MAX_TABLE_ROWS], "total": len(order),
+                                  "title": title, "timeline": None, "scatter": None,
+                                  "note": ""}
         if not order:
             return result
         shown = order[:_MAX_TIMELINE]
@@ -819,18 +895,25 @@ def _write(out: Path, files: dict[str, bytes], html: str) -> Path:
     return atomic_write(out / "index.html", lambda fh: fh.write(page))
 
 
-def report(run: str | Path, out: str | Path | None = None) -> Path:
+def report(
+    run: str | Path, out: str | Path | None = None, *, classes: Sequence[str] | None = None
+) -> Path:
     """Write the HTML report of a run folder and return the path of ``index.html``.
 
     Args:
         run: a run folder with ``run.json`` and ``analysis/`` (``whylook explain RUN``).
         out: output folder; default ``RUN/report``. It receives ``index.html``, the plots
             as ``*.png`` and the image patches as ``patches/*.png``.
+        classes: the classes whose sections are drawn in full (names as in
+            ``explanation.json``, or ``["all"]``); the others get a row in a table.
+            Default: every class up to :data:`MAX_CLASS_SECTIONS`; past that, the
+            classes in the most uncertain-prototype entries, then the least accurate.
 
     Raises:
         WhylookError: the folder is not a run, or its analysis is missing, corrupt or
-            inconsistent ("run `whylook explain RUN` first"); or another whylook command
-            holds the run folder (when ``out`` is inside it).
+            inconsistent ("run `whylook explain RUN` first"); a class in ``classes`` is
+            not the run's; or another whylook command holds the run folder (when ``out``
+            is inside it).
 
     When ``out`` lies inside the run folder the report holds the folder's ``run_lock``
     (not re-entrant: callers that already hold it must write the report outside of it).
@@ -845,12 +928,12 @@ def report(run: str | Path, out: str | Path | None = None) -> Path:
     out_dir = Path(out) if out is not None else run / "report"
     if run.is_dir() and _is_within(out_dir, run):
         with run_lock(run):
-            return _report(run, out_dir)
-    return _report(run, out_dir)
+            return _report(run, out_dir, classes)
+    return _report(run, out_dir, classes)
 
 
-def _report(run: Path, out: Path) -> Path:
+def _report(run: Path, out: Path, classes: Sequence[str] | None) -> Path:
     inputs = load(run)
-    builder = _Builder(inputs)
+    builder = _Builder(inputs, classes)
     html = _render(builder.build())
     return _write(out, builder.out.files, html)

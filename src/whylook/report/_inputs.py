@@ -8,6 +8,7 @@ through rendering.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import zipfile
@@ -64,10 +65,18 @@ class Inputs:
         h, w = self.arrays["assignments"].shape[1:]
         return int(h), int(w)
 
+    @functools.cached_property
+    def class_indices(self) -> dict[str, int]:
+        # A dict, not list.index: a 1000-class run has tens of thousands of entries to map.
+        indices: dict[str, int] = {}
+        for i, name in enumerate(self.classes):
+            indices.setdefault(name, i)
+        return indices
+
     def class_index(self, name: Any) -> int:
         try:
-            return self.classes.index(str(name))
-        except ValueError:
+            return self.class_indices[str(name)]
+        except KeyError:
             raise inconsistent(self.run_path, f"unknown class {str(name)[:40]!r}") from None
 
     def proto_index(self, pid: Any) -> int:
