@@ -512,6 +512,37 @@ def _summary_data(**fields):
     }
 
 
+def test_summary_of_many_classes_lists_those_in_the_most_uncertain_entries(tmp_path):
+    from whylook.explain import Explanation
+
+    names = [f"c{i:02d}" for i in range(45)]
+    unc = [{"id": "P-1", "classes": pair, "swings": 2, "steps": [1, 2]}
+           for pair in (["c40", "c44"], ["c44", "c03"], ["c44", "c41"], ["c41", "c40"])]
+    data = _summary_data(
+        classes=names, uncertain_prototypes=unc,
+        classes_explained=[{"class": c, "shared": ["P-0"], "specialized": [],
+                            "learning_unseen": 0.5} for c in names])
+    data["classes_explained"][44]["why_no_shared"] = None
+    data["classes_explained"][44]["shared"] = []
+    text = Explanation(path=tmp_path, data=data, arrays={}).summary()
+    listed = [line.split(":")[0].strip() for line in text.splitlines()
+              if line.startswith("  ") and line.split(":")[0].strip() in names]
+    # In most entries first (c44: 3; c40, c41: 2; c03: 1), then the first classes; in
+    # class order.
+    want = sorted(["c44", "c40", "c41", "c03", *[f"c{i:02d}" for i in range(27) if i != 3]])
+    assert listed == want
+    assert "  ... 15 more classes in explanation.json and the report (listed: those in the " \
+           "most uncertain entries)" in text
+    assert ("Learning unseen (Grad-CAM all zero): c00 (50%), c01 (50%), c02 (50%), c03 (50%), "
+            "c04 (50%), c05 (50%), c06 (50%), c07 (50%), c08 (50%), c09 (50%) (+35 more) of "
+            "the class's learning") in text
+    # 30 classes or fewer: every one, as before.
+    data["classes_explained"] = data["classes_explained"][:30]
+    text = Explanation(path=tmp_path, data=data, arrays={}).summary()
+    assert "more classes" not in text
+    assert sum(line.split(":")[0].strip() in names for line in text.splitlines()) == 30
+
+
 def test_summary_cautions_when_the_final_model_is_near_chance(tmp_path):
     from whylook.explain import Explanation
 

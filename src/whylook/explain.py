@@ -62,6 +62,10 @@ _CACHE_VERSION = "1"
 _HELD_FEATURES_BYTES = 1 << 29
 # The printed summary lists this many uncertain-prototype entries (the rest: it says how many).
 _UNCERTAIN_LISTED = 10
+# ... and this many classes (a 1000-class model's summary was 1000 lines): those in the
+# most uncertain entries, as the report draws them; and this many class names per list.
+_CLASSES_LISTED = 30
+_NAMES_LISTED = 10
 
 
 #: The readings of "support for class c" (ExplainSettings.support).
@@ -135,7 +139,8 @@ class Explanation:
         if weak:
             lines.append(weak)
         lines += ["", "Shared prototypes per class (strongest first):"]
-        for c in d["classes_explained"]:
+        listed = _classes_listed(d)
+        for c in listed:
             shared = _listed(c["shared"], 6) or _no_shared_text(c.get("why_no_shared"))
             spec = "; ".join(
                 f"group {g['group']} (n={g['size']}): {', '.join(g['prototypes'])}"
@@ -143,6 +148,10 @@ class Explanation:
             )
             lines.append(f"  {c['class']:>12}: {shared}" + (f"  | specialized: {spec}" if spec
                                                              else ""))
+        if len(listed) < len(d["classes_explained"]):
+            lines.append(f"  ... {len(d['classes_explained']) - len(listed)} more classes in "
+                         "explanation.json and the report (listed: those in the most "
+                         "uncertain entries)")
         unseen = _unseen_text(d["classes_explained"])
         if unseen:
             lines.append(unseen)
@@ -210,20 +219,34 @@ def _p_text(p: float) -> str:
     return f"p = {p:.3g}" if p > 0 else "p < 1e-06"
 
 
+def _classes_listed(d: dict[str, Any]) -> list[dict[str, Any]]:
+    """The classes the summary lists, in their order: all, or past ``_CLASSES_LISTED``
+    those in the most uncertain-prototype entries (ties: the first classes)."""
+    classes = d["classes_explained"]
+    if len(classes) <= _CLASSES_LISTED:
+        return classes
+    count = dict.fromkeys((str(c["class"]) for c in classes), 0)
+    for u in d["uncertain_prototypes"]:
+        for name in u["classes"][:2]:
+            count[str(name)] = count.get(str(name), 0) + 1
+    ranked = sorted(range(len(classes)), key=lambda i: (-count[str(classes[i]["class"])], i))
+    return [classes[i] for i in sorted(ranked[:_CLASSES_LISTED])]
+
+
 def _unseen_text(classes: list[dict[str, Any]]) -> str | None:
     """A line naming the classes learned mostly while their Grad-CAM maps were all zero."""
     named = [(c["class"], c["learning_unseen"]) for c in classes
              if (c.get("learning_unseen") or 0.0) >= UNSEEN_NOTE]
     if not named:
         return None
-    listed = ", ".join(f"{name} ({floor_pct(u)})" for name, u in named)
+    listed = _listed([f"{name} ({floor_pct(u)})" for name, u in named], _NAMES_LISTED)
     return (f"  Learning unseen (Grad-CAM all zero): {listed} of the class's learning;\n"
             "    their support rests on the rest of it and on other classes' samples")
 
 
 def _also_text(candidate: dict[str, Any]) -> str:
     also = candidate.get("also_active_in") or []  # absent in files written before it
-    return f"; also most of {', '.join(map(str, also))}" if also else ""
+    return f"; also most of {_listed([str(c) for c in also], _NAMES_LISTED)}" if also else ""
 
 
 def _no_shared_text(why: dict[str, Any] | None) -> str:
