@@ -10,6 +10,7 @@ of 2000 samples (``--samples``) stage by stage, ``--repeats`` times (medians).
 
     python benchmarks/bench_classes.py --classes 100 --threads 1 --repeats 3
     python benchmarks/bench_classes.py --classes 1000 --samples 8192 --repeats 1
+    python benchmarks/bench_classes.py --classes 1000 --samples 4000 --repeats 1 --report
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2000, help="explain's analysis set")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--report", action="store_true",
+                        help="also time `whylook report` of the explained run (once)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if not 0 < args.samples <= 60 * args.classes:
@@ -81,6 +84,16 @@ def main() -> None:
                 stages[name].append(seconds)
             print(f"explain {total:.2f} s (repeat {repeat + 1} of {args.repeats})", flush=True)
         explanation = json.loads((run.path / "analysis" / "explanation.json").read_text())
+        page = None
+        if args.report:
+            from whylook.report import report
+
+            start = time.perf_counter()
+            index = report(run.path)
+            page = {"seconds": time.perf_counter() - start, "bytes": index.stat().st_size,
+                    "figures": len(list(index.parent.rglob("*.png")))}
+            print(f"report {page['seconds']:.1f} s, index.html {page['bytes'] / 1e6:.1f} MB, "
+                  f"{page['figures']} PNG files", flush=True)
     median = {name: statistics.median(v) for name, v in stages.items()}
     for name, seconds in sorted(median.items(), key=lambda kv: -kv[1]):
         print(f"  {name:40s} {seconds:6.2f} s")
@@ -94,6 +107,7 @@ def main() -> None:
         "uncertain_prototypes": len(explanation.get("uncertain_prototypes", [])),
         "pairs": len(explanation.get("learning_order", [])),
         "final_test_accuracy": accuracy,
+        "report": page,
     }
     write_result(args.out, result)
 
