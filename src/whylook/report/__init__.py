@@ -23,7 +23,7 @@ asserted by the tests). Measured: 3.5 MB for a synthetic K=128, 10-class 32×32 
 class and 10-20 KB per prototype, so past :data:`MAX_CLASS_SECTIONS` classes only that
 many are drawn in full (``classes=`` picks them) and the long tables (all class pairs,
 uncertain entries) stop at 1000 rows, naming where the rest is: a 1000-class run's page
-is 6.3 MB, written in 22 s (190 MB and over 5 minutes when every class was drawn).
+is 6.3 MB, written in about 20 s (191 MB and over 5 minutes when every class was drawn).
 """
 
 from __future__ import annotations
