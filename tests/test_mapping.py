@@ -469,3 +469,35 @@ def test_lead_se_of_a_two_class_softmax_is_twice_a_coefficients() -> None:
                                        rtol=1e-4)
     assert fit_mapping(dp, np.concatenate([gain, -gain], axis=2),
                        standard_errors="none").lead_se is None
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "m"), [(300, 6, 40), (40, 8, 25), (12, 20, 30), (200, 5, 6), (100, 10, 3)]
+)
+def test_leave_one_out_error_two_ways_and_against_refits(n: int, k: int, m: int) -> None:
+    """The leave-one-out error that picks lambda: from the residuals (M up to the rank)
+    and from the Gram matrix (more outputs than the rank, as with many classes) agree,
+    and both are the error of n explicit refits without one sample each."""
+    from whylook.mapping import _loo_sse, _loo_sse_gram, _loo_sse_residuals
+
+    rng = np.random.default_rng(n + k + m)
+    pi = rng.normal(size=(n, k)) * rng.uniform(0.1, 3.0, k)
+    c = pi @ (rng.normal(size=(k, m)) * (rng.random((k, m)) < 0.3)) + rng.normal(0, 0.3, (n, m))
+    u, s, _ = np.linalg.svd(pi, full_matrices=False)
+    lams = np.array([1e-3, 0.1, 1.0, 10.0, 300.0])
+    f = s**2 / (s**2 + lams[:, None])
+    loo = 1.0 - f @ (u**2).T
+    utc = u.T @ c
+    gram = _loo_sse_gram(u, c, f, loo, utc)
+    resid = _loo_sse_residuals(u, c, f, loo, utc)
+    np.testing.assert_allclose(gram, resid, rtol=1e-11)
+    refits = np.zeros(lams.size)
+    for j, lam in enumerate(lams):
+        for i in range(n):
+            rest = np.arange(n) != i
+            b = np.linalg.solve(pi[rest].T @ pi[rest] + lam * np.eye(k), pi[rest].T @ c[rest])
+            refits[j] += ((c[i] - pi[i] @ b) ** 2).sum()
+    np.testing.assert_allclose(_loo_sse(u, s, c, lams), refits, rtol=1e-9)
+    # The dispatch: the Gram form exactly when there are more outputs than the rank.
+    chosen = _loo_sse(u, s, c, lams)
+    np.testing.assert_array_equal(chosen, gram if m > u.shape[1] else resid)
