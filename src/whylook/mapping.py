@@ -276,9 +276,16 @@ class _Influence:
     extra_rows: np.ndarray  # (f,)
     extra: np.ndarray  # (f, K, M)
 
+    @functools.cached_property
+    def _e_by_column(self) -> np.ndarray:
+        # ``e`` column-major, made once per fit for the K calls of ``moves``: gathering
+        # the columns ``used`` from it reads whole columns, a third of the time of picking
+        # them out of every row (4000 x 1000, 300 columns: 4.3 ms against 14 ms).
+        return np.asfortranarray(self.e)
+
     def moves(self, k: int, used: np.ndarray) -> np.ndarray:
         """``(n, u)``: every ``d_i[k, used]``, prototype ``k``'s row at the columns ``used``."""
-        d = -(self.q[:, k, None] * self.e[:, used])
+        d = -(self.q[:, k, None] * self._e_by_column[:, used])
         d[self.extra_rows] = self.extra[:, k][:, used]
         return d
 
