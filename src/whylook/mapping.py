@@ -671,7 +671,7 @@ def fit_mapping(
     for (t, _, tag), (res, part) in zip(jobs, fits, strict=True):
         if tag == 0:
             # Step 6 reads the influences K times per transition; column-major instead of
-            # beside it, so that no second copy is held (a 1000-class run's is 0.7 GB).
+            # beside it, so that no second copy is held (0.7 GB at 1000 classes x 8192).
             parts[t] = part.by_column() if isinstance(part, _Influence) else part
             beta[t], se[t], z[t] = res.beta, res.beta_se, res.z
             lambdas[t], cv_r2[t] = res.lam, res.cv_r2
