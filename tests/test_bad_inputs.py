@@ -486,6 +486,9 @@ CASES: dict[str, Case] = {
     "report-class-unknown": (
         "whylook report", lambda c: ["report", str(c.run(analysis=True)), "--classes", "11"]
     ),
+    "report-classes-before-run": (
+        "whylook report", lambda c: ["report", "--classes", "ring", str(c.run(analysis=True))]
+    ),
     "explanation-json-corrupt": (
         "whylook report",
         lambda c: _analysis(c, lambda a: (a / "explanation.json").write_text("{\"k\": ")),

@@ -529,6 +529,8 @@ def test_cli_report(
     assert err.startswith("error: ")
     assert err.count("\n") == 1
     assert "whylook explain" in err
+    assert main(["report"]) == 2
+    assert capsys.readouterr().err == "error: name the run folder: whylook report RUN\n"
 
 
 def _many_class_run(tmp_path: Path) -> Path:

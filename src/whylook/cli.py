@@ -272,7 +272,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write the HTML report of a run")
-    p.add_argument("run", type=Path, help="an explained run folder")
+    # Optional for argparse only: `--classes a b RUN` takes RUN as a class name, and the
+    # handler then says so instead of argparse's "run is required".
+    p.add_argument("run", type=Path, nargs="?", help="an explained run folder")
     p.add_argument("--out", type=Path, default=None, help="folder (default: RUN/report)")
     p.add_argument("--classes", nargs="+", metavar="NAME", default=None,
                    help="classes to draw in full, or `all` (default: all up to 30; past "
@@ -284,6 +286,11 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     from whylook.report import report
 
+    if args.run is None:
+        raise WhylookError(
+            "name the run folder first: whylook report RUN --classes NAME ... (--classes "
+            "takes every word after it as a class name)" if args.classes else
+            "name the run folder: whylook report RUN")
     path = report(args.run, out=args.out, classes=args.classes)
     print(f"report: {path}")
     return 0
