@@ -181,6 +181,7 @@ class _Builder:
         total = share.sum(axis=1, keepdims=True)
         return np.divide(share, total, out=np.zeros_like(share), where=total > 0)
 
+    @functools.cached_property
     def _final_accuracy(self) -> list[float | None]:
         """Per class: final analysis-set accuracy (None for a class with no samples)."""
         pred = self.a["confidence"][-1].argmax(axis=1)
@@ -188,13 +189,17 @@ class _Builder:
         sizes = np.bincount(self.labels, minlength=self.m)
         return [float(h / n) if n else None for h, n in zip(hits, sizes, strict=True)]
 
-    def _uncertain_counts(self) -> np.ndarray:
-        """(M,): uncertain-prototype entries each class takes part in."""
-        counts = np.zeros(self.m, dtype=np.int64)
+    @functools.cached_property
+    def _uncertain_by_class(self) -> dict[int, list[str]]:
+        """Class -> the uncertain-prototype entries it takes part in, as "P-k (a ↔ b)"."""
+        by_class: dict[int, list[str]] = {}
         for u in self.exp.get("uncertain_prototypes") or []:
-            for c in (u.get("classes") or [])[:2]:
-                counts[self.inp.class_index(c)] += 1
-        return counts
+            pair = [str(c) for c in (u.get("classes") or [])[:2]]
+            for c in pair:
+                # One prototype can swing in several pairs: name the pair, not just the id.
+                by_class.setdefault(self.inp.class_index(c), []).append(
+                    f"{u.get('id')} ({' ↔ '.join(pair)})")
+        return by_class
 
     def _pick_classes(self, asked: Sequence[str] | None) -> tuple[set[int], str | None]:
         """The classes drawn in full, and the page's sentence on the choice (None: all).
@@ -224,9 +229,9 @@ class _Builder:
                             "for; the others are in the table below.")
         if self.m <= MAX_CLASS_SECTIONS:
             return everything, None
-        counts, acc = self._uncertain_counts(), self._final_accuracy()
-        order = sorted(range(self.m), key=lambda c: (-counts[c], 2.0 if acc[c] is None
-                                                      else acc[c], c))
+        entries, acc = self._uncertain_by_class, self._final_accuracy
+        order = sorted(range(self.m), key=lambda c: (-len(entries.get(c, [])),
+                                                      2.0 if acc[c] is None else acc[c], c))
         return set(order[:MAX_CLASS_SECTIONS]), (
             f"Drawn in full: {MAX_CLASS_SECTIONS} of {self.m} classes, those in the most "
             "uncertain-prototype entries, then those the final model gets wrong most often "
@@ -408,15 +413,9 @@ class _Builder:
         conf = self.a["confidence"]
         t1 = conf.shape[0]
         panels = sorted({round(x) for x in np.linspace(0, t1 - 1, min(_SALIENCY_PANELS, t1))})
-        uncertain_by_class: dict[int, list[str]] = {}
-        for u in self.exp.get("uncertain_prototypes") or []:
-            pair = [str(c) for c in (u.get("classes") or [])[:2]]
-            for c in pair:
-                # One prototype can swing in several pairs: name the pair, not just the id.
-                uncertain_by_class.setdefault(inp.class_index(c), []).append(
-                    f"{u.get('id')} ({' ↔ '.join(pair)})")
+        uncertain_by_class = self._uncertain_by_class
         out, others = [], []
-        accuracy = self._final_accuracy()
+        accuracy = self._final_accuracy
         for entry in self.exp["classes_explained"]:
             ci = inp.class_index(entry.get("class"))
             name = inp.classes[ci]
