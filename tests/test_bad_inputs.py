@@ -446,6 +446,9 @@ CASES: dict[str, Case] = {
     "standard-errors-unknown": (
         "whylook explain", lambda c: c.explain(c.run(), "--standard-errors", "exact")
     ),
+    "precision-unknown": (
+        "whylook explain", lambda c: c.explain(c.run(), "--precision", "float16")
+    ),
     "uncertain-null-negative": (
         "whylook explain", lambda c: c.explain(c.run(), "--uncertain-null", "-1")
     ),

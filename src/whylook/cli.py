@@ -181,6 +181,12 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, default=None,
         help="samples per Grad-CAM pass (default 256; lower it if memory runs out)",
     )
+    p.add_argument(
+        "--precision", default=None,
+        help="float32 (default, exact) or bfloat16: the layer's activations computed in "
+        "bfloat16, everything after in float32; several times faster on GPUs and on CPUs "
+        "with AMX or AVX-512 BF16, slower on others",
+    )
     _device_option(p)
     _trust_option(p)
     p.set_defaults(handler=_cmd_explain)
@@ -201,6 +207,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         overrides["standard_errors"] = args.standard_errors
     if args.uncertain_null is not None:
         overrides["uncertain_null"] = args.uncertain_null
+    if args.precision is not None:
+        overrides["precision"] = args.precision
     settings = ExplainSettings(**overrides) if overrides else None
     result = explain(
         args.run,

@@ -370,7 +370,8 @@ def _common_assignments(
     model = fb.load_model(len(fb.checkpoints) - 1, device=str(resolve_device(device)))
     images = fb.data().train.images[sa]
     assign_b = np.concatenate(
-        [protos.assign(f) for f in layer_features(model, eb.data["layer"], images)]
+        [protos.assign(f)
+         for f in layer_features(model, eb.data["layer"], images, precision=eb.precision)]
     )
     return ea.arrays["assignments"], assign_b, "A's analysis rows, B's prototypes reassigned"
 

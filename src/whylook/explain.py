@@ -31,6 +31,7 @@ from whylook._text import (
     uncertain_null_lines,
 )
 from whylook.errors import WhylookError
+from whylook.saliency import PRECISIONS
 from whylook.structure import (
     UNSEEN_NOTE,
     StructureSettings,
@@ -104,6 +105,11 @@ class ExplainSettings:
     # attention and confidence cut, by a sign flip and by a shuffle, and count what the
     # uncertain rule flags then (0: not measured; each draw costs two more Step-5 fits).
     uncertain_null: int = 0
+    # How the Grad-CAM and feature passes compute the layer's activations: "float32"
+    # (exact) or "bfloat16" (the pass before the layer under torch.autocast, the rest in
+    # float32; whylook/saliency.py). Not part of the method, but it moves its inputs
+    # slightly, so it is recorded and keys the cache.
+    precision: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,12 @@ class Explanation:
     @property
     def k(self) -> int:
         return int(self.data["k"])
+
+    @property
+    def precision(self) -> str:
+        """How its passes computed the layer's activations (``ExplainSettings.precision``);
+        passes that must match its prototypes use the same. Older runs: float32."""
+        return str(self.data["settings"].get("precision", "float32"))
 
     def summary(self) -> str:
         """A short human summary: shared prototypes per class, uncertain prototypes,
@@ -450,6 +462,10 @@ def _check_settings(s: ExplainSettings) -> None:
         raise WhylookError(
             f"structure must be a StructureSettings, not {type(s.structure).__name__}"
         )
+    if not (isinstance(s.precision, str) and s.precision in PRECISIONS):
+        raise WhylookError(
+            f"precision must be one of {', '.join(map(repr, PRECISIONS))}, not {s.precision!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -638,6 +654,9 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         stale.unlink(missing_ok=True)
     digests = [file_digest(folder.path / c.file) for c in ckpts]
     common = {"v": _CACHE_VERSION, "layer": layer_name, "data": folder.config.get("data")}
+    if settings.precision != "float32":
+        # Only then: float32 keys stay what they were, so earlier caches stay valid.
+        common["precision"] = settings.precision
 
     # Step 1 (prototypes) and Step 2 (saliency) share the final checkpoint's pass: its
     # Grad-CAM already computes the layer's features, which are the prototype set's
@@ -697,7 +716,8 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
             # batch, so even the whole training split is never copied: memory stays flat.
             batches = progress_bar(
                 layer_features(final, layer_name, train.images, rows=rest,
-                               batch_size=settings.batch_size, device=device),
+                               batch_size=settings.batch_size, device=device,
+                               precision=settings.precision),
                 desc="prototypes: features", total=-(-len(rest) // settings.batch_size),
                 progress=progress,
             )
@@ -743,7 +763,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         model = final if t == t1 - 1 else _checkpoint_model(folder, t, device, scratch)
         parts = []
         at = sl.start
-        cam = GradCAM(model, layer_name, device=device)
+        cam = GradCAM(model, layer_name, device=device, precision=settings.precision)
         try:
             if t == t1 - 1:
                 for part, feats in cam.batches_with_features(
@@ -770,7 +790,8 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
             continue
         at = sl.start
         for f in layer_features(final, layer_name, train.images, rows=rows[sl],
-                                batch_size=settings.batch_size, device=device):
+                                batch_size=settings.batch_size, device=device,
+                                precision=settings.precision):
             assignments[at:at + len(f)] = prototypes.assign(f)
             at += len(f)
 
@@ -897,6 +918,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
             "uncertain_null": int(settings.uncertain_null),
             # Not a choice of the method, but of how its passes ran (for reproducing them).
             "batch_size": int(settings.batch_size),
+            "precision": settings.precision,
         },
         "prototypes": [
             {

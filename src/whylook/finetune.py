@@ -211,7 +211,8 @@ def load_prototypes(run: Any, explanation: Any = None, *, device: str = "auto") 
     stored = exp.arrays["assignments"][: len(rows)]
     model = folder.load_model(len(folder.checkpoints) - 1, device=str(resolve_device(device)))
     feats = torch.cat(
-        list(layer_features(model, exp.data["layer"], folder.data().train.images[rows]))
+        list(layer_features(model, exp.data["layer"], folder.data().train.images[rows],
+                            precision=exp.precision))
     )
     best, best_agree = None, -1.0
     for path in candidates:
@@ -437,6 +438,9 @@ def training_activity(
             "rule": active_rule(explanation)[0],
             "data": getattr(data, "digest", folder.config.get("data")),
             "shard": _SHARD,
+            # Only when not float32, so that caches from before the setting stay valid.
+            **({"precision": explanation.precision}
+               if explanation.precision != "float32" else {}),
         }
     )[:20]
     cache = folder.path / "finetune" / "cache"
@@ -456,7 +460,7 @@ def training_activity(
             continue
         if model is None:
             model = folder.load_model(last, device=str(device))
-        cam = GradCAM(model, layer)
+        cam = GradCAM(model, layer, precision=explanation.precision)
         parts = []
         for res in cam.batches(
             train.images[lo:hi], train.labels[lo:hi], batch_size=batch_size, return_features=True

@@ -21,6 +21,14 @@ Speed comes from doing only the work Grad-CAM needs:
   the layer as one oneDNN kernel (``whylook/_fusion.py``): the ReLU's separate pass over
   a fresh tensor, and the page faults of allocating it, go away.
 
+``precision="bfloat16"`` (opt-in) runs the forward pass *before* the layer under
+``torch.autocast`` in bfloat16 and everything from the layer on in the model's own
+float32: the activations ``A`` are the only rounded input (about 3 significant digits),
+while the logits, their gradient w.r.t. ``A``, the CAM and the confidences are float32
+computations on that ``A``. The backward never reaches before the layer, so it is all
+float32. On CPUs with AMX or AVX-512 BF16 units and on recent GPUs that forward pass is
+several times faster; elsewhere it can be slower (``benchmarks/RESULTS.md``).
+
 Sharding: results are per sample, so a checkpoint's saliency can be computed over slices
 of the samples and joined with :meth:`SaliencyResult.concat`.
 """
@@ -46,6 +54,7 @@ from whylook._progress import progress_bar
 from whylook.errors import WhylookError
 
 __all__ = [
+    "PRECISIONS",
     "GradCAM",
     "SaliencyResult",
     "grad_cam",
@@ -56,6 +65,9 @@ __all__ = [
 
 ImageArray = np.ndarray | torch.Tensor
 LabelArray = np.ndarray | torch.Tensor | Sequence[int]
+
+#: The arithmetic of the forward pass before the prototype layer (see the module docstring).
+PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True, eq=False)
@@ -322,12 +334,35 @@ def _use_channels_last(model: nn.Module, channels_last: bool | None) -> bool:
     return device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def _use_fusion(model: nn.Module, fuse: bool | None) -> bool:
+def _use_fusion(model: nn.Module, fuse: bool | None, precision: str = "float32") -> bool:
     """Resolve ``fuse``: ``False`` is off; ``None`` or ``True``, on where it applies (a
-    float32 CPU model with oneDNN; see ``whylook/_fusion.py``)."""
+    float32 CPU model with oneDNN; see ``whylook/_fusion.py``). Off in bfloat16: the fused
+    kernel takes float32 inputs, so it would keep the convolutions out of autocast."""
     if fuse is not None and not isinstance(fuse, bool):
         raise WhylookError(f"fuse must be True, False or None, not {fuse!r}")
-    return fuse is not False and _fusion_available(model)
+    return fuse is not False and precision == "float32" and _fusion_available(model)
+
+
+def _check_precision(precision: object, model: nn.Module) -> torch.dtype | None:
+    """The autocast dtype of the pass before the layer (``None``: the model's own)."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise WhylookError(
+            f"precision must be one of {', '.join(map(repr, PRECISIONS))}, not {precision!r}"
+        )
+    if precision == "float32":
+        return None
+    device, _ = _model_device_dtype(model)
+    if not torch.amp.is_autocast_available(device.type):
+        raise WhylookError(
+            f"precision {precision!r} needs torch.autocast, which this torch lacks on "
+            f"{device.type}; use precision 'float32'"
+        )
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise WhylookError(
+            f"this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16 arithmetic; "
+            "use precision 'float32'"
+        )
+    return torch.bfloat16
 
 
 class _LayerSession:
@@ -347,12 +382,15 @@ class _LayerSession:
         freeze: bool,
         channels_last: bool = False,
         fuse: bool = False,
+        autocast: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.name, self.layer = resolve_layer(model, layer)
         self.freeze = freeze
         self.channels_last = channels_last
         self.fuse = fuse
+        self.autocast = autocast
+        self.device, self.dtype = _model_device_dtype(model)
         self._fusion: contextlib.ExitStack | None = None
         self._converted = False
         self.mode: str = "grad"  # "grad": make a leaf; "features": stop after the layer
@@ -367,6 +405,12 @@ class _LayerSession:
         if self.calls > 1:
             raise _LayerOutputError(None, "runs more than once per forward pass")
         out = _check_layer_output(out)
+        if self.autocast is not None:
+            # From the layer on the model runs in its own dtype: the logits, their gradient
+            # and the confidences are then exact functions of the (rounded) activations.
+            # The autocast block in ``forward`` restores the state when the pass ends.
+            torch.set_autocast_enabled(self.device.type, False)
+            out = out.to(self.dtype)
         if self.mode == "features":
             self.activation = out.detach()
             raise _StopForward
@@ -377,6 +421,7 @@ class _LayerSession:
         return leaf.clone()
 
     def __enter__(self) -> _LayerSession:
+        self.device, self.dtype = _model_device_dtype(self.model)
         self._saved_training = [(m, m.training) for m in self.model.modules()]
         self._saved_grad = [(p, p.requires_grad) for p in self.model.parameters()]
         try:
@@ -436,9 +481,14 @@ class _LayerSession:
         """Run the model; return the logits (``grad`` mode) or ``None`` (``features``)."""
         self.calls = 0
         self.activation = None
+        x_in = (x.contiguous(memory_format=torch.channels_last)
+                if self.channels_last and x.ndim == 4 else x)
         try:
-            out = self.model(x.contiguous(memory_format=torch.channels_last)
-                             if self.channels_last and x.ndim == 4 else x)
+            if self.autocast is None:
+                out = self.model(x_in)
+            else:
+                with torch.autocast(self.device.type, dtype=self.autocast):
+                    out = self.model(x_in)
         except _StopForward:
             return None
         except _LayerOutputError as exc:
@@ -516,6 +566,9 @@ class GradCAM:
     needed (before the layer); the same values, less memory traffic. ``False`` turns it
     off. The model's modules are put back afterwards.
 
+    ``precision="bfloat16"`` runs the pass before the layer in bfloat16 (``torch.autocast``)
+    and the rest in float32; the default ``"float32"`` is exact. See the module docstring.
+
     >>> import torch
     >>> from torch import nn
     >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
@@ -534,11 +587,13 @@ class GradCAM:
         device: str | torch.device | None = None,
         channels_last: bool | None = None,
         fuse: bool | None = None,
+        precision: str = "float32",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise WhylookError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         if device is not None:
             model.to(torch.device(device))
+        autocast = _check_precision(precision, model)
         if any(p.is_inference() for p in model.parameters()):
             raise WhylookError(
                 "the model's weights were made under torch.inference_mode(), and Grad-CAM's "
@@ -548,8 +603,9 @@ class GradCAM:
         self.device, self.dtype = _model_device_dtype(model)
         self._session = _LayerSession(
             model, layer, freeze=True, channels_last=_use_channels_last(model, channels_last),
-            fuse=_use_fusion(model, fuse),
+            fuse=_use_fusion(model, fuse, precision), autocast=autocast,
         )
+        self.precision = precision
         self.layer_name = self._session.name
         self._depth = 0
 
@@ -730,6 +786,7 @@ def grad_cam(
     channels_last: bool | None = None,
     rows: RowArray | None = None,
     fuse: bool | None = None,
+    precision: str = "float32",
 ) -> SaliencyResult:
     """Raw Grad-CAM on the true-class logit at ``layer``, and softmax confidences.
 
@@ -747,6 +804,8 @@ def grad_cam(
         rows: optional indices of the images to use, in order; each batch is gathered on
             its own, so a subset of a large array is never copied whole.
         fuse: ``Conv2d -> ReLU`` as one kernel on CPU (see :class:`GradCAM`); ``None`` = auto.
+        precision: ``"float32"`` (exact) or ``"bfloat16"``: the pass before the layer in
+            bfloat16, the rest in float32 (faster where the hardware has bfloat16 units).
 
     Returns:
         :class:`SaliencyResult` with ``saliency`` (N, h, w), ``confidence`` (N, M) and
@@ -761,7 +820,8 @@ def grad_cam(
     >>> res.saliency.shape, res.saliency.dtype.name
     ((4, 7, 7), 'float32')
     """
-    cam = GradCAM(model, layer, device=device, channels_last=channels_last, fuse=fuse)
+    cam = GradCAM(model, layer, device=device, channels_last=channels_last, fuse=fuse,
+                  precision=precision)
     return cam(
         images,
         labels,
@@ -786,6 +846,7 @@ def layer_features(
     channels_last: bool | None = None,
     rows: RowArray | None = None,
     fuse: bool | None = None,
+    precision: str = "float32",
 ) -> Iterator[torch.Tensor]:
     """Yield the layer's activations ``(B, d, h, w)`` batch by batch, on the model's device.
 
@@ -793,8 +854,9 @@ def layer_features(
     is computed. Meant for fitting prototypes over a large set without holding all
     features (feed each batch to ``PrototypeFinder.partial_fit``). The model is in eval
     mode while the generator runs, and is restored when it finishes or is closed.
-    ``rows`` (optional) selects the images, gathered batch by batch, and ``channels_last``
-    and ``fuse`` choose how the pass runs (see :func:`grad_cam`).
+    ``rows`` (optional) selects the images, gathered batch by batch, and ``channels_last``,
+    ``fuse`` and ``precision`` choose how the pass runs (see :func:`grad_cam`); the
+    activations come in the model's dtype either way.
 
     >>> import torch
     >>> from torch import nn
@@ -807,11 +869,12 @@ def layer_features(
     if device is not None:
         model.to(torch.device(device))
     dev, dtype = _model_device_dtype(model)
+    autocast = _check_precision(precision, model)
     index = _check_rows(rows, images)
     n = int(images.shape[0]) if index is None else int(index.size)
     with _LayerSession(
         model, layer, freeze=False, channels_last=_use_channels_last(model, channels_last),
-        fuse=_use_fusion(model, fuse),
+        fuse=_use_fusion(model, fuse, precision), autocast=autocast,
     ) as session, torch.no_grad():
         session.mode = "features"
         starts = range(0, n, batch_size)

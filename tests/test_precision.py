@@ -1,0 +1,177 @@
+"""``precision="bfloat16"``: the pass before the layer in bfloat16, everything after in
+float32, with the model, hooks and autocast state restored; the explanation's cache keeps
+the two precisions apart and records which one ran."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from _tiny_run import baseline, copy_run
+from whylook.errors import WhylookError
+from whylook.explain import ExplainSettings, explain
+from whylook.saliency import PRECISIONS, GradCAM, grad_cam, layer_features
+
+_H = _W = 6
+
+
+def _model() -> nn.Sequential:
+    """conv -> ReLU -> conv (the layer, "2") -> global average pool -> linear, with weights
+    and inputs that bfloat16 cannot hold exactly."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 5),
+    )
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(7, 1, _H, _W, generator=g), torch.tensor([0, 1, 2, 3, 4, 0, 2])
+
+
+def test_precisions_are_named() -> None:
+    assert PRECISIONS == ("float32", "bfloat16")
+
+
+def test_only_the_activations_are_rounded() -> None:
+    """A is the bfloat16 pass's output (every value a bfloat16 number, close to float32's
+    but not equal), and the logits, the CAM and the confidences are the float32 closed
+    form on that A: alpha_c = W[y, c] / (h w), I = ReLU(sum_c alpha_c A_c). A head run in
+    bfloat16 would miss these by about 1e-3."""
+    model = _model()
+    x, y = _inputs()
+    exact = grad_cam(model, "2", x, y, return_features=True)
+    half = grad_cam(model, "2", x, y, return_features=True, precision="bfloat16")
+    assert exact.features is not None
+    assert half.features is not None
+    a = torch.from_numpy(half.features)
+    assert a.dtype == torch.float32
+    assert torch.equal(a.bfloat16().float(), a), "the activations are not bfloat16 values"
+    assert not np.array_equal(half.features, exact.features)
+    scale = np.abs(exact.features).max()
+    np.testing.assert_allclose(half.features, exact.features, atol=2e-2 * scale)
+
+    lin = model[5]
+    w, b = lin.weight.detach(), lin.bias.detach()
+    logits = a.mean(dim=(2, 3)) @ w.T + b
+    np.testing.assert_allclose(half.confidence, torch.softmax(logits, 1).numpy(), atol=1e-6)
+    alpha = w[y] / (_H * _W)
+    cam = torch.relu(torch.einsum("bc,bchw->bhw", alpha, a))
+    np.testing.assert_allclose(half.saliency, cam.numpy(), atol=1e-6)
+    # And the maps stay what float32 gives, up to the activations' rounding.
+    assert np.corrcoef(half.saliency.ravel(), exact.saliency.ravel())[0, 1] > 0.999
+
+
+def test_layer_features_match_the_grad_cam_pass() -> None:
+    model = _model()
+    x, y = _inputs()
+    res = grad_cam(model, "2", x, y, return_features=True, precision="bfloat16")
+    feats = torch.cat(list(layer_features(model, "2", x, batch_size=3, precision="bfloat16")))
+    assert feats.dtype == torch.float32
+    np.testing.assert_array_equal(feats.numpy(), res.features)
+
+
+def _state(model: nn.Module) -> tuple[object, ...]:
+    return (
+        [m.training for m in model.modules()],
+        [(p.dtype, p.requires_grad) for p in model.parameters()],
+        sum(len(m._forward_hooks) for m in model.modules()),
+    )
+
+
+def test_autocast_and_model_are_restored_also_on_error() -> None:
+    model = _model().train()
+    before = _state(model)
+    x, y = _inputs()
+    grad_cam(model, "2", x, y, precision="bfloat16")
+    assert not torch.is_autocast_enabled("cpu")
+    assert _state(model) == before
+
+    class Exploding(nn.Module):
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("explodes after the layer")
+
+    broken = _model()
+    broken[5] = Exploding()
+    with pytest.raises(WhylookError, match="explodes after the layer"):
+        grad_cam(broken, "2", x, y, precision="bfloat16")
+    assert not torch.is_autocast_enabled("cpu")
+    assert sum(len(m._forward_hooks) for m in broken.modules()) == 0
+
+    # A caller's own autocast block is left as it was.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with GradCAM(model, "2", precision="bfloat16") as cam:
+            cam(x, y)
+        assert torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_resnet_maps_agree_with_float32() -> None:
+    """Batch norm, residual additions and max-pooling in bfloat16 before the layer: the
+    maps still follow float32's closely."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    x = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    labels = list(range(8))
+    exact = grad_cam(model, "layer3", x, labels)
+    half = grad_cam(model, "layer3", x, labels, precision="bfloat16")
+    corr = np.corrcoef(half.saliency.ravel(), exact.saliency.ravel())[0, 1]
+    assert corr > 0.99, corr
+    np.testing.assert_allclose(half.confidence, exact.confidence, atol=2e-2)
+
+
+@pytest.mark.parametrize("value", ["float16", "bf16", None, 16])
+def test_unknown_precision_is_a_one_line_error(value: object) -> None:
+    x, y = _inputs()
+    message = "precision must be one of 'float32', 'bfloat16', not "
+    with pytest.raises(WhylookError, match=message) as info:
+        grad_cam(_model(), "2", x, y, precision=value)  # type: ignore[arg-type]
+    assert "\n" not in str(info.value)
+    with pytest.raises(WhylookError, match=message):
+        next(layer_features(_model(), "2", x, precision=value))  # type: ignore[arg-type]
+
+
+def _cache(run: Path) -> set[str]:
+    return {p.name for p in (run / "analysis" / "cache").iterdir()}
+
+
+def test_explain_keys_its_cache_by_precision(tmp_path_factory, tmp_path) -> None:
+    """A bfloat16 explain of an explained run computes its own shards and prototypes (the
+    float32 ones stay, under their old names), records the setting, and a float32 explain
+    afterwards reads its cache and gives its first result again."""
+    _, reference = baseline(tmp_path_factory)
+    run = copy_run(reference, tmp_path / "run")
+    first = explain(run, progress=False)
+    exact_files = _cache(run)
+    half = explain(run, settings=ExplainSettings(precision="bfloat16"), progress=False)
+    half_files = _cache(run) - exact_files
+    assert _cache(run) >= exact_files
+    assert len(half_files) == len(exact_files)
+    assert half.data["settings"]["precision"] == "bfloat16"
+    assert half.precision == "bfloat16"
+    assert first.data["settings"]["precision"] == "float32"
+    s32, s16 = first.arrays["saliency"], half.arrays["saliency"]
+    assert not np.array_equal(s32, s16)
+    assert np.corrcoef(s32.ravel(), s16.ravel())[0, 1] > 0.99
+    again = explain(run, progress=False)
+    assert _cache(run) == exact_files | half_files
+    for name, value in first.arrays.items():
+        np.testing.assert_array_equal(again.arrays[name], value, err_msg=name)
+    saved = json.loads((run / "analysis" / "explanation.json").read_text())
+    assert saved["settings"]["precision"] == "float32"
+
+
+def test_older_explanations_read_as_float32(tmp_path_factory) -> None:
+    from whylook.explain import load_explanation
+
+    _, reference = baseline(tmp_path_factory)
+    exp = load_explanation(reference)
+    del exp.data["settings"]["precision"]
+    assert exp.precision == "float32"
