@@ -36,11 +36,18 @@ interleaved and rotated, and medians of ``--repeats`` are reported):
      confidences from ``cam.outputs``. It also upsamples and min-max normalises each map
      (part of what the package does).
 
+   With ``--precision bfloat16`` also ``whylook (bfloat16)`` (``precision="bfloat16"``: the
+   pass before the layer under ``torch.autocast``, the rest in float32), the floor with that
+   same split (``floor (bfloat16 before the layer)``), and ``captum (bfloat16 autocast)``
+   (LayerGradCam with the whole forward and backward under ``torch.autocast``, which is how
+   a Captum user would ask for bfloat16); plus how far the bfloat16 maps are from float32's.
+
 2. **``whylook explain`` end to end** (fresh cache), broken down by stage by timing the
    functions explain calls (anything not covered is "other"), against the floor for the
    same T+1 checkpoints and n samples. Floor and explain alternate ``--repeats`` times
    (floor first and last) and the ratio is of their medians. Also a rerun with all shards
-   cached.
+   cached. With ``--precision bfloat16`` a bfloat16 explain runs before each float32 one,
+   and the floor in bfloat16 (same split as whylook's) beside the float32 floors.
 
 3. **Peak memory of the prototype stage** at two prototype-set sizes (10k and 60k images, 6x),
    each in a fresh subprocess: explain on a 3-checkpoint run with a small analysis set and
@@ -236,12 +243,12 @@ WHYLOOK_CHANNELS_LAST: bool | None = None
 
 def run_whylook(models: list[nn.Module], layer: str, images: np.ndarray, labels: np.ndarray,
                 bs: int, device: torch.device, channels_last: bool | None = None,
-                fuse: bool | None = None) -> Any:
+                fuse: bool | None = None, precision: str = "float32") -> Any:
     out = None
     layout = WHYLOOK_CHANNELS_LAST if channels_last is None else channels_last
     for m in models:
         res = whylook.grad_cam(m, layer, images, labels, batch_size=bs, device=device,
-                               channels_last=layout, fuse=fuse)
+                               channels_last=layout, fuse=fuse, precision=precision)
         out = out if out is not None else res.saliency
     return out
 
@@ -259,12 +266,14 @@ def _layout(model: nn.Module, nhwc: bool) -> Iterator[None]:
 
 
 def run_floor(models: list[nn.Module], layer: str, images: np.ndarray, labels: np.ndarray,
-              bs: int, device: torch.device, nhwc: bool, fused: bool = False) -> None:
+              bs: int, device: torch.device, nhwc: bool, fused: bool = False,
+              bf16: bool = False) -> None:
     """Bare forward + backward from the true-class logits to the layer's output (see top).
 
     ``fused``: the same pass with the Conv2d -> ReLU pairs before the layer as one kernel,
     as whylook runs them on CPU, so that whylook's own kernel choice is not counted as a
-    gain over the floor."""
+    gain over the floor. ``bf16``: the pass before the layer under bfloat16 autocast and
+    the rest in float32, the split of whylook's ``precision="bfloat16"``."""
     for m in models:
         module = dict(m.named_modules())[layer]
         flags = [p.requires_grad for p in m.parameters()]
@@ -273,6 +282,9 @@ def run_floor(models: list[nn.Module], layer: str, images: np.ndarray, labels: n
         store: dict[str, torch.Tensor] = {}
 
         def leaf(_m: nn.Module, _i: Any, out: torch.Tensor, store: dict = store) -> torch.Tensor:
+            if bf16:
+                torch.set_autocast_enabled(device.type, False)
+                out = out.float()
             store["a"] = out.detach().requires_grad_(True)
             return store["a"]
 
@@ -283,7 +295,8 @@ def run_floor(models: list[nn.Module], layer: str, images: np.ndarray, labels: n
                 for x, y in _batches(images, labels, bs, device):
                     if nhwc:
                         x = x.contiguous(memory_format=torch.channels_last)
-                    logits = m(x)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        logits = m(x)
                     torch.autograd.grad(logits.gather(1, y[:, None]).sum(), store["a"])
         finally:
             handle.remove()
@@ -293,11 +306,16 @@ def run_floor(models: list[nn.Module], layer: str, images: np.ndarray, labels: n
 
 
 def run_captum(models: list[nn.Module], layer: str, images: np.ndarray, labels: np.ndarray,
-               bs: int, device: torch.device, nhwc: bool = False, second_pass: bool = False
-               ) -> Any:
+               bs: int, device: torch.device, nhwc: bool = False, second_pass: bool = False,
+               bf16: bool = False) -> Any:
     """Captum's LayerGradCam plus softmax confidences: from logits caught by a hook on the
     model (favourable to Captum), or (``second_pass``) from a separate no-grad forward pass,
-    which is what Captum's API offers (``attribute`` returns no logits)."""
+    which is what Captum's API offers (``attribute`` returns no logits). ``bf16``: all of it
+    under bfloat16 autocast."""
+    if bf16:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = run_captum(models, layer, images, labels, bs, device, nhwc, second_pass)
+        return out
     from captum.attr import LayerGradCam
 
     out = None
@@ -305,7 +323,7 @@ def run_captum(models: list[nn.Module], layer: str, images: np.ndarray, labels: 
         if second_pass:
             lgc = LayerGradCam(m, dict(m.named_modules())[layer])
             for x, y in _batches(images, labels, bs, device):
-                sal = lgc.attribute(x, target=y, relu_attributions=True)[:, 0].detach()
+                sal = lgc.attribute(x, target=y, relu_attributions=True)[:, 0].detach().float()
                 with torch.no_grad():
                     torch.softmax(m(x), 1).cpu().numpy()
                 out = out if out is not None else sal.cpu().numpy()
@@ -323,8 +341,8 @@ def run_captum(models: list[nn.Module], layer: str, images: np.ndarray, labels: 
                     if nhwc:
                         x = x.contiguous(memory_format=torch.channels_last)
                     attr = lgc.attribute(x, target=y, relu_attributions=True)
-                    sal = attr[:, 0].detach().cpu().numpy()
-                    torch.softmax(caught["logits"].detach(), 1).cpu().numpy()
+                    sal = attr[:, 0].detach().float().cpu().numpy()
+                    torch.softmax(caught["logits"].detach().float(), 1).cpu().numpy()
                     out = out if out is not None else sal
         finally:
             handle.remove()
@@ -358,7 +376,7 @@ def available(module: str) -> bool:
 
 
 def bench_saliency(run: RunFolder, models: list[nn.Module], sizes: Sizes, device: torch.device,
-                   bs: int) -> dict[str, Any]:
+                   bs: int, precision: str = "float32") -> dict[str, Any]:
     """Section 1: the saliency stage of every contender, interleaved and repeated."""
     from whylook.explain import stratified_rows
 
@@ -393,6 +411,14 @@ def bench_saliency(run: RunFolder, models: list[nn.Module], sizes: Sizes, device
         contenders["grad-cam"] = call(run_gradcam)
     else:
         print("grad-cam is not installed (pip install -e '.[bench]'): skipped")
+    bf16 = precision == "bfloat16"
+    if bf16:
+        contenders["whylook (bfloat16)"] = call(run_whylook, precision="bfloat16")
+        contenders["floor (bfloat16 before the layer)"] = call(run_floor, nhwc=_auto_nhwc(device),
+                                                                bf16=True)
+        if available("captum"):
+            contenders["captum (bfloat16 autocast)"] = call(run_captum, nhwc=_auto_nhwc(device),
+                                                            bf16=True)
 
     # Agreement: whylook's raw maps equal Captum's LayerGradCam (up to float rounding).
     agreement = None
@@ -400,6 +426,17 @@ def bench_saliency(run: RunFolder, models: list[nn.Module], sizes: Sizes, device
         a = run_whylook(models[-1:], layer, images[:bs], labels[:bs], bs, device)
         b = run_captum(models[-1:], layer, images[:bs], labels[:bs], bs, device)
         agreement = float(np.abs(a - b).max() / max(float(np.abs(b).max()), 1e-12))
+    bf16_agreement = None
+    if bf16:
+        # How far bfloat16 moves the maps: over the samples of every checkpoint, the
+        # correlation with float32's and the largest difference relative to the largest value.
+        a = np.concatenate([run_whylook([m], layer, images, labels, bs, device) for m in models])
+        b = np.concatenate([run_whylook([m], layer, images, labels, bs, device,
+                                        precision="bfloat16") for m in models])
+        bf16_agreement = {
+            "correlation": float(np.corrcoef(a.ravel(), b.ravel())[0, 1]),
+            "max_rel_diff": float(np.abs(a - b).max() / max(float(np.abs(a).max()), 1e-12)),
+        }
     for fn in contenders.values():  # warm-up: one model, one batch
         fn(models[-1:], images[:bs], labels[:bs])
 
@@ -444,6 +481,18 @@ def bench_saliency(run: RunFolder, models: list[nn.Module], sizes: Sizes, device
         "whylook_over_fused_floor": (med["whylook"] / med["floor (NHWC, fused)"]
                                      if "floor (NHWC, fused)" in med else None),
         "max_rel_diff_vs_captum": agreement,
+        "bfloat16": None if not bf16 else {
+            "speedup_vs_fastest_rival": (med[fastest_rival] / med["whylook (bfloat16)"]
+                                         if fastest_rival else None),
+            "speedup_vs_captum_bfloat16": (
+                med["captum (bfloat16 autocast)"] / med["whylook (bfloat16)"]
+                if "captum (bfloat16 autocast)" in med else None),
+            "over_float32_floor": med["whylook (bfloat16)"] / med[floor_name],
+            "over_bfloat16_floor": (med["whylook (bfloat16)"]
+                                    / med["floor (bfloat16 before the layer)"]),
+            "speedup_vs_whylook_float32": med["whylook"] / med["whylook (bfloat16)"],
+            "maps_vs_float32": bf16_agreement,
+        },
     }
 
 
@@ -558,7 +607,7 @@ def timed_explain(run: RunFolder, device: torch.device, *, fresh: bool = True,
 
 
 def explain_floor(run: RunFolder, models: list[nn.Module], n: int, device: torch.device,
-                  bs: int, nhwc: bool, fused: bool = False) -> float:
+                  bs: int, nhwc: bool, fused: bool = False, bf16: bool = False) -> float:
     """The floor of an explain: one bare saliency pass per sample per checkpoint."""
     from whylook.explain import stratified_rows
 
@@ -568,7 +617,7 @@ def explain_floor(run: RunFolder, models: list[nn.Module], n: int, device: torch
     gc.collect()
     start = time.perf_counter()
     run_floor(models, run.layer, images, train.labels[rows].astype(np.int64), bs, device, nhwc,
-              fused=fused)
+              fused=fused, bf16=bf16)
     return time.perf_counter() - start
 
 
@@ -587,7 +636,8 @@ def import_seconds() -> float:
 
 
 def bench_explain(run: RunFolder, models: list[nn.Module], n: int, device: torch.device,
-                  bs: int, nhwc: bool, repeats: int) -> dict[str, Any]:
+                  bs: int, nhwc: bool, repeats: int, precision: str = "float32"
+                  ) -> dict[str, Any]:
     """Section 2: explain end to end by stage, against the floor measured around it.
 
     Floor and explain alternate (floor, explain, floor, explain, ..., floor) and the
@@ -600,6 +650,8 @@ def bench_explain(run: RunFolder, models: list[nn.Module], n: int, device: torch
     fused = device.type == "cpu"
     floors: list[float] = []
     fused_floors: list[float] = []
+    bf16 = precision == "bfloat16"
+    bf16_floors: list[float] = []
 
     def floor_pair(label: str) -> None:
         floors.append(explain_floor(run, models, n, device, bs, nhwc))
@@ -607,30 +659,43 @@ def bench_explain(run: RunFolder, models: list[nn.Module], n: int, device: torch
         if fused:
             fused_floors.append(explain_floor(run, models, n, device, bs, nhwc, fused=True))
             text += f", fused {fused_floors[-1]:.2f} s"
+        if bf16:
+            bf16_floors.append(explain_floor(run, models, n, device, bs, nhwc, bf16=True))
+            text += f", bfloat16 {bf16_floors[-1]:.2f} s"
         print(text, flush=True)
 
     runs: list[tuple[float, dict[str, float]]] = []
+    bf16_runs: list[tuple[float, dict[str, float]]] = []
     for r in range(repeats):
         floor_pair("floor")
+        if bf16:
+            # Before the float32 explain: the cached rerun below reads float32's shards.
+            bf16_runs.append(timed_explain(
+                run, device, analysis_size=n,
+                settings=whylook.ExplainSettings(precision="bfloat16")))
+            print(f"  explain, bfloat16 {bf16_runs[-1][0]:.2f} s", flush=True)
         runs.append(timed_explain(run, device, analysis_size=n))
         print(f"  explain {runs[-1][0]:.2f} s (repeat {r + 1} of {repeats})", flush=True)
     floor_pair("floor again")
     cached_total, cached_stages = timed_explain(run, device, fresh=False, analysis_size=n)
     print(f"  explain, all shards cached {cached_total:.2f} s", flush=True)
-    totals = [t for t, _ in runs]
-    total = float(np.median(totals))
-    names = sorted({name for _, st in runs for name in st})
-    # Per stage, the median over repeats; "other" absorbs the difference so the stages
-    # still add up to the median total.
-    stages = {name: float(np.median([st.get(name, 0.0) for _, st in runs])) for name in names
-              if name != "other"}
-    stages["other"] = total - sum(stages.values())
+    total, stages = _median_stages(runs)
     floor = float(np.median(floors))
+    bf16_result = None
+    if bf16:
+        bf16_total, bf16_stages = _median_stages(bf16_runs)
+        bf16_floor = float(np.median(bf16_floors))
+        bf16_result = {
+            "seconds": bf16_total, "seconds_all": [t for t, _ in bf16_runs],
+            "stages": bf16_stages, "floor_seconds": bf16_floors, "floor": bf16_floor,
+            "over_float32_floor": bf16_total / floor,
+            "over_bfloat16_floor": bf16_total / bf16_floor,
+        }
     return {
         "checkpoints": len(models),
         "n": n,
         "seconds": total,
-        "seconds_all": totals,
+        "seconds_all": [t for t, _ in runs],
         "stages": stages,
         "stages_all": [st for _, st in runs],
         "floor_seconds": floors,
@@ -642,7 +707,19 @@ def bench_explain(run: RunFolder, models: list[nn.Module], n: int, device: torch
         "cached_seconds": cached_total,
         "cached_stages": cached_stages,
         "import_seconds": import_seconds(),
+        "bfloat16": bf16_result,
     }
+
+
+def _median_stages(runs: list[tuple[float, dict[str, float]]]) -> tuple[float, dict[str, float]]:
+    """The median total, and per stage the median over repeats; "other" absorbs the
+    difference so the stages still add up to the median total."""
+    total = float(np.median([t for t, _ in runs]))
+    names = sorted({name for _, st in runs for name in st})
+    stages = {name: float(np.median([st.get(name, 0.0) for _, st in runs])) for name in names
+              if name != "other"}
+    stages["other"] = total - sum(stages.values())
+    return total, stages
 
 
 # ----------------------------------------------------------------------------- memory
@@ -815,6 +892,21 @@ def render(res: dict[str, Any]) -> str:
                             if s.get("whylook_over_fused_floor") else "")
                          + f"; max relative difference of the maps "
                          f"vs Captum {s['max_rel_diff_vs_captum']:.1e}.")
+        b = s.get("bfloat16")
+        if b:
+            agree = b["maps_vs_float32"]
+            lines.append("")
+            lines.append(
+                f"bfloat16: whylook (bfloat16) is {b['speedup_vs_whylook_float32']:.2f}x "
+                "whylook in float32, "
+                + (f"{b['speedup_vs_fastest_rival']:.2f}x the faster float32 rival, "
+                   if b["speedup_vs_fastest_rival"] else "")
+                + (f"{b['speedup_vs_captum_bfloat16']:.2f}x Captum under bfloat16 autocast, "
+                   if b["speedup_vs_captum_bfloat16"] else "")
+                + f"{b['over_float32_floor']:.2f}x the float32 floor and "
+                f"{b['over_bfloat16_floor']:.2f}x its own floor; its maps against float32's: "
+                f"correlation {agree['correlation']:.5f}, max relative difference "
+                f"{agree['max_rel_diff']:.1e}.")
         lines.append("")
     e = res.get("explain")
     if e:
@@ -840,6 +932,18 @@ def render(res: dict[str, Any]) -> str:
                f"| **explain / fused floor** | **{e['over_fused_floor']:.2f}x** | |"]
               if e.get("fused_floor") else []),
             f"| rerun with every shard cached | {e['cached_seconds']:.2f} | |",
+            *([f"| explain in bfloat16 (median of "
+               f"{' / '.join(f'{x:.2f}' for x in e['bfloat16']['seconds_all'])}; its saliency "
+               f"stage {e['bfloat16']['stages'].get('saliency (Grad-CAM, T+1 passes)', 0):.2f}) | "
+               f"{e['bfloat16']['seconds']:.2f} | |",
+               f"| floor in bfloat16, same split (median of "
+               f"{' / '.join(f'{x:.2f}' for x in e['bfloat16']['floor_seconds'])}) | "
+               f"{e['bfloat16']['floor']:.2f} | |",
+               f"| **bfloat16 explain / float32 floor** | "
+               f"**{e['bfloat16']['over_float32_floor']:.2f}x** | |",
+               f"| **bfloat16 explain / bfloat16 floor** | "
+               f"**{e['bfloat16']['over_bfloat16_floor']:.2f}x** | |"]
+              if e.get("bfloat16") else []),
             "",
             f"Python imports of the analysis modules (not in the total; a CLI call pays them "
             f"once): {e['import_seconds']:.2f} s.",
@@ -949,6 +1053,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--only", default="saliency,explain,memory,scaling",
                     help="comma-separated sections to run")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                    help="bfloat16: also measure whylook's precision='bfloat16' (saliency, "
+                         "explain) beside everything in float32")
     ap.add_argument("--out", type=Path, default=None, help="JSON result path")
     ap.add_argument("--memory-child", nargs=3, metavar=("RUN", "P", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -1002,13 +1109,14 @@ def _main(args: argparse.Namespace) -> int:
               if sections & {"saliency", "explain"} else [])
     if "saliency" in sections:
         print("saliency stage ...", flush=True)
-        res["saliency"] = bench_saliency(run_main, models, sizes, device, args.batch_size)
+        res["saliency"] = bench_saliency(run_main, models, sizes, device, args.batch_size,
+                                         args.precision)
         save()
     nhwc = res.get("saliency", {}).get("floor", "floor (NHWC)") == "floor (NHWC)"
     if "explain" in sections:
         print("explain ...", flush=True)
         res["explain"] = bench_explain(run_main, models, sizes.explain_n, device,
-                                       args.batch_size, nhwc, sizes.repeats)
+                                       args.batch_size, nhwc, sizes.repeats, args.precision)
         save()
     del models
     if "scaling" in sections:

@@ -11,7 +11,9 @@
 #      against the floor (n = 2000), the prototype-stage memory at 10k / 60k images and the
 #      n / T scaling (~4-5 min),
 #   3. the same saliency section with whylook's NHWC layout forced on (--whylook-layout
-#      nhwc), since its automatic choice leaves NHWC off on GPUs until measured there (~1 min).
+#      nhwc), since its automatic choice leaves NHWC off on GPUs until measured there, and
+#      with precision="bfloat16" beside it (--precision bfloat16: whylook, the floor and
+#      Captum in bfloat16; not yet run on a GPU) (~1-2 min).
 #
 # Data: MNIST lives in ../shared/data beside a developer checkout, which does not travel to a
 # device machine. Copy it into an ignored folder of the repo and carry that folder:
@@ -54,7 +56,8 @@ if (( left > 45 )); then
   # Step 3: the saliency section with NHWC forced on for whylook.
   timeout --signal=INT "$left" "$PY" benchmarks/bench_analysis.py --whylook-layout nhwc \
     --model resnet50 --device cuda --data "$DATA" --threads "$THREADS" --runs-dir "$RUNS" \
-    --only saliency --out benchmarks/results/analysis-resnet50-cuda-nhwc.json 2>&1 \
+    --only saliency --precision bfloat16 \
+    --out benchmarks/results/analysis-resnet50-cuda-nhwc.json 2>&1 \
     | tee -a "$LOG" || status=$?
 else
   echo "skipping the NHWC saliency rerun: ${left}s left" | tee -a "$LOG"

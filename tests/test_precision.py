@@ -13,8 +13,11 @@ import torch
 from torch import nn
 
 from _tiny_run import baseline, copy_run
+from whylook import saliency
 from whylook.errors import WhylookError
 from whylook.explain import ExplainSettings, explain
+from whylook.finetune import load_prototypes, training_activity
+from whylook.run import RunFolder
 from whylook.saliency import PRECISIONS, GradCAM, grad_cam, layer_features
 
 _H = _W = 6
@@ -142,7 +145,7 @@ def _cache(run: Path) -> set[str]:
     return {p.name for p in (run / "analysis" / "cache").iterdir()}
 
 
-def test_explain_keys_its_cache_by_precision(tmp_path_factory, tmp_path) -> None:
+def test_explain_keys_its_cache_by_precision(tmp_path_factory, tmp_path, monkeypatch) -> None:
     """A bfloat16 explain of an explained run computes its own shards and prototypes (the
     float32 ones stay, under their old names), records the setting, and a float32 explain
     afterwards reads its cache and gives its first result again."""
@@ -156,6 +159,42 @@ def test_explain_keys_its_cache_by_precision(tmp_path_factory, tmp_path) -> None
     assert len(half_files) == len(exact_files)
     assert half.data["settings"]["precision"] == "bfloat16"
     assert half.precision == "bfloat16"
+    # finetune and compare find the explanation's prototypes by reassigning its rows, in
+    # the precision it recorded: the bfloat16 ones, not float32's beside them.
+    (half_protos,) = [n for n in half_files if n.startswith("prototypes-")]
+    with np.load(run / "analysis" / "cache" / half_protos) as z:
+        centers = z["centers"]
+    seen: list[str] = []
+
+    def spy(*args: object, precision: str = "float32", **kw: object) -> object:
+        seen.append(precision)
+        return layer_features(*args, precision=precision, **kw)
+
+    monkeypatch.setattr(saliency, "layer_features", spy)
+    np.testing.assert_array_equal(load_prototypes(run, half, device="cpu").centers, centers)
+    assert seen == ["bfloat16"]
+    monkeypatch.undo()
+
+    # The curated set's activity over the training split: in the explanation's precision,
+    # cached apart from float32's.
+    made: list[str] = []
+
+    class Spy(saliency.GradCAM):
+        def __init__(self, *args: object, precision: str = "float32", **kw: object) -> None:
+            made.append(precision)
+            super().__init__(*args, precision=precision, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(saliency, "GradCAM", Spy)
+    folder = RunFolder.open(run)
+    cpu = torch.device("cpu")
+    training_activity(folder, half, load_prototypes(run, half, device="cpu"), device=cpu)
+    assert made == ["bfloat16"]
+    before = {p.name for p in (run / "finetune" / "cache").iterdir()}
+    training_activity(folder, first, load_prototypes(run, first, device="cpu"), device=cpu)
+    assert made == ["bfloat16", "float32"]
+    after = {p.name for p in (run / "finetune" / "cache").iterdir()}
+    assert len(after) == 2 * len(before)
+    monkeypatch.undo()
     assert first.data["settings"]["precision"] == "float32"
     s32, s16 = first.arrays["saliency"], half.arrays["saliency"]
     assert not np.array_equal(s32, s16)
