@@ -159,6 +159,8 @@ def test_explain_keys_its_cache_by_precision(tmp_path_factory, tmp_path, monkeyp
     assert len(half_files) == len(exact_files)
     assert half.data["settings"]["precision"] == "bfloat16"
     assert half.precision == "bfloat16"
+    assert half.summary().splitlines()[0].endswith("; activations computed in bfloat16")
+    assert "bfloat16" not in first.summary()
     # finetune and compare find the explanation's prototypes by reassigning its rows, in
     # the precision it recorded: the bfloat16 ones, not float32's beside them.
     (half_protos,) = [n for n in half_files if n.startswith("prototypes-")]

@@ -145,7 +145,9 @@ class Explanation:
         lines = [
             f"whylook explanation: {len(d['classes'])} classes, K={d['k']} prototypes at "
             f"layer {d['layer']} ({d['grid'][0]}x{d['grid'][1]}), {len(d['checkpoints'])} "
-            f"checkpoints, {d['settings']['analysis_size']} samples",
+            f"checkpoints, {d['settings']['analysis_size']} samples"
+            + ("" if self.precision == "float32"
+               else f"; activations computed in {self.precision}"),
         ]
         weak = _near_chance_text(d)
         if weak:
