@@ -416,6 +416,10 @@ def bench_saliency(run: RunFolder, models: list[nn.Module], sizes: Sizes, device
         contenders["whylook (bfloat16)"] = call(run_whylook, precision="bfloat16")
         contenders["floor (bfloat16 before the layer)"] = call(run_floor, nhwc=_auto_nhwc(device),
                                                                 bf16=True)
+        if device.type == "cpu":
+            # whylook fuses Conv2d -> ReLU in bfloat16 too (whylook/_fusion.py).
+            contenders["floor (bfloat16 before the layer, fused)"] = call(
+                run_floor, nhwc=_auto_nhwc(device), bf16=True, fused=True)
         if available("captum"):
             contenders["captum (bfloat16 autocast)"] = call(run_captum, nhwc=_auto_nhwc(device),
                                                             bf16=True)
@@ -490,6 +494,9 @@ def bench_saliency(run: RunFolder, models: list[nn.Module], sizes: Sizes, device
             "over_float32_floor": med["whylook (bfloat16)"] / med[floor_name],
             "over_bfloat16_floor": (med["whylook (bfloat16)"]
                                     / med["floor (bfloat16 before the layer)"]),
+            "over_bfloat16_fused_floor": (
+                med["whylook (bfloat16)"] / med["floor (bfloat16 before the layer, fused)"]
+                if "floor (bfloat16 before the layer, fused)" in med else None),
             "speedup_vs_whylook_float32": med["whylook"] / med["whylook (bfloat16)"],
             "maps_vs_float32": bf16_agreement,
         },
@@ -652,6 +659,7 @@ def bench_explain(run: RunFolder, models: list[nn.Module], n: int, device: torch
     fused_floors: list[float] = []
     bf16 = precision == "bfloat16"
     bf16_floors: list[float] = []
+    bf16_fused_floors: list[float] = []
 
     def floor_pair(label: str) -> None:
         floors.append(explain_floor(run, models, n, device, bs, nhwc))
@@ -662,6 +670,10 @@ def bench_explain(run: RunFolder, models: list[nn.Module], n: int, device: torch
         if bf16:
             bf16_floors.append(explain_floor(run, models, n, device, bs, nhwc, bf16=True))
             text += f", bfloat16 {bf16_floors[-1]:.2f} s"
+            if fused:
+                bf16_fused_floors.append(explain_floor(run, models, n, device, bs, nhwc,
+                                                       fused=True, bf16=True))
+                text += f", bfloat16 fused {bf16_fused_floors[-1]:.2f} s"
         print(text, flush=True)
 
     runs: list[tuple[float, dict[str, float]]] = []
@@ -690,6 +702,9 @@ def bench_explain(run: RunFolder, models: list[nn.Module], n: int, device: torch
             "stages": bf16_stages, "floor_seconds": bf16_floors, "floor": bf16_floor,
             "over_float32_floor": bf16_total / floor,
             "over_bfloat16_floor": bf16_total / bf16_floor,
+            "fused_floor_seconds": bf16_fused_floors,
+            "over_bfloat16_fused_floor": (bf16_total / float(np.median(bf16_fused_floors))
+                                          if bf16_fused_floors else None),
         }
     return {
         "checkpoints": len(models),
@@ -904,7 +919,10 @@ def render(res: dict[str, Any]) -> str:
                 + (f"{b['speedup_vs_captum_bfloat16']:.2f}x Captum under bfloat16 autocast, "
                    if b["speedup_vs_captum_bfloat16"] else "")
                 + f"{b['over_float32_floor']:.2f}x the float32 floor and "
-                f"{b['over_bfloat16_floor']:.2f}x its own floor; its maps against float32's: "
+                f"{b['over_bfloat16_floor']:.2f}x its own floor"
+                + (f" ({b['over_bfloat16_fused_floor']:.2f}x with the fused kernels)"
+                   if b.get("over_bfloat16_fused_floor") else "")
+                + "; its maps against float32's: "
                 f"correlation {agree['correlation']:.5f}, max relative difference "
                 f"{agree['max_rel_diff']:.1e}.")
         lines.append("")
@@ -942,7 +960,11 @@ def render(res: dict[str, Any]) -> str:
                f"| **bfloat16 explain / float32 floor** | "
                f"**{e['bfloat16']['over_float32_floor']:.2f}x** | |",
                f"| **bfloat16 explain / bfloat16 floor** | "
-               f"**{e['bfloat16']['over_bfloat16_floor']:.2f}x** | |"]
+               f"**{e['bfloat16']['over_bfloat16_floor']:.2f}x** | |",
+               *([f"| bfloat16 explain / bfloat16 floor with the fused kernels (median of "
+                  f"{' / '.join(f'{x:.2f}' for x in e['bfloat16']['fused_floor_seconds'])}) | "
+                  f"{e['bfloat16']['over_bfloat16_fused_floor']:.2f}x | |"]
+                 if e["bfloat16"].get("over_bfloat16_fused_floor") else [])]
               if e.get("bfloat16") else []),
             "",
             f"Python imports of the analysis modules (not in the total; a CLI call pays them "

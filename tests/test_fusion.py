@@ -208,3 +208,51 @@ def test_convolution_variants_and_layouts(conv: nn.Conv2d, nhwc_weights: bool,
     assert float(ref.max()) > 0
     assert out.is_contiguous() == ref.is_contiguous()  # the layout eager torch would give
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def _counting_kernel(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
+    """Record the input dtype of every fused call (the real kernel still runs)."""
+    real = _fusion._kernel()
+    assert real is not None
+    dtypes: list[torch.dtype] = []
+
+    def kernel(x: torch.Tensor, *args: object) -> torch.Tensor:
+        dtypes.append(x.dtype)
+        return real(x, *args)
+
+    monkeypatch.setattr(_fusion, "_kernel", lambda: kernel)
+    return dtypes
+
+
+@needs_kernel
+def test_bfloat16_pass_runs_fused_in_bfloat16_with_the_same_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """precision="bfloat16": the pairs before the layer run fused, in bfloat16, and give
+    what autocast's own convolution and ReLU give, bit for bit on smallcnn."""
+    model = _smallcnn()
+    x, y = _images(), torch.arange(12) % 10
+    plain = grad_cam(model, "block3", x, y, fuse=False, precision="bfloat16",
+                     return_features=True)
+    dtypes = _counting_kernel(monkeypatch)
+    fused = grad_cam(model, "block3", x, y, fuse=True, precision="bfloat16",
+                     return_features=True)
+    # The four pairs of block1-3 (block3's inside the layer, before its hook), one batch.
+    assert dtypes == [torch.bfloat16] * 4
+    assert float(plain.saliency.max()) > 0
+    np.testing.assert_array_equal(fused.features, plain.features)
+    np.testing.assert_array_equal(fused.saliency, plain.saliency)
+    np.testing.assert_array_equal(fused.confidence, plain.confidence)
+
+
+@needs_kernel
+def test_other_autocast_dtypes_are_left_to_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a caller's float16 autocast nothing is fused: the fused kernel would run the
+    convolutions in float32 behind autocast's back."""
+    model = _smallcnn()
+    dtypes = _counting_kernel(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.float16), torch.no_grad(), \
+            _fusion.fused_conv_relu(model, keep=(model.block3,)):
+        out = model(_images(2))
+    assert dtypes == []
+    assert out.dtype == torch.float16

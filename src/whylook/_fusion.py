@@ -27,6 +27,12 @@ build lacks it nothing is fused, and where it raises, the pair runs unfused from
 The fused kernel has no backward, so a pair runs unfused whenever autograd would record
 it (after the prototype layer, where the logits' gradient flows), and whenever its input
 is not a 4-D float32 CPU tensor.
+
+Under CPU autocast in bfloat16 (whylook's ``precision="bfloat16"``), a pair runs fused in
+bfloat16: input, weight and bias cast as autocast casts them for the convolution, so the
+values are those of the autocast pass (bit for bit on ``smallcnn``); autocast has no rule
+for the internal operator and would leave it in float32. Under autocast in another dtype
+nothing is fused, and autocast keeps its say.
 """
 
 from __future__ import annotations
@@ -52,6 +58,13 @@ def _kernel() -> Kernel | None:
         return torch.ops.mkldnn._convolution_pointwise  # type: ignore[no-any-return]
     except (AttributeError, RuntimeError):
         return None
+
+
+def _autocast_dtype() -> torch.dtype | None:
+    """The dtype CPU autocast would cast the convolution to, or ``None`` when it is off."""
+    if not torch.is_autocast_enabled("cpu"):
+        return None
+    return torch.get_autocast_dtype("cpu")
 
 
 def available(model: nn.Module) -> bool:
@@ -124,12 +137,14 @@ class _FusedForward:
         return x
 
     def _fits(self, x: object) -> bool:
+        autocast = _autocast_dtype()
         return (
             self.kernel is not None
             and isinstance(x, torch.Tensor)
             and x.ndim == 4
-            and x.dtype == torch.float32
             and x.device.type == "cpu"
+            and (x.dtype == torch.float32 if autocast is None
+                 else autocast == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16))
             and not (torch.is_grad_enabled() and x.requires_grad)
         )
 
@@ -137,8 +152,12 @@ class _FusedForward:
         if torch.is_grad_enabled() and any(p.requires_grad for p in conv.parameters()):
             return None
         assert self.kernel is not None
+        weight, bias = conv.weight, conv.bias
+        if _autocast_dtype() is not None:  # bfloat16, as _fits allowed
+            x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+            bias = None if bias is None else bias.to(torch.bfloat16)
         try:
-            return self.kernel(x, conv.weight, conv.bias, list(conv.padding), list(conv.stride),
+            return self.kernel(x, weight, bias, list(conv.padding), list(conv.stride),
                                list(conv.dilation), conv.groups, "relu", [], "")
         except (RuntimeError, NotImplementedError):
             # A build or input the kernel does not take: the plain path from now on.

@@ -334,13 +334,12 @@ def _use_channels_last(model: nn.Module, channels_last: bool | None) -> bool:
     return device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def _use_fusion(model: nn.Module, fuse: bool | None, precision: str = "float32") -> bool:
+def _use_fusion(model: nn.Module, fuse: bool | None) -> bool:
     """Resolve ``fuse``: ``False`` is off; ``None`` or ``True``, on where it applies (a
-    float32 CPU model with oneDNN; see ``whylook/_fusion.py``). Off in bfloat16: the fused
-    kernel takes float32 inputs, so it would keep the convolutions out of autocast."""
+    float32 CPU model with oneDNN, in either precision; see ``whylook/_fusion.py``)."""
     if fuse is not None and not isinstance(fuse, bool):
         raise WhylookError(f"fuse must be True, False or None, not {fuse!r}")
-    return fuse is not False and precision == "float32" and _fusion_available(model)
+    return fuse is not False and _fusion_available(model)
 
 
 def _check_precision(precision: object, model: nn.Module) -> torch.dtype | None:
@@ -603,7 +602,7 @@ class GradCAM:
         self.device, self.dtype = _model_device_dtype(model)
         self._session = _LayerSession(
             model, layer, freeze=True, channels_last=_use_channels_last(model, channels_last),
-            fuse=_use_fusion(model, fuse, precision), autocast=autocast,
+            fuse=_use_fusion(model, fuse), autocast=autocast,
         )
         self.precision = precision
         self.layer_name = self._session.name
@@ -874,7 +873,7 @@ def layer_features(
     n = int(images.shape[0]) if index is None else int(index.size)
     with _LayerSession(
         model, layer, freeze=False, channels_last=_use_channels_last(model, channels_last),
-        fuse=_use_fusion(model, fuse, precision), autocast=autocast,
+        fuse=_use_fusion(model, fuse), autocast=autocast,
     ) as session, torch.no_grad():
         session.mode = "features"
         starts = range(0, n, batch_size)
