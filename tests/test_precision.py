@@ -5,6 +5,8 @@ the two precisions apart and records which one ran."""
 from __future__ import annotations
 
 import json
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +218,58 @@ def test_older_explanations_read_as_float32(tmp_path_factory) -> None:
     exp = load_explanation(reference)
     del exp.data["settings"]["precision"]
     assert exp.precision == "float32"
+
+
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "says"),
+    [(True, True, None), (False, True, "about float32's speed"),
+     (False, False, "several times slower")],
+)
+def test_a_cpu_without_amx_gets_one_warning(monkeypatch, amx, avx512_bf16, says) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(saliency, "_WARNED", set())
+    x, y = _inputs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):  # an explain makes one pass per checkpoint: one warning
+            grad_cam(_model(), "2", x, y, precision="bfloat16")
+        grad_cam(_model(), "2", x, y)  # float32 says nothing
+    texts = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    if says is None:
+        assert texts == []
+    else:
+        assert len(texts) == 1
+        assert says in texts[0]
+        assert texts[0].endswith("use 'float32'")
+
+
+def test_the_cli_records_the_precision_and_warns_in_one_line(
+    tmp_path_factory, tmp_path, monkeypatch, capsys
+) -> None:
+    from whylook.cli import main
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(saliency, "_WARNED", set())
+    _, reference = baseline(tmp_path_factory)
+    run = copy_run(reference, tmp_path / "run")
+    before = warnings.formatwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            # As Python shows a warning outside pytest, which records them instead.
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+        warnings.showwarning = show
+        assert main(["explain", str(run), "--k", "4", "--precision", "bfloat16"]) == 0
+    assert warnings.formatwarning is before
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert lines == [
+        "warning: this CPU has no bfloat16 instructions (AMX or AVX-512 BF16): precision "
+        "'bfloat16' is emulated and runs several times slower than float32; use 'float32'"
+    ]
+    saved = json.loads((run / "analysis" / "explanation.json").read_text())
+    assert saved["settings"]["precision"] == "bfloat16"

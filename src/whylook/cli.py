@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -184,8 +185,8 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--precision", default=None,
         help="float32 (default, exact) or bfloat16: the layer's activations computed in "
-        "bfloat16, everything after in float32; several times faster on GPUs and on CPUs "
-        "with AMX or AVX-512 BF16, slower on others",
+        "bfloat16, everything after in float32; 2-3x faster on CPUs with AMX (and on GPUs "
+        "with bfloat16), no faster or slower on others",
     )
     _device_option(p)
     _trust_option(p)
@@ -347,7 +348,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: object,
+                      **__: object) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # Warnings (e.g. a precision this CPU runs slowly) as one line, like the errors; put
+    # back afterwards for a caller that runs main() in its own process.
+    previous = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning  # type: ignore[assignment]
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = previous
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "trust_model_code", None):

@@ -26,8 +26,9 @@ Speed comes from doing only the work Grad-CAM needs:
 float32: the activations ``A`` are the only rounded input (about 3 significant digits),
 while the logits, their gradient w.r.t. ``A``, the CAM and the confidences are float32
 computations on that ``A``. The backward never reaches before the layer, so it is all
-float32. On CPUs with AMX or AVX-512 BF16 units and on recent GPUs that forward pass is
-several times faster; elsewhere it can be slower (``benchmarks/RESULTS.md``).
+float32. On CPUs with AMX units that pass is 2-3x faster; with AVX-512 BF16 alone about
+as fast as float32, and without bfloat16 instructions several times slower, which a
+one-time warning says (``benchmarks/RESULTS.md``). GPUs with bfloat16 are not measured yet.
 
 Sharding: results are per sample, so a checkpoint's saliency can be computed over slices
 of the samples and joined with :meth:`SaliencyResult.concat`.
@@ -361,7 +362,36 @@ def _check_precision(precision: object, model: nn.Module) -> torch.dtype | None:
             f"this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16 arithmetic; "
             "use precision 'float32'"
         )
+    if device.type == "cpu":
+        slow = _slow_bfloat16_cpu()
+        if slow and slow not in _WARNED:
+            # Once per process: an explain makes a pass per checkpoint.
+            _WARNED.add(slow)
+            warnings.warn(slow, UserWarning, stacklevel=3)
     return torch.bfloat16
+
+
+_WARNED: set[str] = set()
+
+
+def _slow_bfloat16_cpu() -> str | None:
+    """Why bfloat16 will not pay on this CPU, or ``None`` where it does (AMX). Measured on
+    smallcnn's Grad-CAM pass with oneDNN limited to each instruction set: with AMX 2.9x
+    faster than float32, with AVX-512 BF16 alone the same speed, with AVX-512 but no
+    bfloat16 instructions 2.2x slower, with AVX2 7x slower (bench_bfloat16_isa.py)."""
+    probe = getattr(torch, "cpu", None)
+    try:
+        amx = bool(probe._is_amx_tile_supported())  # type: ignore[union-attr]
+        bf16 = bool(probe._is_avx512_bf16_supported())  # type: ignore[union-attr]
+    except (AttributeError, RuntimeError):
+        return None  # no probe in this torch: nothing to say
+    if amx:
+        return None
+    if bf16:
+        return ("this CPU has AVX-512 BF16 but no AMX units: precision 'bfloat16' runs at "
+                "about float32's speed here and only rounds the activations; use 'float32'")
+    return ("this CPU has no bfloat16 instructions (AMX or AVX-512 BF16): precision "
+            "'bfloat16' is emulated and runs several times slower than float32; use 'float32'")
 
 
 class _LayerSession:
