@@ -5,6 +5,7 @@ the two precisions apart and records which one ran."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -141,6 +142,13 @@ def test_unknown_precision_is_a_one_line_error(value: object) -> None:
     assert "\n" not in str(info.value)
     with pytest.raises(WhylookError, match=message):
         next(layer_features(_model(), "2", x, precision=value))  # type: ignore[arg-type]
+
+
+def test_a_model_not_in_float32_is_a_one_line_error() -> None:
+    x, y = _inputs()
+    with pytest.raises(WhylookError, match=re.escape(
+            "applies to float32 models, and this one is float64; convert it with model.float()")):
+        grad_cam(_model().double(), "2", x.double(), y, precision="bfloat16")
 
 
 def _cache(run: Path) -> set[str]:

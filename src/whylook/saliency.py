@@ -351,7 +351,14 @@ def _check_precision(precision: object, model: nn.Module) -> torch.dtype | None:
         )
     if precision == "float32":
         return None
-    device, _ = _model_device_dtype(model)
+    device, dtype = _model_device_dtype(model)
+    if dtype != torch.float32:
+        # Autocast casts float32 operations only: a float64 model would run in float64.
+        raise WhylookError(
+            f"precision {precision!r} applies to float32 models, and this one is "
+            f"{str(dtype).removeprefix('torch.')}; convert it with model.float() or use "
+            "precision 'float32'"
+        )
     if not torch.amp.is_autocast_available(device.type):
         raise WhylookError(
             f"precision {precision!r} needs torch.autocast, which this torch lacks on "
