@@ -37,17 +37,17 @@ interleaved and rotated, and medians of ``--repeats`` are reported):
      (part of what the package does).
 
    With ``--precision bfloat16`` also ``whylook (bfloat16)`` (``precision="bfloat16"``: the
-   pass before the layer under ``torch.autocast``, the rest in float32), the floor with that
-   same split (``floor (bfloat16 before the layer)``), and ``captum (bfloat16 autocast)``
-   (LayerGradCam with the whole forward and backward under ``torch.autocast``, which is how
-   a Captum user would ask for bfloat16); plus how far the bfloat16 maps are from float32's.
+   pass under ``torch.autocast``, the CAM and softmax in float32), the floor under the same
+   autocast (``floor (bfloat16 autocast)``, and with the fused kernels on CPU), and
+   ``captum (bfloat16 autocast)`` (LayerGradCam under ``torch.autocast``, which is how a
+   Captum user would ask for bfloat16); plus how far the bfloat16 maps are from float32's.
 
 2. **``whylook explain`` end to end** (fresh cache), broken down by stage by timing the
    functions explain calls (anything not covered is "other"), against the floor for the
    same T+1 checkpoints and n samples. Floor and explain alternate ``--repeats`` times
    (floor first and last) and the ratio is of their medians. Also a rerun with all shards
    cached. With ``--precision bfloat16`` a bfloat16 explain runs before each float32 one,
-   and the floor in bfloat16 (same split as whylook's) beside the float32 floors.
+   and the floor under bfloat16 autocast beside the float32 floors.
 
 3. **Peak memory of the prototype stage** at two prototype-set sizes (10k and 60k images, 6x),
    each in a fresh subprocess: explain on a 3-checkpoint run with a small analysis set and
@@ -272,8 +272,8 @@ def run_floor(models: list[nn.Module], layer: str, images: np.ndarray, labels: n
 
     ``fused``: the same pass with the Conv2d -> ReLU pairs before the layer as one kernel,
     as whylook runs them on CPU, so that whylook's own kernel choice is not counted as a
-    gain over the floor. ``bf16``: the pass before the layer under bfloat16 autocast and
-    the rest in float32, the split of whylook's ``precision="bfloat16"``."""
+    gain over the floor. ``bf16``: the pass under bfloat16 autocast, as whylook's
+    ``precision="bfloat16"`` runs it (the leaf in float32, as whylook hands it over)."""
     for m in models:
         module = dict(m.named_modules())[layer]
         flags = [p.requires_grad for p in m.parameters()]
@@ -283,7 +283,6 @@ def run_floor(models: list[nn.Module], layer: str, images: np.ndarray, labels: n
 
         def leaf(_m: nn.Module, _i: Any, out: torch.Tensor, store: dict = store) -> torch.Tensor:
             if bf16:
-                torch.set_autocast_enabled(device.type, False)
                 out = out.float()
             store["a"] = out.detach().requires_grad_(True)
             return store["a"]
@@ -414,11 +413,11 @@ def bench_saliency(run: RunFolder, models: list[nn.Module], sizes: Sizes, device
     bf16 = precision == "bfloat16"
     if bf16:
         contenders["whylook (bfloat16)"] = call(run_whylook, precision="bfloat16")
-        contenders["floor (bfloat16 before the layer)"] = call(run_floor, nhwc=_auto_nhwc(device),
+        contenders["floor (bfloat16 autocast)"] = call(run_floor, nhwc=_auto_nhwc(device),
                                                                 bf16=True)
         if device.type == "cpu":
             # whylook fuses Conv2d -> ReLU in bfloat16 too (whylook/_fusion.py).
-            contenders["floor (bfloat16 before the layer, fused)"] = call(
+            contenders["floor (bfloat16 autocast, fused)"] = call(
                 run_floor, nhwc=_auto_nhwc(device), bf16=True, fused=True)
         if available("captum"):
             contenders["captum (bfloat16 autocast)"] = call(run_captum, nhwc=_auto_nhwc(device),
@@ -493,10 +492,10 @@ def bench_saliency(run: RunFolder, models: list[nn.Module], sizes: Sizes, device
                 if "captum (bfloat16 autocast)" in med else None),
             "over_float32_floor": med["whylook (bfloat16)"] / med[floor_name],
             "over_bfloat16_floor": (med["whylook (bfloat16)"]
-                                    / med["floor (bfloat16 before the layer)"]),
+                                    / med["floor (bfloat16 autocast)"]),
             "over_bfloat16_fused_floor": (
-                med["whylook (bfloat16)"] / med["floor (bfloat16 before the layer, fused)"]
-                if "floor (bfloat16 before the layer, fused)" in med else None),
+                med["whylook (bfloat16)"] / med["floor (bfloat16 autocast, fused)"]
+                if "floor (bfloat16 autocast, fused)" in med else None),
             "speedup_vs_whylook_float32": med["whylook"] / med["whylook (bfloat16)"],
             "maps_vs_float32": bf16_agreement,
         },
@@ -954,7 +953,7 @@ def render(res: dict[str, Any]) -> str:
                f"{' / '.join(f'{x:.2f}' for x in e['bfloat16']['seconds_all'])}; its saliency "
                f"stage {e['bfloat16']['stages'].get('saliency (Grad-CAM, T+1 passes)', 0):.2f}) | "
                f"{e['bfloat16']['seconds']:.2f} | |",
-               f"| floor in bfloat16, same split (median of "
+               f"| floor under bfloat16 autocast (median of "
                f"{' / '.join(f'{x:.2f}' for x in e['bfloat16']['floor_seconds'])}) | "
                f"{e['bfloat16']['floor']:.2f} | |",
                f"| **bfloat16 explain / float32 floor** | "

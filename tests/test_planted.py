@@ -46,8 +46,8 @@ def planted(planted_run, tmp_path_factory):
     return _explained(planted_run, "float32", tmp_path_factory)
 
 
-# bfloat16 rounds the layer's activations (whylook/saliency.py); the shared prototypes it
-# finds must lie on the same planted motifs. (The variant markers below are left to
+# bfloat16 rounds the passes (whylook/saliency.py); the shared prototypes it finds must lie
+# on the same planted motifs. (The variant markers below are left to
 # float32: with either precision one analysis seed in five finds none on its variant's
 # motifs, bfloat16 at seed 0, float32 at seed 4; benchmarks/RESULTS.md, "bfloat16".)
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])

@@ -1,4 +1,4 @@
-"""``precision="bfloat16"``: the pass before the layer in bfloat16, everything after in
+"""``precision="bfloat16"``: the pass in torch's mixed precision, the CAM and softmax in
 float32, with the model, hooks and autocast state restored; the explanation's cache keeps
 the two precisions apart and records which one ran."""
 
@@ -45,11 +45,12 @@ def test_precisions_are_named() -> None:
     assert PRECISIONS == ("float32", "bfloat16")
 
 
-def test_only_the_activations_are_rounded() -> None:
-    """A is the bfloat16 pass's output (every value a bfloat16 number, close to float32's
-    but not equal), and the logits, the CAM and the confidences are the float32 closed
-    form on that A: alpha_c = W[y, c] / (h w), I = ReLU(sum_c alpha_c A_c). A head run in
-    bfloat16 would miss these by about 1e-3."""
+def test_bfloat16_pass_against_the_closed_form() -> None:
+    """A is the autocast pass's output (every value a bfloat16 number, close to float32's
+    but not equal). The head (average pool, then the linear layer under autocast) gives
+    d logit_y / d A_c = bf16(W[y, c]) / (h w) exactly, since the gradient of the summed
+    logits is 1: so alpha, and the CAM I = ReLU(sum_c alpha_c A_c), are known in closed
+    form; the confidences are the float32 softmax of the autocast head's bfloat16 logits."""
     model = _model()
     x, y = _inputs()
     exact = grad_cam(model, "2", x, y, return_features=True)
@@ -64,14 +65,18 @@ def test_only_the_activations_are_rounded() -> None:
     np.testing.assert_allclose(half.features, exact.features, atol=2e-2 * scale)
 
     lin = model[5]
-    w, b = lin.weight.detach(), lin.bias.detach()
-    logits = a.mean(dim=(2, 3)) @ w.T + b
-    np.testing.assert_allclose(half.confidence, torch.softmax(logits, 1).numpy(), atol=1e-6)
-    alpha = w[y] / (_H * _W)
+    w = lin.weight.detach()
+    alpha = w.bfloat16().float()[y] / (_H * _W)
     cam = torch.relu(torch.einsum("bc,bchw->bhw", alpha, a))
-    np.testing.assert_allclose(half.saliency, cam.numpy(), atol=1e-6)
-    # And the maps stay what float32 gives, up to the activations' rounding.
+    np.testing.assert_allclose(half.saliency, cam.numpy(), rtol=1e-6, atol=1e-7)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = lin(a.mean(dim=(2, 3)))
+    assert logits.dtype == torch.bfloat16
+    np.testing.assert_allclose(half.confidence, torch.softmax(logits.float(), 1).numpy(),
+                               atol=1e-6)
+    # And the maps stay what float32 gives, up to the rounding.
     assert np.corrcoef(half.saliency.ravel(), exact.saliency.ravel())[0, 1] > 0.999
+    np.testing.assert_allclose(half.confidence, exact.confidence, atol=2e-2)
 
 
 def test_layer_features_match_the_grad_cam_pass() -> None:
@@ -169,7 +174,7 @@ def test_explain_keys_its_cache_by_precision(tmp_path_factory, tmp_path, monkeyp
     assert len(half_files) == len(exact_files)
     assert half.data["settings"]["precision"] == "bfloat16"
     assert half.precision == "bfloat16"
-    assert half.summary().splitlines()[0].endswith("; activations computed in bfloat16")
+    assert half.summary().splitlines()[0].endswith("; passes in bfloat16")
     assert "bfloat16" not in first.summary()
     # finetune and compare find the explanation's prototypes by reassigning its rows, in
     # the precision it recorded: the bfloat16 ones, not float32's beside them.

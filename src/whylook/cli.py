@@ -184,9 +184,9 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--precision", default=None,
-        help="float32 (default, exact) or bfloat16: the layer's activations computed in "
-        "bfloat16, everything after in float32; 2-3x faster on CPUs with AMX (and on GPUs "
-        "with bfloat16), no faster or slower on others",
+        help="float32 (default, exact) or bfloat16: the Grad-CAM passes in torch's mixed "
+        "precision (the CAM and softmax in float32); 2-3x faster on CPUs with AMX (and on "
+        "GPUs with bfloat16), no faster or slower on others",
     )
     _device_option(p)
     _trust_option(p)

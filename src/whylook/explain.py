@@ -105,10 +105,10 @@ class ExplainSettings:
     # attention and confidence cut, by a sign flip and by a shuffle, and count what the
     # uncertain rule flags then (0: not measured; each draw costs two more Step-5 fits).
     uncertain_null: int = 0
-    # How the Grad-CAM and feature passes compute the layer's activations: "float32"
-    # (exact) or "bfloat16" (the pass before the layer under torch.autocast, the rest in
-    # float32; whylook/saliency.py). Not part of the method, but it moves its inputs
-    # slightly, so it is recorded and keys the cache.
+    # The arithmetic of the Grad-CAM and feature passes: "float32" (exact) or "bfloat16"
+    # (torch.autocast's mixed precision, the CAM and softmax in float32;
+    # whylook/saliency.py). Not part of the method, but it moves its inputs slightly, so
+    # it is recorded and keys the cache.
     precision: str = "float32"
 
 
@@ -134,8 +134,8 @@ class Explanation:
 
     @property
     def precision(self) -> str:
-        """How its passes computed the layer's activations (``ExplainSettings.precision``);
-        passes that must match its prototypes use the same. Older runs: float32."""
+        """The arithmetic of its passes (``ExplainSettings.precision``); passes that must
+        match its prototypes use the same. Older runs: float32."""
         return str(self.data["settings"].get("precision", "float32"))
 
     def summary(self) -> str:
@@ -147,7 +147,7 @@ class Explanation:
             f"layer {d['layer']} ({d['grid'][0]}x{d['grid'][1]}), {len(d['checkpoints'])} "
             f"checkpoints, {d['settings']['analysis_size']} samples"
             + ("" if self.precision == "float32"
-               else f"; activations computed in {self.precision}"),
+               else f"; passes in {self.precision}"),
         ]
         weak = _near_chance_text(d)
         if weak:

@@ -21,14 +21,15 @@ Speed comes from doing only the work Grad-CAM needs:
   the layer as one oneDNN kernel (``whylook/_fusion.py``): the ReLU's separate pass over
   a fresh tensor, and the page faults of allocating it, go away.
 
-``precision="bfloat16"`` (opt-in) runs the forward pass *before* the layer under
-``torch.autocast`` in bfloat16 and everything from the layer on in the model's own
-float32: the activations ``A`` are the only rounded input (about 3 significant digits),
-while the logits, their gradient w.r.t. ``A``, the CAM and the confidences are float32
-computations on that ``A``. The backward never reaches before the layer, so it is all
-float32. On CPUs with AMX units that pass is 2-3x faster; with AVX-512 BF16 alone about
-as fast as float32, and without bfloat16 instructions several times slower, which a
-one-time warning says (``benchmarks/RESULTS.md``). GPUs with bfloat16 are not measured yet.
+``precision="bfloat16"`` (opt-in) runs the pass under ``torch.autocast`` in bfloat16, as
+torch's mixed precision does: the activations ``A``, the logits and their gradient
+w.r.t. ``A`` are bfloat16 results (about 3 significant digits), handed over as float32;
+alpha, the CAM and the softmax are float32 computations on them. (Keeping the network
+after the layer in float32 measured no closer to float32's explanation and, on ResNet-18
+at ``layer3``, took explain from 18 s to 31 s: ``benchmarks/RESULTS.md``.) On CPUs with
+AMX units the pass is 2-3x faster; with AVX-512 BF16 alone about as fast as float32, and
+without bfloat16 instructions several times slower, which a one-time warning says. GPUs
+with bfloat16 are not measured yet.
 
 Sharding: results are per sample, so a checkpoint's saliency can be computed over slices
 of the samples and joined with :meth:`SaliencyResult.concat`.
@@ -344,7 +345,7 @@ def _use_fusion(model: nn.Module, fuse: bool | None) -> bool:
 
 
 def _check_precision(precision: object, model: nn.Module) -> torch.dtype | None:
-    """The autocast dtype of the pass before the layer (``None``: the model's own)."""
+    """The autocast dtype of the passes (``None``: none, the model's own dtype)."""
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise WhylookError(
             f"precision must be one of {', '.join(map(repr, PRECISIONS))}, not {precision!r}"
@@ -442,10 +443,8 @@ class _LayerSession:
             raise _LayerOutputError(None, "runs more than once per forward pass")
         out = _check_layer_output(out)
         if self.autocast is not None:
-            # From the layer on the model runs in its own dtype: the logits, their gradient
-            # and the confidences are then exact functions of the (rounded) activations.
-            # The autocast block in ``forward`` restores the state when the pass ends.
-            torch.set_autocast_enabled(self.device.type, False)
+            # A in the model's dtype (the same values): stored features, and the leaf whose
+            # gradient comes back in that dtype through the cast autocast puts after it.
             out = out.to(self.dtype)
         if self.mode == "features":
             self.activation = out.detach()
@@ -602,8 +601,9 @@ class GradCAM:
     needed (before the layer); the same values, less memory traffic. ``False`` turns it
     off. The model's modules are put back afterwards.
 
-    ``precision="bfloat16"`` runs the pass before the layer in bfloat16 (``torch.autocast``)
-    and the rest in float32; the default ``"float32"`` is exact. See the module docstring.
+    ``precision="bfloat16"`` runs the pass under ``torch.autocast`` in bfloat16 and the
+    CAM and softmax in float32; the default ``"float32"`` is exact. See the module
+    docstring.
 
     >>> import torch
     >>> from torch import nn
@@ -840,8 +840,9 @@ def grad_cam(
         rows: optional indices of the images to use, in order; each batch is gathered on
             its own, so a subset of a large array is never copied whole.
         fuse: ``Conv2d -> ReLU`` as one kernel on CPU (see :class:`GradCAM`); ``None`` = auto.
-        precision: ``"float32"`` (exact) or ``"bfloat16"``: the pass before the layer in
-            bfloat16, the rest in float32 (faster where the hardware has bfloat16 units).
+        precision: ``"float32"`` (exact) or ``"bfloat16"``: the pass under bfloat16
+            autocast, the CAM and softmax in float32 (faster where the hardware has
+            bfloat16 units).
 
     Returns:
         :class:`SaliencyResult` with ``saliency`` (N, h, w), ``confidence`` (N, M) and
