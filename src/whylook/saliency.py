@@ -384,7 +384,7 @@ _WARNED: set[str] = set()
 
 def _slow_bfloat16_cpu() -> str | None:
     """Why bfloat16 will not pay on this CPU, or ``None`` where it does (AMX). Measured on
-    smallcnn's Grad-CAM pass with oneDNN limited to each instruction set: with AMX 2.9x
+    smallcnn's Grad-CAM pass with oneDNN limited to each instruction set: with AMX 2.7-2.9x
     faster than float32, with AVX-512 BF16 alone the same speed, with AVX-512 but no
     bfloat16 instructions 2.2x slower, with AVX2 7x slower (bench_bfloat16_isa.py)."""
     probe = getattr(torch, "cpu", None)
