@@ -124,8 +124,8 @@ def test_autocast_and_model_are_restored_also_on_error() -> None:
 
 
 def test_resnet_maps_agree_with_float32() -> None:
-    """Batch norm, residual additions and max-pooling in bfloat16 before the layer: the
-    maps still follow float32's closely."""
+    """Batch norm, residual additions, max-pooling, and layer4 with its backward, all under
+    bfloat16 autocast: the maps still follow float32's closely."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
