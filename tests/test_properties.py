@@ -368,6 +368,7 @@ ALTERNATIVES = {
     "standard_errors": st.sampled_from(["jackknife", "bootstrap", "none", ""]),
     "support": st.sampled_from(["global+class", "class", "global", "other"]),
     "subgroups": st.sampled_from(["trajectory+profile", "trajectory", "other"]),
+    "precision": st.one_of(st.sampled_from(["float32", "bfloat16", "float16", ""]), ODD),
 }
 KEYWORDS = ("k", "layer", "analysis_size", "prototype_size", "seed")
 #: A valid, quick analysis of the tiny run; examples change 0-2 of its options.
