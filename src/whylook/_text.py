@@ -104,3 +104,18 @@ def uncertain_null_lines(null: dict[str, Any] | None) -> list[str]:
     if drift:
         lines.append(f"  of these entries, flagged under shuffles too: {', '.join(drift)}")
     return lines
+
+
+def uncertain_entries_by_class(uncertain: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Class name -> the uncertain-prototype entries whose pair names it, in file order:
+    what the summary and the report rank classes by.
+
+    >>> entries = [{"id": "P-1", "classes": ["3", "5"]}, {"id": "P-2", "classes": ["5", "8"]}]
+    >>> {c: [u["id"] for u in us] for c, us in uncertain_entries_by_class(entries).items()}
+    {'3': ['P-1'], '5': ['P-1', 'P-2'], '8': ['P-2']}
+    """
+    by_class: dict[str, list[dict[str, Any]]] = {}
+    for u in uncertain:
+        for name in (u.get("classes") or [])[:2]:
+            by_class.setdefault(str(name), []).append(u)
+    return by_class

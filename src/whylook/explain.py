@@ -28,6 +28,7 @@ from whylook._text import (
     floor_pct,
     near_chance_caution,
     pair_confusion_text,
+    uncertain_entries_by_class,
     uncertain_null_lines,
 )
 from whylook.errors import WhylookError
@@ -239,11 +240,9 @@ def _classes_listed(d: dict[str, Any]) -> list[dict[str, Any]]:
     classes = d["classes_explained"]
     if len(classes) <= _CLASSES_LISTED:
         return classes
-    count = dict.fromkeys((str(c["class"]) for c in classes), 0)
-    for u in d["uncertain_prototypes"]:
-        for name in u["classes"][:2]:
-            count[str(name)] = count.get(str(name), 0) + 1
-    ranked = sorted(range(len(classes)), key=lambda i: (-count[str(classes[i]["class"])], i))
+    entries = uncertain_entries_by_class(d["uncertain_prototypes"])
+    ranked = sorted(range(len(classes)),
+                    key=lambda i: (-len(entries.get(str(classes[i]["class"]), [])), i))
     return [classes[i] for i in sorted(ranked[:_CLASSES_LISTED])]
 
 

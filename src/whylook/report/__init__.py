@@ -44,6 +44,7 @@ from whylook._text import (
     floor_pct,
     near_chance_caution,
     pair_confusion_text,
+    uncertain_entries_by_class,
     uncertain_null_lines,
 )
 from whylook.errors import WhylookError
@@ -192,14 +193,14 @@ class _Builder:
     @functools.cached_property
     def _uncertain_by_class(self) -> dict[int, list[str]]:
         """Class -> the uncertain-prototype entries it takes part in, as "P-k (a ↔ b)"."""
-        by_class: dict[int, list[str]] = {}
-        for u in self.exp.get("uncertain_prototypes") or []:
-            pair = [str(c) for c in (u.get("classes") or [])[:2]]
-            for c in pair:
-                # One prototype can swing in several pairs: name the pair, not just the id.
-                by_class.setdefault(self.inp.class_index(c), []).append(
-                    f"{u.get('id')} ({' ↔ '.join(pair)})")
-        return by_class
+        # One prototype can swing in several pairs: name the pair, not just the id.
+        return {
+            self.inp.class_index(name): [
+                f"{u.get('id')} ({' ↔ '.join(str(c) for c in u['classes'][:2])})"
+                for u in entries]
+            for name, entries in uncertain_entries_by_class(
+                self.exp.get("uncertain_prototypes") or []).items()
+        }
 
     def _pick_classes(self, asked: Sequence[str] | None) -> tuple[set[int], str | None]:
         """The classes drawn in full, and the page's sentence on the choice (None: all).
