@@ -32,7 +32,7 @@ from whylook._text import (
     uncertain_null_lines,
 )
 from whylook.errors import WhylookError
-from whylook.saliency import PRECISIONS
+from whylook.saliency import check_precision_name, precision_key
 from whylook.structure import (
     UNSEEN_NOTE,
     StructureSettings,
@@ -463,10 +463,7 @@ def _check_settings(s: ExplainSettings) -> None:
         raise WhylookError(
             f"structure must be a StructureSettings, not {type(s.structure).__name__}"
         )
-    if not (isinstance(s.precision, str) and s.precision in PRECISIONS):
-        raise WhylookError(
-            f"precision must be one of {', '.join(map(repr, PRECISIONS))}, not {s.precision!r}"
-        )
+    check_precision_name(s.precision)
 
 
 @dataclass(frozen=True)
@@ -654,10 +651,8 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     for stale in [*analysis_dir.glob(".*.tmp"), *cache.glob(".*.tmp")]:
         stale.unlink(missing_ok=True)
     digests = [file_digest(folder.path / c.file) for c in ckpts]
-    common = {"v": _CACHE_VERSION, "layer": layer_name, "data": folder.config.get("data")}
-    if settings.precision != "float32":
-        # Only then: float32 keys stay what they were, so earlier caches stay valid.
-        common["precision"] = settings.precision
+    common = {"v": _CACHE_VERSION, "layer": layer_name, "data": folder.config.get("data"),
+              **precision_key(settings.precision)}
 
     # Step 1 (prototypes) and Step 2 (saliency) share the final checkpoint's pass: its
     # Grad-CAM already computes the layer's features, which are the prototype set's

@@ -422,7 +422,7 @@ def training_activity(
     interrupted run resumes and a changed input never reuses a stale shard.
     """
     from whylook.intensity import activity
-    from whylook.saliency import GradCAM
+    from whylook.saliency import GradCAM, precision_key
 
     data = folder.data()
     train = data.train
@@ -438,9 +438,7 @@ def training_activity(
             "rule": active_rule(explanation)[0],
             "data": getattr(data, "digest", folder.config.get("data")),
             "shard": _SHARD,
-            # Only when not float32, so that caches from before the setting stay valid.
-            **({"precision": explanation.precision}
-               if explanation.precision != "float32" else {}),
+            **precision_key(explanation.precision),
         }
     )[:20]
     cache = folder.path / "finetune" / "cache"

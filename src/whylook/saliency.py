@@ -344,12 +344,23 @@ def _use_fusion(model: nn.Module, fuse: bool | None) -> bool:
     return fuse is not False and _fusion_available(model)
 
 
-def _check_precision(precision: object, model: nn.Module) -> torch.dtype | None:
-    """The autocast dtype of the passes (``None``: none, the model's own dtype)."""
+def check_precision_name(precision: object) -> None:
+    """Refuse a precision that is not one of :data:`PRECISIONS`, in one line."""
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise WhylookError(
             f"precision must be one of {', '.join(map(repr, PRECISIONS))}, not {precision!r}"
         )
+
+
+def precision_key(precision: str) -> dict[str, str]:
+    """What a cache key holds of the precision: nothing for float32, so that keys made
+    before the setting existed stay valid."""
+    return {} if precision == "float32" else {"precision": precision}
+
+
+def _check_precision(precision: object, model: nn.Module) -> torch.dtype | None:
+    """The autocast dtype of the passes (``None``: none, the model's own dtype)."""
+    check_precision_name(precision)
     if precision == "float32":
         return None
     device, dtype = _model_device_dtype(model)
@@ -456,7 +467,6 @@ class _LayerSession:
         return leaf.clone()
 
     def __enter__(self) -> _LayerSession:
-        self.device, self.dtype = _model_device_dtype(self.model)
         self._saved_training = [(m, m.training) for m in self.model.modules()]
         self._saved_grad = [(p, p.requires_grad) for p in self.model.parameters()]
         try:
