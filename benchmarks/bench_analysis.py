@@ -92,6 +92,7 @@ sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
 import whylook  # noqa: E402
 from whylook._fusion import fused_conv_relu  # noqa: E402
+from whylook._pooling import fast_max_pool  # noqa: E402
 from whylook.data import to_tensor  # noqa: E402
 from whylook.run import RunFolder  # noqa: E402
 
@@ -270,10 +271,11 @@ def run_floor(models: list[nn.Module], layer: str, images: np.ndarray, labels: n
               bf16: bool = False) -> None:
     """Bare forward + backward from the true-class logits to the layer's output (see top).
 
-    ``fused``: the same pass with the Conv2d -> ReLU pairs before the layer as one kernel,
-    as whylook runs them on CPU, so that whylook's own kernel choice is not counted as a
-    gain over the floor. ``bf16``: the pass under bfloat16 autocast, as whylook's
-    ``precision="bfloat16"`` runs it (the leaf in float32, as whylook hands it over)."""
+    ``fused``: the same pass with the Conv2d -> ReLU pairs before the layer as one kernel
+    and 2x2 max-pooling there without indices, as whylook runs them on CPU, so that
+    whylook's own kernel choice is not counted as a gain over the floor. ``bf16``: the
+    pass under bfloat16 autocast, as whylook's ``precision="bfloat16"`` runs it (the leaf
+    in float32, as whylook hands it over)."""
     for m in models:
         module = dict(m.named_modules())[layer]
         flags = [p.requires_grad for p in m.parameters()]
@@ -289,8 +291,10 @@ def run_floor(models: list[nn.Module], layer: str, images: np.ndarray, labels: n
 
         handle = module.register_forward_hook(leaf)
         try:
-            with _layout(m, nhwc), (fused_conv_relu(m, keep=(module,)) if fused
-                                    else contextlib.nullcontext()):
+            with _layout(m, nhwc), contextlib.ExitStack() as kernels:
+                if fused:
+                    kernels.enter_context(fused_conv_relu(m, keep=(module,)))
+                    kernels.enter_context(fast_max_pool(m, keep=(module,)))
                 for x, y in _batches(images, labels, bs, device):
                     if nhwc:
                         x = x.contiguous(memory_format=torch.channels_last)

@@ -61,7 +61,7 @@ def child(run_path: str, what: str, variant: str, n: int, threads: int) -> None:
     if what == "explain":
         shutil.rmtree(run.path / "analysis", ignore_errors=True)
         if variant == "whylook (unfused)":
-            whylook.saliency._use_fusion = lambda model, fuse: False  # type: ignore[assignment]
+            whylook.saliency._use_fusion = lambda fuse: False  # type: ignore[assignment]
         before = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         explain(run, analysis_size=n, progress=False)

@@ -371,6 +371,49 @@ def test_channels_last_falls_back_for_models_that_need_nchw() -> None:
     np.testing.assert_allclose(res.saliency, ref.saliency, atol=1e-6)
     assert all(p.is_contiguous() for p in net.parameters())
 
+    # Later automatic sessions on the same object start in NCHW (explain runs one per
+    # checkpoint on one model object); another object tries NHWC again.
+    layouts: list[bool] = []
+
+    def record(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+
+    handle = net.conv.register_forward_pre_hook(record)
+    auto = grad_cam(net, "conv", x, [0, 1, 0], batch_size=2)
+    handle.remove()
+    assert layouts == [False, False]  # two batches, each run once
+    np.testing.assert_allclose(auto.saliency, ref.saliency, atol=1e-6)
+    other = ViewNet()
+    other.conv.register_forward_pre_hook(record)
+    layouts.clear()
+    grad_cam(other, "conv", x, [0, 1, 0], batch_size=2)
+    assert layouts == [True, False, False]  # NHWC failed on the first batch, then NCHW
+
+
+def test_a_failure_in_both_layouts_does_not_pin_the_model_to_nchw() -> None:
+    """Only a model that then ran in NCHW is remembered as one that needs it."""
+    from whylook import saliency
+
+    class Flaky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 2)
+            self.fail = True
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.fail:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+    net = Flaky()
+    with pytest.raises(WhylookError, match="out of memory"):
+        grad_cam(net, "conv", torch.rand(2, 3, 8, 8), [0, 1])
+    assert net not in saliency._NCHW_ONLY
+    net.fail = False
+    with GradCAM(net, "conv") as cam:
+        assert cam._session.channels_last
+
 
 def test_rows_gather_equals_slicing() -> None:
     model = _resnet()

@@ -19,7 +19,9 @@ Speed comes from doing only the work Grad-CAM needs:
 * ``torch.autograd.grad`` w.r.t. that leaf only, in large batches;
 * on CPU, the NHWC layout, and each ``Conv2d -> ReLU`` pair of an ``nn.Sequential`` before
   the layer as one oneDNN kernel (``whylook/_fusion.py``): the ReLU's separate pass over
-  a fresh tensor, and the page faults of allocating it, go away.
+  a fresh tensor, and the page faults of allocating it, go away; and 2x2 max-pooling
+  before the layer without the indices torch computes for a backward that never comes
+  (``whylook/_pooling.py``; in NCHW, where a model that fails in NHWC runs, 10x faster).
 
 ``precision="bfloat16"`` (opt-in) runs the pass under ``torch.autocast`` in bfloat16, as
 torch's mixed precision does: the activations ``A``, the logits and their gradient
@@ -41,6 +43,7 @@ import contextlib
 import itertools
 import re
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -50,8 +53,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from whylook._fusion import available as _fusion_available
 from whylook._fusion import fused_conv_relu
+from whylook._pooling import fast_max_pool
 from whylook._progress import progress_bar
 from whylook.errors import WhylookError
 
@@ -322,8 +325,15 @@ def _spatial_candidates(model: nn.Module, sample: torch.Tensor) -> list[str]:
     return [f"{n} ({'x'.join(map(str, shapes[n]))})" for n in reversed(top)]
 
 
+#: Models that failed in NHWC (a ``.view`` after a convolution): later sessions on the same
+#: object (explain loads every checkpoint into one) start in NCHW instead of running their
+#: first batch twice. Weak, so whylook keeps no model alive.
+_NCHW_ONLY: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
 def _use_channels_last(model: nn.Module, channels_last: bool | None) -> bool:
-    """Resolve ``channels_last=None`` ("auto"): on for CPU models with a 2-D convolution.
+    """Resolve ``channels_last=None`` ("auto"): on for CPU models with a 2-D convolution,
+    unless this model object already failed in NHWC.
 
     On CPU (oneDNN) the NHWC layout is much faster for the ops around the convolutions:
     measured on the 2-core benchmark machine, a 2x2 max-pool of a (256, 16, 28, 28) batch
@@ -332,16 +342,19 @@ def _use_channels_last(model: nn.Module, channels_last: bool | None) -> bool:
     """
     if channels_last is not None:
         return bool(channels_last)
+    if model in _NCHW_ONLY:
+        return False
     device, _ = _model_device_dtype(model)
     return device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def _use_fusion(model: nn.Module, fuse: bool | None) -> bool:
-    """Resolve ``fuse``: ``False`` is off; ``None`` or ``True``, on where it applies (a
-    float32 CPU model with oneDNN, in either precision; see ``whylook/_fusion.py``)."""
+def _use_fusion(fuse: bool | None) -> bool:
+    """Resolve ``fuse``: ``False`` is off; ``None`` or ``True``, on where each kernel applies
+    (``whylook/_fusion.py``: a float32 CPU model with oneDNN, in either precision;
+    ``whylook/_pooling.py``: a CPU model)."""
     if fuse is not None and not isinstance(fuse, bool):
         raise WhylookError(f"fuse must be True, False or None, not {fuse!r}")
-    return fuse is not False and _fusion_available(model)
+    return fuse is not False
 
 
 def check_precision_name(precision: object) -> None:
@@ -479,6 +492,7 @@ class _LayerSession:
             if self.fuse:
                 self._fusion = contextlib.ExitStack()
                 self._fusion.enter_context(fused_conv_relu(self.model, keep=(self.layer,)))
+                self._fusion.enter_context(fast_max_pool(self.model, keep=(self.layer,)))
             self._handle = self.layer.register_forward_hook(self._hook)
         except BaseException:
             self._restore()
@@ -558,7 +572,9 @@ class _LayerSession:
             # session. An error that is not about the layout repeats and propagates.
             self.channels_last = False
             self._to_default_layout()
-            return self.forward(x)
+            out = self.forward(x)
+            _NCHW_ONLY.add(self.model)  # only once NCHW worked: the error was the layout
+            return out
         if self.calls == 0:
             raise WhylookError(
                 f"layer {self.name!r} did not run in the model's forward pass; choose a layer "
@@ -607,9 +623,10 @@ class GradCAM:
     up to float rounding, and the model's own layout is restored afterwards.
 
     ``fuse=None`` (or ``True``) runs each ``Conv2d`` directly followed by a ``ReLU`` in an
-    ``nn.Sequential`` as one oneDNN kernel on float32 CPU models, wherever no gradient is
-    needed (before the layer); the same values, less memory traffic. ``False`` turns it
-    off. The model's modules are put back afterwards.
+    ``nn.Sequential`` as one oneDNN kernel on float32 CPU models, and each 2x2
+    ``nn.MaxPool2d`` on CPU without the indices torch's pooling computes, wherever no
+    gradient is needed (before the layer); the same values, less memory traffic. ``False``
+    runs the model's modules as they are. The model's modules are put back afterwards.
 
     ``precision="bfloat16"`` runs the pass under ``torch.autocast`` in bfloat16 and the
     CAM and softmax in float32; the default ``"float32"`` is exact. See the module
@@ -649,7 +666,7 @@ class GradCAM:
         self.device, self.dtype = _model_device_dtype(model)
         self._session = _LayerSession(
             model, layer, freeze=True, channels_last=_use_channels_last(model, channels_last),
-            fuse=_use_fusion(model, fuse), autocast=autocast,
+            fuse=_use_fusion(fuse), autocast=autocast,
         )
         self.precision = precision
         self.layer_name = self._session.name
@@ -849,7 +866,8 @@ def grad_cam(
         channels_last: memory layout of the pass (see :class:`GradCAM`); ``None`` = auto.
         rows: optional indices of the images to use, in order; each batch is gathered on
             its own, so a subset of a large array is never copied whole.
-        fuse: ``Conv2d -> ReLU`` as one kernel on CPU (see :class:`GradCAM`); ``None`` = auto.
+        fuse: ``Conv2d -> ReLU`` as one kernel, and 2x2 max-pooling without indices, on
+            CPU (see :class:`GradCAM`); ``None`` = auto.
         precision: ``"float32"`` (exact) or ``"bfloat16"``: the pass under bfloat16
             autocast, the CAM and softmax in float32 (faster where the hardware has
             bfloat16 units).
@@ -921,7 +939,7 @@ def layer_features(
     n = int(images.shape[0]) if index is None else int(index.size)
     with _LayerSession(
         model, layer, freeze=False, channels_last=_use_channels_last(model, channels_last),
-        fuse=_use_fusion(model, fuse), autocast=autocast,
+        fuse=_use_fusion(fuse), autocast=autocast,
     ) as session, torch.no_grad():
         session.mode = "features"
         starts = range(0, n, batch_size)
