@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import time
@@ -217,10 +216,7 @@ def main(argv: list[str] | None = None) -> int:
           "| whylook / floor |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     passes = bench_passes(args.n, args.repeats)
-    if args.out:
-        args.out.write_text(json.dumps({"machine": info, "pool": pool, "passes": passes},
-                                       indent=1))
-        print(f"written: {args.out}")
+    ba.write_result(args.out, {"machine": info, "pool": pool, "passes": passes})
     return 0
 
 
