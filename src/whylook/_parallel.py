@@ -9,6 +9,7 @@ results come back in order, so a stage's output does not depend on ``n_jobs``.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -37,6 +38,14 @@ def check_n_jobs(n_jobs: int | None) -> int:
 def thread_map(fn: Callable[[T], R], items: Iterable[T], n_jobs: int | None) -> list[R]:
     """``[fn(x) for x in items]``, on ``n_jobs`` threads; the first error is raised.
 
+    The caller's warning filters are the same afterwards. Before Python 3.14 they are one
+    list for the whole process, and ``warnings.catch_warnings`` in a worker (scikit-learn
+    enters one around every task of its ``Parallel``, even a serial one) saves and puts
+    back that list: when two workers interleave, one puts back the other's temporary
+    filters, and the process kept them (every threaded explain left an "ignore
+    RuntimeWarning" behind). So ``fn`` must not rely on a ``catch_warnings`` of its own
+    either; set filters around the call instead.
+
     >>> thread_map(abs, [-1, 2, -3], n_jobs=2)
     [1, 2, 3]
     """
@@ -44,5 +53,8 @@ def thread_map(fn: Callable[[T], R], items: Iterable[T], n_jobs: int | None) -> 
     work = list(items)
     if workers == 1 or len(work) < 2:
         return [fn(x) for x in work]
-    with ThreadPoolExecutor(max_workers=min(workers, len(work))) as pool:
+    # One catch_warnings in this thread, around every worker: whatever the workers'
+    # interleaved ones leave as the process's filters is replaced by the caller's on exit.
+    with warnings.catch_warnings(), ThreadPoolExecutor(
+            max_workers=min(workers, len(work))) as pool:
         return list(pool.map(fn, work))

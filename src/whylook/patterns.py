@@ -34,9 +34,10 @@ This stage needs all samples at once (clustering is global); it is cheap.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -214,12 +215,18 @@ def cluster(
         algorithm=neighbour_search(n, _dim(x)),
         copy=True,
     )
-    with warnings.catch_warnings():
-        # Exact duplicates (e.g. saturated samples whose confidences no longer move) are
-        # legitimate here; HDBSCAN handles them but may warn.
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with _quiet_duplicates():
         labels = hdb.fit_predict(np.ascontiguousarray(x, dtype=np.float64))
     return _by_size(labels)
+
+
+@contextlib.contextmanager
+def _quiet_duplicates() -> Iterator[None]:
+    # Exact duplicates (e.g. saturated samples whose confidences no longer move) are
+    # legitimate here; HDBSCAN handles them but may warn.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
 
 
 def find_patterns(
@@ -316,8 +323,10 @@ def find_patterns(
         width = t_count * m + (0 if extra is None else extra.shape[1])
         jobs.append((functools.partial(trajectories, rows), (rows.size, width), size))
     workers = _fits_at_once([shape for _, shape, _ in jobs], n_jobs)
-    labels_of = thread_map(lambda job: cluster(job[0](), min_cluster_size=job[2], **opts),
-                           jobs, workers)
+    # Set in this thread, before the workers copy the filters (see thread_map).
+    with _quiet_duplicates():
+        labels_of = thread_map(
+            lambda job: cluster(job[0](), min_cluster_size=job[2], **opts), jobs, workers)
 
     groups = np.stack(labels_of[:t_count])
     n_groups = groups.max(axis=1).astype(np.int64) + 1
