@@ -223,9 +223,14 @@ def cluster(
 @contextlib.contextmanager
 def _quiet_duplicates() -> Iterator[None]:
     # Exact duplicates (e.g. saturated samples whose confidences no longer move) are
-    # legitimate here; HDBSCAN handles them but may warn.
+    # legitimate here; HDBSCAN handles them but may warn. And scikit-learn's own Parallel
+    # (in HDBSCAN's neighbour search) warns that its configuration was not propagated when
+    # it reads the process's warning filters while another fit's task has them emptied
+    # (see whylook/_parallel.py): the fits do not depend on that configuration.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.filterwarnings("ignore", message=r"`sklearn\.utils\.parallel\.delayed`",
+                                category=UserWarning)
         yield
 
 
