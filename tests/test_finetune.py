@@ -305,7 +305,7 @@ def test_strategies_start_from_the_final_checkpoint_and_seeds_only_change_the_or
 
 
 @pytest.mark.slow
-def test_a_callers_inference_mode_changes_nothing(small_run, tmp_path):
+def test_a_callers_inference_mode_and_random_state_are_left_alone(small_run, tmp_path):
     import torch
 
     ft = importlib.import_module("whylook.finetune")
@@ -316,7 +316,12 @@ def test_a_callers_inference_mode_changes_nothing(small_run, tmp_path):
     kwargs = {"strategies": ["full>full"], "seeds": [0], "device": "cpu", "progress": False}
     with torch.inference_mode():
         inside = ft.finetune(inside_run, **kwargs)
+    torch.manual_seed(12345)
     outside = ft.finetune(outside_run, **kwargs)
+    # The caller's random state is theirs: fine-tuning seeds torch inside, then puts it back.
+    after = torch.rand(3)
+    torch.manual_seed(12345)
+    assert torch.equal(after, torch.rand(3))
     assert inside.strategies == outside.strategies
     assert inside.strategies[0].accuracy[0] > 0.5  # it trained
 

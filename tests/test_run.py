@@ -77,7 +77,14 @@ def test_import_converts_to_safetensors_and_evaluates(imported, foreign, tiny_da
 
 
 def test_load_model_and_friends(imported: RunFolder, tiny_data) -> None:
+    # Loading a checkpoint leaves the caller's torch random state where it was (the model
+    # that receives the weights is initialised aside).
+    torch.manual_seed(3)
     model = imported.load_model(1)
+    imported.state_dict(2)
+    after_load = torch.rand(2)
+    torch.manual_seed(3)
+    assert torch.equal(after_load, torch.rand(2))
     assert not model.training
     expected = _model(1).state_dict()
     assert all(torch.equal(model.state_dict()[k], expected[k]) for k in expected)
@@ -105,6 +112,7 @@ def test_import_fills_missing_normalisation_and_strips_dataparallel(
     }
     torch.save(state, tmp_path / "dp.pt")
     torch.save(_model(1).state_dict(), tmp_path / "full.pt")
+    torch.manual_seed(5)
     run = import_checkpoints(
         [tmp_path / "dp.pt", tmp_path / "full.pt"],
         data=tiny_data,
@@ -112,6 +120,9 @@ def test_import_fills_missing_normalisation_and_strips_dataparallel(
         device="cpu",
         out=tmp_path / "run",
     )
+    after_import = torch.rand(2)
+    torch.manual_seed(5)
+    assert torch.equal(after_import, torch.rand(2))  # the caller's random state is left alone
     assert [c.step for c in run.checkpoints] == [0, 1]
     assert [r["normalize_filled"] for r in run.manifest["imported"]] == [True, False]
     mean = run.load_model(0).state_dict()["normalize.mean"].flatten().tolist()

@@ -1039,18 +1039,20 @@ def _finetune_locked(
         missing = [s for s in parsed if s not in per_seed[seed]]
         if not missing:
             continue
-        fresh = _run_seed(
-            folder,
-            missing,
-            seed,
-            keep,
-            optimizer=opt_name,
-            lr=lr,
-            batch_size=batch_size,
-            device=dev,
-            test=data.test,
-            m=m,
-        )
+        # Each stage seeds torch's generator; the caller's own random state is put back.
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            fresh = _run_seed(
+                folder,
+                missing,
+                seed,
+                keep,
+                optimizer=opt_name,
+                lr=lr,
+                batch_size=batch_size,
+                device=dev,
+                test=data.test,
+                m=m,
+            )
         for stages, (acc, loss, conf) in fresh.items():
             write_json(
                 entry(stages, seed),

@@ -187,6 +187,12 @@ class RunFolder:
         model.whylook_layer = self.layer
         return model
 
+    def _holder(self) -> nn.Module:
+        # A model only to receive a checkpoint's weights: its random initialisation is
+        # overwritten, so it must not draw from (and move) the caller's torch random state.
+        with torch.random.fork_rng(devices=[]):
+            return self.build_model()
+
     def checkpoint_path(self, index: int) -> Path:
         """The safetensors file of checkpoint ``index`` (negative counts from the end)."""
         return self.path / self._checkpoint(index).file
@@ -194,11 +200,11 @@ class RunFolder:
     def state_dict(self, index: int, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """The weights of checkpoint ``index``, checked against ``model`` (or a fresh one)."""
         path = self.checkpoint_path(index)
-        return fit_state(model or self.build_model(), _io.load_weights(path), path)
+        return fit_state(model or self._holder(), _io.load_weights(path), path)
 
     def load_model(self, index: int, device: str | torch.device = "cpu") -> nn.Module:
         """The model at checkpoint ``index`` (negative counts from the end), in eval mode."""
-        model = self.build_model()
+        model = self._holder()
         model.load_state_dict(self.state_dict(index, model))
         return model.to(resolve_device(device)).eval()
 
@@ -455,7 +461,8 @@ def import_checkpoints(
     out = prepare_out(out)
     dev = resolve_device(device)
     source = as_source(data)
-    net = build_for(model, source)
+    with torch.random.fork_rng(devices=[]):  # only to check the files: see RunFolder._holder
+        net = build_for(model, source)
     name, shape = resolve_layer(net, layer, (source.channels, *source.image_size))
     config = model_config(model, source, name, shape)
     for path in paths:  # check every file before anything is written
