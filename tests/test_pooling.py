@@ -153,3 +153,21 @@ def test_hooks_on_the_pooling_see_its_output_and_fuse_off_leaves_it(
     assert len(seen) == 4  # two calls per pass, each seen by the hook
     assert torch.equal(seen[0], seen[2])
     assert torch.equal(seen[1], seen[3])
+
+
+def test_inputs_outside_the_fast_path_take_torchs_pooling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = nn.MaxPool2d(2)
+    calls = _count_calls(monkeypatch)
+    unbatched, recorded = torch.rand(3, 6, 6), torch.rand(1, 3, 6, 6, requires_grad=True)
+    with _pooling.fast_max_pool(pool) as count:
+        assert count == 1
+        assert torch.equal(pool(unbatched), F.max_pool2d(unbatched, 2))
+        out = pool(recorded)
+        out.sum().backward()  # torch's pooling, with its backward
+        assert recorded.grad is not None
+        assert float(recorded.grad.sum()) == out.numel()
+        with torch.no_grad():
+            pool(recorded)
+    assert calls == [(1, 3, 6, 6)]  # only the no-grad batched call

@@ -19,7 +19,7 @@ What is replaced, and only for the length of a ``with`` block: the ``forward`` o
 dilation, floor rounding and no indices returned, that is not the prototype layer and
 whose ``forward`` the caller has not already replaced. Module hooks still run around it.
 Per call, a pooling whose input autograd would record (after the layer), or that is not a
-4-D floating-point CPU tensor of at least 2 x 2, runs torch's own ``forward``. Removing
+dense 4-D floating-point CPU tensor of at least 2 x 2, runs torch's own ``forward``. Removing
 the instance attribute on exit (also on error) restores the module exactly.
 """
 
@@ -73,6 +73,7 @@ class _FastForward:
             isinstance(x, torch.Tensor)
             and x.ndim == 4
             and x.device.type == "cpu"
+            and x.layout == torch.strided
             and x.is_floating_point()
             and x.shape[-2] >= 2
             and x.shape[-1] >= 2
