@@ -7,8 +7,8 @@ on its own. Before the prototype layer no gradient is ever needed, and there the
 output is two ``torch.maximum`` calls over strided views (rows, then columns), with no
 index and vectorised in either layout: on a (256, 16, 28, 28) batch 1.5 ms against
 15 ms in NCHW and 1.2 ms against 1.9 ms in NHWC (one thread, benchmarks/RESULTS.md).
-Whylook runs a user's model in NCHW whenever it fails in NHWC (a ``.view`` after a
-convolution), which is where this matters most.
+A user's model runs in NCHW whenever it fails in NHWC (a ``.view`` after a convolution),
+which is where this matters most.
 
 The values are max-pooling's exactly (a maximum is exact in any dtype, and a NaN in a
 window gives NaN either way; only the sign of a zero may differ where a window holds both
