@@ -11,6 +11,7 @@ of 2000 samples (``--samples``) stage by stage, ``--repeats`` times (medians).
     python benchmarks/bench_classes.py --classes 100 --threads 1 --repeats 3
     python benchmarks/bench_classes.py --classes 1000 --samples 8192 --repeats 1
     python benchmarks/bench_classes.py --classes 1000 --samples 4000 --repeats 1 --report
+    python benchmarks/bench_classes.py --classes 1000 --samples 8192 --repeats 1 --json
 """
 
 from __future__ import annotations
@@ -51,6 +52,26 @@ def dotted_classes(path: Path, m: int, size: int = 16, seed: int = 0) -> None:
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
 
 
+def time_json(explanation: dict) -> dict:
+    """Seconds (median of 3) and megabytes of the explanation's text, written both ways."""
+    from whylook._io import json_text
+
+    ways = {"indent=2": lambda: json.dumps(explanation, indent=2, sort_keys=True,
+                                           allow_nan=False),
+            "whylook": lambda: json_text(explanation)}
+    out = {}
+    for name, encode in ways.items():
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            text = encode()
+            times.append(time.perf_counter() - start)
+        out[name] = {"seconds": statistics.median(times), "megabytes": len(text) / 1e6}
+        print(f"explanation.json, {name}: {out[name]['seconds']:.2f} s, "
+              f"{out[name]['megabytes']:.0f} MB", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, default=100)
@@ -59,6 +80,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--report", action="store_true",
                         help="also time `whylook report` of the explained run (once)")
+    parser.add_argument("--json", action="store_true",
+                        help="also time the explanation's JSON text: json.dumps(indent=2), "
+                             "as whylook wrote it before 2026-12-06, against whylook's layout")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if not 0 < args.samples <= 60 * args.classes:
@@ -84,6 +108,7 @@ def main() -> None:
                 stages[name].append(seconds)
             print(f"explain {total:.2f} s (repeat {repeat + 1} of {args.repeats})", flush=True)
         explanation = json.loads((run.path / "analysis" / "explanation.json").read_text())
+        encoding = time_json(explanation) if args.json else None
         page = None
         if args.report:
             from whylook.report import report
@@ -108,6 +133,7 @@ def main() -> None:
         "pairs": len(explanation.get("learning_order", [])),
         "final_test_accuracy": accuracy,
         "report": page,
+        "json": encoding,
     }
     write_result(args.out, result)
 
