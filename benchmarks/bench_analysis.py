@@ -655,7 +655,7 @@ def bench_explain(run: RunFolder, models: list[nn.Module], n: int, device: torch
     to 8.6 s within a minute, which made a single before/after pair misleading.
     """
     explain_floor(run, models[-1:], 256, device, bs, nhwc)  # warm-up
-    # On CPU also the floor with whylook's fused Conv2d -> ReLU kernels, so that the ratio
+    # On CPU also the floor with whylook's own kernels (fused Conv2d -> ReLU, pooling), so the ratio
     # can be read against the same kernels as well.
     fused = device.type == "cpu"
     floors: list[float] = []
@@ -947,7 +947,7 @@ def render(res: dict[str, Any]) -> str:
             f"| floor: {e['checkpoints']} x {e['n']} bare passes (median of "
             f"{' / '.join(f'{x:.2f}' for x in e['floor_seconds'])}) | {e['floor']:.2f} | |",
             f"| **explain / floor** | **{e['over_floor']:.2f}x** | |",
-            *([f"| floor with whylook's fused Conv2d -> ReLU kernels (median of "
+            *([f"| floor with whylook's CPU kernels (fused Conv2d -> ReLU, 2x2 pooling; median of "
                f"{' / '.join(f'{x:.2f}' for x in e['fused_floor_seconds'])}) | "
                f"{e['fused_floor']:.2f} | |",
                f"| **explain / fused floor** | **{e['over_fused_floor']:.2f}x** | |"]
