@@ -5,6 +5,7 @@ Imports nothing heavy: ``whylook --help`` reads from here without loading torch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 #: The data specs whylook reads, as the CLI's help and data's errors name them.
@@ -104,6 +105,18 @@ def uncertain_null_lines(null: dict[str, Any] | None) -> list[str]:
     if drift:
         lines.append(f"  of these entries, flagged under shuffles too: {', '.join(drift)}")
     return lines
+
+
+def rank_classes(entries: Sequence[int], accuracy: Sequence[float | None]) -> list[int]:
+    """Class indices in the order the summary and the report pick classes past their limit:
+    most uncertain-prototype entries first, then least accurate at the final checkpoint (a
+    class without samples, or accuracy unknown, after the others), then class order.
+
+    >>> rank_classes([0, 2, 0, 1], [0.9, 0.5, 0.4, None])
+    [1, 3, 2, 0]
+    """
+    return sorted(range(len(entries)), key=lambda c: (
+        -entries[c], 2.0 if accuracy[c] is None else accuracy[c], c))
 
 
 def uncertain_entries_by_class(uncertain: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

@@ -28,6 +28,7 @@ from whylook._text import (
     floor_pct,
     near_chance_caution,
     pair_confusion_text,
+    rank_classes,
     uncertain_entries_by_class,
     uncertain_null_lines,
 )
@@ -39,6 +40,7 @@ from whylook.structure import (
     UncertainPrototype,
     assemble,
     blank_maps,
+    class_accuracy,
     confusion_matrix,
     prototype_id,
     uncertain_rule,
@@ -154,7 +156,7 @@ class Explanation:
         if weak:
             lines.append(weak)
         lines += ["", "Shared prototypes per class (strongest first):"]
-        listed = _classes_listed(d)
+        listed = _classes_listed(d, self.arrays)
         for c in listed:
             shared = _listed(c["shared"], 6) or _no_shared_text(c.get("why_no_shared"))
             spec = "; ".join(
@@ -234,15 +236,18 @@ def _p_text(p: float) -> str:
     return f"p = {p:.3g}" if p > 0 else "p < 1e-06"
 
 
-def _classes_listed(d: dict[str, Any]) -> list[dict[str, Any]]:
-    """The classes the summary lists, in their order: all, or past ``_CLASSES_LISTED``
-    those in the most uncertain-prototype entries (ties: the first classes)."""
+def _classes_listed(d: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """The classes the summary lists, in their order: all, or past ``_CLASSES_LISTED`` the
+    ones the report draws (``_text.rank_classes``: most uncertain-prototype entries, then
+    least accurate; without the arrays, then the first classes)."""
     classes = d["classes_explained"]
     if len(classes) <= _CLASSES_LISTED:
         return classes
     entries = uncertain_entries_by_class(d["uncertain_prototypes"])
-    ranked = sorted(range(len(classes)),
-                    key=lambda i: (-len(entries.get(str(classes[i]["class"]), [])), i))
+    accuracy: list[float | None] = [None] * len(classes)
+    if "confidence" in arrays and "labels" in arrays:
+        accuracy = class_accuracy(arrays["confidence"][-1], arrays["labels"], len(classes))
+    ranked = rank_classes([len(entries.get(str(c["class"]), [])) for c in classes], accuracy)
     return [classes[i] for i in sorted(ranked[:_CLASSES_LISTED])]
 
 

@@ -83,6 +83,7 @@ __all__ = [
     "UncertainPrototype",
     "accumulated_lead",
     "assemble",
+    "class_accuracy",
     "confusion_matrix",
     "pair_confusion",
     "prototype_id",
@@ -808,6 +809,20 @@ def pairwise_accuracy(confidence: np.ndarray, labels: np.ndarray, a: int, b: int
     conf = confidence[:, rows]
     idx = np.arange(len(rows))
     return (conf[:, idx, true] > conf[:, idx, other]).mean(axis=1)
+
+
+def class_accuracy(confidence: np.ndarray, labels: np.ndarray, m: int) -> list[float | None]:
+    """Per class: the share of its samples whose highest confidence is their class, from
+    one checkpoint's ``(n, M)`` confidences (None for a class without samples).
+
+    >>> class_accuracy(np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]]), np.array([0, 1, 1]), 3)
+    [1.0, 0.5, None]
+    """
+    pred = np.asarray(confidence).argmax(axis=1)
+    labels = np.asarray(labels)
+    hits = np.bincount(labels[pred == labels], minlength=m)
+    sizes = np.bincount(labels, minlength=m)
+    return [float(h / n) if n else None for h, n in zip(hits, sizes, strict=True)]
 
 
 def _pairwise_accuracies(confidence: np.ndarray, labels: np.ndarray, m: int) -> np.ndarray:

@@ -44,6 +44,7 @@ from whylook._text import (
     floor_pct,
     near_chance_caution,
     pair_confusion_text,
+    rank_classes,
     uncertain_entries_by_class,
     uncertain_null_lines,
 )
@@ -56,6 +57,7 @@ from whylook.structure import (
     accumulated_lead,
     blank_maps,
     blank_rates,
+    class_accuracy,
     confusion_matrix,
 )
 
@@ -185,10 +187,7 @@ class _Builder:
     @functools.cached_property
     def _final_accuracy(self) -> list[float | None]:
         """Per class: final analysis-set accuracy (None for a class with no samples)."""
-        pred = self.a["confidence"][-1].argmax(axis=1)
-        hits = np.bincount(self.labels[pred == self.labels], minlength=self.m)
-        sizes = np.bincount(self.labels, minlength=self.m)
-        return [float(h / n) if n else None for h, n in zip(hits, sizes, strict=True)]
+        return class_accuracy(self.a["confidence"][-1], self.labels, self.m)
 
     @functools.cached_property
     def _uncertain_by_class(self) -> dict[int, list[str]]:
@@ -230,9 +229,9 @@ class _Builder:
                             "for; the others are in the table below.")
         if self.m <= MAX_CLASS_SECTIONS:
             return everything, None
-        entries, acc = self._uncertain_by_class, self._final_accuracy
-        order = sorted(range(self.m), key=lambda c: (-len(entries.get(c, [])),
-                                                      2.0 if acc[c] is None else acc[c], c))
+        entries = self._uncertain_by_class
+        order = rank_classes([len(entries.get(c, [])) for c in range(self.m)],
+                             self._final_accuracy)
         return set(order[:MAX_CLASS_SECTIONS]), (
             f"Drawn in full: {MAX_CLASS_SECTIONS} of {self.m} classes, those in the most "
             "uncertain-prototype entries, then those the final model gets wrong most often "
