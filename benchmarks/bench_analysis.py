@@ -291,14 +291,13 @@ def run_floor(models: list[nn.Module], layer: str, images: np.ndarray, labels: n
 
         handle = module.register_forward_hook(leaf)
         try:
-            with _layout(m, nhwc), contextlib.ExitStack() as kernels:
-                if fused:
-                    kernels.enter_context(fused_conv_relu(m, keep=(module,)))
-                    kernels.enter_context(fast_max_pool(m, keep=(module,)))
+            with _layout(m, nhwc), (fused_conv_relu(m, keep=(module,)) if fused
+                                    else contextlib.nullcontext()):
                 for x, y in _batches(images, labels, bs, device):
                     if nhwc:
                         x = x.contiguous(memory_format=torch.channels_last)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    with (fast_max_pool() if fused else contextlib.nullcontext()), \
+                            torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                         logits = m(x)
                     torch.autograd.grad(logits.gather(1, y[:, None]).sum(), store["a"])
         finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -35,7 +37,7 @@ def test_values_and_layout_are_max_pooling_s(shape: tuple[int, ...], nhwc: bool,
 
 
 class _Pools(nn.Module):
-    """Poolings of every kind; only the first two are plain 2x2 ones."""
+    """Poolings of every kind, as modules and as functions."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -47,38 +49,52 @@ class _Pools(nn.Module):
         self.ceil = nn.MaxPool2d(2, ceil_mode=True)
         self.indices = nn.MaxPool2d(2, return_indices=True)
         self.subclass = type("MyPool", (nn.MaxPool2d,), {})(2)
-        self.replaced = nn.MaxPool2d(2)
-        self.replaced.forward = lambda x: F.max_pool2d(x, 2)  # type: ignore[method-assign]
         self.head = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.plain(torch.relu(self.conv(x)))
-        a = self.tuple_form(a) + self.subclass(a) + self.replaced(a) + self.ceil(a)[..., :2, :2]
-        a = self.overlapping(a)[..., :2, :2] + self.resnet_stem(a) + self.indices(a)[0]
+        a = self.plain(torch.relu(self.conv(x)))  # 8x8 -> 4x4
+        a = (self.tuple_form(a) + self.subclass(a) + F.max_pool2d(a, 2)
+             + torch.max_pool2d(a, [2, 2]) + F.max_pool2d(a, kernel_size=2, stride=2)
+             + self.ceil(a)[..., :2, :2] + self.overlapping(a)[..., :2, :2]
+             + self.resnet_stem(a) + self.indices(a)[0] + F.max_pool2d(a, 2, stride=1)[..., :2, :2]
+             + F.avg_pool2d(a, 2))
         return self.head(a.amax(dim=(2, 3)))
 
 
-def _patched(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules()
-            if "forward" in vars(m) and name != "replaced"]
+#: Of the calls in _Pools.forward, those with a plain 2x2 window: plain, tuple_form,
+#: subclass, the three functional ones with kernel 2 and stride 2.
+_PLAIN_CALLS = 6
 
 
-def test_only_plain_2x2_poolings_are_replaced_and_all_are_put_back() -> None:
+def test_only_plain_2x2_poolings_are_answered_and_only_inside_the_block() -> None:
+    torch.manual_seed(0)
     model = _Pools()
-    replaced = model.replaced.forward
-    with _pooling.fast_max_pool(model) as count:
-        assert count == 2
-        assert _patched(model) == ["plain", "tuple_form"]
-        assert model.replaced.forward is replaced
-    assert _patched(model) == []
-    assert model.replaced.forward is replaced
-    with _pooling.fast_max_pool(model, keep=(model.plain,)) as count:
-        assert _patched(model) == ["tuple_form"]
-    with pytest.raises(RuntimeError, match="boom"), _pooling.fast_max_pool(model):
-        raise RuntimeError("boom")
-    assert _patched(model) == []
-    with _pooling.fast_max_pool(model.to("meta")) as count:  # not a CPU model
-        assert count == 0
+    x = torch.randn(3, 2, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        with _pooling.fast_max_pool() as pool:
+            out = model(x)
+        assert pool.calls == _PLAIN_CALLS
+        assert torch.equal(out, ref)
+        assert all("forward" not in vars(m) for m in model.modules())  # nothing patched
+        model(x)
+        assert pool.calls == _PLAIN_CALLS  # the block is over
+
+
+def test_the_mode_is_this_threads_only() -> None:
+    seen: list[int] = []
+
+    def other_thread() -> None:
+        with torch.no_grad():
+            F.max_pool2d(torch.rand(1, 2, 4, 4), 2)
+        seen.append(1)
+
+    with torch.no_grad(), _pooling.fast_max_pool() as pool:
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+    assert seen == [1]
+    assert pool.calls == 0
 
 
 def _count_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
@@ -155,19 +171,25 @@ def test_hooks_on_the_pooling_see_its_output_and_fuse_off_leaves_it(
     assert torch.equal(seen[1], seen[3])
 
 
-def test_inputs_outside_the_fast_path_take_torchs_pooling(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    pool = nn.MaxPool2d(2)
-    calls = _count_calls(monkeypatch)
-    unbatched, recorded = torch.rand(3, 6, 6), torch.rand(1, 3, 6, 6, requires_grad=True)
-    with _pooling.fast_max_pool(pool) as count:
-        assert count == 1
-        assert torch.equal(pool(unbatched), F.max_pool2d(unbatched, 2))
-        out = pool(recorded)
+def test_inputs_outside_the_fast_path_take_torchs_pooling() -> None:
+    class Sub(torch.Tensor):
+        pass
+
+    unbatched = torch.rand(3, 6, 6)
+    recorded = torch.rand(1, 3, 6, 6, requires_grad=True)
+    subclassed = torch.rand(1, 3, 6, 6).as_subclass(Sub)
+    tiny = torch.rand(1, 3, 1, 6)
+    with _pooling.fast_max_pool() as pool:
+        assert torch.equal(F.max_pool2d(unbatched, 2), torch.amax(
+            unbatched.reshape(3, 3, 2, 3, 2), dim=(2, 4)))
+        out = F.max_pool2d(recorded, 2)
         out.sum().backward()  # torch's pooling, with its backward
         assert recorded.grad is not None
         assert float(recorded.grad.sum()) == out.numel()
+        F.max_pool2d(subclassed, 2)
+        with pytest.raises(RuntimeError):  # torch's own error for a window too large
+            F.max_pool2d(tiny, 2)
+        assert pool.calls == 0
         with torch.no_grad():
-            pool(recorded)
-    assert calls == [(1, 3, 6, 6)]  # only the no-grad batched call
+            F.max_pool2d(recorded, 2)
+        assert pool.calls == 1

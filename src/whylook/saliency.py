@@ -492,7 +492,6 @@ class _LayerSession:
             if self.fuse:
                 self._fusion = contextlib.ExitStack()
                 self._fusion.enter_context(fused_conv_relu(self.model, keep=(self.layer,)))
-                self._fusion.enter_context(fast_max_pool(self.model, keep=(self.layer,)))
             self._handle = self.layer.register_forward_hook(self._hook)
         except BaseException:
             self._restore()
@@ -543,11 +542,13 @@ class _LayerSession:
         x_in = (x.contiguous(memory_format=torch.channels_last)
                 if self.channels_last and x.ndim == 4 else x)
         try:
-            if self.autocast is None:
+            # Only around the model's own forward: the pooling mode must not see a caller's
+            # code between two batches.
+            with (fast_max_pool() if self.fuse and self.device.type == "cpu"
+                  else contextlib.nullcontext()), \
+                    (torch.autocast(self.device.type, dtype=self.autocast)
+                     if self.autocast is not None else contextlib.nullcontext()):
                 out = self.model(x_in)
-            else:
-                with torch.autocast(self.device.type, dtype=self.autocast):
-                    out = self.model(x_in)
         except _StopForward:
             return None
         except _LayerOutputError as exc:
@@ -623,10 +624,11 @@ class GradCAM:
     up to float rounding, and the model's own layout is restored afterwards.
 
     ``fuse=None`` (or ``True``) runs each ``Conv2d`` directly followed by a ``ReLU`` in an
-    ``nn.Sequential`` as one oneDNN kernel on float32 CPU models, and each 2x2
-    ``nn.MaxPool2d`` on CPU without the indices torch's pooling computes, wherever no
-    gradient is needed (before the layer); the same values, less memory traffic. ``False``
-    runs the model's modules as they are. The model's modules are put back afterwards.
+    ``nn.Sequential`` as one oneDNN kernel on float32 CPU models, and 2x2 max-pooling
+    (``nn.MaxPool2d(2)`` or ``F.max_pool2d(x, 2)``) on CPU without the indices torch's
+    pooling computes, wherever no gradient is needed (before the layer); the same values,
+    less memory traffic. ``False`` runs the model as it is. The model's modules are put
+    back afterwards.
 
     ``precision="bfloat16"`` runs the pass under ``torch.autocast`` in bfloat16 and the
     CAM and softmax in float32; the default ``"float32"`` is exact. See the module
