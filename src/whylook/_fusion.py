@@ -120,13 +120,14 @@ class _FusedForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         modules = list(self.seq._modules.values())
+        autocast = _autocast_dtype()  # the same for the whole container's call
         i = 0
         while i < len(modules):
             conv = modules[i]
-            if (i + 1 < len(modules) and self._fits(x)
+            if (i + 1 < len(modules) and self._fits(x, autocast)
                     and _fusable(conv, modules[i + 1], self.keep) and not _global_hooks()):
                 assert isinstance(conv, nn.Conv2d)
-                out = self._fused(conv, x)
+                out = self._fused(conv, x, autocast)
                 if out is not None:
                     x = out
                     i += 2
@@ -136,8 +137,7 @@ class _FusedForward:
             i += 1
         return x
 
-    def _fits(self, x: object) -> bool:
-        autocast = _autocast_dtype()
+    def _fits(self, x: object, autocast: torch.dtype | None) -> bool:
         return (
             self.kernel is not None
             and isinstance(x, torch.Tensor)
@@ -148,12 +148,13 @@ class _FusedForward:
             and not (torch.is_grad_enabled() and x.requires_grad)
         )
 
-    def _fused(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor | None:
+    def _fused(self, conv: nn.Conv2d, x: torch.Tensor,
+               autocast: torch.dtype | None) -> torch.Tensor | None:
         if torch.is_grad_enabled() and any(p.requires_grad for p in conv.parameters()):
             return None
         assert self.kernel is not None
         weight, bias = conv.weight, conv.bias
-        if _autocast_dtype() is not None:  # bfloat16, as _fits allowed
+        if autocast is not None:  # bfloat16, as _fits allowed
             x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
             bias = None if bias is None else bias.to(torch.bfloat16)
         try:
