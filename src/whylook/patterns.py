@@ -205,6 +205,15 @@ def cluster(
     >>> sorted(set(cluster(x, min_cluster_size=5).tolist()))
     [0, 1]
     """
+    with _quiet_duplicates():
+        return _cluster(x, min_cluster_size=min_cluster_size, min_samples=min_samples,
+                        allow_single_cluster=allow_single_cluster)
+
+
+def _cluster(x: np.ndarray, *, min_cluster_size: int, min_samples: int | None,
+             allow_single_cluster: bool) -> np.ndarray:
+    # :func:`cluster` without its warning filters: find_patterns sets them once, in its own
+    # thread, around the workers that call this (whylook/_parallel.py says why).
     n = x.shape[0]
     if n < max(2, min_cluster_size, min_samples or 0):
         return np.full(n, -1, dtype=np.int16)
@@ -215,9 +224,7 @@ def cluster(
         algorithm=neighbour_search(n, _dim(x)),
         copy=True,
     )
-    with _quiet_duplicates():
-        labels = hdb.fit_predict(np.ascontiguousarray(x, dtype=np.float64))
-    return _by_size(labels)
+    return _by_size(hdb.fit_predict(np.ascontiguousarray(x, dtype=np.float64)))
 
 
 @contextlib.contextmanager
@@ -331,7 +338,7 @@ def find_patterns(
     # Set in this thread, before the workers copy the filters (see thread_map).
     with _quiet_duplicates():
         labels_of = thread_map(
-            lambda job: cluster(job[0](), min_cluster_size=job[2], **opts), jobs, workers)
+            lambda job: _cluster(job[0](), min_cluster_size=job[2], **opts), jobs, workers)
 
     groups = np.stack(labels_of[:t_count])
     n_groups = groups.max(axis=1).astype(np.int64) + 1
