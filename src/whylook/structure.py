@@ -818,11 +818,9 @@ def class_accuracy(confidence: np.ndarray, labels: np.ndarray, m: int) -> list[f
     >>> class_accuracy(np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]]), np.array([0, 1, 1]), 3)
     [1.0, 0.5, None]
     """
-    pred = np.asarray(confidence).argmax(axis=1)
-    labels = np.asarray(labels)
-    hits = np.bincount(labels[pred == labels], minlength=m)
-    sizes = np.bincount(labels, minlength=m)
-    return [float(h / n) if n else None for h, n in zip(hits, sizes, strict=True)]
+    counts = confusion_matrix(labels, np.asarray(confidence).argmax(axis=1), m)
+    return [float(h / n) if n else None
+            for h, n in zip(np.diagonal(counts), counts.sum(axis=1), strict=True)]
 
 
 def _pairwise_accuracies(confidence: np.ndarray, labels: np.ndarray, m: int) -> np.ndarray:
