@@ -56,7 +56,7 @@ from whylook import __version__
 from whylook._io import atomic_write, file_digest, read_json, run_lock, save_npz, write_json
 from whylook._progress import progress_bar
 from whylook.errors import WhylookError
-from whylook.models import resolve_device
+from whylook.models import resolve_device, rng_kept
 from whylook.structure import confusion_matrix
 
 __all__ = [
@@ -1040,7 +1040,7 @@ def _finetune_locked(
         if not missing:
             continue
         # Each stage seeds torch's generator; the caller's own random state is put back.
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        with rng_kept(dev):
             fresh = _run_seed(
                 folder,
                 missing,

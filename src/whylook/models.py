@@ -25,6 +25,7 @@ attribute ``whylook_layer`` (its default prototype layer).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import importlib
@@ -50,6 +51,7 @@ __all__ = [
     "get_layer",
     "layer_shape",
     "resolve_device",
+    "rng_kept",
 ]
 
 MODEL_NAMES: tuple[str, ...] = ("smallcnn", "resnet18", "resnet50", "inception_v3")
@@ -363,6 +365,22 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "cpu" or device.startswith("cuda"):
         return torch.device(device)
     raise WhylookError(f"unknown device {device!r}; use auto, cpu or cuda")
+
+
+def rng_kept(device: torch.device | None = None) -> contextlib.AbstractContextManager[None]:
+    """torch's random state (the CPU's, and ``device``'s if it is a GPU) as it was, after
+    the block: whylook's seeding and its throwaway weight initialisations leave a caller's
+    random numbers alone.
+
+    >>> _ = torch.manual_seed(0); a = torch.rand(1)
+    >>> _ = torch.manual_seed(0)
+    >>> with rng_kept():
+    ...     _ = torch.manual_seed(1)
+    >>> bool(torch.rand(1) == a)
+    True
+    """
+    return torch.random.fork_rng(
+        devices=[device] if device is not None and device.type == "cuda" else [])
 
 
 # ----------------------------------------------------------------------------- layers

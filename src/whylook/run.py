@@ -48,6 +48,7 @@ from whylook.models import (
     layer_shape,
     require_trusted_factory,
     resolve_device,
+    rng_kept,
 )
 
 __all__ = ["RUN_SCHEMA", "CheckpointInfo", "RunFolder", "import_checkpoints"]
@@ -190,7 +191,7 @@ class RunFolder:
     def _holder(self) -> nn.Module:
         # A model only to receive a checkpoint's weights: its random initialisation is
         # overwritten, so it must not draw from (and move) the caller's torch random state.
-        with torch.random.fork_rng(devices=[]):
+        with rng_kept():
             return self.build_model()
 
     def checkpoint_path(self, index: int) -> Path:
@@ -461,7 +462,7 @@ def import_checkpoints(
     out = prepare_out(out)
     dev = resolve_device(device)
     source = as_source(data)
-    with torch.random.fork_rng(devices=[]):  # only to check the files: see RunFolder._holder
+    with rng_kept():  # only to check the files: see RunFolder._holder
         net = build_for(model, source)
     name, shape = resolve_layer(net, layer, (source.channels, *source.image_size))
     config = model_config(model, source, name, shape)

@@ -30,7 +30,7 @@ from whylook import _io
 from whylook._progress import progress_bar
 from whylook.data import DataSource, Split, to_tensor
 from whylook.errors import WhylookError
-from whylook.models import resolve_device
+from whylook.models import resolve_device, rng_kept
 from whylook.run import (
     RunFolder,
     as_source,
@@ -107,7 +107,7 @@ def train(
     # A caller's no_grad or inference_mode would leave nothing to train (or weights that no
     # backward can go through); training always runs with gradients.
     with torch.inference_mode(False), torch.enable_grad(), \
-            torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            rng_kept(dev):
         torch.manual_seed(seed)
         net = build_for(model, source)
         layer_name, shape = resolve_layer(net, layer, (source.channels, *source.image_size))
