@@ -55,7 +55,7 @@ def _kernel() -> Kernel | None:
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return None
     try:
-        return torch.ops.mkldnn._convolution_pointwise  # type: ignore[no-any-return]
+        return torch.ops.mkldnn._convolution_pointwise
     except (AttributeError, RuntimeError):
         return None
 

@@ -18,7 +18,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -38,7 +38,9 @@ __all__ = [
 ]
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[io.BufferedWriter], None]) -> Path:
+def atomic_write(
+    path: str | os.PathLike[str], write: Callable[[io.BufferedWriter], object]
+) -> Path:
     """Write ``path`` through ``write(fileobj)`` so that it appears whole or not at all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,14 +62,18 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[io.BufferedWrite
     return path
 
 
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write JSON deterministically (sorted keys, fixed layout) and atomically.
 
     The layout is :func:`json_text`'s: one line per key of the top two levels and per
     entry of their lists of records.
     """
-    data = (json_text(obj) + "\n").encode()
-    return atomic_write(path, lambda fh: fh.write(data))
+    return write_bytes(path, (json_text(obj) + "\n").encode())
 
 
 #: One encoder for every compact piece: ``json.dumps`` with options builds a new one per call.
@@ -128,7 +134,7 @@ def read_json(path: str | os.PathLike[str], what: str = "file") -> Any:
 
 def save_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> Path:
     """Save arrays uncompressed (so they can be memory-mapped) and atomically."""
-    return atomic_write(path, lambda fh: np.savez(fh, **arrays))
+    return atomic_write(path, lambda fh: np.savez(fh, **cast("dict[str, Any]", arrays)))
 
 
 def save_weights(path: str | os.PathLike[str], state: Mapping[str, torch.Tensor]) -> Path:
@@ -136,8 +142,7 @@ def save_weights(path: str | os.PathLike[str], state: Mapping[str, torch.Tensor]
     from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    data = save(tensors)
-    return atomic_write(path, lambda fh: fh.write(data))
+    return write_bytes(path, save(tensors))
 
 
 def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

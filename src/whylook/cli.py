@@ -11,7 +11,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from whylook._text import DATA_SPECS
 from whylook.errors import WhylookError
@@ -197,7 +197,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from whylook.explain import ExplainSettings, explain
     from whylook.structure import StructureSettings
 
-    overrides: dict[str, object] = {}
+    overrides: dict[str, Any] = {}
     if args.min_swings is not None:
         overrides["structure"] = StructureSettings(min_swings=args.min_swings)
     if args.support is not None:
@@ -357,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Warnings (e.g. a precision this CPU runs slowly) as one line, like the errors; put
     # back afterwards for a caller that runs main() in its own process.
     previous = warnings.formatwarning
-    warnings.formatwarning = _one_line_warning  # type: ignore[assignment]
+    warnings.formatwarning = _one_line_warning
     try:
         return _main(argv)
     finally:

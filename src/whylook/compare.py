@@ -449,7 +449,7 @@ def compare(
     def order(e: Any) -> dict[tuple[str, str], int]:
         late = len(e.data["checkpoints"])
         return {
-            tuple(map(str, p["pair"])): (
+            (str(p["pair"][0]), str(p["pair"][1])): (
                 late if p["separated_at_checkpoint"] is None else int(p["separated_at_checkpoint"])
             )
             for p in e.data["learning_order"]
@@ -521,7 +521,7 @@ def compare(
         },
         "shared_prototypes": {
             "jaccard": {c: _r6(v) for c, v in jac.items()},
-            "mean_jaccard": _r6(np.mean(defined)) if defined else None,
+            "mean_jaccard": _r6(float(np.mean(defined))) if defined else None,
             "n_classes": len(defined),
         },
         "confusion": {**conf_diff, "a": confs[0][1].tolist(), "b": confs[1][1].tolist()},

@@ -16,7 +16,7 @@ import platform
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -89,11 +89,11 @@ class ExplainSettings:
     shard_size: int = 2048
     n_components: int | None = None
     min_cluster_size: int | None = None
-    ridge_lambda: float | str = "cv"
+    ridge_lambda: float | Literal["cv"] = "cv"
     # docs/METHOD-NOTES.md, Step 5: how β's noise is measured, the exact jackknife by
     # default; "bootstrap" draws `bootstrap` resamples instead (the default before
     # 2026-12-05; Step 5 then takes 4.4x as long).
-    standard_errors: str = "jackknife"
+    standard_errors: Literal["jackknife", "bootstrap", "none"] = "jackknife"
     bootstrap: int = 100
     # docs/METHOD-NOTES.md: "support for class c", weighted by class c's learning phase,
     # from the global beta and the class-conditional ridge fits, whichever has the larger
@@ -431,9 +431,8 @@ def _check_settings(s: ExplainSettings) -> None:
     def whole(value: Any) -> bool:
         return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
-    if not (isinstance(s.k, str) and s.k in {"default", "auto"}) and not (
-        whole(s.k) and s.k >= 2
-    ):
+    k_ok = s.k in {"default", "auto"} if isinstance(s.k, str) else whole(s.k) and s.k >= 2
+    if not k_ok:
         raise WhylookError(f"k must be a whole number >= 2, 'default' or 'auto', not {s.k!r}")
     if s.layer is not None and not (isinstance(s.layer, str) and s.layer):
         raise WhylookError(f"layer must be a layer name, not {s.layer!r}")
@@ -628,7 +627,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     get_layer(final, layer_name)  # unknown names fail here with the list of candidates
     d, h, w = layer_shape(final, layer_name, (data.channels, *data.image_size))
     if settings.k == "default":
-        k_value: int | str = default_k(data.channels)
+        k_value: int | Literal["auto"] = default_k(data.channels)
         k_choice = "default"
     elif settings.k == "auto":
         k_value, k_choice = "auto", "auto"

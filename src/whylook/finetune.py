@@ -53,7 +53,7 @@ from scipy import stats
 from torch import nn
 
 from whylook import __version__
-from whylook._io import atomic_write, file_digest, read_json, run_lock, save_npz, write_json
+from whylook._io import file_digest, read_json, run_lock, save_npz, write_bytes, write_json
 from whylook._progress import progress_bar
 from whylook.errors import WhylookError
 from whylook.models import resolve_device, rng_kept
@@ -948,9 +948,10 @@ def _finetune_locked(
     rule, threshold = active_rule(exp)
     prototypes = load_prototypes(folder, exp, device=str(dev))
     act = training_activity(folder, exp, prototypes, device=dev, progress=progress)
-    uncertain = [
-        (int(u["id"].split("-")[1]), *(classes.index(str(c)) for c in u["classes"])) for u in protos
-    ]
+    uncertain = []
+    for u in protos:
+        first, second = (classes.index(str(c)) for c in u["classes"][:2])
+        uncertain.append((int(u["id"].split("-")[1]), first, second))
     keep, removed_by_proto = curated_mask(
         data.train.labels, act, uncertain, threshold, only_swing_classes=only_swing_classes
     )
@@ -1094,6 +1095,5 @@ def _finetune_locked(
         seconds=time.perf_counter() - t0,
     )
     write_json(result.path, result.to_json())
-    md = result.markdown().encode()
-    atomic_write(out_dir / "finetune.md", lambda fh: fh.write(md))
+    write_bytes(out_dir / "finetune.md", result.markdown().encode())
     return result

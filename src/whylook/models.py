@@ -64,6 +64,9 @@ _CIFAR_STEM_BELOW = 112  # ResNets get a 3x3 stride-1 stem below this image side
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel, with mean/std stored as buffers (so in checkpoints)."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.register_buffer(
@@ -131,7 +134,8 @@ class SmallCNN(nn.Module):
                 # He init (as torchvision's ResNets): on mnist5k it reaches ~2 points more
                 # test accuracy in 3 epochs than torch's default conv init.
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         self.whylook_layer = "block3"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ import functools
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sklearn.cluster import HDBSCAN
@@ -308,7 +309,8 @@ def find_patterns(
             )
     t_count, m = conf.shape[0] - 1, conf.shape[2]
     mcs = int(min_cluster_size or default_min_cluster_size(n))
-    opts = {"min_samples": min_samples, "allow_single_cluster": allow_single_cluster}
+    opts: dict[str, Any] = {
+        "min_samples": min_samples, "allow_single_cluster": allow_single_cluster}
 
     classes = np.unique(y).astype(np.int64)
     class_mcs = np.zeros(len(classes), np.int64)

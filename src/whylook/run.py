@@ -185,7 +185,8 @@ class RunFolder:
             mean=self.config.get("mean"),
             std=self.config.get("std"),
         )
-        model.whylook_layer = self.layer
+        # setattr: torch types nn.Module's attributes as tensors or modules, and this is a str.
+        setattr(model, "whylook_layer", self.layer)  # noqa: B010
         return model
 
     def _holder(self) -> nn.Module:

@@ -44,7 +44,7 @@ import itertools
 import re
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -115,7 +115,7 @@ class SaliencyResult:
                 saliency=np.concatenate([p.saliency for p in parts]),
                 confidence=np.concatenate([p.confidence for p in parts]),
                 features=(
-                    np.concatenate([p.features for p in parts])  # type: ignore[misc]
+                    np.concatenate([p.features for p in parts])
                     if all(with_features)
                     else None
                 ),
@@ -914,7 +914,7 @@ def layer_features(
     rows: RowArray | None = None,
     fuse: bool | None = None,
     precision: str = "float32",
-) -> Iterator[torch.Tensor]:
+) -> Generator[torch.Tensor, None, None]:
     """Yield the layer's activations ``(B, d, h, w)`` batch by batch, on the model's device.
 
     Forward only, and each pass stops as soon as the layer has run, so nothing after it

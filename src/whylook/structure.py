@@ -459,7 +459,7 @@ def assemble(
                 f"lead_se must have shape {(*beta.shape, m)}, got {lead_se.shape}"
             )
     uncertain = _uncertain(beta, se, active_rate, classes, steps, settings, lead_se)
-    order = _learning_order(labels, confidence, activity, classes, steps, settings)
+    learning = _learning_order(labels, confidence, activity, classes, steps, settings)
     return Structure(
         settings=settings,
         active=active,
@@ -471,7 +471,7 @@ def assemble(
         zero_saliency_rate=None if zero_rate is None else zero_rate.astype(np.float32),
         classes=tuple(class_expl),
         uncertain=uncertain,
-        learning_order=order,
+        learning_order=learning,
         uncertain_confusion=pair_confusion(confidence, labels, classes, uncertain),
     )
 
@@ -520,7 +520,7 @@ def pair_confusion(
 def blank_maps(saliency: np.ndarray) -> np.ndarray:
     """``(T+1, n)`` bool: where a sample's Grad-CAM map ``(T+1, n, h, w)`` is all zero."""
     sal = np.asarray(saliency)
-    return ~sal.reshape(sal.shape[0], sal.shape[1], -1).any(axis=2)
+    return np.logical_not(sal.reshape(sal.shape[0], sal.shape[1], -1).any(axis=2))
 
 
 def blank_rates(

@@ -85,7 +85,7 @@ def _make(n: int, rng: np.random.Generator) -> _Part:
     names = list(PLANTED_CLASSES)
     labels = np.arange(n) % len(names)
     rng.shuffle(labels)
-    images = rng.normal(20.0, 12.0, size=(n, _SIZE, _SIZE))
+    canvas = rng.normal(20.0, 12.0, size=(n, _SIZE, _SIZE))
     variants = np.zeros(n, dtype=np.int64)
     masks = {m: np.zeros((n, _SIZE, _SIZE), dtype=bool) for m in MOTIFS}
     # Positions on a coarse lattice keep motifs from overlapping while still moving them.
@@ -101,9 +101,9 @@ def _make(n: int, rng: np.random.Generator) -> _Part:
             r += int(rng.integers(0, 2))
             c += int(rng.integers(0, 2))
             stamp = MOTIFS[motif]
-            images[i, r:r + _MOTIF, c:c + _MOTIF] += stamp * rng.uniform(170, 230)
+            canvas[i, r:r + _MOTIF, c:c + _MOTIF] += stamp * rng.uniform(170, 230)
             masks[motif][i, r:r + _MOTIF, c:c + _MOTIF] = stamp > 0
-    images = np.clip(images, 0, 255).astype(np.uint8)[:, None]
+    images = np.clip(canvas, 0, 255).astype(np.uint8)[:, None]
     return _Part(images=images, labels=labels.astype(np.int64), variants=variants,
                  motif_masks=masks)
 

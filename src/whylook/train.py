@@ -58,7 +58,7 @@ def check_lr(lr: object) -> None:
     if lr is None:
         return
     ok = (isinstance(lr, numbers.Real) and not isinstance(lr, bool)
-          and math.isfinite(lr) and lr > 0)
+          and math.isfinite(lr) and float(lr) > 0)
     if not ok:
         raise WhylookError(f"lr must be a positive number, not {lr!r}")
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from whylook._io import atomic_write, run_lock
+from whylook._io import run_lock, write_bytes
 from whylook._text import (
     floor_pct,
     near_chance_caution,
@@ -277,7 +277,8 @@ class _Builder:
     def overview(self) -> dict[str, Any]:
         inp, exp = self.inp, self.exp
         run_info = exp.get("run") or {}
-        config = inp.run.get("config") if isinstance(inp.run.get("config"), dict) else {}
+        raw_config = inp.run.get("config")
+        config: dict[str, Any] = raw_config if isinstance(raw_config, dict) else {}
         h, w = inp.grid
         facts = [
             ("data", run_info.get("data") or config.get("data") or inp.run.get("data")),
@@ -521,7 +522,7 @@ class _Builder:
         known = isinstance(threshold, (int, float))
 
         def numbers(c: Any) -> tuple[float, float]:
-            values = [c.get(key) if isinstance(c, dict) else None
+            values: list[Any] = [c.get(key) if isinstance(c, dict) else None
                       for key in ("active_rate", "support_z")]
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
                 raise inconsistent(self.inp.run_path, "bad why_no_shared entry")
@@ -655,7 +656,7 @@ class _Builder:
         return accumulated_lead(self.a["beta"], self.a["beta_se"], k, a, b)
 
     def learning(self) -> dict[str, Any]:
-        order = []
+        order: list[dict[str, Any]] = []
         for e in self.exp.get("learning_order") or []:
             pair = [str(x) for x in (e.get("pair") or [])]
             if len(pair) != 2:
@@ -880,7 +881,7 @@ def _write(out: Path, files: dict[str, bytes], html: str) -> Path:
             "choose a folder you can write with --out"
         ) from None
     for name, data in sorted(files.items()):
-        atomic_write(out / name, lambda fh, data=data: fh.write(data))
+        write_bytes(out / name, data)
     # Remove figures an earlier report wrote that this one did not (fewer classes, K, ...):
     # only names this module produces, so a user's own files in --out are never touched.
     for path in sorted(out.glob("*.png")):
@@ -890,8 +891,7 @@ def _write(out: Path, files: dict[str, bytes], html: str) -> Path:
         for path in sorted((out / "patches").glob("*.png")):
             if f"patches/{path.name}" not in files:
                 path.unlink()
-    page = html.encode("utf-8")
-    return atomic_write(out / "index.html", lambda fh: fh.write(page))
+    return write_bytes(out / "index.html", html.encode("utf-8"))
 
 
 def report(

@@ -206,7 +206,8 @@ def _check(run: Path, exp: dict[str, Any], arrays: dict[str, np.ndarray]) -> Non
         raise inconsistent(run, f"{len(exp['classes'])} classes named, beta has {m}")
     if len(exp["checkpoints"]) != t1:
         raise inconsistent(run, f"{len(exp['checkpoints'])} checkpoints listed, {t1} in arrays")
-    if int(exp.get("k", k)) != k:
+    stored_k = exp.get("k", k)
+    if not isinstance(stored_k, int) or isinstance(stored_k, bool) or stored_k != k:
         raise inconsistent(run, f"k={exp.get('k')} but beta has {k} prototypes")
     labels, assign = arrays["labels"], arrays["assignments"]
     if n and (labels.min() < 0 or labels.max() >= m):

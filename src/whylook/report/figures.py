@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 DPI = 80  # laptop-screen size at 1:1; PNG files stay small enough to inline
-_RC = {
+_RC: dict[Any, Any] = {
     "text.parse_math": False,
     "font.size": 9,
     "axes.titlesize": 10,
@@ -354,7 +355,7 @@ def pattern_groups(
         bottom = np.array(noise, dtype=float)
         colour = matplotlib.colormaps["tab10"]
         seen: dict[int, None] = {}
-        steady = {"facecolor": "0.97", "edgecolor": "0.6", "hatch": "///"}
+        steady: dict[str, Any] = {"facecolor": "0.97", "edgecolor": "0.6", "hatch": "///"}
         for t, bars in enumerate(groups):
             for size, c in bars:
                 style = steady if c is None else {"color": colour(c % 10), "edgecolor": "white"}
