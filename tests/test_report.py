@@ -464,6 +464,7 @@ def test_class_names_from_data_are_escaped(tmp_path: Path) -> None:
         "missing_array",
         "bad_shape",
         "bad_proto_id",
+        "k_not_a_number",
     ],
 )
 def test_missing_or_corrupt_analysis_is_one_line_error(run: Path, damage: str) -> None:
@@ -486,7 +487,10 @@ def test_missing_or_corrupt_analysis_is_one_line_error(run: Path, damage: str) -
             arrays["beta"] = arrays["beta"][:, :3]
         else:
             exp = json.loads(exp_path.read_text())
-            exp["uncertain_prototypes"][0]["id"] = "P-999"
+            if damage == "k_not_a_number":
+                exp["k"] = "many"
+            else:
+                exp["uncertain_prototypes"][0]["id"] = "P-999"
             exp_path.write_text(json.dumps(exp))
         np.savez(npz_path, **arrays)
     with pytest.raises(WhylookError) as info:
