@@ -430,3 +430,157 @@ def test_rows_gather_equals_slicing() -> None:
     )
     with pytest.raises(WhylookError, match="rows"):
         grad_cam(model, "layer2", images, labels, rows=np.array([0, 1, 2, 9]))
+
+
+# -- users' models: in-place layers, wrappers, inputs changed in place, storage ---------------
+
+
+class _SkipNet(nn.Module):
+    """The layer ``act`` is ``ReLU(inplace=True)``: its output *is* the convolution's output,
+    which the skip connection reads as well, so d logit / dA has two paths."""
+
+    def __init__(self, layer: str = "relu") -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act: nn.Module = nn.ReLU(inplace=True) if layer == "relu" else nn.Identity()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(x)
+        a = self.act(y)
+        return self.fc((self.conv2(a) + y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("layer", ["relu", "identity"])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_a_layer_whose_output_is_also_read_elsewhere_counts_every_read(
+    layer: str, channels_last: bool
+) -> None:
+    torch.manual_seed(3)
+    net = _SkipNet(layer).eval()
+    x, y = torch.rand(3, 3, 9, 9), torch.tensor([0, 2, 1])
+    # The closed form: A feeds both conv2 and the skip.
+    a = net.conv1(x).detach()
+    a = (torch.relu(a) if layer == "relu" else a).requires_grad_(True)
+    logit = net.fc((net.conv2(a) + a).mean((2, 3))).gather(1, y[:, None]).sum()
+    (g,) = torch.autograd.grad(logit, a)
+    truth = torch.relu(torch.einsum("bc,bchw->bhw", g.mean((2, 3)), a.detach())).numpy()
+
+    res = grad_cam(net, "act", x, y, channels_last=channels_last, return_features=True)
+    np.testing.assert_allclose(res.saliency, truth, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(res.features, a.detach().numpy(), rtol=1e-6, atol=1e-6)
+    assert all(p.requires_grad for p in net.parameters())  # flags restored
+
+
+def test_an_in_place_change_of_the_layers_output_elsewhere_is_a_one_line_error() -> None:
+    class Changes(_SkipNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv1(x)
+            a = self.act(y)
+            y.mul_(2.0)  # changes A after the layer, through the other reference
+            return self.fc(self.conv2(a).mean((2, 3)))
+
+    with pytest.raises(WhylookError, match=r"changes layer 'act'.s output in place") as info:
+        grad_cam(Changes(), "act", torch.rand(2, 3, 9, 9), [0, 1])
+    assert "\n" not in str(info.value)
+
+
+def test_a_forward_set_on_a_conv_instance_runs_under_fusion() -> None:
+    """A wrapper that replaces ``conv.forward`` (an adapter, a monkeypatch) is not fused away."""
+    torch.manual_seed(0)
+    # Fusing applies before the layer ("4"), where no gradient is needed.
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(8, 3))
+    conv = net[0]
+    plain = conv.forward
+    calls = []
+
+    def adapted(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return plain(x) + 0.5 * plain(x).flip(-1)
+
+    conv.forward = adapted
+    x, y = torch.rand(4, 3, 10, 10), [0, 1, 2, 0]
+    fused = grad_cam(net, "4", x, y, fuse=True)
+    assert calls
+    ref = grad_cam(net, "4", x, y, fuse=False)
+    np.testing.assert_allclose(fused.saliency, ref.saliency, rtol=1e-5, atol=1e-7)
+
+
+def test_a_forward_that_changes_its_input_in_place_sees_it_once() -> None:
+    """One channel and ``.view`` after a convolution: the NHWC try fails after the model
+    has already shifted its input; the NCHW retry must get the batch as it was."""
+
+    class Shifts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 8 * 8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x -= 0.5
+            a = self.conv(x)
+            return self.fc(a.view(a.shape[0], -1))
+
+    torch.manual_seed(1)
+    net = Shifts().eval()
+    x = torch.rand(5, 1, 8, 8)
+    y = [0, 1, 2, 0, 1]
+    res = grad_cam(net, "conv", x.clone(), y, channels_last=True)
+    ref = grad_cam(net, "conv", x.clone(), y, channels_last=False)
+    np.testing.assert_allclose(res.saliency, ref.saliency, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        plain = torch.softmax(net(x.clone()), dim=1).numpy()
+    np.testing.assert_allclose(res.confidence, plain, atol=1e-6)
+
+
+def test_a_model_with_a_conv3d_runs_in_the_automatic_layout() -> None:
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c3 = nn.Conv3d(1, 3, 1)
+            self.c2 = nn.Conv2d(3, 8, 3)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.c2(self.c3(x[:, None]).mean(1)).mean((2, 3)))
+
+    torch.manual_seed(2)
+    net, x = Mixed(), torch.rand(2, 3, 16, 16)
+    auto = grad_cam(net, "c2", x, [0, 1])
+    ref = grad_cam(net, "c2", x, [0, 1], channels_last=False)
+    np.testing.assert_allclose(auto.saliency, ref.saliency, rtol=1e-5, atol=1e-7)
+    assert net.c3.weight.is_contiguous()
+
+
+def test_the_nhwc_pass_gives_back_the_same_tensors() -> None:
+    """Weights come back in their own memory (a model in shared memory stays shared, a numpy
+    view still sees them), a buffer two modules share stays one, and weights loaded inside
+    a ``with GradCAM`` block are kept."""
+    torch.manual_seed(4)
+    net = _resnet()
+    kernel = torch.rand(1, 1, 3, 3)
+    net.conv1.register_buffer("k", kernel)
+    net.layer1.register_buffer("k", kernel)
+    net.share_memory()
+    before = {name: p.data_ptr() for name, p in net.named_parameters()}
+    view = net.conv1.weight.detach().numpy()
+    grad_cam(net, "layer2", torch.rand(2, 3, 32, 32), [0, 1], channels_last=True)
+    assert {name: p.data_ptr() for name, p in net.named_parameters()} == before
+    assert all(p.is_shared() for p in net.parameters())
+    assert net.conv1.k is net.layer1.k
+    with torch.no_grad():
+        net.conv1.weight.add_(1.0)
+    assert view[0, 0, 0, 0] == net.conv1.weight[0, 0, 0, 0].item()
+
+    # Other values for every weight (the shared buffer once: both its keys load into it).
+    other = {k: v + 0.1 * torch.rand_like(v) if v.is_floating_point() and not k.endswith(".k")
+             else v.clone() for k, v in net.state_dict().items()}
+    with GradCAM(net, "layer2", channels_last=True) as cam:
+        cam(torch.rand(2, 3, 32, 32), [0, 1])
+        net.load_state_dict(other)
+    for name, value in other.items():
+        assert torch.equal(net.state_dict()[name], value), name
+    assert {name: p.data_ptr() for name, p in net.named_parameters()} == before

@@ -105,6 +105,9 @@ def _fusable(conv: nn.Module | None, relu: nn.Module | None, keep: set[int]) -> 
         and not isinstance(conv.padding, str)
         and not _has_hooks(conv)
         and not _has_hooks(relu)
+        # A forward set on the instance (a wrapper, an adapter) is the user's code: it runs.
+        and "forward" not in vars(conv)
+        and "forward" not in vars(relu)
     )
 
 

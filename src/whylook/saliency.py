@@ -282,6 +282,22 @@ class _LayerOutputError(Exception):
         self.reason = reason
 
 
+def _aliases_input(out: torch.Tensor, inputs: Any) -> bool:
+    """Whether ``out`` shares memory with a tensor among the layer's positional inputs."""
+    try:
+        ptr = out.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without plain storage
+        return False
+    for t in inputs if isinstance(inputs, tuple) else (inputs,):
+        if isinstance(t, torch.Tensor) and t.device == out.device:
+            try:
+                if t.untyped_storage().data_ptr() == ptr:
+                    return True
+            except (RuntimeError, NotImplementedError):
+                continue
+    return False
+
+
 def _check_layer_output(out: Any) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise _LayerOutputError(None, f"returns {type(out).__name__}, not a tensor")
@@ -458,14 +474,28 @@ class _LayerSession:
         self.activation: torch.Tensor | None = None
         self.calls = 0
         self._handle: Any = None
+        self._recording: torch.Tensor | None = None
+        self._layout_seen = False
+        self._saved_layout: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._saved_buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
         self._saved_training: list[tuple[nn.Module, bool]] = []
         self._saved_grad: list[tuple[nn.Parameter, bool]] = []
 
-    def _hook(self, _module: nn.Module, _inputs: Any, out: Any) -> Any:
+    def _hook(self, _module: nn.Module, inputs: Any, out: Any) -> Any:
         self.calls += 1
         if self.calls > 1:
             raise _LayerOutputError(None, "runs more than once per forward pass")
         out = _check_layer_output(out)
+        if self.mode == "grad" and _aliases_input(out, inputs):
+            # The output is (a view of) the layer's input: an in-place layer such as
+            # ReLU(inplace=True), or Identity. The model may read that tensor elsewhere too
+            # (a skip connection), and a copy would leave those reads out of the gradient;
+            # recording on the tensor itself counts every read, as Captum does.
+            if not out.requires_grad:
+                out.requires_grad_(True)
+            self.activation = out
+            self._recording = out
+            return out.clone()
         if self.autocast is not None:
             # A in the model's dtype (the same values): stored features, and the leaf whose
             # gradient comes back in that dtype through the cast autocast puts after it.
@@ -507,19 +537,54 @@ class _LayerSession:
         self._restore()
 
     def _to_channels_last(self) -> None:
-        # Only a model whose 4-D tensors are all in the default layout is converted, so that
-        # converting back on exit restores it exactly; a model the user already laid out
-        # otherwise is left alone (its input is still made NHWC in ``forward``).
-        tensors = [t for t in itertools.chain(self.model.parameters(), self.model.buffers())
-                   if t.ndim == 4]
-        if tensors and all(t.is_contiguous() for t in tensors):
-            self.model.to(memory_format=torch.channels_last)
-            self._converted = True
+        # Only a model whose 4-D tensors are all in the default layout is converted; a model
+        # the user already laid out otherwise is left alone (its input is still made NHWC in
+        # ``forward``). Not ``model.to(memory_format=...)``: that refuses 5-D weights (a
+        # Conv3d beside the Conv2d), and puts every tensor in new memory, so a model in
+        # shared memory (``share_memory()``) or a buffer two modules share would come back
+        # split from it. Each converted tensor's original is kept and put back on exit.
+        params = [p for p in self.model.parameters() if p.ndim == 4]
+        buffers = [(m, name, b) for m in self.model.modules() for name, b in m._buffers.items()
+                   if b is not None and b.ndim == 4]
+        if not (params or buffers) or not all(
+            t.is_contiguous() for t in itertools.chain(params, (b for _, _, b in buffers))
+        ):
+            return
+        self._converted = True
+        for p in params:
+            self._saved_layout.append((p, p.data))
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+        done: dict[int, torch.Tensor] = {}
+        for m, name, b in buffers:
+            self._saved_buffers.append((m, name, b))
+            if id(b) not in done:
+                done[id(b)] = b.contiguous(memory_format=torch.channels_last)
+            m._buffers[name] = done[id(b)]
 
     def _to_default_layout(self) -> None:
-        if self._converted:
-            self.model.to(memory_format=torch.contiguous_format)
-            self._converted = False
+        if not self._converted:
+            return
+        # The originals take the current values first: weights loaded during the session
+        # (``load_state_dict`` inside a ``with GradCAM(...)`` block) are kept.
+        with torch.no_grad():
+            for p, original in self._saved_layout:
+                if p.data is not original and p.data.shape == original.shape:
+                    original.copy_(p.data)
+                    p.data = original
+            for m, name, original in self._saved_buffers:
+                now = m._buffers.get(name)
+                if now is not None and now is not original and now.shape == original.shape:
+                    original.copy_(now)
+                    m._buffers[name] = original
+        self._saved_layout.clear()
+        self._saved_buffers.clear()
+        self._converted = False
+
+    def _release(self) -> None:
+        # The tensor the last pass recorded on (see ``_hook``) stops recording.
+        if self._recording is not None and self._recording.is_leaf:
+            self._recording.requires_grad_(False)
+        self._recording = None
 
     def _restore(self) -> None:
         if self._handle is not None:
@@ -528,6 +593,7 @@ class _LayerSession:
         if self._fusion is not None:
             self._fusion.close()
             self._fusion = None
+        self._release()
         self._to_default_layout()
         for m, training in self._saved_training:
             m.training = training
@@ -539,8 +605,15 @@ class _LayerSession:
         """Run the model; return the logits (``grad`` mode) or ``None`` (``features``)."""
         self.calls = 0
         self.activation = None
-        x_in = (x.contiguous(memory_format=torch.channels_last)
-                if self.channels_last and x.ndim == 4 else x)
+        self._release()
+        x_in = x
+        if self.channels_last and x.ndim == 4:
+            x_in = x.contiguous(memory_format=torch.channels_last)
+            if not self._layout_seen and x_in.data_ptr() == x.data_ptr():
+                # Already NHWC as it is (one channel): until a pass has run in NHWC, the
+                # model gets a copy, so a retry in NCHW below does not see an input that a
+                # forward changing its input in place (``x -= mean``) has already changed.
+                x_in = x_in.clone(memory_format=torch.channels_last)
         try:
             # Only around the model's own forward: the pooling mode must not see a caller's
             # code between two batches.
@@ -550,6 +623,7 @@ class _LayerSession:
                      if self.autocast is not None else contextlib.nullcontext()):
                 out = self.model(x_in)
         except _StopForward:
+            self._layout_seen = True
             return None
         except _LayerOutputError as exc:
             raise self._layer_error(exc, x[:1]) from None
@@ -563,6 +637,10 @@ class _LayerSession:
                 elif _SHAPE_WORDS.search(first):
                     hint = ("; check that the images have the channels and size the model "
                             "was built for")
+                elif "leaf Variable that requires grad" in first:
+                    hint = (f"; the model changes layer {self.name!r}'s output in place after "
+                            "the layer (through another reference to it), so its Grad-CAM is "
+                            "not defined: choose another layer")
                 else:
                     hint = ""
                 raise WhylookError(
@@ -576,6 +654,7 @@ class _LayerSession:
             out = self.forward(x)
             _NCHW_ONLY.add(self.model)  # only once NCHW worked: the error was the layout
             return out
+        self._layout_seen = True
         if self.calls == 0:
             raise WhylookError(
                 f"layer {self.name!r} did not run in the model's forward pass; choose a layer "
@@ -621,10 +700,18 @@ class GradCAM:
 
     ``channels_last=None`` runs CPU models with convolutions in the NHWC memory layout,
     which is faster there; ``True``/``False`` force it on or off. The values are the same
-    up to float rounding, and the model's own layout is restored afterwards.
+    up to float rounding, and afterwards the model holds its own tensors again, in their
+    own memory (shared memory stays shared) with their current values. A model that
+    cannot run in NHWC (``x.view(B, -1)`` after a convolution) runs its first batch again
+    in NCHW, so the model's own hooks see that batch twice; later sessions on the same
+    model object start in NCHW.
+
+    A layer whose output is its input (``ReLU(inplace=True)``, ``Identity``) may have that
+    tensor read elsewhere too, e.g. by a skip connection: the gradient counts every read.
 
     ``fuse=None`` (or ``True``) runs each ``Conv2d`` directly followed by a ``ReLU`` in an
-    ``nn.Sequential`` as one oneDNN kernel on float32 CPU models, and 2x2 max-pooling
+    ``nn.Sequential`` (neither with hooks or a ``forward`` of its own) as one oneDNN kernel
+    on float32 CPU models, and 2x2 max-pooling
     (``nn.MaxPool2d(2)`` or ``F.max_pool2d(x, 2)``) on CPU without the indices torch's
     pooling computes, wherever no gradient is needed (before the layer); the same values,
     less memory traffic. ``False`` runs the model as it is. The model's modules are put
@@ -730,8 +817,9 @@ class GradCAM:
                 f"the logits do not depend on layer {self.layer_name!r}; choose a layer on the "
                 "path from input to logits"
             )
-        alpha = grads.mean(dim=(2, 3))
-        acts = acts.detach()
+        # In the model's dtype: under autocast an in-place layer's A is autocast's (_hook).
+        alpha = grads.to(session.dtype).mean(dim=(2, 3))
+        acts = acts.detach().to(session.dtype)
         cam = torch.relu(torch.einsum("bc,bchw->bhw", alpha, acts))
         conf = torch.softmax(logits.detach().float(), dim=1)
         return cam.float(), conf, (acts.float() if return_features else None)
