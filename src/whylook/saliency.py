@@ -565,16 +565,21 @@ class _LayerSession:
         if not self._converted:
             return
         # The originals take the current values first: weights loaded during the session
-        # (``load_state_dict`` inside a ``with GradCAM(...)`` block) are kept.
+        # (``load_state_dict`` inside a ``with GradCAM(...)`` block) are kept. Only changed
+        # values are written: an original may be read-only or mapped from a file.
+        def put_back(now: torch.Tensor | None, original: torch.Tensor) -> bool:
+            if now is None or now.shape != original.shape or now.dtype != original.dtype:
+                return False  # replaced by something else during the session: keep that
+            if now is not original and not torch.equal(now, original):
+                original.copy_(now)
+            return True
+
         with torch.no_grad():
             for p, original in self._saved_layout:
-                if p.data is not original and p.data.shape == original.shape:
-                    original.copy_(p.data)
+                if put_back(p.data, original):
                     p.data = original
             for m, name, original in self._saved_buffers:
-                now = m._buffers.get(name)
-                if now is not None and now is not original and now.shape == original.shape:
-                    original.copy_(now)
+                if put_back(m._buffers.get(name), original):
                     m._buffers[name] = original
         self._saved_layout.clear()
         self._saved_buffers.clear()
