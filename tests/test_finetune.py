@@ -382,6 +382,11 @@ def test_cli_finetune_refuses_bad_pairs_in_one_line(small_run, capsys):
         ({"lr": "fast"}, "lr must be a positive number, not 'fast'"),
         ({"batch_size": 0}, "batch_size must be a whole number >= 1"),
         ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'"),
+        ({"seeds": 10**23}, f"from 1 to 1000 or a list of seeds, not {10**23}"),
+        ({"seeds": 0}, "seeds must be a count from 1 to 1000 or a list of seeds, not 0"),
+        ({"seeds": [1, 1]}, "distinct whole numbers from 0 to 4294967295, not [1, 1]"),
+        ({"seeds": [-1]}, "distinct whole numbers from 0 to 4294967295, not [-1]"),
+        ({"seeds": ["a"]}, "distinct whole numbers from 0 to 4294967295, not ['a']"),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(small_run, monkeypatch, option, message):
@@ -393,7 +398,22 @@ def test_bad_settings_are_refused_before_any_work(small_run, monkeypatch, option
 
     monkeypatch.setattr(ft, "training_activity", never)
     with pytest.raises(WhylookError, match=re.escape(message)):
-        ft.finetune(small_run, pair="auto", seeds=1, device="cpu", **option)
+        ft.finetune(small_run, pair="auto", device="cpu", **{"seeds": 1, **option})
+
+
+@pytest.mark.slow
+def test_a_diverged_fine_tuning_is_a_one_line_error_and_writes_nothing(small_run):
+    from whylook.finetune import finetune
+
+    def results() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in (small_run / "finetune").glob("finetune.*")}
+
+    before = results()
+    with pytest.raises(WhylookError, match=r"fine-tuning diverged .*; lower --lr") as info:
+        finetune(small_run, pair="auto", seeds=1, lr=1e30, strategies=["full"], device="cpu",
+                 progress=False)
+    assert "\n" not in str(info.value)
+    assert results() == before
 
 
 def test_finetune_needs_an_explanation(tmp_path):

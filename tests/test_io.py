@@ -62,3 +62,18 @@ def test_values_json_refuses_are_refused_and_nothing_is_written(tmp_path: Path) 
         with pytest.raises(ValueError, match="not JSON compliant"):
             write_json(tmp_path / "bad.json", bad)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_path_that_cannot_be_written_is_a_one_line_error(tmp_path: Path) -> None:
+    from whylook._io import write_json
+    from whylook.errors import WhylookError
+
+    afile = tmp_path / "afile.txt"
+    afile.write_text("keep me")
+    for target in (afile / "x.json", afile / "sub" / "x.json", tmp_path):
+        with pytest.raises(WhylookError, match="choose a location you can write") as info:
+            write_json(target, {"a": 1})
+        assert "\n" not in str(info.value)
+        assert str(target) in str(info.value)
+    assert afile.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt"]  # no temporary left

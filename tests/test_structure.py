@@ -414,6 +414,18 @@ def test_bad_shapes_and_settings_are_one_line_errors():
         _run(labels[:-1], mass, conf, beta, se, groups)
     with pytest.raises(WhylookError, match="active_threshold"):
         StructureSettings(active_threshold=1.5)
+    # Types and NaN: a string would fail deep inside, NaN or inf only when the JSON is written.
+    for bad, message in (({"z_threshold": float("nan")}, "z_threshold must be a finite number"),
+                         ({"z_threshold": float("inf")}, "z_threshold must be a finite number"),
+                         ({"shared_rate": "0.5"}, "shared_rate must be a finite number"),
+                         ({"min_swings": "2"}, "min_swings must be a whole number"),
+                         ({"min_swings": 2.5}, "min_swings must be a whole number, not 2.5"),
+                         ({"min_group_size": True}, "min_group_size must be a whole number")):
+        with pytest.raises(WhylookError, match=message):
+            StructureSettings(**bad)
+    numpy_values = StructureSettings(z_threshold=np.float32(2.5), min_swings=np.int64(3))
+    assert type(numpy_values.z_threshold) is float
+    assert type(numpy_values.min_swings) is int
     empty = labels.copy()
     empty[empty == 2] = 1
     with pytest.raises(WhylookError, match="no samples"):

@@ -41,10 +41,17 @@ __all__ = [
 def atomic_write(
     path: str | os.PathLike[str], write: Callable[[io.BufferedWriter], object]
 ) -> Path:
-    """Write ``path`` through ``write(fileobj)`` so that it appears whole or not at all."""
+    """Write ``path`` through ``write(fileobj)`` so that it appears whole or not at all.
+
+    A path that cannot be written (a file where a folder should be, no permission, a full
+    disk) is a :class:`WhylookError` of one line.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
     # mkstemp creates 0600 files; results are meant to be shared like any other file.
     umask = os.umask(0)
     os.umask(umask)
@@ -55,11 +62,20 @@ def atomic_write(
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _unwritable(path, exc) from None
         raise
     return path
+
+
+def _unwritable(path: Path, exc: OSError) -> WhylookError:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return WhylookError(
+        f"cannot write {path} ({type(exc).__name__}: {reason}); choose a location you can write"
+    )
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -73,7 +89,13 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     The layout is :func:`json_text`'s: one line per key of the top two levels and per
     entry of their lists of records.
     """
-    return write_bytes(path, (json_text(obj) + "\n").encode())
+    return write_bytes(path, json_bytes(obj))
+
+
+def json_bytes(obj: Any) -> bytes:
+    """The content :func:`write_json` writes: to fail on an unwritable value (NaN) before
+    any file is touched."""
+    return (json_text(obj) + "\n").encode()
 
 
 #: One encoder for every compact piece: ``json.dumps`` with options builds a new one per call.

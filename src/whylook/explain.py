@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from whylook import __version__
-from whylook._io import file_digest, read_json, run_lock, save_npz, write_json
+from whylook._io import file_digest, json_bytes, read_json, run_lock, save_npz, write_bytes
 from whylook._progress import progress_bar
 from whylook._text import (
     floor_pct,
@@ -74,6 +75,8 @@ _NAMES_LISTED = 10
 
 #: The readings of "support for class c" (ExplainSettings.support).
 SUPPORT_READINGS = ("global+class", "global", "class")
+#: The largest seed: numpy's and scikit-learn's random states take 32-bit seeds.
+SEED_MAX = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ class ExplainSettings:
     # docs/METHOD-NOTES.md, Step 5: how β's noise is measured, the exact jackknife by
     # default; "bootstrap" draws `bootstrap` resamples instead (the default before
     # 2026-12-05; Step 5 then takes 4.4x as long).
-    standard_errors: Literal["jackknife", "bootstrap", "none"] = "jackknife"
+    standard_errors: Literal["jackknife", "bootstrap"] = "jackknife"
     bootstrap: int = 100
     # docs/METHOD-NOTES.md: "support for class c", weighted by class c's learning phase,
     # from the global beta and the class-conditional ridge fits, whichever has the larger
@@ -359,7 +362,7 @@ def explain(
     layer: str | None = None,
     analysis_size: int | None = None,
     prototype_size: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     device: str = "auto",
     settings: ExplainSettings | None = None,
     progress: bool | None = None,
@@ -375,7 +378,8 @@ def explain(
         analysis_size: samples of the training split to analyse (default: min(2000, N)).
         prototype_size: samples whose features define the prototypes (default: the
             analysis size; may be up to the whole training split).
-        seed: seed of the sample choice, K-Means and the bootstrap.
+        seed: seed of the sample choice, K-Means and the bootstrap (default: the
+            settings', 0).
         device: ``auto``, ``cpu`` or ``cuda``.
         settings: every other choice; the keyword arguments above override it.
 
@@ -415,7 +419,7 @@ def explain(
            "layer": base.layer if layer is None else layer,
            "analysis_size": base.analysis_size if analysis_size is None else analysis_size,
            "prototype_size": base.prototype_size if prototype_size is None else prototype_size,
-           "seed": seed}
+           "seed": base.seed if seed is None else seed}
     )
     _check_settings(settings)
     folder = run if isinstance(run, RunFolder) else RunFolder.open(run)
@@ -451,6 +455,8 @@ def _check_settings(s: ExplainSettings) -> None:
             value is not None and not (whole(value) and value >= low)
         ):
             raise WhylookError(f"{name} must be a whole number >= {low}, not {value!r}")
+    if s.seed > SEED_MAX:
+        raise WhylookError(f"seed must be at most {SEED_MAX}, not {s.seed}")
     if not (whole(s.bootstrap) and (s.bootstrap == 0 or s.bootstrap >= 2)):
         raise WhylookError(f"bootstrap must be 0 or a whole number >= 2, not {s.bootstrap!r}")
     if s.standard_errors not in ("jackknife", "bootstrap"):
@@ -965,11 +971,13 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         "versions": {"whylook": __version__, "torch": torch.__version__,
                      "numpy": np.__version__, "python": platform.python_version()},
     }
-    # explanation.json marks a complete analysis: take the old one away before its arrays
-    # are replaced, so a kill in between never pairs it with the new arrays.
+    # Encoded before any file is touched: a value JSON cannot hold fails here, with the
+    # previous analysis still whole. explanation.json marks a complete analysis: the old one
+    # goes before its arrays are replaced, so a kill in between never pairs it with them.
+    content = json_bytes(explanation)
     (analysis_dir / "explanation.json").unlink(missing_ok=True)
     save_npz(analysis_dir / "arrays.npz", arrays)
-    write_json(analysis_dir / "explanation.json", explanation)
+    write_bytes(analysis_dir / "explanation.json", content)
     return Explanation(path=analysis_dir, data=explanation, arrays=arrays)
 
 
@@ -1011,11 +1019,45 @@ def load_explanation(run: str | Path) -> Explanation:
             "`whylook explain`"
         )
     try:
-        with np.load(analysis / "arrays.npz") as z:
+        with np.load(analysis / "arrays.npz", allow_pickle=False) as z:
             arrays = {name: z[name] for name in z.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise WhylookError(
             f"{analysis / 'arrays.npz'} is missing or corrupt ({exc.__class__.__name__}); "
             "rerun `whylook explain`"
         ) from None
+    problem = _malformed(data, arrays)
+    if problem:
+        raise WhylookError(
+            f"{analysis} is inconsistent ({problem}); rerun `whylook explain {Path(run)}`"
+        )
     return Explanation(path=analysis, data=data, arrays=arrays)
+
+
+def _malformed(data: dict[str, Any], arrays: dict[str, np.ndarray]) -> str | None:
+    """What is wrong with a read explanation where compare and finetune read it (a file
+    edited by hand, or damaged), or ``None``; the report checks its own reads."""
+    for key, kind in (("classes", list), ("checkpoints", list), ("prototypes", list),
+                      ("classes_explained", list), ("learning_order", list),
+                      ("uncertain_prototypes", list), ("grid", list), ("run", dict),
+                      ("learning_order_correlation", dict), ("structure_settings", dict),
+                      ("layer", str)):
+        if not isinstance(data.get(key), kind):
+            return f"explanation.json has no {kind.__name__} {key!r}"
+    if not all(isinstance(c, dict) and "class" in c and isinstance(c.get("shared"), list)
+               for c in data["classes_explained"]):
+        return "a classes_explained entry is malformed"
+    if not all(isinstance(e, dict) and isinstance(e.get("pair"), list) and len(e["pair"]) == 2
+               and (e.get("separated_at_checkpoint") is None
+                    or isinstance(e["separated_at_checkpoint"], int))
+               for e in data["learning_order"]):
+        return "a learning_order entry is malformed"
+    if not all(isinstance(u, dict) and isinstance(u.get("id"), str)
+               and isinstance(u.get("classes"), list) and len(u["classes"]) == 2
+               for u in data["uncertain_prototypes"]):
+        return "an uncertain_prototypes entry is malformed"
+    missing = [n for n in ("sample_index", "labels", "assignments", "beta", "active")
+               if n not in arrays]
+    if missing:
+        return f"arrays.npz lacks {', '.join(missing)}"
+    return None

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -83,6 +84,8 @@ SCHEMA = "whylook.finetune/1"
 SETS = ("full", "curated")
 DEFAULT_STRATEGIES = ("full>full", "curated>curated", "curated>full", "full", "curated")
 # Bump when the fine-tuning or the curated-set computation changes for the same inputs.
+#: The most seeds a count may ask for (each is a fine-tuning of every strategy).
+MAX_SEEDS = 1000
 _CACHE_VERSION = "2"
 _SHARD = 8192
 
@@ -141,6 +144,30 @@ def stage_order(n: int, seed: int, stage: int, keep: np.ndarray | None = None) -
     """
     perm = np.random.default_rng([int(seed), int(stage)]).permutation(int(n))
     return perm if keep is None else perm[np.asarray(keep, bool)[perm]]
+
+
+def _seed_list(seeds: object) -> list[int]:
+    """``seeds`` as given to :func:`finetune` (a count, or the seeds), checked."""
+    from whylook.explain import SEED_MAX
+
+    def whole(v: object) -> bool:
+        return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+    if isinstance(seeds, int | np.integer) and not isinstance(seeds, bool):
+        count = int(seeds)
+        if not 1 <= count <= MAX_SEEDS:
+            raise WhylookError(
+                f"seeds must be a count from 1 to {MAX_SEEDS} or a list of seeds, not {count}"
+            )
+        return list(range(count))
+    values = list(seeds) if isinstance(seeds, list | tuple | range | np.ndarray) else None
+    if (not values or not all(whole(v) and 0 <= v <= SEED_MAX for v in values)
+            or len(set(values)) != len(values)):
+        raise WhylookError(
+            f"seeds must be a count from 1 to {MAX_SEEDS} or distinct whole numbers from 0 to "
+            f"{SEED_MAX}, not {seeds!r}"
+        )
+    return [int(v) for v in values]
 
 
 def _torch_seed(seed: int, stage: int) -> int:
@@ -815,6 +842,11 @@ def _run_seed(
                 )
             if prefix in wanted and prefix not in results:
                 results[prefix] = evaluate(model, test.images, test.labels, m, device=device)
+                if not math.isfinite(results[prefix][1]):
+                    raise WhylookError(
+                        f"fine-tuning diverged (test loss is not finite after "
+                        f"{'>'.join(prefix)}, seed {seed}); lower --lr"
+                    )
     return results
 
 
@@ -870,9 +902,7 @@ def finetune(
     parsed = [parse_strategy(s) for s in strategies]
     if not parsed or len(set(parsed)) != len(parsed):
         raise WhylookError("give at least one strategy, each once (e.g. full>full,curated>full)")
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    if not seed_list or len(set(seed_list)) != len(seed_list):
-        raise WhylookError(f"seeds must be a positive number or distinct integers, not {seeds!r}")
+    seed_list = _seed_list(seeds)
     if scope not in {"pair", "all"}:
         raise WhylookError(f"scope must be 'pair' or 'all', not {scope!r}")
     # Settings are checked before the minutes of work that come before they are used.

@@ -59,8 +59,9 @@ default):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -120,6 +121,21 @@ class StructureSettings:
             raise WhylookError(
                 f"active_rule must be 'intensity' or 'mass', not {self.active_rule!r}"
             )
+        # Types first: a string would fail a comparison below with a TypeError, and NaN or
+        # inf would pass some of the range checks and end up in explanation.json.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float" and not (
+                isinstance(value, int | float | np.integer | np.floating)
+                and not isinstance(value, bool) and math.isfinite(value)
+            ):
+                raise WhylookError(f"{f.name} must be a finite number, not {value!r}")
+            if f.type == "int" and not (
+                isinstance(value, int | np.integer) and not isinstance(value, bool)
+            ):
+                raise WhylookError(f"{f.name} must be a whole number, not {value!r}")
+            if f.type in ("float", "int"):  # numpy scalars as Python's, for the JSON
+                object.__setattr__(self, f.name, float(value) if f.type == "float" else int(value))
         if self.active_threshold < 0:
             default = 0.3 if self.active_rule == "intensity" else 0.1
             object.__setattr__(self, "active_threshold", default)
