@@ -38,6 +38,7 @@ from whylook.errors import WhylookError
 from whylook.explain import ExplainSettings, explain
 from whylook.models import build_model
 from whylook.run import INCOMPLETE_MARKER
+from whylook.structure import StructureSettings
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "BAD-INPUTS.md"
 ROW = re.compile(r"^\|\s*`(?P<id>[a-z0-9-]+)`\s*\|(?P<cells>.*)\|\s*$")
@@ -238,6 +239,12 @@ def _analysis(c: Ctx, damage: Callable[[Path], object]) -> list[str]:
     return ["report", str(run)]
 
 
+def _compare_out_under_a_file(c: Ctx) -> list[str]:
+    run = c.run(analysis=True)
+    (c.tmp / "afile.txt").write_text("")
+    return ["compare", str(run), str(run), "--out", str(c.tmp / "afile.txt" / "x.json")]
+
+
 def _explain_api(c: Ctx, **settings: object) -> Callable[[], object]:
     run = c.run()
     return lambda: explain(run, device="cpu", settings=ExplainSettings(**settings))
@@ -431,6 +438,12 @@ CASES: dict[str, Case] = {
         "whylook explain", lambda c: c.explain(c.run(), "--prototype-size", "1000")
     ),
     "seed-negative": ("whylook explain", lambda c: c.explain(c.run(), "--seed", "-1")),
+    "seed-beyond-32-bits": (
+        "whylook explain", lambda c: c.explain(c.run(), "--seed", str(2**32))
+    ),
+    "structure-threshold-nan": (
+        "explain()", lambda c: lambda: StructureSettings(z_threshold=float("nan"))
+    ),
     "too-few-checkpoints": ("whylook explain", _two_checkpoint_run),
     "layer-unknown": ("whylook explain", lambda c: c.explain(c.run(), "--layer", "block9")),
     "layer-without-spatial-map": (
@@ -465,6 +478,10 @@ CASES: dict[str, Case] = {
     "finetune-lr-not-positive": (
         "whylook finetune", lambda c: ["finetune", str(c.run(analysis=True)), "--lr", "0"]
     ),
+    "finetune-seeds-zero": (
+        "whylook finetune", lambda c: ["finetune", str(c.run(analysis=True)), "--seeds", "0"]
+    ),
+    "compare-out-under-a-file": ("whylook compare", _compare_out_under_a_file),
     "model-unknown": ("whylook train", lambda c: c.train(f"npz:{c.data}", "--model", "resnet51")),
     "device-cuda-without-gpu": (
         "whylook train", lambda c: c.train(f"npz:{c.data}", "--device", "cuda")

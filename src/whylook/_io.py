@@ -72,10 +72,11 @@ def atomic_write(
 
 
 def _unwritable(path: Path, exc: OSError) -> WhylookError:
-    reason = exc.strerror or str(exc) or type(exc).__name__
-    return WhylookError(
-        f"cannot write {path} ({type(exc).__name__}: {reason}); choose a location you can write"
-    )
+    # mkdir reports a file in the way as "File exists", which does not say which one.
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    reason = (f"{blocker} is a file, not a folder" if blocker is not None
+              else f"{type(exc).__name__}: {exc.strerror or exc}")
+    return WhylookError(f"cannot write {path} ({reason}); choose a location you can write")
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
