@@ -89,6 +89,21 @@ def test_arrays_are_read_only_and_limit_per_class_keeps_the_first_rows() -> None
     assert np.array_equal(small.train.images[small.train.labels == 0], first_zeros)
 
 
+@pytest.mark.parametrize("limit", [2.5, "3", True, 0, -1, 3.0])
+def test_limit_per_class_must_be_a_whole_number(limit: object) -> None:
+    with pytest.raises(WhylookError) as info:
+        load_data("mnist5k", limit_per_class=limit)  # type: ignore[arg-type]
+    assert str(info.value) == (
+        f"limit_per_class must be a whole number >= 1 (or None for all images), not {limit!r}"
+    )
+
+
+def test_a_numpy_integer_limit_is_a_plain_int() -> None:
+    ds = load_data("mnist5k", limit_per_class=np.int64(2))  # type: ignore[arg-type]
+    assert len(ds.train) == 20
+    assert type(ds.limit_per_class) is int  # it goes into run.json
+
+
 def test_to_tensor_and_channel_stats() -> None:
     images = np.array([[[[0, 255]]], [[[51, 102]]]], np.uint8)  # (2, 1, 1, 2)
     t = to_tensor(images)
@@ -184,6 +199,30 @@ def test_bad_npz_is_a_one_line_error(tmp_path: Path, change: dict, message: str)
     with pytest.raises(WhylookError, match=message) as info:
         load_data(_npz(tmp_path, **arrays))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (lambda path: path.write_bytes(b""),
+         r"npz \S+ is an empty file; an npz source is an archive of named arrays: save it with "
+         r"numpy\.savez\(x_train=\.\.\., y_train=\.\.\., x_test=\.\.\., y_test=\.\.\.\)$"),
+        # np.save writes a .npy whatever the suffix: one bare array, read without a zip.
+        (lambda path: np.save(path.open("wb"), np.zeros((6, 5, 5), np.uint8)),
+         r"npz \S+ is a single \.npy array, not an npz archive of named arrays; save it with "
+         r"numpy\.savez\("),
+    ],
+    ids=["empty", "npy"],
+)
+def test_an_npz_that_is_no_archive_says_what_an_npz_must_be(
+    tmp_path: Path, write, message: str
+) -> None:
+    for name in ("d.npz", "d.npy"):
+        path = tmp_path / name
+        write(path)
+        with pytest.raises(WhylookError, match=message) as info:
+            load_data(f"npz:{path}")
+        assert "\n" not in str(info.value)
 
 
 def test_npz_with_pickled_objects_is_refused(tmp_path: Path) -> None:
@@ -309,6 +348,9 @@ def test_zip_bomb_is_refused_before_reading(tmp_path: Path, monkeypatch) -> None
         (lambda r: _odd_size(r), "differ in size"),
         (lambda r: _corrupt(r), "cannot be decoded"),
         (lambda r: _test_only_class(r), "test class 'yak' has no folder"),
+        (lambda r: _broken_link(r),
+         r"image \S+/train/cat/link\.png cannot be read \(a broken symbolic link to "
+         r"/nonexistent/x\.png\); fix or remove it$"),
     ],
 )
 def test_bad_folders_are_one_line_errors(tmp_path: Path, build, message: str) -> None:
@@ -339,6 +381,11 @@ def _odd_size(root: Path) -> None:
 def _corrupt(root: Path) -> None:
     _make_tree(root, rgb=False)
     (root / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG not really")
+
+
+def _broken_link(root: Path) -> None:
+    _make_tree(root, rgb=False)
+    (root / "train" / "cat" / "link.png").symlink_to("/nonexistent/x.png")
 
 
 def _test_only_class(root: Path) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from whylook.errors import WhylookError
-from whylook.explain import SEED_MAX, ExplainSettings, explain
+from whylook.explain import ExplainSettings, explain
+from whylook.train import MAX_SEED
 
 
 @pytest.fixture
@@ -22,8 +23,9 @@ def run(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_seed_beyond_32_bits_is_refused_before_any_work(run: Path) -> None:
-    with pytest.raises(WhylookError, match=f"seed must be at most {SEED_MAX}, not {SEED_MAX + 1}"):
-        explain(run, seed=SEED_MAX + 1, device="cpu", progress=False)
+    with pytest.raises(WhylookError, match=f"seed must be a whole number in 0..{MAX_SEED}, not "
+                       f"{MAX_SEED + 1}"):
+        explain(run, seed=MAX_SEED + 1, device="cpu", progress=False)
 
 
 def test_the_settings_seed_is_used_unless_the_keyword_is_given(run: Path) -> None:

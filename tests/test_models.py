@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 import textwrap
 from pathlib import Path
@@ -14,6 +15,7 @@ from whylook.models import (
     MODEL_NAMES,
     Normalize,
     build_model,
+    check_trainable,
     default_layer,
     get_layer,
     layer_shape,
@@ -128,6 +130,38 @@ def user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
             def buggy(num_classes, in_channels, image_size):
                 raise TypeError("a bug in the user's factory")
+
+            def wrong_classes(num_classes, in_channels, image_size):
+                return tiny(num_classes + 1, in_channels, image_size)
+
+            class Wrapped(nn.Module):
+                def __init__(self, model, wrap):
+                    super().__init__()
+                    self.model, self.wrap = model, wrap
+
+                def forward(self, x):
+                    return self.wrap(self.model(x))
+
+            def tuple_out(num_classes, in_channels, image_size):
+                return Wrapped(tiny(num_classes, in_channels, image_size), lambda y: (y, 0))
+
+            def dict_out(num_classes, in_channels, image_size):
+                return Wrapped(tiny(num_classes, in_channels, image_size), lambda y: {"logits": y})
+
+            def int_out(num_classes, in_channels, image_size):
+                return Wrapped(tiny(num_classes, in_channels, image_size), lambda y: y.long())
+
+            def no_params(num_classes, in_channels, image_size):
+                return nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())
+
+            def double(num_classes, in_channels, image_size):
+                return tiny(num_classes, in_channels, image_size).double()
+
+            def too_few_channels(num_classes, in_channels, image_size):
+                return tiny(num_classes, in_channels + 1, image_size)
+
+            def frozen(num_classes, in_channels, image_size):
+                return tiny(num_classes, in_channels, image_size).requires_grad_(False)
             """
         )
     )
@@ -153,9 +187,96 @@ def test_user_factory(user_package: str) -> None:
         build_model("no_such_pkg_xyz:f", num_classes=4, in_channels=3, image_size=9)
     with pytest.raises(WhylookError, match=r"cannot be called as factory\(num_classes="):
         build_model(f"{user_package}:wrong_signature", num_classes=4, in_channels=3, image_size=9)
-    # A bug inside the user's own factory keeps its own error (not a whylook message).
-    with pytest.raises(TypeError, match="a bug in the user's factory"):
+
+
+USER_MODEL_ERRORS = {
+    # factory: the whole message (the model is built for 4 classes, 3x9x9 images)
+    "buggy": "the model factory my_models:buggy raised TypeError: a bug in the user's factory; "
+    "fix the factory (call it in Python to see the traceback)",
+    "wrong_classes": "model my_models:wrong_classes returns logits of shape (2, 5) for a batch "
+    "of 2 images, not (2, 4); its forward must return one logit per class, (batch, 4)",
+    "tuple_out": "model my_models:tuple_out returns a tuple, not a tensor; its forward must "
+    "return one (batch, 4) float tensor of logits, one per class",
+    "dict_out": "model my_models:dict_out returns a dict, not a tensor; its forward must "
+    "return one (batch, 4) float tensor of logits, one per class",
+    "int_out": "model my_models:int_out returns int64 logits; its forward must return one "
+    "(batch, 4) float tensor of logits, one per class",
+    "no_params": "model my_models:no_params has no parameters, so there is nothing to train; "
+    "return a model with weights (e.g. nn.Conv2d and nn.Linear layers)",
+    "double": "model my_models:double has float64 weights; return a float32 model (whylook "
+    "feeds it float32 images), e.g. without .double() or .half()",
+    "too_few_channels": "model my_models:too_few_channels fails on 3x9x9 input (RuntimeError: ",
+}
+
+
+@pytest.mark.parametrize("factory", sorted(USER_MODEL_ERRORS))
+def test_a_user_model_whylook_cannot_use_is_refused_when_built(
+    user_package: str, factory: str
+) -> None:
+    with pytest.raises(WhylookError) as info:
+        build_model(f"{user_package}:{factory}", num_classes=4, in_channels=3, image_size=9)
+    message = str(info.value)
+    assert "\n" not in message
+    if factory == "too_few_channels":
+        assert message.startswith(USER_MODEL_ERRORS[factory])
+        assert message.endswith("; check the data's channels and image size")
+    else:
+        assert message == USER_MODEL_ERRORS[factory]
+
+
+def test_the_factory_error_keeps_its_traceback_for_python_callers(user_package: str) -> None:
+    with pytest.raises(WhylookError) as info:
         build_model(f"{user_package}:buggy", num_classes=4, in_channels=3, image_size=9)
+    assert isinstance(info.value.__cause__, TypeError)
+
+
+def test_checking_a_model_leaves_its_mode_and_the_rng_alone(user_package: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(f"{user_package}:tiny", num_classes=4, in_channels=3, image_size=9)
+    assert model.training
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    tiny = importlib.import_module(user_package).tiny
+    tiny(num_classes=4, in_channels=3, image_size=(9, 9))
+    assert torch.equal(torch.rand(1), after)
+
+
+def test_a_frozen_model_is_built_but_cannot_be_trained(user_package: str) -> None:
+    # explain takes gradients with the weights frozen, so only training refuses it.
+    model = build_model(f"{user_package}:frozen", num_classes=4, in_channels=3, image_size=9)
+    with pytest.raises(WhylookError) as info:
+        check_trainable(model, f"{user_package}:frozen")
+    assert str(info.value) == (
+        "model my_models:frozen has no trainable parameters (every one has "
+        "requires_grad=False); leave at least some of its weights trainable"
+    )
+    check_trainable(build_model("smallcnn", num_classes=2, in_channels=1, image_size=8), "s")
+
+
+@pytest.mark.parametrize("spec", [":", ":f", ".rel:f", "..rel:f", "a..b:f", "a b:f", "1x:f"])
+def test_a_model_name_without_a_module_is_refused(spec: str) -> None:
+    with pytest.raises(WhylookError) as info:
+        build_model(spec, num_classes=4, in_channels=3, image_size=9)
+    assert str(info.value) == (
+        f"model {spec!r} does not name a module; use package.module:factory with an absolute "
+        "module path (e.g. my_models:build)"
+    )
+
+
+def test_a_module_that_fails_on_import_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "broken_models.py").write_text("raise RuntimeError('half-written\\nmodule')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(WhylookError) as info:
+            build_model("broken_models:f", num_classes=4, in_channels=3, image_size=9)
+    finally:
+        sys.modules.pop("broken_models", None)
+    assert str(info.value) == (
+        "importing 'broken_models' for model 'broken_models:f' raised RuntimeError: "
+        "half-written; fix the module (import it in Python to see the traceback)"
+    )
 
 
 def test_resolve_device(monkeypatch: pytest.MonkeyPatch) -> None:

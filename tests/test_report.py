@@ -949,3 +949,19 @@ def test_patterns_section_reads_explanation_json_first(small_run: Path) -> None:
         with pytest.raises(WhylookError, match="inconsistent") as info:
             report(small_run)
         assert "\n" not in str(info.value)
+
+
+def test_report_names_a_file_an_incomplete_run_and_a_non_path_as_explain_does(tmp_path):
+    from whylook.run import INCOMPLETE_MARKER
+
+    afile = tmp_path / "afile.txt"
+    afile.write_text("")
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / INCOMPLETE_MARKER).write_text("")
+    for target, message in ((afile, "is a file, not a run folder"),
+                            (killed, r"is incomplete \(its training or import stopped"),
+                            (None, "a run folder is given by its path, not a NoneType")):
+        with pytest.raises(WhylookError, match=message) as info:
+            report(target)
+        assert "\n" not in str(info.value)

@@ -7,6 +7,7 @@ import importlib
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +216,96 @@ def test_cli_train_succeeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert [c.step for c in RunFolder.open(out).checkpoints] == [0, 4]
 
 
+@pytest.mark.parametrize("seed", [2**32, -1, 2.0, True, "1"])
+def test_seeds_outside_32_bits_are_refused(tiny_data, tmp_path: Path, seed: object) -> None:
+    for name in ("seed", "data_seed"):
+        with pytest.raises(WhylookError) as info:
+            train(tiny_data, out=tmp_path / "s", **{name: seed}, **TINY)
+        assert str(info.value) == f"{name} must be a whole number in 0..4294967295, not {seed!r}"
+    assert not (tmp_path / "s").exists()
+
+
+def test_the_largest_seed_trains(tiny_data, tmp_path: Path) -> None:
+    run = train(tiny_data, seed=np.int64(2**32 - 1), data_seed=2**32 - 1, out=tmp_path / "s",
+                **{**TINY, "epochs": 1, "checkpoints": 2})
+    assert run.manifest["seeds"] == {"seed": 2**32 - 1, "data_seed": 2**32 - 1}
+
+
+@pytest.mark.parametrize("out", [None, 3])
+def test_out_must_be_a_path(tiny_data, out: object) -> None:
+    with pytest.raises(WhylookError) as info:
+        train(tiny_data, out=out, **TINY)  # type: ignore[arg-type]
+    assert str(info.value) == (
+        f"out must be the path of the run folder to create (a str or os.PathLike), not {out!r}"
+    )
+
+
+USER_MODELS = """
+from torch import nn
+
+def good(num_classes, in_channels, image_size):
+    return nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+
+def wrong_classes(num_classes, in_channels, image_size):
+    return good(num_classes + 1, in_channels, image_size)
+
+class TupleOut(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x), 0
+
+def tuple_out(**kwargs):
+    return TupleOut(good(**kwargs))
+
+def no_params(num_classes, in_channels, image_size):
+    return nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())
+
+def frozen(**kwargs):
+    return good(**kwargs).requires_grad_(False)
+
+def double(**kwargs):
+    return good(**kwargs).double()
+
+def raises(**kwargs):
+    raise RuntimeError("boom inside factory")
+"""
+
+USER_MODEL_CLI_ERRORS = {
+    "wrong_classes": r"returns logits of shape \(2, 11\) for a batch of 2 images, not \(2, 10\)",
+    "tuple_out": "returns a tuple, not a tensor; its forward must return one",
+    "no_params": "has no parameters, so there is nothing to train",
+    "frozen": r"has no trainable parameters \(every one has requires_grad=False\)",
+    "double": "has float64 weights; return a float32 model",
+    "raises": "the model factory train_models:raises raised RuntimeError: boom inside factory; ",
+}
+
+
+@pytest.mark.parametrize("factory", sorted(USER_MODEL_CLI_ERRORS))
+def test_a_user_model_that_cannot_train_is_refused_before_training(
+    factory: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "train_models.py").write_text(USER_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(train_mod, "_fit", lambda *a, **k: pytest.fail("training started"))
+    out = tmp_path / "out"
+    try:
+        code = main(["train", "--model", f"train_models:{factory}", "--epochs", "1",
+                     "--checkpoints", "2", "--device", "cpu", "--out", str(out)])
+    finally:
+        sys.modules.pop("train_models", None)
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: model train_models:{factory} ") or factory == "raises"
+    assert re.search(USER_MODEL_CLI_ERRORS[factory], lines[0]), lines[0]
+    assert not out.exists()
+
+
 def _npz_without_y_test(tmp: Path) -> str:
     np.savez(tmp / "partial.npz", x_train=np.zeros((4, 8, 8), np.uint8), y_train=np.arange(4) % 2)
     return f"npz:{tmp / 'partial.npz'}"
@@ -260,6 +351,22 @@ CLI_ERRORS = {
         "only 4 optimizer steps",
     ),
     "bad epochs": (lambda t: ["train", "--epochs", "0"], "epochs must be"),
+    "seed too large": (
+        lambda t: ["train", "--seed", str(10**23)],
+        rf"seed must be a whole number in 0\.\.4294967295, not {10**23}$",
+    ),
+    "data seed too large": (
+        lambda t: ["train", "--data-seed", str(2**32)],
+        r"^error: data_seed must be a whole number in 0\.\.4294967295, not 4294967296$",
+    ),
+    "negative seed": (
+        lambda t: ["train", "--seed", "-1"],
+        r"^error: seed must be a whole number in 0\.\.4294967295, not -1$",
+    ),
+    "model without a module": (
+        lambda t: ["train", "--model", ".rel:f"],
+        r"model '\.rel:f' does not name a module; use package\.module:factory",
+    ),
     "checkpoint that does not fit": (
         lambda t: ["import", _unfitting_checkpoint(t), _unfitting_checkpoint(t)],
         r"does not fit the model: 'classifier\.fc2\.weight' is 3x128",

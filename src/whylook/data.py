@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import numbers
 import os
 import re
 import warnings
@@ -201,8 +202,15 @@ def load_data(spec: str = "mnist5k", *, limit_per_class: int | None = None) -> D
     >>> load_data("mnist5k", limit_per_class=10).train.images.shape
     (100, 1, 28, 28)
     """
-    if limit_per_class is not None and limit_per_class < 1:
-        raise WhylookError(f"limit_per_class must be at least 1, not {limit_per_class}")
+    if limit_per_class is not None:
+        # 2.5 or "3" would fail deep in NumPy's slicing; a bool is no count either.
+        if not (isinstance(limit_per_class, numbers.Integral)
+                and not isinstance(limit_per_class, bool) and limit_per_class >= 1):
+            raise WhylookError(
+                f"limit_per_class must be a whole number >= 1 (or None for all images), "
+                f"not {limit_per_class!r}"
+            )
+        limit_per_class = int(limit_per_class)  # a NumPy integer would not go into run.json
     kind, arg = _parse_spec(spec)
     canonical = kind if kind == "mnist5k" else f"{kind}:{arg}"
     key = (canonical, limit_per_class, _signature(kind, arg))
@@ -358,9 +366,30 @@ def _load_mnist5k() -> tuple[tuple[str, ...], Split, Split]:
 # ----------------------------------------------------------------------------- npz
 
 
+_NPZ_HELP = "save it with numpy.savez(x_train=..., y_train=..., x_test=..., y_test=...)"
+
+
 def _load_npz(path: Path) -> tuple[tuple[str, ...], Split, Split]:
+    if path.is_file() and path.stat().st_size == 0:
+        # np.load would fail with a bare "EOFError: No data left in file".
+        raise WhylookError(
+            f"npz {path} is an empty file; an npz source is an archive of named arrays: "
+            f"{_NPZ_HELP}"
+        )
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise WhylookError(
+            f"{path} is not a readable npz without pickled objects ({type(exc).__name__}); "
+            f"{_NPZ_HELP}"
+        ) from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        # np.load reads a .npy file as one bare array: no names for the four arrays.
+        raise WhylookError(
+            f"npz {path} is a single .npy array, not an npz archive of named arrays; {_NPZ_HELP}"
+        )
+    try:
+        with loaded as npz:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in npz]
             if missing:
                 raise WhylookError(
@@ -371,10 +400,10 @@ def _load_npz(path: Path) -> tuple[tuple[str, ...], Split, Split]:
             names = next((npz[k] for k in ("classes", "class_names") if k in npz), None)
     except WhylookError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise WhylookError(
             f"{path} is not a readable npz without pickled objects ({type(exc).__name__}); "
-            "save it with numpy.savez(x_train=..., y_train=..., x_test=..., y_test=...)"
+            f"{_NPZ_HELP}"
         ) from None
     scale = _float_scale(path, arrays["x_train"], arrays["x_test"])
     splits = []
@@ -592,7 +621,17 @@ def _decode_all(members: list[str], fetch: Callable[[str], bytes | Path]) -> lis
 
 def _decode_image(data: bytes | Path, name: str, fast: bool) -> np.ndarray:
     """One image as uint8 (C, H, W) with C = 1 (grayscale) or 3 (RGB; alpha dropped)."""
-    raw = data.read_bytes() if isinstance(data, Path) else data
+    if isinstance(data, Path):
+        try:
+            raw = data.read_bytes()
+        except OSError as exc:
+            if data.is_symlink() and not data.exists():
+                why = f"a broken symbolic link to {os.readlink(data)}"
+            else:
+                why = exc.strerror or type(exc).__name__
+            raise WhylookError(f"image {data} cannot be read ({why}); fix or remove it") from None
+    else:
+        raw = data
     if fast and os.path.splitext(name)[1].lower() in _FAST_DECODE:
         # torchvision's libjpeg-turbo/libpng decoder gives the same pixels as PIL, 3x faster.
         try:

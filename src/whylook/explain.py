@@ -75,8 +75,6 @@ _NAMES_LISTED = 10
 
 #: The readings of "support for class c" (ExplainSettings.support).
 SUPPORT_READINGS = ("global+class", "global", "class")
-#: The largest seed: numpy's and scikit-learn's random states take 32-bit seeds.
-SEED_MAX = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -431,6 +429,8 @@ def explain(
 
 def _check_settings(s: ExplainSettings) -> None:
     """Refuse malformed options before any work, each with a one-line message."""
+    from whylook.train import check_seed
+
 
     def whole(value: Any) -> bool:
         return isinstance(value, int | np.integer) and not isinstance(value, bool)
@@ -447,16 +447,14 @@ def _check_settings(s: ExplainSettings) -> None:
         ("min_cluster_size", s.min_cluster_size, 2),
         ("batch_size", s.batch_size, 1),
         ("shard_size", s.shard_size, 1),
-        ("seed", s.seed, 0),
         ("uncertain_null", s.uncertain_null, 0),
     ):
-        optional = name not in {"batch_size", "shard_size", "seed", "uncertain_null"}
+        optional = name not in {"batch_size", "shard_size", "uncertain_null"}
         if (value is None and not optional) or (
             value is not None and not (whole(value) and value >= low)
         ):
             raise WhylookError(f"{name} must be a whole number >= {low}, not {value!r}")
-    if s.seed > SEED_MAX:
-        raise WhylookError(f"seed must be at most {SEED_MAX}, not {s.seed}")
+    check_seed("seed", s.seed)  # scikit-learn's random states take 32-bit seeds
     if not (whole(s.bootstrap) and (s.bootstrap == 0 or s.bootstrap >= 2)):
         raise WhylookError(f"bootstrap must be 0 or a whole number >= 2, not {s.bootstrap!r}")
     if s.standard_errors not in ("jackknife", "bootstrap"):
@@ -1040,10 +1038,13 @@ def _malformed(data: dict[str, Any], arrays: dict[str, np.ndarray]) -> str | Non
     for key, kind in (("classes", list), ("checkpoints", list), ("prototypes", list),
                       ("classes_explained", list), ("learning_order", list),
                       ("uncertain_prototypes", list), ("grid", list), ("run", dict),
-                      ("learning_order_correlation", dict), ("structure_settings", dict),
-                      ("layer", str)):
+                      ("learning_order_correlation", dict), ("layer", str)):
         if not isinstance(data.get(key), kind):
             return f"explanation.json has no {kind.__name__} {key!r}"
+    settings = data.get("structure_settings", {})
+    if not (isinstance(settings, dict) and isinstance(
+            settings.get("active_threshold", 0.0), int | float)):
+        return "explanation.json's structure_settings are malformed"
     if not all(isinstance(c, dict) and "class" in c and isinstance(c.get("shared"), list)
                for c in data["classes_explained"]):
         return "a classes_explained entry is malformed"

@@ -148,7 +148,7 @@ def stage_order(n: int, seed: int, stage: int, keep: np.ndarray | None = None) -
 
 def _seed_list(seeds: object) -> list[int]:
     """``seeds`` as given to :func:`finetune` (a count, or the seeds), checked."""
-    from whylook.explain import SEED_MAX
+    from whylook.train import MAX_SEED
 
     def whole(v: object) -> bool:
         return isinstance(v, int | np.integer) and not isinstance(v, bool)
@@ -161,11 +161,11 @@ def _seed_list(seeds: object) -> list[int]:
             )
         return list(range(count))
     values = list(seeds) if isinstance(seeds, list | tuple | range | np.ndarray) else None
-    if (not values or not all(whole(v) and 0 <= v <= SEED_MAX for v in values)
+    if (not values or not all(whole(v) and 0 <= v <= MAX_SEED for v in values)
             or len(set(values)) != len(values)):
         raise WhylookError(
             f"seeds must be a count from 1 to {MAX_SEEDS} or distinct whole numbers from 0 to "
-            f"{SEED_MAX}, not {seeds!r}"
+            f"{MAX_SEED}, not {seeds!r}"
         )
     return [int(v) for v in values]
 
@@ -427,7 +427,12 @@ def active_rule(explanation: Any) -> tuple[str, float]:
     ...                                                           "active_rule": "intensity"}}))
     ('intensity', 0.3)
     """
-    settings = explanation.data["structure_settings"]
+    settings = explanation.data.get("structure_settings") or {}
+    if "active_threshold" not in settings:
+        raise WhylookError(
+            "the explanation does not record its activity rule (structure_settings); rerun "
+            "`whylook explain`"
+        )
     return str(settings.get("active_rule", "mass")), float(settings["active_threshold"])
 
 

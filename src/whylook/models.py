@@ -15,8 +15,9 @@ Built-in models (``MODEL_NAMES``), all built from scratch (no downloads):
 Built-in models take float input in [0, 1] and normalise it with a :class:`Normalize`
 module whose mean/std are buffers, so a checkpoint is self-contained. A user model is
 named ``package.module:factory``; ``factory(num_classes=..., in_channels=...,
-image_size=...)`` returns an ``nn.Module`` that takes [0, 1] input and may set the
-attribute ``whylook_layer`` (its default prototype layer).
+image_size=...)`` returns an ``nn.Module`` with float32 weights that takes [0, 1] input,
+returns ``(batch, num_classes)`` logits and may set the attribute ``whylook_layer`` (its
+default prototype layer); :func:`check_model` refuses one that does not.
 
 >>> m = build_model("smallcnn", num_classes=10, in_channels=1, image_size=28)
 >>> default_layer(m), layer_shape(m, default_layer(m), (1, 28, 28))
@@ -47,6 +48,8 @@ __all__ = [
     "MODEL_NAMES",
     "Normalize",
     "build_model",
+    "check_model",
+    "check_trainable",
     "default_layer",
     "get_layer",
     "layer_shape",
@@ -324,6 +327,13 @@ def _build_user_model(
     spec: str, num_classes: int, in_channels: int, image_size: tuple[int, int]
 ) -> nn.Module:
     module_name, _, attr = spec.partition(":")
+    # importlib would take "" or ".rel" as a relative import and fail with a TypeError or
+    # ValueError that does not say what a model name looks like.
+    if not all(part.isidentifier() for part in module_name.split(".")):
+        raise WhylookError(
+            f"model {spec!r} does not name a module; use package.module:factory with an "
+            "absolute module path (e.g. my_models:build)"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -331,9 +341,17 @@ def _build_user_model(
             f"cannot import {module_name!r} for model {spec!r} ({exc}); make sure the package "
             "is installed or on PYTHONPATH"
         ) from None
+    except Exception as exc:
+        raise WhylookError(
+            f"importing {module_name!r} for model {spec!r} raised {_describe(exc)}; fix the "
+            "module (import it in Python to see the traceback)"
+        ) from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise WhylookError(f"{module_name} has no callable {attr!r} for model {spec!r}")
+        raise WhylookError(
+            f"{module_name} has no callable {attr!r} for model {spec!r}; name the function "
+            "that builds the model, as package.module:factory"
+        )
     kwargs = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
     try:
         inspect.signature(factory).bind(**kwargs)
@@ -344,12 +362,107 @@ def _build_user_model(
         ) from None
     except ValueError:
         pass  # no signature to check (a builtin): the call itself will tell
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except WhylookError:
+        raise
+    except Exception as exc:
+        # Chained, so that a library caller still sees the factory's own traceback.
+        raise WhylookError(
+            f"the model factory {spec} raised {_describe(exc)}; fix the factory (call it in "
+            "Python to see the traceback)"
+        ) from exc
     if not isinstance(model, nn.Module):
         raise WhylookError(
             f"model factory {spec} returned {type(model).__name__}, not a torch.nn.Module"
         )
+    check_model(model, spec, num_classes=num_classes, input_shape=(in_channels, *image_size))
     return model
+
+
+def check_model(
+    model: nn.Module, name: str, *, num_classes: int, input_shape: Sequence[int]
+) -> None:
+    """Refuse a model whose weights or output whylook cannot use, with a one-line error.
+
+    It must have parameters, its floating-point ones float32 (the images are float32), and
+    one batch of two images of ``input_shape`` (C, H, W) must give one float logit per
+    class, ``(2, num_classes)``. A wrong model would otherwise train and fail only later, deep
+    inside training or ``explain`` (or never, giving wrong results). Built-in models meet
+    this by construction; :func:`build_model` checks every user factory's model with it.
+
+    >>> flat = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    >>> check_model(flat, "flat", num_classes=3, input_shape=(1, 2, 2))
+    Traceback (most recent call last):
+    ...
+    whylook.errors.WhylookError: model flat returns logits of shape (2, 2) for a batch of 2 ...
+    """
+    if next(model.parameters(), None) is None:
+        raise WhylookError(
+            f"model {name} has no parameters, so there is nothing to train; return a model "
+            "with weights (e.g. nn.Conv2d and nn.Linear layers)"
+        )
+    tensors = [*model.parameters(), *model.buffers()]
+    odd = next((t.dtype for t in tensors if t.is_floating_point() and t.dtype != torch.float32),
+               None)
+    if odd is not None:
+        raise WhylookError(
+            f"model {name} has {str(odd).removeprefix('torch.')} weights; return a float32 "
+            "model (whylook feeds it float32 images), e.g. without .double() or .half()"
+        )
+    device = next(model.parameters()).device
+    was_training = model.training
+    try:
+        # eval(): batch-norm statistics stay untouched; rng_kept(): dropout and any random
+        # layer leave the seeded training stream as it was.
+        model.eval()
+        with torch.no_grad(), rng_kept(device):
+            out = model(torch.zeros(2, *[int(s) for s in input_shape], device=device))
+    except WhylookError:
+        raise
+    except Exception as exc:
+        raise WhylookError(
+            f"model {name} fails on {_fmt(input_shape)} input ({_describe(exc)}); check the "
+            "data's channels and image size"
+        ) from None
+    finally:
+        model.train(was_training)
+    what = f"one (batch, {num_classes}) float tensor of logits, one per class"
+    if not isinstance(out, torch.Tensor):
+        raise WhylookError(
+            f"model {name} returns a {type(out).__name__}, not a tensor; its forward must "
+            f"return {what}"
+        )
+    if tuple(out.shape) != (2, num_classes):
+        raise WhylookError(
+            f"model {name} returns logits of shape {tuple(out.shape)} for a batch of 2 images, "
+            f"not (2, {num_classes}); its forward must return one logit per class, "
+            f"(batch, {num_classes})"
+        )
+    if not out.is_floating_point():
+        raise WhylookError(
+            f"model {name} returns {str(out.dtype).removeprefix('torch.')} logits; its forward "
+            f"must return {what}"
+        )
+
+
+def check_trainable(model: nn.Module, name: str) -> None:
+    """Refuse a model with nothing to train: torch would fail inside the first step.
+
+    Only training needs this; ``explain`` takes its gradients with the weights frozen.
+    """
+    if not any(p.requires_grad for p in model.parameters()):
+        raise WhylookError(
+            f"model {name} has no trainable parameters (every one has requires_grad=False); "
+            "leave at least some of its weights trainable"
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    """``TypeName: first line of the message``, short enough for a one-line error."""
+    text = str(exc).strip()
+    first = text.splitlines()[0][:160] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -360,6 +473,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """
     if isinstance(device, torch.device):
         device = str(device)
+    if not isinstance(device, str):
+        raise WhylookError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -507,8 +622,7 @@ def _trace(
         raise
     except Exception as exc:
         raise WhylookError(
-            f"{type(model).__name__} fails on {_fmt(input_shape)} input "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
+            f"{type(model).__name__} fails on {_fmt(input_shape)} input ({_describe(exc)}); "
             "check the data's channels and image size"
         ) from None
     finally:

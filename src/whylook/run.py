@@ -25,7 +25,9 @@ complete; a folder that lacks it is not a run. Its keys:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
+import math
 import os
 import platform
 import shutil
@@ -51,7 +53,13 @@ from whylook.models import (
     rng_kept,
 )
 
-__all__ = ["RUN_SCHEMA", "CheckpointInfo", "RunFolder", "import_checkpoints"]
+__all__ = [
+    "RUN_SCHEMA",
+    "CheckpointInfo",
+    "RunFolder",
+    "import_checkpoints",
+    "require_run_folder",
+]
 
 RUN_SCHEMA = "whylook.run/1"
 CHECKPOINT_DIR = "checkpoints"
@@ -69,6 +77,37 @@ class CheckpointInfo:
     file: str
     test_accuracy: float
     test_loss: float
+
+
+def require_run_folder(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path if it is a complete run folder (it holds ``run.json``), else the
+    one-line WhylookError that says why not: missing, a file, incomplete or not a run.
+
+    >>> require_run_folder("no/such/run")
+    Traceback (most recent call last):
+    whylook.errors.WhylookError: run folder no/such/run does not exist
+    """
+    if not isinstance(path, str | os.PathLike):
+        raise WhylookError(f"a run folder is given by its path, not a {type(path).__name__}")
+    path = Path(path)
+    if not path.is_dir():
+        if path.exists():
+            raise WhylookError(
+                f"{path} is a file, not a run folder; give the folder that 'whylook train' or "
+                "'whylook import' created"
+            )
+        raise WhylookError(f"run folder {path} does not exist")
+    if not (path / "run.json").is_file():
+        if (path / INCOMPLETE_MARKER).exists():
+            raise WhylookError(
+                f"run folder {path} is incomplete (its training or import stopped before "
+                "the end); run that command again with the same --out to redo it"
+            )
+        raise WhylookError(
+            f"{path} is not a whylook run folder (no run.json); create one with "
+            "'whylook train' or 'whylook import'"
+        )
+    return path
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,18 +133,7 @@ class RunFolder:
         whylook.errors.WhylookError: run folder no/such/run does not exist
         """
         path = Path(path)
-        if not path.is_dir():
-            raise WhylookError(f"run folder {path} does not exist")
-        if not (path / "run.json").is_file():
-            if (path / INCOMPLETE_MARKER).exists():
-                raise WhylookError(
-                    f"run folder {path} is incomplete (its training or import stopped before "
-                    "the end); run that command again with the same --out to redo it"
-                )
-            raise WhylookError(
-                f"{path} is not a whylook run folder (no run.json); create one with "
-                "'whylook train' or 'whylook import'"
-            )
+        require_run_folder(path)
         manifest = _io.read_json(path / "run.json", "run file")
         if not isinstance(manifest, dict) or manifest.get("schema") != RUN_SCHEMA:
             found = manifest.get("schema") if isinstance(manifest, dict) else None
@@ -145,6 +173,20 @@ class RunFolder:
             raise WhylookError(
                 f"{path}/run.json is malformed (class names or checkpoints do not match the "
                 "config); re-create the run"
+            )
+        limit = config.get("data_limit_per_class")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
+                                  or limit < 1):
+            raise WhylookError(
+                f"{path}/run.json is malformed (config.data_limit_per_class is {limit!r}, not a "
+                "whole number >= 1 or null); re-create the run"
+            )
+        steps = [ck.step for ck in checkpoints]
+        # The analysis orders and spaces checkpoints by step; import refuses such steps too.
+        if steps[0] < 0 or any(b <= a for a, b in itertools.pairwise(steps)):
+            raise WhylookError(
+                f"{path}/run.json is malformed (checkpoint steps {steps} are not >= 0 and "
+                "strictly increasing); re-create the run"
             )
         for i, ck in enumerate(checkpoints):
             parts = Path(ck.file).parts
@@ -226,20 +268,15 @@ def fit_state(
     model: nn.Module,
     state: Mapping[str, torch.Tensor],
     source: str | os.PathLike[str],
-    *,
-    fill_normalize: bool = False,
 ) -> dict[str, torch.Tensor]:
     """``state`` made ready for ``model.load_state_dict``, or a one-line error on the first
     missing, unexpected or mismatched key. A prefix on every key (``module.`` from
     DataParallel, ``_orig_mod.`` from torch.compile, ``model.`` from a Lightning module) is
-    dropped; with ``fill_normalize``, missing :class:`Normalize` buffers are taken from
-    ``model``.
+    dropped. Weights that are sparse, or not floating point where the model's are, are
+    refused in one line too.
     """
     expected = model.state_dict()
     state = _strip_prefix(state, expected.keys())
-    if fill_normalize:
-        for key in _normalize_keys(model):
-            state.setdefault(key, expected[key])
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
@@ -262,7 +299,28 @@ def fit_state(
             f"checkpoint {source} does not fit the model: {'; '.join(problems)}; check --model "
             "and --data (class count, channels and image size must match training)"
         )
+    for k in expected:
+        _check_tensor(state[k], expected[k], k, source)
     return state
+
+
+def _check_tensor(
+    value: torch.Tensor, expected: torch.Tensor, key: str, source: str | os.PathLike[str]
+) -> None:
+    # load_state_dict would copy_() these into the model: a sparse tensor raises deep inside
+    # torch, and integer, bool or complex values are cast without a word (complex loses its
+    # imaginary part), which gives an explanation of weights nobody trained.
+    if value.layout != torch.strided:
+        raise WhylookError(
+            f"checkpoint {source} holds {key!r} as a sparse tensor ({value.layout}); save the "
+            "weights dense (tensor.to_dense()) and import that file"
+        )
+    if value.is_complex() or (expected.is_floating_point() and not value.is_floating_point()):
+        raise WhylookError(
+            f"checkpoint {source} holds {key!r} as {str(value.dtype).removeprefix('torch.')}, "
+            "not floating point; save the weights as trained (a float model.state_dict(), not "
+            "a cast or quantised copy)"
+        )
 
 
 def _strip_prefix(state: Mapping[str, torch.Tensor], expected: Iterable[str]
@@ -381,7 +439,23 @@ def prepare_out(out: str | os.PathLike[str]) -> Path:
             raise WhylookError(
                 f"--out {out} exists and is not empty; choose a new folder for the run"
             )
+    # The nearest existing folder is where the run folder will be created: a file there, or
+    # a folder this process cannot write, would only fail after the data and the model are
+    # loaded (and, for train, after training), with an OSError from deep inside pathlib.
+    nearest = out
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise _cannot_create(out, f"{nearest} is a file")
+    if not os.access(nearest, os.W_OK):
+        raise _cannot_create(out, f"{nearest} is not writable")
     return out
+
+
+def _cannot_create(out: Path, why: str) -> WhylookError:
+    return WhylookError(
+        f"cannot create the run folder {out} ({why}); choose a folder you can write with --out"
+    )
 
 
 @contextlib.contextmanager
@@ -392,7 +466,15 @@ def creating_run(out: Path) -> Iterator[Path]:
     SIGKILL is recognisable (and may be overwritten by the next attempt).
     """
     existed = out.exists()
-    with _io.run_lock(out):
+    with contextlib.ExitStack() as lock:
+        try:
+            lock.enter_context(_io.run_lock(out))
+        except OSError as exc:
+            # What prepare_out cannot see: /proc, a read-only mount, root's access rights.
+            if not existed:
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # only if empty: never what another process put there
+            raise _cannot_create(out, f"{exc.__class__.__name__}: {exc.strerror}") from None
         try:
             # Mark the folder before clearing the leftovers of a killed attempt (see
             # prepare_out): a kill while clearing must still leave a folder marked as ours.
@@ -437,8 +519,9 @@ def import_checkpoints(
     """Bring checkpoints trained elsewhere (in training order) into a new run folder.
 
     Each file (``.safetensors``, or ``.pt``/``.pth`` read with ``weights_only=True``) must fit
-    ``model`` built for ``data``; all are checked before anything is written. They are
-    stored as safetensors and their test accuracy is evaluated. ``steps`` (optimizer step
+    ``model`` built for ``data`` and hold finite floating-point weights, each file different
+    weights; all are checked, and evaluated on the test split, before anything is written.
+    They are stored as safetensors. ``steps`` (optimizer step
     of each checkpoint) default to 0, 1, 2, ...; epochs are unknown and recorded as null.
     Missing ``normalize.mean/std`` buffers of a built-in model are filled with the training
     split's statistics (recorded per file as ``normalize_filled``).
@@ -467,23 +550,54 @@ def import_checkpoints(
         net = build_for(model, source)
     name, shape = resolve_layer(net, layer, (source.channels, *source.image_size))
     config = model_config(model, source, name, shape)
+    keys = net.state_dict().keys()
+    # Taken before any checkpoint is loaded into net: filling from net itself would give a
+    # file that lacks them the buffers of whichever file was loaded before it.
+    fill = {k: net.state_dict()[k].clone() for k in _normalize_keys(net)}
+
+    def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The file's own weights (prefixes stripped) and those weights fitted to net."""
+        own = _strip_prefix(_io.load_weights(path), keys)
+        return own, fit_state(net, {**fill, **own}, path)
+
+    digests: dict[str, Path] = {}
     for path in paths:  # check every file before anything is written
-        fit_state(net, _io.load_weights(path), path, fill_normalize=True)
+        _, state = read(path)
+        _check_finite(state, path)
+        net.load_state_dict(state)
+        digest = _weights_digest(net.state_dict())
+        if digest in digests:
+            # Two equal checkpoints make a step in which nothing was learned: every
+            # confidence change, and so every z of the explanation, would be 0.
+            same = (f"checkpoint {path} is given twice" if digests[digest] == path
+                    else f"checkpoints {digests[digest]} and {path} hold the same weights")
+            raise WhylookError(f"{same}; give each checkpoint of the training once")
+        digests[digest] = path
     records, imported = [], []
-    with creating_run(out):
-        for i, path in enumerate(progress_bar(paths, desc="import", progress=progress)):
-            state = _strip_prefix(_io.load_weights(path), net.state_dict().keys())
-            net.load_state_dict(fit_state(net, state, path, fill_normalize=True))
-            _io.save_weights(out / checkpoint_file(i), net.state_dict())
-            accuracy, loss = evaluate(net.to(dev), source.test, device=dev)
-            records.append(checkpoint_record(i, steps[i], None, accuracy, loss))
-            imported.append(
-                {
-                    "file": str(path.resolve()),
-                    "sha256": _io.file_digest(path),
-                    "normalize_filled": any(k not in state for k in _normalize_keys(net)),
-                }
+    # Evaluated before the run folder is created too: a model whose outputs overflow has no
+    # test loss that run.json could hold.
+    for i, path in enumerate(progress_bar(paths, desc="import", progress=progress)):
+        own, state = read(path)
+        net.load_state_dict(state)
+        accuracy, loss = evaluate(net.to(dev), source.test, device=dev)
+        if not math.isfinite(loss):
+            raise WhylookError(
+                f"checkpoint {path}: the model returned NaN or infinite logits (test loss "
+                f"{loss}); check the weights for a diverged training and import only the "
+                "checkpoints from before it"
             )
+        records.append(checkpoint_record(i, steps[i], None, accuracy, loss))
+        imported.append(
+            {
+                "file": str(path.resolve()),
+                "sha256": _io.file_digest(path),
+                "normalize_filled": any(k not in own for k in fill),
+            }
+        )
+    with creating_run(out):
+        for i, path in enumerate(paths):
+            net.load_state_dict(read(path)[1])
+            _io.save_weights(out / checkpoint_file(i), net.state_dict())
         config.update(
             epochs=None,
             batch_size=None,
@@ -506,6 +620,25 @@ def import_checkpoints(
             extra={"imported": imported},
         )
     return RunFolder.open(out)
+
+
+def _check_finite(state: Mapping[str, torch.Tensor], source: str | os.PathLike[str]) -> None:
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise WhylookError(
+                f"checkpoint {source} holds NaN or infinite weights in {key!r} (a diverged "
+                "training); import only the checkpoints from before it diverged"
+            )
+
+
+def _weights_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """A hash of the weights as the model holds them (file format and prefixes aside)."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        value = state[key].detach().cpu().contiguous()
+        h.update(f"{key}\0{value.dtype}\0{tuple(value.shape)}\0".encode())
+        h.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def build_for(model: str, source: DataSource) -> nn.Module:

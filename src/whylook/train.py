@@ -30,7 +30,7 @@ from whylook import _io
 from whylook._progress import progress_bar
 from whylook.data import DataSource, Split, to_tensor
 from whylook.errors import WhylookError
-from whylook.models import resolve_device, rng_kept
+from whylook.models import check_trainable, resolve_device, rng_kept
 from whylook.run import (
     RunFolder,
     as_source,
@@ -63,6 +63,19 @@ def check_lr(lr: object) -> None:
         raise WhylookError(f"lr must be a positive number, not {lr!r}")
 
 
+#: Seeds must fit 32 bits: torch's generators refuse what does not fit 64 (with a bare
+#: "Overflow"), and 0..2**32-1 is the range NumPy's legacy seeding and most tools share.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(name: str, seed: object) -> int:
+    """``seed`` as an int, or a one-line error when it is not a whole number in 0..2**32-1."""
+    if not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
+            and 0 <= int(seed) <= MAX_SEED):
+        raise WhylookError(f"{name} must be a whole number in 0..{MAX_SEED}, not {seed!r}")
+    return int(seed)
+
+
 def train(
     data: str | DataSource,
     model: str = "smallcnn",
@@ -93,9 +106,15 @@ def train(
         if not isinstance(value, int) or value < low:
             raise WhylookError(f"{name} must be a whole number >= {low}, not {value!r}")
     check_lr(lr)
+    seed = check_seed("seed", seed)
+    data_seed = seed if data_seed is None else check_seed("data_seed", data_seed)
+    if not isinstance(out, str | os.PathLike):
+        raise WhylookError(
+            f"out must be the path of the run folder to create (a str or os.PathLike), "
+            f"not {out!r:.80}"
+        )
     if schedule not in SCHEDULES:
         raise WhylookError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
-    data_seed = seed if data_seed is None else data_seed
     lr = DEFAULT_LR if lr is None else float(lr)
     out = prepare_out(out)
     dev = resolve_device(device)
@@ -110,6 +129,7 @@ def train(
             rng_kept(dev):
         torch.manual_seed(seed)
         net = build_for(model, source)
+        check_trainable(net, model)
         layer_name, shape = resolve_layer(net, layer, (source.channels, *source.image_size))
         config = model_config(model, source, layer_name, shape)
         config.update(

@@ -923,7 +923,9 @@ def report(
         >>> path.name  # doctest: +SKIP
         'index.html'
     """
-    run = Path(run)
+    from whylook.run import require_run_folder
+
+    run = require_run_folder(run)
     out_dir = Path(out) if out is not None else run / "report"
     if run.is_dir() and _is_within(out_dir, run):
         with run_lock(run):

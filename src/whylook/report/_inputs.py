@@ -264,13 +264,10 @@ def _optional_json(path: Path) -> tuple[Any, str | None]:
 
 def load(run: str | Path) -> Inputs:
     """Read and check a run folder for the report."""
-    run = Path(run)
-    if not run.is_dir():
-        raise WhylookError(f"run folder {run} does not exist")
+    from whylook.run import require_run_folder
+
+    run = require_run_folder(run)
     run_file = run / "run.json"
-    if not run_file.is_file():
-        raise WhylookError(f"{run} is not a whylook run folder (no run.json); create one with "
-                           "'whylook train' or 'whylook import'")
     run_json = read_json(run_file, "run file")
     if not isinstance(run_json, dict):
         raise WhylookError(f"{run_file} is not a whylook run.json; it was not written by "

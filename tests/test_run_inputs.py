@@ -1,0 +1,273 @@
+"""Bad inputs to ``whylook import``/``train`` and to the run-folder loader: each one is a
+one-line WhylookError that names what is wrong, and no run folder is left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from _tiny_run import write_tiny_npz
+from whylook.cli import main
+from whylook.errors import WhylookError
+from whylook.models import build_model
+from whylook.run import INCOMPLETE_MARKER, RunFolder, import_checkpoints, require_run_folder
+from whylook.train import train
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = build_model("smallcnn", num_classes=3, in_channels=1, image_size=16)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"npz:{write_tiny_npz(tmp_path_factory.mktemp('data') / 'tiny.npz')}"
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("good")
+    files = [folder / f"{seed}.pt" for seed in range(3)]
+    for seed, path in enumerate(files):
+        torch.save(_state(seed), path)
+    return files
+
+
+@pytest.fixture(scope="module")
+def run(good: list[Path], data: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "run"
+    import_checkpoints(good, data=data, model="smallcnn", steps=[0, 4, 9], device="cpu",
+                       out=out, progress=False)
+    return out
+
+
+def _refused(files: list[Path], data: str, out: Path, match: str) -> str:
+    with pytest.raises(WhylookError, match=match) as info:
+        import_checkpoints(files, data=data, model="smallcnn", device="cpu", out=out,
+                           progress=False)
+    message = str(info.value)
+    assert "\n" not in message
+    assert not out.exists()
+    return message
+
+
+# ----------------------------------------------------------------------------- import
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64])
+def test_import_refuses_weights_that_are_not_floating_point(
+    dtype: torch.dtype, good: list[Path], data: str, tmp_path: Path
+) -> None:
+    state = _state(7)
+    state["block2.conv1.weight"] = (state["block2.conv1.weight"] * 100).to(dtype)
+    path = tmp_path / "cast.safetensors"
+    if dtype.is_complex:  # safetensors cannot hold complex tensors; torch.save can
+        path = tmp_path / "cast.pt"
+        torch.save(state, path)
+    else:
+        save_file(state, str(path))
+    name = str(dtype).removeprefix("torch.")
+    _refused([good[0], path, good[1]], data, tmp_path / "out",
+             rf"^checkpoint {path} holds 'block2\.conv1\.weight' as {name}, not floating point; "
+             r"save the weights as trained \(a float model\.state_dict\(\), not a cast")
+
+
+def test_import_refuses_the_same_weights_twice(
+    good: list[Path], data: str, tmp_path: Path
+) -> None:
+    _refused([good[0], good[1], good[0]], data, tmp_path / "out",
+             rf"^checkpoint {good[0]} is given twice; give each checkpoint of the training once$")
+    # The same weights in another format (and with a wrapper's prefix) are the same checkpoint.
+    other = tmp_path / "copy.safetensors"
+    save_file({f"module.{k}": v for k, v in _state(1).items()}, str(other))
+    _refused([good[0], good[1], other], data, tmp_path / "out",
+             rf"^checkpoints {good[1]} and {other} hold the same weights; give each checkpoint")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_import_refuses_nan_or_infinite_weights(
+    value: float, good: list[Path], data: str, tmp_path: Path
+) -> None:
+    state = _state(7)
+    state["classifier.fc2.weight"][1, 2] = value
+    torch.save(state, tmp_path / "diverged.pt")
+    _refused([good[0], tmp_path / "diverged.pt"], data, tmp_path / "out",
+             rf"^checkpoint {tmp_path / 'diverged.pt'} holds NaN or infinite weights in "
+             r"'classifier\.fc2\.weight' \(a diverged training\); import only the checkpoints")
+
+
+def test_import_refuses_finite_weights_whose_outputs_overflow(
+    good: list[Path], data: str, tmp_path: Path
+) -> None:
+    # Finite but huge: the logits overflow, and run.json could not hold the test loss.
+    state = _state(7)
+    state["classifier.fc2.weight"].fill_(3e38)
+    state["classifier.fc2.bias"].copy_(torch.tensor([3e38, -3e38, 0.0]))
+    torch.save(state, tmp_path / "huge.pt")
+    _refused([good[0], tmp_path / "huge.pt"], data, tmp_path / "out",
+             rf"^checkpoint {tmp_path / 'huge.pt'}: the model returned NaN or infinite logits "
+             r"\(test loss (nan|inf)\); check the weights for a diverged training")
+
+
+def test_import_refuses_sparse_tensors(good: list[Path], data: str, tmp_path: Path) -> None:
+    state = _state(7)
+    state["classifier.fc1.weight"] = state["classifier.fc1.weight"].to_sparse()
+    torch.save(state, tmp_path / "sparse.pt")
+    _refused([good[0], tmp_path / "sparse.pt"], data, tmp_path / "out",
+             rf"^checkpoint {tmp_path / 'sparse.pt'} holds 'classifier\.fc1\.weight' as a sparse "
+             r"tensor \(torch\.sparse_coo\); save the weights dense")
+
+
+def test_cli_import_of_a_bad_checkpoint_is_one_line(
+    good: list[Path], data: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["import", str(good[0]), str(good[0]), "--data", data, "--device", "cpu",
+            "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: checkpoint {good[0]} is given twice; give each checkpoint of the "
+                   "training once"]
+
+
+def test_missing_normalisation_is_filled_from_the_data_whatever_came_before(
+    data: str, tmp_path: Path
+) -> None:
+    """A file without Normalize buffers after one with them gets the data's statistics, not
+    the buffers of the file before it."""
+    full = _state(0)
+    full["normalize.mean"].fill_(0.9)
+    torch.save(full, tmp_path / "full.pt")
+    torch.save({k: v for k, v in _state(1).items() if not k.startswith("normalize.")},
+               tmp_path / "bare.pt")
+    run = import_checkpoints([tmp_path / "full.pt", tmp_path / "bare.pt"], data=data,
+                             model="smallcnn", device="cpu", out=tmp_path / "run", progress=False)
+    assert [r["normalize_filled"] for r in run.manifest["imported"]] == [False, True]
+    assert run.state_dict(0)["normalize.mean"].flatten().tolist() == pytest.approx([0.9])
+    expected = run.data().channel_stats()[0]
+    assert run.state_dict(1)["normalize.mean"].flatten().tolist() == pytest.approx(list(expected))
+
+
+# ----------------------------------------------------------------------------- --out
+
+
+def _unwritable_outs(tmp_path: Path) -> list[tuple[Path, str]]:
+    (tmp_path / "afile.txt").write_text("a file")
+    cases = [(tmp_path / "afile.txt" / "run",
+              r"\(\S*afile\.txt is a file\)")]
+    if Path("/proc/self").is_dir():  # a folder nobody, root included, can create folders in
+        cases.append((Path("/proc/wlrun"), r"\((FileNotFoundError|PermissionError|OSError): "
+                                           r"[^)]+\)|\(/proc is not writable\)"))
+    return cases
+
+
+def test_import_into_an_unwritable_out_is_one_line(
+    good: list[Path], data: str, tmp_path: Path
+) -> None:
+    for out, why in _unwritable_outs(tmp_path):
+        _refused(good[:2], data, out,
+                 rf"^cannot create the run folder {out} {why}; choose a folder you can write "
+                 "with --out$")
+
+
+def test_train_into_an_unwritable_out_is_one_line(data: str, tmp_path: Path) -> None:
+    for out, why in _unwritable_outs(tmp_path):
+        with pytest.raises(WhylookError, match=rf"^cannot create the run folder {out} {why}; "
+                                               "choose a folder you can write with --out$"):
+            train(data, "smallcnn", epochs=1, checkpoints=2, batch_size=30, device="cpu",
+                  out=out, progress=False)
+        assert not out.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_out_in_a_read_only_folder_is_one_line(good: list[Path], data: str, tmp_path: Path
+                                               ) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        _refused(good[:2], data, locked / "run",
+                 rf"^cannot create the run folder {locked / 'run'} \({locked} is not writable\)")
+    finally:
+        locked.chmod(0o700)
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "copy"))
+
+
+def _edit(path: Path, edit) -> Path:  # type: ignore[no-untyped-def]
+    manifest = json.loads((path / "run.json").read_text())
+    edit(manifest)
+    (path / "run.json").write_text(json.dumps(manifest))
+    return path
+
+
+def _opening_fails(path: Path, match: str) -> str:
+    with pytest.raises(WhylookError, match=match) as info:
+        RunFolder.open(path)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_run_json_steps_must_increase(run: Path, tmp_path: Path) -> None:
+    path = _edit(_copy(run, tmp_path), lambda m: m["checkpoints"][1].update(step=100))
+    _opening_fails(path, rf"^{path}/run\.json is malformed \(checkpoint steps \[0, 100, 9\] are "
+                         r"not >= 0 and strictly increasing\); re-create the run$")
+    _edit(path, lambda m: m["checkpoints"][1].update(step=9))
+    _opening_fails(path, r"steps \[0, 9, 9\] are not")
+    _edit(path, lambda m: [c.update(step=c["step"] - 5) for c in m["checkpoints"]])
+    _opening_fails(path, r"steps \[-5, 4, 4\] are not >= 0")
+
+
+@pytest.mark.parametrize("limit", ["x", 0, -3, 2.5, True, [4]])
+def test_run_json_data_limit_must_be_a_count_or_null(
+    limit: object, run: Path, tmp_path: Path
+) -> None:
+    path = _edit(_copy(run, tmp_path),
+                 lambda m: m["config"].update(data_limit_per_class=limit))
+    _opening_fails(path, rf"^{path}/run\.json is malformed \(config\.data_limit_per_class is "
+                         rf"{limit!r}, not a whole number >= 1 or null\); re-create the run$"
+                   .replace("[", r"\[").replace("]", r"\]"))
+
+
+def test_run_json_data_limit_may_be_a_count(run: Path, tmp_path: Path) -> None:
+    path = _edit(_copy(run, tmp_path), lambda m: m["config"].update(data_limit_per_class=5))
+    assert RunFolder.open(path).config["data_limit_per_class"] == 5
+
+
+def test_a_file_is_not_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "api1.py"
+    path.write_text("print('not a run')\n")
+    message = (f"{path} is a file, not a run folder; give the folder that 'whylook train' or "
+               "'whylook import' created")
+    for check in (RunFolder.open, require_run_folder):
+        with pytest.raises(WhylookError) as info:
+            check(path)
+        assert str(info.value) == message
+    assert main(["explain", str(path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {message}"]
+
+
+def test_require_run_folder_says_what_is_wrong(run: Path, tmp_path: Path) -> None:
+    assert require_run_folder(run) == run
+    killed = tmp_path / "killed"
+    (killed / "checkpoints").mkdir(parents=True)
+    (killed / INCOMPLETE_MARKER).write_text("")
+    with pytest.raises(WhylookError, match=rf"^run folder {killed} is incomplete \(its training "
+                                           r"or import stopped before the end\); run that"):
+        require_run_folder(killed)
+    (killed / INCOMPLETE_MARKER).unlink()
+    with pytest.raises(WhylookError, match=r"is not a whylook run folder \(no run\.json\)"):
+        require_run_folder(killed)
+    with pytest.raises(WhylookError, match=rf"^run folder {tmp_path / 'none'} does not exist$"):
+        require_run_folder(tmp_path / "none")
