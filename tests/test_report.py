@@ -961,7 +961,7 @@ def test_report_names_a_file_an_incomplete_run_and_a_non_path_as_explain_does(tm
     (killed / INCOMPLETE_MARKER).write_text("")
     for target, message in ((afile, "is a file, not a run folder"),
                             (killed, r"is incomplete \(its training or import stopped"),
-                            (None, "a run folder is given by its path, not a NoneType")):
+                            (None, r"must be a path \(str or os.PathLike\), not None")):
         with pytest.raises(WhylookError, match=message) as info:
             report(target)
         assert "\n" not in str(info.value)

@@ -88,7 +88,7 @@ def require_run_folder(path: str | os.PathLike[str]) -> Path:
     whylook.errors.WhylookError: run folder no/such/run does not exist
     """
     if not isinstance(path, str | os.PathLike):
-        raise WhylookError(f"a run folder is given by its path, not a {type(path).__name__}")
+        raise WhylookError(f"the run folder must be a path (str or os.PathLike), not {path!r:.60}")
     path = Path(path)
     if not path.is_dir():
         if path.exists():
@@ -132,8 +132,7 @@ class RunFolder:
         Traceback (most recent call last):
         whylook.errors.WhylookError: run folder no/such/run does not exist
         """
-        path = Path(path)
-        require_run_folder(path)
+        path = require_run_folder(path)
         manifest = _io.read_json(path / "run.json", "run file")
         if not isinstance(manifest, dict) or manifest.get("schema") != RUN_SCHEMA:
             found = manifest.get("schema") if isinstance(manifest, dict) else None
