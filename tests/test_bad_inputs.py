@@ -10,8 +10,10 @@ that each bad input gives exactly the documented message: through the CLI, one l
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from _tiny_run import (
 from whylook import data as data_mod
 from whylook._io import run_lock
 from whylook.cli import main
+from whylook.data import load_data
 from whylook.errors import WhylookError
 from whylook.explain import ExplainSettings, explain
 from whylook.models import build_model
@@ -258,6 +261,81 @@ def _small_images(c: Ctx, size: int) -> dict[str, np.ndarray]:
     }
 
 
+def _empty_npz(c: Ctx) -> list[str]:
+    return c.train(f"npz:{_file(c, 'empty.npz', b'')}")
+
+
+def _npy_as_npz(c: Ctx) -> list[str]:
+    np.save(c.tmp / "x_train.npy", np.zeros((60, 16, 16), np.uint8))
+    return c.train(f"npz:{c.tmp / 'x_train.npy'}")
+
+
+# A user's model factories, in a module the test puts on sys.path (the CLI runs in-process);
+# the test takes the module out of sys.modules again.
+USER_MODULE = "bad_input_models"
+USER_MODELS = """
+from torch import nn
+
+def good(num_classes, in_channels, image_size):
+    return nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+
+def wrong_classes(num_classes, in_channels, image_size):
+    return good(num_classes + 1, in_channels, image_size)
+
+class TupleOut(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x), 0
+
+def tuple_out(**kwargs):
+    return TupleOut(good(**kwargs))
+
+def raises(**kwargs):
+    raise RuntimeError("boom inside the factory")
+
+def no_params(num_classes, in_channels, image_size):
+    return nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())
+
+def frozen(**kwargs):
+    return good(**kwargs).requires_grad_(False)
+"""
+
+
+def _user_model(c: Ctx, factory: str) -> list[str]:
+    (c.tmp / f"{USER_MODULE}.py").write_text(USER_MODELS)
+    c.monkeypatch.syspath_prepend(str(c.tmp))
+    return c.train(f"npz:{c.data}", "--model", f"{USER_MODULE}:{factory}")
+
+
+def _import_with(c: Ctx, name: str, edit: Callable[[dict[str, torch.Tensor]], object]
+                 ) -> list[str]:
+    """`whylook import` of the reference run's checkpoints 0 and 3, then a copy of
+    checkpoint 3 changed by ``edit`` (saved as ``name``: .pt or .safetensors)."""
+    from safetensors.torch import load_file
+
+    first, last = c.good_checkpoints()
+    weights = load_file(last)
+    edit(weights)
+    path = c.tmp / name
+    if path.suffix == ".safetensors":
+        save_file(weights, str(path))
+    else:
+        torch.save(weights, path)
+    return ["import", first, last, str(path), "--data", f"npz:{c.data}", "--out", str(c.out)]
+
+
+def _fc2(weights: dict[str, torch.Tensor], value: torch.Tensor) -> None:
+    weights["classifier.fc2.weight"] = value
+
+
+def _broken_link(root: Path) -> None:
+    os.symlink("missing.png", root / "train" / "a" / "x.png")
+
+
 Y = np.arange(60) % 3  # the tiny set's training labels
 
 CASES: dict[str, Case] = {
@@ -273,8 +351,13 @@ CASES: dict[str, Case] = {
         "whylook train",
         lambda c: [*c.train(f"npz:{c.data}")[:-1], str(c.run())],
     ),
+    "out-under-a-file": (
+        "whylook train",
+        lambda c: [*c.train(f"npz:{c.data}")[:-1], str(_file(c, "taken") / "run")],
+    ),
     "run-missing": ("whylook explain", lambda c: c.explain(c.tmp / "nowhere")),
     "run-not-a-run": ("whylook explain", lambda c: c.explain(c.tmp)),
+    "run-is-a-file": ("whylook explain", lambda c: c.explain(_file(c, "run.json", b"{}"))),
     "run-incomplete": ("whylook explain", _incomplete),
     "checkpoint-file-missing": (
         "whylook import",
@@ -327,6 +410,26 @@ CASES: dict[str, Case] = {
     "import-steps-not-increasing": ("whylook import", lambda c: _import(c, "--steps", "5,5")),
     "import-steps-not-numbers": ("whylook import", lambda c: _import(c, "--steps", "0,last")),
     "import-steps-count": ("whylook import", lambda c: _import(c, "--steps", "0")),
+    "import-same-checkpoint-twice": (
+        "whylook import",
+        lambda c: ["import", c.good_checkpoints()[0], *c.good_checkpoints(),
+                   "--data", f"npz:{c.data}", "--out", str(c.out)],
+    ),
+    "checkpoint-not-floating-point": (
+        "whylook import",
+        lambda c: _import_with(c, "int.safetensors", lambda w: _fc2(
+            w, w["classifier.fc2.weight"].round().to(torch.int32))),
+    ),
+    "checkpoint-nan-weights": (
+        "whylook import",
+        lambda c: _import_with(c, "nan.safetensors", lambda w: w["classifier.fc2.weight"]
+                               .__setitem__((0, 0), float("nan"))),
+    ),
+    "checkpoint-sparse": (
+        "whylook import",
+        lambda c: _import_with(c, "sparse.pt", lambda w: _fc2(
+            w, w["classifier.fc2.weight"].to_sparse())),
+    ),
     # ------------------------------------------------------------------ shapes
     "images-without-pixel-axes": (
         "whylook train", lambda c: c.train(c.npz(x_train=np.zeros((60, 16), np.uint8)))
@@ -353,6 +456,8 @@ CASES: dict[str, Case] = {
         "whylook train",
         lambda c: c.train(c.npz(y_train=np.array([object()] * 60, dtype=object))),
     ),
+    "npz-empty-file": ("whylook train", _empty_npz),
+    "npz-single-npy": ("whylook train", _npy_as_npz),
     "images-not-numbers": (
         "whylook train", lambda c: c.train(c.npz(x_train=np.full((60, 16, 16), "a")))
     ),
@@ -372,6 +477,7 @@ CASES: dict[str, Case] = {
         "whylook train",
         lambda c: c.train(c.folder(lambda r: (r / "train" / "a" / "x.png").write_bytes(b"PNG?"))),
     ),
+    "image-broken-link": ("whylook train", lambda c: c.train(c.folder(_broken_link))),
     # ------------------------------------------------------------------ NaN / inf
     "pixels-nan": (
         "whylook train", lambda c: c.train(c.npz(x_train=np.full((60, 16, 16), np.nan)))
@@ -441,6 +547,15 @@ CASES: dict[str, Case] = {
     "seed-beyond-32-bits": (
         "whylook explain", lambda c: c.explain(c.run(), "--seed", str(2**32))
     ),
+    "train-seed-beyond-32-bits": (
+        "whylook train", lambda c: c.train(f"npz:{c.data}", "--seed", str(2**32))
+    ),
+    "train-data-seed-negative": (
+        "whylook train", lambda c: c.train(f"npz:{c.data}", "--data-seed", "-1")
+    ),
+    "limit-per-class-fractional": (
+        "load_data()", lambda c: lambda: load_data(f"npz:{c.data}", limit_per_class=2.5)
+    ),
     "structure-threshold-nan": (
         "explain()", lambda c: lambda: StructureSettings(z_threshold=float("nan"))
     ),
@@ -483,6 +598,14 @@ CASES: dict[str, Case] = {
     ),
     "compare-out-under-a-file": ("whylook compare", _compare_out_under_a_file),
     "model-unknown": ("whylook train", lambda c: c.train(f"npz:{c.data}", "--model", "resnet51")),
+    "model-wrong-logits": ("whylook train", lambda c: _user_model(c, "wrong_classes")),
+    "model-returns-tuple": ("whylook train", lambda c: _user_model(c, "tuple_out")),
+    "model-factory-raises": ("whylook train", lambda c: _user_model(c, "raises")),
+    "model-without-parameters": ("whylook train", lambda c: _user_model(c, "no_params")),
+    "model-frozen": ("whylook train", lambda c: _user_model(c, "frozen")),
+    "model-name-relative": (
+        "whylook train", lambda c: c.train(f"npz:{c.data}", "--model", ".rel:f")
+    ),
     "device-cuda-without-gpu": (
         "whylook train", lambda c: c.train(f"npz:{c.data}", "--device", "cuda")
     ),
@@ -495,6 +618,16 @@ CASES: dict[str, Case] = {
     "run-json-malformed": (
         "whylook explain",
         lambda c: c.explain(c.edit_manifest(c.run(), lambda m: m["config"].pop("model"))),
+    ),
+    "run-json-steps-not-increasing": (
+        "whylook explain",
+        lambda c: c.explain(c.edit_manifest(
+            c.run(), lambda m: m["checkpoints"][2].update(step=m["checkpoints"][1]["step"]))),
+    ),
+    "run-json-data-limit-not-a-number": (
+        "whylook explain",
+        lambda c: c.explain(c.edit_manifest(
+            c.run(), lambda m: m["config"].update(data_limit_per_class="x"))),
     ),
     "run-model-code-untrusted": (
         "whylook explain",
@@ -548,7 +681,20 @@ def test_bad_input_gives_the_documented_message(
     _, excerpt = doc_rows()[case_id]
     data, reference = baseline(tmp_path_factory)
     ctx = Ctx(tmp_path, data, reference, monkeypatch)
-    made = build(ctx)
+    try:
+        _check(case_id, command, build(ctx), excerpt, tmp_path, capsys)
+    finally:
+        sys.modules.pop(USER_MODULE, None)
+
+
+def _check(
+    case_id: str,
+    command: str,
+    made: list[str] | Callable[[], object],
+    excerpt: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     capsys.readouterr()
     if command.startswith("whylook "):
         argv: list[str] = []
