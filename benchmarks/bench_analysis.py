@@ -580,7 +580,8 @@ class StageClock:
                    generator=True)
         self.patch(ex, "_load_cached", "cache reads")
         self.patch(ex, "save_npz", "writes (cache shards, arrays.npz)")
-        self.patch(ex, "write_json", "writes (cache shards, arrays.npz)")
+        self.patch(ex, "json_bytes", "writes (cache shards, arrays.npz)")
+        self.patch(ex, "write_bytes", "writes (cache shards, arrays.npz)")
         for fn in ("prototype_intensity", "mass_share", "activity"):
             self.patch(inten, fn, "intensity")
         self.patch(patterns, "find_patterns", "patterns (HDBSCAN)")
