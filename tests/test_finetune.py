@@ -421,3 +421,30 @@ def test_finetune_needs_an_explanation(tmp_path):
 
     with pytest.raises(WhylookError, match=r"run `whylook explain .*` first"):
         require_explanation(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_finetune_killed_between_its_two_files_leaves_no_old_table(small_run, monkeypatch):
+    """Last in this module: it leaves the fixture's run without finetune.md."""
+    from whylook.finetune import finetune
+
+    run = small_run
+    out = run / "finetune"
+    out.mkdir(exist_ok=True)
+    (out / "finetune.md").write_text("| an older run's table |\n")
+    (out / ".finetune.md.abc.tmp").write_text("partial")
+    (out / "cache").mkdir(exist_ok=True)
+    (out / "cache" / ".activity-s0000-x.npz.y.tmp").write_bytes(b"partial")
+    ft = importlib.import_module("whylook.finetune")
+
+    def killed(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt
+
+    # The final write: its content is made after the old table is gone (the cache's own
+    # JSON files are written earlier, through write_json too).
+    monkeypatch.setattr(ft.FinetuneResult, "to_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(run, pair="auto", seeds=1, strategies=["full"], device="cpu", progress=False)
+    assert not (out / "finetune.md").exists()
+    assert not list(out.glob(".*.tmp"))
+    assert not list((out / "cache").glob(".*.tmp"))

@@ -377,8 +377,22 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"error: {_interrupted(args)}", file=sys.stderr)
         return 130
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What a Ctrl-C left: after train or import had finished their run folder, the folder
+    is complete and a rerun with the same --out would refuse it."""
+    out = getattr(args, "out", None)
+    if args.command in ("train", "import") and out is not None:
+        from whylook.run import INCOMPLETE_MARKER
+
+        folder = Path(out)
+        if (folder / "run.json").is_file() and not (folder / INCOMPLETE_MARKER).exists():
+            return (f"interrupted after the run folder {folder} was complete; it is ready "
+                    f"(whylook explain {folder})")
+    return "interrupted; rerun the same command to resume"
 
 
 if __name__ == "__main__":

@@ -399,6 +399,15 @@ def compare(
         >>> print(res.summary())  # doctest: +SKIP
     """
     fa, fb = _open(run_a), _open(run_b)
+    # A's lock from its explanation's read to the write of the result into A: an explain of
+    # A meanwhile would otherwise leave a comparison of an explanation A no longer has.
+    with run_lock(fa.path):
+        return _compare(fa, fb, out=out, min_iou=min_iou, device=device,
+                        random_matchings=random_matchings)
+
+
+def _compare(fa: Any, fb: Any, *, out: str | Path | None, min_iou: float, device: str,
+             random_matchings: int) -> Comparison:
     ea, eb = require_explanation(fa), require_explanation(fb)
     differences = _check_comparable(fa, fb, ea, eb)
     dev = resolve_device(device)
@@ -537,6 +546,5 @@ def compare(
     else:
         out = Path(out)
         path = out if out.suffix == ".json" else out / "compare.json"
-    with run_lock(fa.path):
-        write_json(path, result)
+    write_json(path, result)
     return Comparison(path=path, data=result)

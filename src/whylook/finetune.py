@@ -146,6 +146,14 @@ def stage_order(n: int, seed: int, stage: int, keep: np.ndarray | None = None) -
     return perm if keep is None else perm[np.asarray(keep, bool)[perm]]
 
 
+def _remove_leftovers(out_dir: Path) -> None:
+    """Temporary files of a killed finetune (never read; removed under the run's lock, where
+    nothing can be writing them now)."""
+    for folder in (out_dir, out_dir / "cache"):
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
 def _seed_list(seeds: object) -> list[int]:
     """``seeds`` as given to :func:`finetune` (a count, or the seeds), checked."""
     from whylook.train import MAX_SEED
@@ -921,6 +929,7 @@ def finetune(
     dev = resolve_device(device)
     # Fine-tuning trains: a caller's no_grad or inference_mode must not reach it.
     with run_lock(folder.path), torch.inference_mode(False), torch.enable_grad():
+        _remove_leftovers(folder.path / "finetune")
         # Read again under the lock: an explain that held it may have rewritten the file.
         return _finetune_locked(
             folder,
@@ -1129,6 +1138,9 @@ def _finetune_locked(
         settings=settings,
         seconds=time.perf_counter() - t0,
     )
+    # finetune.md is finetune.json's table: the old one goes first, so a kill between the
+    # two writes leaves no table of another run beside the new results.
+    (out_dir / "finetune.md").unlink(missing_ok=True)
     write_json(result.path, result.to_json())
     write_bytes(out_dir / "finetune.md", result.markdown().encode())
     return result

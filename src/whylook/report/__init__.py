@@ -872,7 +872,7 @@ def _is_within(path: Path, folder: Path) -> bool:
     return True
 
 
-def _write(out: Path, files: dict[str, bytes], html: str) -> Path:
+def _write(out: Path, files: dict[str, bytes], html: str, *, locked: bool) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -880,6 +880,16 @@ def _write(out: Path, files: dict[str, bytes], html: str) -> Path:
             f"cannot write the report to {out} ({exc.__class__.__name__}: {exc.strerror}); "
             "choose a folder you can write with --out"
         ) from None
+    # index.html marks a complete report: the old one goes before its figures are replaced,
+    # so a kill in between leaves no page that shows another report's figures.
+    (out / "index.html").unlink(missing_ok=True)
+    if locked:
+        # Temporary files of a killed report; only under the run's lock, where no other
+        # report can be writing them now.
+        leftovers = [*out.glob(".*.png.*.tmp"), *out.glob(".index.html.*.tmp"),
+                     *(out / "patches").glob(".*.png.*.tmp")]
+        for tmp in leftovers:
+            tmp.unlink(missing_ok=True)
     for name, data in sorted(files.items()):
         write_bytes(out / name, data)
     # Remove figures an earlier report wrote that this one did not (fewer classes, K, ...):
@@ -929,12 +939,12 @@ def report(
     out_dir = Path(out) if out is not None else run / "report"
     if run.is_dir() and _is_within(out_dir, run):
         with run_lock(run):
-            return _report(run, out_dir, classes)
-    return _report(run, out_dir, classes)
+            return _report(run, out_dir, classes, locked=True)
+    return _report(run, out_dir, classes, locked=False)
 
 
-def _report(run: Path, out: Path, classes: Sequence[str] | None) -> Path:
+def _report(run: Path, out: Path, classes: Sequence[str] | None, *, locked: bool) -> Path:
     inputs = load(run)
     builder = _Builder(inputs, classes)
     html = _render(builder.build())
-    return _write(out, builder.out.files, html)
+    return _write(out, builder.out.files, html, locked=locked)
