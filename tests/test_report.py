@@ -965,3 +965,28 @@ def test_report_names_a_file_an_incomplete_run_and_a_non_path_as_explain_does(tm
         with pytest.raises(WhylookError, match=message) as info:
             report(target)
         assert "\n" not in str(info.value)
+
+
+def test_results_of_an_earlier_explanation_are_marked_as_such(tmp_path):
+    """finetune.json and compare/*.json record the explanation they came from; after
+    explain ran again the report says so (and says nothing for a current one)."""
+    from whylook._io import file_digest
+
+    run = make_synthetic_run(tmp_path)
+    current = file_digest(run / "analysis" / "explanation.json")
+    (run / "finetune").mkdir()
+    (run / "finetune" / "finetune.json").write_text(json.dumps(
+        {"start": {"explanation_sha256": "0" * 64, "index": 2}, "strategies": []}))
+    (run / "compare").mkdir()
+    for name, digest in (("old.json", "1" * 64), ("now.json", current)):
+        (run / "compare" / name).write_text(json.dumps(
+            {"run_a": {"name": "a", "explanation_sha256": digest}, "run_b": {"name": name}}))
+    html = report(run).read_text(encoding="utf-8")
+    warning = "Computed from an earlier explanation of this run (explain ran again since)"
+    assert html.count(warning) == 2
+    assert warning in html.split('<section id="finetune">')[1].split("</section>")[0]
+    parts = html.split('<section id="compare">')[1].split("</section>")[0].split("<h3>")
+    by_name = {part.split("</code>")[0].removeprefix("<code>compare/"): part
+               for part in parts[1:]}
+    assert warning in by_name["old.json"]
+    assert warning not in by_name["now.json"]

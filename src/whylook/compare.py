@@ -48,7 +48,7 @@ import numpy as np
 from scipy import stats
 from scipy.optimize import linear_sum_assignment
 
-from whylook._io import run_lock, write_json
+from whylook._io import file_digest, run_lock, write_json
 from whylook.errors import WhylookError
 from whylook.finetune import _open, evaluate, load_prototypes, require_explanation
 from whylook.models import resolve_device
@@ -478,12 +478,15 @@ def _compare(fa: Any, fb: Any, *, out: str | Path | None, min_iou: float, device
             "path": str(fa.path),
             "k": ka,
             "test_accuracy": round(confs[0][0], 6),
+            # The report tells a comparison of an earlier explanation by this.
+            "explanation_sha256": file_digest(fa.path / "analysis" / "explanation.json"),
         },
         "run_b": {
             "name": fb.path.name,
             "path": str(fb.path),
             "k": kb,
             "test_accuracy": round(confs[1][0], 6),
+            "explanation_sha256": file_digest(fb.path / "analysis" / "explanation.json"),
         },
         "classes": classes,
         "config_differences": differences,

@@ -1126,6 +1126,8 @@ def _finetune_locked(
         pair_reason=reason,
         curated=curated,
         start={
+            # The report tells fine-tuning of an earlier explanation by this.
+            "explanation_sha256": file_digest(folder.path / "analysis" / "explanation.json"),
             "index": int(ckpt.index),
             "step": int(ckpt.step),
             "file": str(ckpt.file),

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from whylook._io import run_lock, write_bytes
+from whylook._io import file_digest, run_lock, write_bytes
 from whylook._text import (
     floor_pct,
     near_chance_caution,
@@ -803,19 +803,36 @@ class _Builder:
             blocks.append({"table": table, "plots": plots})
         return blocks
 
+    def _stale(self, content: Any, part: str, command: str) -> str | None:
+        """A warning when a result records another explanation of this run than its current
+        one (explain ran again since); results written before the record say nothing."""
+        stored = content.get(part, {}).get("explanation_sha256") if isinstance(
+            content, dict) and isinstance(content.get(part), dict) else None
+        if not isinstance(stored, str):
+            return None
+        current = file_digest(self.inp.run_path / "analysis" / "explanation.json")
+        if stored == current:
+            return None
+        return (f"Computed from an earlier explanation of this run (explain ran again since); "
+                f"rerun `{command}` to bring it up to date.")
+
     def finetune(self) -> dict[str, Any] | None:
         if self.inp.finetune is None:
             return None
         content, err = self.inp.finetune
         if err:
-            return {"error": err, "blocks": []}
-        return {"error": None, "blocks": self._result_block("finetune", content, "fine-tuning")}
+            return {"error": err, "stale": None, "blocks": []}
+        return {"error": None,
+                "stale": self._stale(content, "start", f"whylook finetune {self.inp.run_path}"),
+                "blocks": self._result_block("finetune", content, "fine-tuning")}
 
     def compare(self) -> list[dict[str, Any]]:
         out = []
         for i, (name, content, err) in enumerate(self.inp.compare):
             blocks = [] if err else self._result_block(f"compare-{i}", content, name)
-            out.append({"name": name, "error": err, "blocks": blocks})
+            stale = None if err else self._stale(
+                content, "run_a", f"whylook compare {self.inp.run_path} RUN_B")
+            out.append({"name": name, "error": err, "stale": stale, "blocks": blocks})
         return out
 
     def build(self) -> dict[str, Any]:
