@@ -501,3 +501,21 @@ def test_leave_one_out_error_two_ways_and_against_refits(n: int, k: int, m: int)
     # The dispatch: the Gram form exactly when there are more outputs than the rank.
     chosen = _loo_sse(u, s, c, lams)
     np.testing.assert_array_equal(chosen, gram if m > u.shape[1] else resid)
+
+
+def test_class_fits_give_z_0_to_a_prototype_that_never_changes_in_the_class():
+    """beta and se of such a prototype are both rounding errors; their ratio (up to 3.6 in
+    200 random draws before) must not read as support."""
+    from whylook.mapping import fit_class_mapping
+
+    worst = 0.0
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        y = np.repeat([0, 1], 15)
+        dp = (rng.normal(size=(1, 30, 8)) * rng.uniform(0.01, 100)).astype(np.float32)
+        dy = (rng.normal(size=(1, 30, 2)) * 0.1).astype(np.float32)
+        dp[0, y == 0, 3] = 0.0
+        fit = fit_class_mapping(dp, dy, y)
+        worst = max(worst, float(np.abs(fit.z[0, 3, 0]).max()))
+        assert np.abs(fit.z[0, :3, 0]).max() > 0  # the others keep their z
+    assert worst == 0.0

@@ -760,6 +760,7 @@ def fit_class_mapping(
     m = dy.shape[2]
     beta = np.zeros((t_count, k, m), np.float32)
     se = np.full((t_count, k, m), np.nan, np.float32)
+    z = np.zeros((t_count, k, m), np.float32)
     lambdas = np.full((t_count, m), np.nan)
     members = {c: rows for c in range(m) if (rows := np.flatnonzero(y == c)).size >= 3}
     jobs = [(c, t) for c in members for t in range(t_count)]
@@ -778,7 +779,8 @@ def fit_class_mapping(
     for (c, t), res in zip(jobs, fits, strict=True):
         beta[t, :, c] = res.beta[:, 0]
         se[t, :, c] = res.beta_se[:, 0]
+        # The fit's own z: 0 for a prototype whose intensity never changes in the class
+        # (beta and se both rounding errors), as in every fit (_ridge_fit).
+        z[t, :, c] = res.z[:, 0]
         lambdas[t, c] = res.lam
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(se > 0, beta / se, 0.0).astype(np.float32)
     return ClassMapping(beta=beta, beta_se=se, z=np.nan_to_num(z), lambdas=lambdas)

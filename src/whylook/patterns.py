@@ -263,8 +263,9 @@ def find_patterns(
         min_samples: HDBSCAN's ``min_samples`` (default: equal to the cluster size).
         allow_single_cluster: let HDBSCAN return a single group (see the module notes).
         profile: optional ``(n, F)`` per-sample features appended to each trajectory for
-            the class sub-groups (``explain`` passes the final prototype saliency shares,
-            so variants that look different but are learned at the same time still
+            the class sub-groups (``explain`` passes the final checkpoint's prototype
+            activity, :func:`whylook.intensity.activity` under the explanation's activity
+            rule, so variants that look different but are learned at the same time still
             split; see docs/METHOD-NOTES.md).
         n_jobs: threads for the independent HDBSCAN fits (``None``: one, ``-1``: one per
             core), fewer where brute-force fits side by side would hold more than
