@@ -219,3 +219,40 @@ def small_mnist_run(out: Path, *, data_seed: int = 0):  # type: ignore[no-untype
                 checkpoints=4, seed=0, data_seed=data_seed, device="cpu", out=out,
                 progress=False)
     return explain(run, analysis_size=300, seed=0, device="cpu", progress=False)
+
+
+# Model factories a user might write that whylook must refuse, each in one line (and `good`,
+# which works); tests write this source into a module on sys.path.
+USER_MODELS = """
+from torch import nn
+
+def good(num_classes, in_channels, image_size):
+    return nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+
+def wrong_classes(num_classes, in_channels, image_size):
+    return good(num_classes + 1, in_channels, image_size)
+
+class TupleOut(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x), 0
+
+def tuple_out(**kwargs):
+    return TupleOut(good(**kwargs))
+
+def no_params(num_classes, in_channels, image_size):
+    return nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())
+
+def frozen(**kwargs):
+    return good(**kwargs).requires_grad_(False)
+
+def double(**kwargs):
+    return good(**kwargs).double()
+
+def raises(**kwargs):
+    raise RuntimeError("boom inside the factory")
+"""

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from _tiny_run import (
     EXPLAIN_ARGS,
     TRAIN_ARGS,
+    USER_MODELS,
     baseline,
     copy_run,
     lying_zip,
@@ -273,36 +274,6 @@ def _npy_as_npz(c: Ctx) -> list[str]:
 # A user's model factories, in a module the test puts on sys.path (the CLI runs in-process);
 # the test takes the module out of sys.modules again.
 USER_MODULE = "bad_input_models"
-USER_MODELS = """
-from torch import nn
-
-def good(num_classes, in_channels, image_size):
-    return nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
-
-def wrong_classes(num_classes, in_channels, image_size):
-    return good(num_classes + 1, in_channels, image_size)
-
-class TupleOut(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x), 0
-
-def tuple_out(**kwargs):
-    return TupleOut(good(**kwargs))
-
-def raises(**kwargs):
-    raise RuntimeError("boom inside the factory")
-
-def no_params(num_classes, in_channels, image_size):
-    return nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())
-
-def frozen(**kwargs):
-    return good(**kwargs).requires_grad_(False)
-"""
 
 
 def _user_model(c: Ctx, factory: str) -> list[str]:

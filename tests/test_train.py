@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from _tiny_run import USER_MODELS
 from whylook import _io
 from whylook.cli import main
 from whylook.data import DataSource, load_data
@@ -240,39 +241,6 @@ def test_out_must_be_a_path(tiny_data, out: object) -> None:
     )
 
 
-USER_MODELS = """
-from torch import nn
-
-def good(num_classes, in_channels, image_size):
-    return nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
-
-def wrong_classes(num_classes, in_channels, image_size):
-    return good(num_classes + 1, in_channels, image_size)
-
-class TupleOut(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x), 0
-
-def tuple_out(**kwargs):
-    return TupleOut(good(**kwargs))
-
-def no_params(num_classes, in_channels, image_size):
-    return nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())
-
-def frozen(**kwargs):
-    return good(**kwargs).requires_grad_(False)
-
-def double(**kwargs):
-    return good(**kwargs).double()
-
-def raises(**kwargs):
-    raise RuntimeError("boom inside factory")
-"""
 
 USER_MODEL_CLI_ERRORS = {
     "wrong_classes": r"returns logits of shape \(2, 11\) for a batch of 2 images, not \(2, 10\)",
@@ -280,7 +248,7 @@ USER_MODEL_CLI_ERRORS = {
     "no_params": "has no parameters, so there is nothing to train",
     "frozen": r"has no trainable parameters \(every one has requires_grad=False\)",
     "double": "has float64 weights; return a float32 model",
-    "raises": "the model factory train_models:raises raised RuntimeError: boom inside factory; ",
+    "raises": "factory train_models:raises raised RuntimeError: boom inside the factory; ",
 }
 
 
