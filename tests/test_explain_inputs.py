@@ -81,3 +81,33 @@ def test_compare_and_finetune_refuse_a_damaged_explanation_in_one_line(
             call()
         assert "\n" not in str(info.value)
         assert f"rerun `whylook explain {run}`" in str(info.value)
+
+
+def test_an_explanation_replaced_while_it_is_read_is_read_again(
+    run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An explain that rewrites the files between the reads of explanation.json and
+    arrays.npz could pair the old JSON with the new arrays: such a read is repeated."""
+    from whylook._io import write_bytes
+
+    ex = importlib.import_module("whylook.explain")
+    path = run / "analysis" / "explanation.json"
+    real = ex._read_explanation
+    calls = []
+
+    def replaced_during(*args: object):
+        calls.append(1)
+        result = real(*args)
+        if len(calls) <= times:
+            write_bytes(path, path.read_bytes())  # a new file in place, as explain writes
+        return result
+
+    monkeypatch.setattr(ex, "_read_explanation", replaced_during)
+    times = 1
+    assert ex.load_explanation(run).data["schema"] == ex.SCHEMA
+    assert len(calls) == 2
+    calls.clear()
+    times = 99
+    with pytest.raises(WhylookError, match="kept changing while it was read"):
+        ex.load_explanation(run)
+    assert len(calls) == 3

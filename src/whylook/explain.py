@@ -1008,8 +1008,39 @@ def _checkpoint_model(folder: Any, t: int, device: torch.device,
 
 
 def load_explanation(run: str | Path) -> Explanation:
-    """Read the explanation that :func:`explain` wrote into a run folder."""
+    """Read the explanation that :func:`explain` wrote into a run folder.
+
+    The two files are read without the run's lock (readers do not block each other), so an
+    ``explain`` that replaces them meanwhile could pair one's old content with the other's
+    new: the read is repeated when ``explanation.json`` changed during it.
+    """
     analysis = Path(run) / "analysis"
+    for _ in range(_READ_ATTEMPTS):
+        before = _identity(analysis / "explanation.json")
+        explanation = _read_explanation(run, analysis)
+        if _identity(analysis / "explanation.json") == before:
+            return explanation
+    raise WhylookError(
+        f"the explanation in {analysis} kept changing while it was read (an explain of the "
+        "run is running); try again when it has finished"
+    )
+
+
+#: How often load_explanation reads again an explanation that changed while it was read.
+_READ_ATTEMPTS = 3
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    # explain replaces files by renaming a new one into place: a new inode (or none, while
+    # explanation.json is away between the old and the new analysis).
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _read_explanation(run: str | Path, analysis: Path) -> Explanation:
     data = read_json(analysis / "explanation.json", what="explanation")
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise WhylookError(
