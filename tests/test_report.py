@@ -990,3 +990,23 @@ def test_results_of_an_earlier_explanation_are_marked_as_such(tmp_path):
                for part in parts[1:]}
     assert warning in by_name["old.json"]
     assert warning not in by_name["now.json"]
+
+
+def test_sample_strips_show_samples_where_the_prototype_is_active(small_run):
+    """A strip under "looked at in 2% of its samples" shows those samples, not samples the
+    prototype merely covers (the analysis's `active` decides, not the ranking measure)."""
+    from whylook.report import _Builder
+    from whylook.report._inputs import load
+
+    path = small_run / "analysis" / "arrays.npz"
+    with np.load(path) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    active = arrays["active"].astype(bool)
+    k = int(np.argmax(active.sum(axis=0)))
+    on = np.flatnonzero(active[:, k])
+    active[on[: on.size // 2], k] = False  # half of them no longer count as looked at
+    arrays["active"] = active
+    np.savez(path, **arrays)
+    builder = _Builder(load(small_run))
+    rows = builder._rank(k, np.arange(len(builder.labels)), len(builder.labels))
+    assert sorted(rows) == sorted(int(r) for r in on[on.size // 2:])

@@ -246,10 +246,14 @@ class _Builder:
         return (img * 255).astype(np.uint8)[:, None]
 
     def _rank(self, k: int, rows: np.ndarray, top: int) -> list[int]:
-        """Rows where prototype k is most active (among those where it is present)."""
+        """Rows where prototype k is most active, among those where the analysis counts it
+        as active (where that is stored), else where it is looked at at all: a strip under
+        "looked at in 2% of its samples" shows those samples, not ones it merely covers."""
         rows = np.asarray(rows, dtype=np.int64)
         present = (self.assign[rows] == k).any(axis=(1, 2))  # also fine for no rows
-        rows = rows[present]
+        looked_at = (np.asarray(self.a["active"])[rows, k].astype(bool) if "active" in self.a
+                     else self.share[rows, k] > 0)
+        rows = rows[present & looked_at]
         order = np.lexsort((rows, -self.share[rows, k]))  # stable tie-break on row
         return [int(r) for r in rows[order][:top]]
 
