@@ -1010,3 +1010,17 @@ def test_sample_strips_show_samples_where_the_prototype_is_active(small_run):
     builder = _Builder(load(small_run))
     rows = builder._rank(k, np.arange(len(builder.labels)), len(builder.labels))
     assert sorted(rows) == sorted(int(r) for r in on[on.size // 2:])
+
+
+def test_the_rules_of_the_structure_are_on_the_page(run):
+    """A loosened rule (here --min-swings 1) must be visible where the entries it decides
+    are read."""
+    path = run / "analysis" / "explanation.json"
+    exp = json.loads(path.read_text())
+    exp["structure_settings"] = {**exp.get("structure_settings", {}), "min_swings": 1,
+                                 "active_threshold": 0.3, "z_threshold": 2.0}
+    path.write_text(json.dumps(exp))
+    html = report(run).read_text(encoding="utf-8")
+    block = html.split("rules of the structure (Step 6)")[1].split("</table>")[0]
+    for field, value in (("min_swings", "1"), ("active_threshold", "0.3"), ("z_threshold", "2")):
+        assert re.search(rf"<td>{field}</td>\s*<td>{re.escape(value)}</td>", block), field

@@ -129,7 +129,7 @@ def test_a_class_without_shared_prototypes_says_which_half_of_the_rule_fails():
     line = _one_class_summary(data)
     assert ("a: none: most looked-at P-0 (100%, z -10.0; also most of b), P-3 (75%, z +1.0) "
             "lack support; "
-            "best supported P-1 (z +10.0) is looked at in 20%") in line
+            "the most looked-at with support, P-1 (z +10.0), is looked at in 20%") in line
     # Where nothing is looked at in most samples, the line says so instead.
     data = no_support.to_json()["classes_explained"][0]["why_no_shared"]
     assert data["activity_met"] is False

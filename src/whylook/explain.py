@@ -187,7 +187,8 @@ class Explanation:
         for u in unc[:_UNCERTAIN_LISTED]:
             lines.append(
                 f"  {u['id']}: swings {u['swings']}x between {u['classes'][0]} and "
-                f"{u['classes'][1]} (at steps {', '.join(map(str, u['steps']))})"
+                f"{u['classes'][1]} (at step{'s' if len(u['steps']) != 1 else ''} "
+                f"{', '.join(map(str, u['steps']))})"
             )
         if len(unc) > _UNCERTAIN_LISTED:
             lines.append(f"  ... {len(unc) - _UNCERTAIN_LISTED} more entries in "
@@ -281,8 +282,9 @@ def _no_shared_text(why: dict[str, Any] | None) -> str:
     best = why["best_supported"]
     if best is None:
         return text + "; no prototype's support clears noise"
-    return (text + f"; best supported {best['id']} (z {best['support_z']:+.1f}) is looked "
-            f"at in {floor_pct(best['active_rate'])}")
+    # best_supported: of the prototypes whose support clears noise, the most looked-at one.
+    return (text + f"; the most looked-at with support, {best['id']} (z "
+            f"{best['support_z']:+.1f}), is looked at in {floor_pct(best['active_rate'])}")
 
 
 def stratified_rows(labels: np.ndarray, size: int, seed: int) -> np.ndarray:

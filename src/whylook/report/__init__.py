@@ -321,6 +321,8 @@ class _Builder:
         conf_uri = self.out.figure("overview-confusion.png", figures.confusion(
             matrix, inp.classes, "confusion matrix of the final model"))
         settings = exp.get("settings") if isinstance(exp.get("settings"), dict) else {}
+        rules = (exp.get("structure_settings")
+                 if isinstance(exp.get("structure_settings"), dict) else {})
         return {
             "facts": [(k, "—" if v is None else str(v)) for k, v in facts],
             "caution": near_chance_caution(acc_an[-1], self.m),
@@ -328,7 +330,10 @@ class _Builder:
             "accuracy": acc_uri,
             "confusion": conf_uri,
             "confusion_source": source,
-            "settings": tables(settings, "analysis settings") if settings else [],
+            # The rules behind "active", "shared", "specialized" and "uncertain" (Step 6),
+            # e.g. a loosened --min-swings, beside the analysis's own settings.
+            "settings": ((tables(settings, "analysis settings") if settings else [])
+                         + (tables(rules, "rules of the structure (Step 6)") if rules else [])),
             "config": tables(config, "run configuration") if config else [],
             "versions": tables(inp.run["versions"], "package versions")
             if isinstance(inp.run.get("versions"), dict) else [],
@@ -570,6 +575,8 @@ class _Builder:
             steps = [int(s) for s in u.get("steps") or [] if isinstance(s, int | float)]
             row = {"id": f"P-{k}", "anchor": f"proto-{k}", "a": inp.classes[a],
                    "b": inp.classes[b], "swings": u.get("swings"),
+                   "swing_word": "swing" if u.get("swings") == 1 else "swings",
+                   "step_word": "step" if len(steps) == 1 else "steps",
                    "steps": ", ".join(str(s) for s in steps) or "—",
                    "drift": drift.get((f"P-{k}", *pair))}
             if i >= _MAX_UNCERTAIN_SHOWN:
