@@ -886,6 +886,8 @@ def _render(context: dict[str, Any]) -> str:
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    # Rates rounded down, as in the summary and the class sections: 49.7% never reads 50%.
+    env.filters["pct"] = floor_pct
     digest = base64.b64encode(hashlib.sha256(_CHECK_SCRIPT.encode()).digest()).decode()
     return env.get_template("report.html").render(
         **context, check_script=_CHECK_SCRIPT, script_hash=f"sha256-{digest}"
