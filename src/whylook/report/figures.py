@@ -64,6 +64,10 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+#: Up to this many checkpoints, the learning-order timeline names each on its axis.
+_LABELLED_STEPS = 12
+
+
 def _step_axis(ax: Axes, steps: Sequence[float], axis: str = "x") -> None:
     """Log-like axis when the steps span decades (log schedules), linear otherwise."""
     pos = [s for s in steps if s is not None and s > 0]
@@ -328,6 +332,10 @@ def learning_timeline(
         ax.invert_yaxis()
         ax.set_ylim(n - 0.5, -0.5)
         _step_axis(ax, [*checkpoint_steps, never_x])
+        if 0 < len(checkpoint_steps) <= _LABELLED_STEPS:
+            # Each checkpoint labelled: the separations sit on them, and a log axis would
+            # label only its decades (a pair separated at step 32 on an unnamed line).
+            ax.set_xticks(list(checkpoint_steps))
         if any(s is None for s in separated):
             ax.text(never_x, -0.9, "never", ha="center", va="bottom", fontsize=7, color="0.4")
         ax.set_title("separation step of each class pair" + (f" ({note})" if note else ""))
