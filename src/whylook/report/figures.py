@@ -64,6 +64,11 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+#: A colour per class in the pattern bars: tab10 with its grey (index 7) replaced by a
+#: dark indigo, since a grey class group read as the noise bar beside it.
+_CLASS_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+                  "#393b79", "#bcbd22", "#17becf"]
+
 #: Up to this many checkpoints, the learning-order timeline names each on its axis.
 _LABELLED_STEPS = 12
 
@@ -361,12 +366,12 @@ def pattern_groups(
         noise = [n - sum(size for size, _ in bars) for bars in groups]
         ax.bar(x, noise, color="0.85", width=0.8)
         bottom = np.array(noise, dtype=float)
-        colour = matplotlib.colormaps["tab10"]
         seen: dict[int, None] = {}
         steady: dict[str, Any] = {"facecolor": "0.97", "edgecolor": "0.6", "hatch": "///"}
         for t, bars in enumerate(groups):
             for size, c in bars:
-                style = steady if c is None else {"color": colour(c % 10), "edgecolor": "white"}
+                style = (steady if c is None
+                         else {"color": _CLASS_COLOURS[c % 10], "edgecolor": "white"})
                 ax.bar(t, size, bottom=bottom[t], width=0.8, linewidth=0.5, **style)
                 if c is not None:
                     if size >= 0.07 * n:  # a label only where it fits inside its segment
@@ -375,7 +380,8 @@ def pattern_groups(
                     seen[c] = None
                 bottom[t] += size
         handles = [Patch(color="0.85", label="noise")] + [
-            Patch(color=colour(c % 10), label=_short(classes[c])) for c in sorted(seen)[:12]]
+            Patch(color=_CLASS_COLOURS[c % 10], label=_short(classes[c]))
+            for c in sorted(seen)[:12]]
         if any(c is None for bars in groups for _, c in bars):
             handles.insert(1, Patch(label="steady", **steady))
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7,
