@@ -433,7 +433,6 @@ def _check_settings(s: ExplainSettings) -> None:
     """Refuse malformed options before any work, each with a one-line message."""
     from whylook.train import check_seed
 
-
     def whole(value: Any) -> bool:
         return isinstance(value, int | np.integer) and not isinstance(value, bool)
 

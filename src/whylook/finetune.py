@@ -83,9 +83,9 @@ __all__ = [
 SCHEMA = "whylook.finetune/1"
 SETS = ("full", "curated")
 DEFAULT_STRATEGIES = ("full>full", "curated>curated", "curated>full", "full", "curated")
-# Bump when the fine-tuning or the curated-set computation changes for the same inputs.
 #: The most seeds a count may ask for (each is a fine-tuning of every strategy).
 MAX_SEEDS = 1000
+# Bump when the fine-tuning or the curated-set computation changes for the same inputs.
 _CACHE_VERSION = "2"
 _SHARD = 8192
 
