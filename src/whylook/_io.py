@@ -31,6 +31,7 @@ __all__ = [
     "json_text",
     "load_weights",
     "read_json",
+    "remove_temporaries",
     "run_lock",
     "save_npz",
     "save_weights",
@@ -69,6 +70,14 @@ def atomic_write(
             raise _unwritable(path, exc) from None
         raise
     return path
+
+
+def remove_temporaries(folder: str | os.PathLike[str], names: str = "*") -> None:
+    """Delete the temporary files :func:`atomic_write` left in ``folder`` for files named
+    like ``names`` (a glob) when its process was killed. They are never read, but would pile
+    up; call it only under the run's lock, where no other command can be writing them."""
+    for tmp in Path(folder).glob(f".{names}.*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def _unwritable(path: Path, exc: OSError) -> WhylookError:

@@ -23,7 +23,15 @@ import numpy as np
 import torch
 
 from whylook import __version__
-from whylook._io import file_digest, json_bytes, read_json, run_lock, save_npz, write_bytes
+from whylook._io import (
+    file_digest,
+    json_bytes,
+    read_json,
+    remove_temporaries,
+    run_lock,
+    save_npz,
+    write_bytes,
+)
 from whylook._progress import progress_bar
 from whylook._text import (
     floor_pct,
@@ -655,10 +663,9 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
 
     analysis_dir = folder.path / "analysis"
     cache = analysis_dir / "cache"
-    # Temporary files of a killed explain: never read (only final names are), but they
-    # would pile up. Holding the run lock, no other command is writing them now.
-    for stale in [*analysis_dir.glob(".*.tmp"), *cache.glob(".*.tmp")]:
-        stale.unlink(missing_ok=True)
+    # A killed explain's temporary files (this holds the run's lock).
+    remove_temporaries(analysis_dir)
+    remove_temporaries(cache)
     digests = [file_digest(folder.path / c.file) for c in ckpts]
     common = {"v": _CACHE_VERSION, "layer": layer_name, "data": folder.config.get("data"),
               **precision_key(settings.precision)}

@@ -54,7 +54,15 @@ from scipy import stats
 from torch import nn
 
 from whylook import __version__
-from whylook._io import file_digest, read_json, run_lock, save_npz, write_bytes, write_json
+from whylook._io import (
+    file_digest,
+    read_json,
+    remove_temporaries,
+    run_lock,
+    save_npz,
+    write_bytes,
+    write_json,
+)
 from whylook._progress import progress_bar
 from whylook.errors import WhylookError
 from whylook.models import resolve_device, rng_kept
@@ -144,14 +152,6 @@ def stage_order(n: int, seed: int, stage: int, keep: np.ndarray | None = None) -
     """
     perm = np.random.default_rng([int(seed), int(stage)]).permutation(int(n))
     return perm if keep is None else perm[np.asarray(keep, bool)[perm]]
-
-
-def _remove_leftovers(out_dir: Path) -> None:
-    """Temporary files of a killed finetune (never read; removed under the run's lock, where
-    nothing can be writing them now)."""
-    for folder in (out_dir, out_dir / "cache"):
-        for tmp in folder.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
 
 
 def _seed_list(seeds: object) -> list[int]:
@@ -929,7 +929,9 @@ def finetune(
     dev = resolve_device(device)
     # Fine-tuning trains: a caller's no_grad or inference_mode must not reach it.
     with run_lock(folder.path), torch.inference_mode(False), torch.enable_grad():
-        _remove_leftovers(folder.path / "finetune")
+        # A killed finetune's temporary files.
+        remove_temporaries(folder.path / "finetune")
+        remove_temporaries(folder.path / "finetune" / "cache")
         # Read again under the lock: an explain that held it may have rewritten the file.
         return _finetune_locked(
             folder,

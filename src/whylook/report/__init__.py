@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from whylook._io import file_digest, run_lock, write_bytes
+from whylook._io import file_digest, remove_temporaries, run_lock, write_bytes
 from whylook._text import (
     floor_pct,
     near_chance_caution,
@@ -914,12 +914,10 @@ def _write(out: Path, files: dict[str, bytes], html: str, *, locked: bool) -> Pa
     # so a kill in between leaves no page that shows another report's figures.
     (out / "index.html").unlink(missing_ok=True)
     if locked:
-        # Temporary files of a killed report; only under the run's lock, where no other
-        # report can be writing them now.
-        leftovers = [*out.glob(".*.png.*.tmp"), *out.glob(".index.html.*.tmp"),
-                     *(out / "patches").glob(".*.png.*.tmp")]
-        for tmp in leftovers:
-            tmp.unlink(missing_ok=True)
+        # A killed report's temporary files, of its own names only: --out may hold others.
+        remove_temporaries(out, "*.png")
+        remove_temporaries(out, "index.html")
+        remove_temporaries(out / "patches", "*.png")
     for name, data in sorted(files.items()):
         write_bytes(out / name, data)
     # Remove figures an earlier report wrote that this one did not (fewer classes, K, ...):
