@@ -814,15 +814,17 @@ class _Builder:
             blocks.append({"table": table, "plots": plots})
         return blocks
 
+    @functools.cached_property
+    def _explanation_digest(self) -> str:
+        # Once for the page: a thousand-class explanation.json is some 80 MB to hash.
+        return file_digest(self.inp.run_path / "analysis" / "explanation.json")
+
     def _stale(self, content: Any, part: str, command: str) -> str | None:
         """A warning when a result records another explanation of this run than its current
         one (explain ran again since); results written before the record say nothing."""
         stored = content.get(part, {}).get("explanation_sha256") if isinstance(
             content, dict) and isinstance(content.get(part), dict) else None
-        if not isinstance(stored, str):
-            return None
-        current = file_digest(self.inp.run_path / "analysis" / "explanation.json")
-        if stored == current:
+        if not isinstance(stored, str) or stored == self._explanation_digest:
             return None
         return (f"Computed from an earlier explanation of this run (explain ran again since); "
                 f"rerun `{command}` to bring it up to date.")
@@ -965,7 +967,7 @@ def report(
 
     run = require_run_folder(run)
     out_dir = Path(out) if out is not None else run / "report"
-    if run.is_dir() and _is_within(out_dir, run):
+    if _is_within(out_dir, run):
         with run_lock(run):
             return _report(run, out_dir, classes, locked=True)
     return _report(run, out_dir, classes, locked=False)
