@@ -378,17 +378,12 @@ def _load_npz(path: Path) -> tuple[tuple[str, ...], Split, Split]:
         )
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise WhylookError(
-            f"{path} is not a readable npz without pickled objects ({type(exc).__name__}); "
-            f"{_NPZ_HELP}"
-        ) from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        # np.load reads a .npy file as one bare array: no names for the four arrays.
-        raise WhylookError(
-            f"npz {path} is a single .npy array, not an npz archive of named arrays; {_NPZ_HELP}"
-        )
-    try:
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            # np.load reads a .npy file as one bare array: no names for the four arrays.
+            raise WhylookError(
+                f"npz {path} is a single .npy array, not an npz archive of named arrays; "
+                f"{_NPZ_HELP}"
+            )
         with loaded as npz:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in npz]
             if missing:
