@@ -240,6 +240,19 @@ def test_weights_made_under_inference_mode_are_a_one_line_error() -> None:
         grad_cam(model, "0", _X, [0])
 
 
+
+
+def test_a_lazy_model_not_yet_run_is_a_one_line_error() -> None:
+    def lazy() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(3))
+
+    for call in (lambda m: grad_cam(m, "0", _X, [0]), lambda m: GradCAM(m, "0"),
+                 lambda m: next(layer_features(m, "0", _X))):
+        with pytest.raises(WhylookError, match=r"Lazy module.*run it once on a batch"):
+            call(lazy())
+    model = lazy()
+    model(torch.zeros(1, *_X.shape[1:]))  # the first forward gives the weights their shapes
+    assert grad_cam(model, "0", _X, [0]).saliency.shape[0] == _X.shape[0]
 def test_bad_layers_and_inputs() -> None:
     model = _tiny_model()
     with pytest.raises(WhylookError, match="not 4-D"):

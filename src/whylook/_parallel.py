@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from whylook._checks import is_whole
 from whylook.errors import WhylookError
 
 __all__ = ["check_n_jobs", "thread_map"]
@@ -30,7 +31,7 @@ def check_n_jobs(n_jobs: int | None) -> int:
     """
     if n_jobs is None:
         return 1
-    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0 or n_jobs < -1:
+    if not is_whole(n_jobs) or n_jobs == 0 or n_jobs < -1:
         raise WhylookError(f"n_jobs must be a positive integer, -1 or None, not {n_jobs!r}")
     return (os.cpu_count() or 1) if n_jobs == -1 else n_jobs
 

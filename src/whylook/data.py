@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import numbers
 import os
 import re
 import warnings
@@ -42,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from whylook._checks import is_whole
 from whylook._text import DATA_SPECS
 from whylook.errors import WhylookError
 
@@ -204,8 +204,7 @@ def load_data(spec: str = "mnist5k", *, limit_per_class: int | None = None) -> D
     """
     if limit_per_class is not None:
         # 2.5 or "3" would fail deep in NumPy's slicing; a bool is no count either.
-        if not (isinstance(limit_per_class, numbers.Integral)
-                and not isinstance(limit_per_class, bool) and limit_per_class >= 1):
+        if not (is_whole(limit_per_class) and limit_per_class >= 1):
             raise WhylookError(
                 f"limit_per_class must be a whole number >= 1 (or None for all images), "
                 f"not {limit_per_class!r}"

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from whylook import __version__
+from whylook._checks import is_number, is_whole
 from whylook._io import (
     file_digest,
     json_bytes,
@@ -441,10 +442,7 @@ def _check_settings(s: ExplainSettings) -> None:
     """Refuse malformed options before any work, each with a one-line message."""
     from whylook.train import check_seed
 
-    def whole(value: Any) -> bool:
-        return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-    k_ok = s.k in {"default", "auto"} if isinstance(s.k, str) else whole(s.k) and s.k >= 2
+    k_ok = s.k in {"default", "auto"} if isinstance(s.k, str) else is_whole(s.k) and s.k >= 2
     if not k_ok:
         raise WhylookError(f"k must be a whole number >= 2, 'default' or 'auto', not {s.k!r}")
     if s.layer is not None and not (isinstance(s.layer, str) and s.layer):
@@ -460,11 +458,11 @@ def _check_settings(s: ExplainSettings) -> None:
     ):
         optional = name not in {"batch_size", "shard_size", "uncertain_null"}
         if (value is None and not optional) or (
-            value is not None and not (whole(value) and value >= low)
+            value is not None and not (is_whole(value) and value >= low)
         ):
             raise WhylookError(f"{name} must be a whole number >= {low}, not {value!r}")
     check_seed("seed", s.seed)  # scikit-learn's random states take 32-bit seeds
-    if not (whole(s.bootstrap) and (s.bootstrap == 0 or s.bootstrap >= 2)):
+    if not (is_whole(s.bootstrap) and (s.bootstrap == 0 or s.bootstrap >= 2)):
         raise WhylookError(f"bootstrap must be 0 or a whole number >= 2, not {s.bootstrap!r}")
     if s.standard_errors not in ("jackknife", "bootstrap"):
         raise WhylookError(
@@ -472,7 +470,7 @@ def _check_settings(s: ExplainSettings) -> None:
         )
     lam = s.ridge_lambda
     if not (isinstance(lam, str) and lam == "cv") and not (
-        isinstance(lam, int | float | np.number) and not isinstance(lam, bool)
+        is_number(lam)
         and np.isfinite(lam) and lam >= 0
     ):
         raise WhylookError(f"ridge_lambda must be 'cv' or a number >= 0, not {lam!r}")

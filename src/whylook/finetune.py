@@ -54,6 +54,7 @@ from scipy import stats
 from torch import nn
 
 from whylook import __version__
+from whylook._checks import is_whole
 from whylook._io import (
     file_digest,
     read_json,
@@ -158,10 +159,7 @@ def _seed_list(seeds: object) -> list[int]:
     """``seeds`` as given to :func:`finetune` (a count, or the seeds), checked."""
     from whylook.train import MAX_SEED
 
-    def whole(v: object) -> bool:
-        return isinstance(v, int | np.integer) and not isinstance(v, bool)
-
-    if isinstance(seeds, int | np.integer) and not isinstance(seeds, bool):
+    if is_whole(seeds):
         count = int(seeds)
         if not 1 <= count <= MAX_SEEDS:
             raise WhylookError(
@@ -169,7 +167,7 @@ def _seed_list(seeds: object) -> list[int]:
             )
         return list(range(count))
     values = list(seeds) if isinstance(seeds, list | tuple | range | np.ndarray) else None
-    if (not values or not all(whole(v) and 0 <= v <= MAX_SEED for v in values)
+    if (not values or not all(is_whole(v) and 0 <= v <= MAX_SEED for v in values)
             or len(set(values)) != len(values)):
         raise WhylookError(
             f"seeds must be a count from 1 to {MAX_SEEDS} or distinct whole numbers from 0 to "
@@ -922,7 +920,7 @@ def finetune(
     from whylook.train import check_lr
 
     check_lr(lr)
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+    if batch_size is not None and (not is_whole(batch_size) or batch_size < 1):
         raise WhylookError(f"batch_size must be a whole number >= 1, not {batch_size!r}")
     if optimizer is not None and str(optimizer).lower() not in {"adam", "sgd"}:
         raise WhylookError(f"unknown optimizer {optimizer!r}; use adam or sgd")

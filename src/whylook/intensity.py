@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from whylook._checks import is_whole
 from whylook.errors import WhylookError
 
 __all__ = ["ACTIVITY_RULES", "Intensity", "activity", "delta", "mass_share", "prototype_intensity"]
@@ -50,7 +51,7 @@ class Intensity:
 
 
 def _check_assignments(assignments: object, k: int) -> np.ndarray:
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+    if not is_whole(k) or k < 1:
         raise WhylookError(f"k must be a positive integer, not {k!r}")
     a = _as_array(assignments, "assignments")
     if a.ndim != 3:

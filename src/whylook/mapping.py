@@ -54,6 +54,7 @@ from typing import Literal
 
 import numpy as np
 
+from whylook._checks import is_number, is_whole
 from whylook._parallel import check_n_jobs, thread_map
 from whylook.errors import WhylookError
 from whylook.intensity import _as_array
@@ -529,11 +530,11 @@ def _ridge_fit_parts(
     n, k = x.shape
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise WhylookError("intensity or confidence changes contain NaN or infinite values")
-    if not isinstance(n_boot, int | np.integer) or n_boot < 0 or n_boot == 1:
+    if not is_whole(n_boot) or n_boot < 0 or n_boot == 1:
         raise WhylookError(f"n_boot must be 0 or an integer >= 2, not {n_boot!r}")
     _check_standard_errors(standard_errors)
     cv = lam == "cv"
-    numeric = isinstance(lam, int | float | np.number) and not isinstance(lam, bool)
+    numeric = is_number(lam)
     if not cv and not (numeric and np.isfinite(lam) and float(lam) >= 0):
         raise WhylookError(f"lam must be 'cv' or a number >= 0, not {lam!r}")
     if n < (2 if cv else 1):
@@ -633,7 +634,7 @@ def fit_mapping(
             raise WhylookError(
                 f"groups must be integer labels of shape ({t_count}, {n}), got {g_arr.shape}"
             )
-    if not isinstance(min_group_size, int | np.integer) or min_group_size < 2:
+    if not is_whole(min_group_size) or min_group_size < 2:
         raise WhylookError(f"min_group_size must be an integer >= 2, not {min_group_size!r}")
     _check_standard_errors(standard_errors)
     check_n_jobs(n_jobs)

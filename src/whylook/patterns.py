@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 from sklearn.cluster import HDBSCAN
 
+from whylook._checks import is_whole
 from whylook._parallel import check_n_jobs, thread_map
 from whylook.errors import WhylookError
 from whylook.intensity import _as_array
@@ -296,7 +297,7 @@ def find_patterns(
         ("class_min_cluster_size", class_min_cluster_size),
         ("min_samples", min_samples),
     ):
-        if value is not None and (not isinstance(value, int | np.integer) or value < 2):
+        if value is not None and (not is_whole(value) or value < 2):
             raise WhylookError(f"{name} must be an integer >= 2, not {value!r}")
 
     check_n_jobs(n_jobs)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
+from whylook._checks import is_whole
 from whylook.errors import WhylookError
 from whylook.saliency import from_numpy
 
@@ -76,7 +77,7 @@ def default_k(channels: int) -> int:
     >>> default_k(1), default_k(3)
     (32, 128)
     """
-    if not isinstance(channels, int | np.integer) or channels < 1:
+    if not is_whole(channels) or channels < 1:
         raise WhylookError(f"channels must be a positive integer, not {channels!r}")
     return 32 if channels == 1 else 128
 
@@ -446,19 +447,19 @@ class PrototypeFinder:
         auto_candidates: Sequence[int] = DEFAULT_AUTO_CANDIDATES,
         algorithm: Literal["elkan", "lloyd"] = KMEANS_ALGORITHM,
     ) -> None:
-        if k != "auto" and (not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 2):
+        if k != "auto" and (not is_whole(k) or k < 2):
             raise WhylookError(f"k must be an integer >= 2 or 'auto', not {k!r}")
         if k != "auto" and k > _MAX_K:
             raise WhylookError(f"k must be at most {_MAX_K} (assignments are int16), not {k}")
-        if n_components is not None and (not isinstance(n_components, int) or n_components < 1):
+        if n_components is not None and (not is_whole(n_components) or n_components < 1):
             raise WhylookError(f"n_components must be a positive integer, not {n_components!r}")
-        if not isinstance(max_fit_vectors, int) or max_fit_vectors < 2:
+        if not is_whole(max_fit_vectors) or max_fit_vectors < 2:
             raise WhylookError(f"max_fit_vectors must be an integer >= 2, not {max_fit_vectors!r}")
-        if init_vectors is not None and (not isinstance(init_vectors, int) or init_vectors < 2):
+        if init_vectors is not None and (not is_whole(init_vectors) or init_vectors < 2):
             raise WhylookError(
                 f"init_vectors must be an integer >= 2 or None, not {init_vectors!r}"
             )
-        if not isinstance(refine_iter, int) or refine_iter < 1:
+        if not is_whole(refine_iter) or refine_iter < 1:
             raise WhylookError(f"refine_iter must be a positive integer, not {refine_iter!r}")
         if algorithm not in ("elkan", "lloyd"):
             raise WhylookError(f"algorithm must be 'elkan' or 'lloyd', not {algorithm!r}")

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from whylook import _io
+from whylook._checks import is_whole
 from whylook.data import DataSource, is_loadable_spec, load_data
 from whylook.errors import WhylookError
 from whylook.models import (
@@ -174,8 +175,7 @@ class RunFolder:
                 "config); re-create the run"
             )
         limit = config.get("data_limit_per_class")
-        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
-                                  or limit < 1):
+        if limit is not None and (not is_whole(limit) or limit < 1):
             raise WhylookError(
                 f"{path}/run.json is malformed (config.data_limit_per_class is {limit!r}, not a "
                 "whole number >= 1 or null); re-create the run"

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from whylook._checks import is_whole
 from whylook._fusion import fused_conv_relu
 from whylook._pooling import fast_max_pool
 from whylook._progress import progress_bar
@@ -160,6 +161,12 @@ def resolve_layer(model: nn.Module, layer: nn.Module | str) -> tuple[str, nn.Mod
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    if any(nn.parameter.is_lazy(p) for p in model.parameters()):
+        # Most tensor methods raise on a lazy module's weights before its first forward.
+        raise WhylookError(
+            "the model has weights whose shapes are not known yet (a Lazy module, e.g. "
+            "nn.LazyLinear); run it once on a batch of your images, then compute Grad-CAM"
+        )
     for p in model.parameters():
         dtype = p.dtype if p.is_floating_point() else torch.float32
         return p.device, dtype
@@ -750,6 +757,7 @@ class GradCAM:
             raise WhylookError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         if device is not None:
             model.to(torch.device(device))
+        self.device, self.dtype = _model_device_dtype(model)
         autocast = _check_precision(precision, model)
         if any(p.is_inference() for p in model.parameters()):
             raise WhylookError(
@@ -757,7 +765,6 @@ class GradCAM:
                 "backward pass cannot go through them; build or load the model outside it"
             )
         self.model = model
-        self.device, self.dtype = _model_device_dtype(model)
         self._session = _LayerSession(
             model, layer, freeze=True, channels_last=_use_channels_last(model, channels_last),
             fuse=_use_fusion(fuse), autocast=autocast,
@@ -927,7 +934,7 @@ class GradCAM:
 
 
 def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not is_whole(batch_size) or batch_size < 1:
         raise WhylookError(f"batch_size must be a positive integer, not {batch_size!r}")
 
 

@@ -68,6 +68,7 @@ import numpy as np
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
+from whylook._checks import is_number, is_whole
 from whylook.errors import WhylookError
 from whylook.mapping import LeadErrors
 
@@ -126,13 +127,10 @@ class StructureSettings:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type == "float" and not (
-                isinstance(value, int | float | np.integer | np.floating)
-                and not isinstance(value, bool) and math.isfinite(value)
+                is_number(value) and math.isfinite(value)
             ):
                 raise WhylookError(f"{f.name} must be a finite number, not {value!r}")
-            if f.type == "int" and not (
-                isinstance(value, int | np.integer) and not isinstance(value, bool)
-            ):
+            if f.type == "int" and not is_whole(value):
                 raise WhylookError(f"{f.name} must be a whole number, not {value!r}")
             if f.type in ("float", "int"):  # numpy scalars as Python's, for the JSON
                 object.__setattr__(self, f.name, float(value) if f.type == "float" else int(value))

@@ -17,7 +17,6 @@ interrupted, the folder is removed again, and ``run.json`` is written last.
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import time
 from typing import Any
@@ -27,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from whylook import _io
+from whylook._checks import is_number, is_whole
 from whylook._progress import progress_bar
 from whylook.data import DataSource, Split, to_tensor
 from whylook.errors import WhylookError
@@ -57,8 +57,7 @@ def check_lr(lr: object) -> None:
     """
     if lr is None:
         return
-    ok = (isinstance(lr, numbers.Real) and not isinstance(lr, bool)
-          and math.isfinite(lr) and float(lr) > 0)
+    ok = is_number(lr) and math.isfinite(lr) and float(lr) > 0
     if not ok:
         raise WhylookError(f"lr must be a positive number, not {lr!r}")
 
@@ -70,8 +69,7 @@ MAX_SEED = 2**32 - 1
 
 def check_seed(name: str, seed: object) -> int:
     """``seed`` as an int, or a one-line error when it is not a whole number in 0..2**32-1."""
-    if not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
-            and 0 <= int(seed) <= MAX_SEED):
+    if not (is_whole(seed) and 0 <= int(seed) <= MAX_SEED):
         raise WhylookError(f"{name} must be a whole number in 0..{MAX_SEED}, not {seed!r}")
     return int(seed)
 
@@ -103,7 +101,7 @@ def train(
     ([0, 1, 64], True)
     """
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1)):
-        if not isinstance(value, int) or value < low:
+        if not is_whole(value) or value < low:
             raise WhylookError(f"{name} must be a whole number >= {low}, not {value!r}")
     check_lr(lr)
     seed = check_seed("seed", seed)

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from whylook._checks import is_number
 from whylook._io import file_digest, remove_temporaries, run_lock, write_bytes
 from whylook._text import (
     floor_pct,
@@ -614,7 +615,7 @@ class _Builder:
             return None, {}
 
         def count(v: object) -> bool:
-            return isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+            return is_number(v) and v >= 0
 
         ok = isinstance(null, dict)
         if ok:
@@ -650,7 +651,7 @@ class _Builder:
         lift = check.get("lift") if isinstance(check, dict) else "missing"
         if lift is None:
             return None
-        if not isinstance(lift, int | float) or isinstance(lift, bool) or not lift >= 0:
+        if not is_number(lift) or not lift >= 0:
             raise inconsistent(self.inp.run_path, "bad uncertain_pairs_confusion entry")
         text = pair_confusion_text(float(lift))
         return text[0].upper() + text[1:] + "."
@@ -659,7 +660,7 @@ class _Builder:
         """The entry's accumulated lead per transition, in standard errors."""
         stored = entry.get("lead_z")
         if isinstance(stored, list) and len(stored) == len(self.end_steps) and all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in stored
+            is_number(v) for v in stored
         ):
             return np.asarray(stored, dtype=np.float64)
         if "beta_se" not in self.a:

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from whylook._checks import is_number
+
 __all__ = ["Table", "tables"]
 
 _MAX_DEPTH = 3
@@ -36,14 +38,10 @@ class Table:
         )
         pairs = []
         for c in self.columns:
-            if c.endswith("_mean") and all(_is_number(r.get(c)) for r in self.records):
+            if c.endswith("_mean") and all(is_number(r.get(c)) for r in self.records):
                 std = c[: -len("_mean")] + "_std"
                 pairs.append((c[: -len("_mean")], c, std if std in self.columns else None))
         return label, pairs
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def _scalar(v: Any) -> bool:
