@@ -13,7 +13,7 @@ from whylook.prototypes import PrototypeFinder
 from whylook.structure import StructureSettings
 
 
-@pytest.mark.parametrize("value, whole, number", [
+@pytest.mark.parametrize(("value", "whole", "number"), [
     (3, True, True), (np.int64(3), True, True), (np.uint8(3), True, True),
     (True, False, False), (np.bool_(True), False, False), (3.0, False, True),
     (np.float32(0.5), False, True), (float("nan"), False, True), ("3", False, False),

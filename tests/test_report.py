@@ -1024,3 +1024,30 @@ def test_the_rules_of_the_structure_are_on_the_page(run):
     block = html.split("rules of the structure (Step 6)")[1].split("</table>")[0]
     for field, value in (("min_swings", "1"), ("active_threshold", "0.3"), ("z_threshold", "2")):
         assert re.search(rf"<td>{field}</td>\s*<td>{re.escape(value)}</td>", block), field
+
+
+def test_never_separated_pairs_are_drawn_where_the_correlation_ranks_them(run):
+    """The title's n counts the never-separated pairs (ranked after every separated one):
+    they are on the figure, in a strip of their own, and the caption says so."""
+    path = run / "analysis" / "explanation.json"
+    exp = json.loads(path.read_text())
+    order = exp["learning_order"]
+
+    def scatter_height(steps: list[int | None]) -> tuple[str, int]:
+        for e, step in zip(order, steps, strict=True):
+            e["separated_at_step"] = step
+        path.write_text(json.dumps(exp))
+        html = report(run).read_text(encoding="utf-8")
+        uri = html.split('" alt="distinctness vs separation step"')[0].rsplit('src="', 1)[1]
+        png = base64.b64decode(uri.split(",", 1)[1])
+        return html, Image.open(io.BytesIO(png)).size[1]
+
+    order[3]["distinctness"] = None
+    html, strip = scatter_height([None, None, None, 10, 100, 1000])
+    assert "3 pairs never separated: the top strip" in html
+    assert "1 pair without a distinctness not plotted" in html
+    order[3]["distinctness"] = 0.5
+    html, plain = scatter_height([1, 10, 10, 10, 100, 1000])
+    assert "never separated" not in html
+    assert "not plotted" not in html
+    assert plain < strip

@@ -702,13 +702,16 @@ class _Builder:
                                                  [e["step"] for e in shown],
                                                  self.inp.steps, note))
         pts = [e for e in order if e["step"] is not None and e["distinctness"] is not None]
+        never = [e["distinctness"] for e in order
+                 if e["step"] is None and e["distinctness"] is not None]
         if pts:
             result["scatter"] = self.out.figure(
                 "learning-order-scatter.png",
                 figures.distinctness_scatter([e["distinctness"] for e in pts],
                                              [e["step"] for e in pts],
-                                             [e["pair"] for e in pts], title))
-        result["unplotted"] = len(order) - len(pts)
+                                             [e["pair"] for e in pts], title, never))
+        result["never"] = len(never)
+        result["unplotted"] = len(order) - len(pts) - len(never)
         return result
 
     @functools.cached_property

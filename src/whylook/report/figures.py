@@ -400,10 +400,26 @@ def distinctness_scatter(
     separated: Sequence[int],
     labels: Sequence[str],
     title: str,
+    never: Sequence[float] = (),
 ) -> bytes:
-    """Prototype distinctness vs separation step, one point per separated pair."""
-    with _figure(5.5, 3.8) as fig:
-        ax = fig.subplots()
+    """Prototype distinctness vs separation step, one point per separated pair.
+
+    ``never`` holds the distinctness of the pairs never separated: the Spearman correlation
+    in the title ranks them after every separated pair, so they get a strip of their own
+    above the steps, where the eye reads them as the latest.
+    """
+    with _figure(5.5, 4.2 if never else 3.8) as fig:
+        if never:
+            top, ax = fig.subplots(2, 1, sharex=True,
+                                   height_ratios=[1, 6])
+            top.scatter(never, [0] * len(never), s=16, facecolors="none", edgecolors="0.4")
+            top.set_yticks([0], ["never"])
+            top.tick_params(axis="x", bottom=False)
+            top.grid(alpha=0.3)
+            top.set_title(title)
+        else:
+            ax = fig.subplots()
+            ax.set_title(title)
         ax.scatter(distinctness, separated, s=16, alpha=0.8)
         if len(labels) <= 20:
             for x, y, lab in zip(distinctness, separated, labels, strict=True):
@@ -411,7 +427,6 @@ def distinctness_scatter(
         ax.set_xlabel("prototype distinctness of the pair")
         _step_axis(ax, list(separated), axis="y")
         ax.set_ylabel("separated at step")
-        ax.set_title(title)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         return _png(fig)
