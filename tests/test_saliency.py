@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -597,3 +598,128 @@ def test_the_nhwc_pass_gives_back_the_same_tensors() -> None:
     for name, value in other.items():
         assert torch.equal(net.state_dict()[name], value), name
     assert {name: p.data_ptr() for name, p in net.named_parameters()} == before
+
+
+def _three_convs() -> nn.Sequential:
+    # Two Conv2d -> ReLU pairs before layer "4": inside a ``with GradCAM`` block on CPU the
+    # model runs in NHWC with those pairs fused, the state a caller's own call meets.
+    torch.manual_seed(5)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()
+
+
+@pytest.mark.parametrize("how", [{}, {"fuse": False, "channels_last": False}])
+def test_the_callers_own_model_calls_inside_the_block_run_as_usual(how: dict[str, Any]) -> None:
+    model = _three_convs()
+    x, y = torch.rand(5, 1, 8, 8), [0, 1, 2, 0, 1]
+    with torch.no_grad():
+        expected = model(x)
+    alone = grad_cam(model, "4", x, y, **how)
+    with GradCAM(model, "4", **how) as cam:
+        before = model(x)  # before the cam's first pass
+        first = cam(x, y)
+        after = model(x)  # after it: once counted as the layer's second run
+        again = cam(x, y)
+    for out in (before, after):
+        assert not out.requires_grad  # the cam's leaf is not handed to the caller
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    for res in (first, again):
+        np.testing.assert_allclose(res.saliency, alone.saliency, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(res.confidence, alone.confidence, rtol=1e-5, atol=1e-7)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
+@pytest.mark.parametrize(("outer", "inner"), [("4", "0"), ("0", "4")])
+@pytest.mark.parametrize("how", [{}, {"fuse": False, "channels_last": False}])
+def test_nested_cams_on_one_model_give_each_its_own_maps(
+    outer: str, inner: str, how: dict[str, Any]
+) -> None:
+    model = _three_convs()
+    x, y = torch.rand(5, 1, 8, 8), [0, 1, 2, 0, 1]
+    alone = {layer: grad_cam(model, layer, x, y, **how) for layer in (outer, inner)}
+    with GradCAM(model, outer, **how) as a, GradCAM(model, inner, **how) as b:
+        both = {outer: a(x, y), inner: b(x, y)}
+        both[outer] = a(x, y)  # after the inner cam's pass too
+    for layer, res in both.items():
+        np.testing.assert_allclose(res.saliency, alone[layer].saliency, rtol=1e-5, atol=1e-7)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_layer_run_twice_in_the_cams_own_pass_is_still_refused_after_a_callers_call() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.act, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.act(self.act(self.conv(x))).mean((2, 3)))
+
+    model = Twice()
+    x = torch.rand(2, 1, 8, 8)
+    with GradCAM(model, "act") as cam:
+        model(x)  # the caller's own call neither counts nor hides the second run
+        with pytest.raises(WhylookError, match=r"'act' runs more than once per forward pass"):
+            cam(x, [0, 1])
+
+
+_INTEGER_IMAGES = [
+    pytest.param(np.int32, "int32",
+                 r"images\.astype\(np\.uint8\) for 0-255 values, or images / 255", id="np-int32"),
+    pytest.param(np.int64, "int64", r"images\.astype\(np\.uint8\)", id="np-int64"),
+    pytest.param(np.uint16, "uint16", r"images\.astype\(np\.uint8\)", id="np-uint16"),
+    pytest.param(np.bool_, "bool", r"images\.astype\(np\.float32\)", id="np-bool"),
+    pytest.param(torch.int64, "int64",
+                 r"images\.to\(torch\.uint8\) for 0-255 values, or images / 255",
+                 id="torch-int64"),
+    pytest.param(torch.int32, "int32", r"images\.to\(torch\.uint8\)", id="torch-int32"),
+    pytest.param(torch.bool, "bool", r"images\.float\(\)", id="torch-bool"),
+]
+
+
+@pytest.mark.parametrize(("dtype", "name", "example"), _INTEGER_IMAGES)
+def test_integer_images_other_than_uint8_are_refused(dtype: Any, name: str, example: str) -> None:
+    """0-255 pixels in a wider integer type were fed to the model unscaled (silently wrong
+    maps); only uint8 is scaled by 1/255."""
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 1, 4, 4))
+    images: Any = (torch.from_numpy(pixels).to(dtype) if isinstance(dtype, torch.dtype)
+                   else pixels.astype(dtype))
+    model = _tiny_model()
+    calls = [
+        lambda: grad_cam(model, "0", images, [0, 1]),
+        lambda: GradCAM(model, "0")(images, [0, 1]),
+        lambda: next(GradCAM(model, "0").batches(images, [0, 1])),
+        lambda: next(GradCAM(model, "0").batches_with_features(images, [0, 1])),
+        lambda: next(layer_features(model, "0", images)),
+    ]
+    for call in calls:
+        with pytest.raises(WhylookError) as info:
+            call()
+        message = str(info.value)
+        assert "\n" not in message
+        assert message.startswith(f"images are {name}; pass uint8 (0-255) or float in [0, 1], ")
+        assert re.search(example, message), message
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
+def test_device_strings_are_resolved_like_the_rest_of_whylook() -> None:
+    model = _tiny_model()
+    ref = grad_cam(model, "0", _X, [0])
+    for device in ("auto", "cpu", torch.device("cpu")):
+        res = grad_cam(model, "0", _X, [0], device=device)
+        np.testing.assert_allclose(res.saliency, ref.saliency, atol=1e-7)
+        assert GradCAM(model, "0", device=device)(_X, [0]).saliency.shape == (1, 2, 2)
+        feats = next(layer_features(model, "0", _X, device=device))
+        assert tuple(feats.shape) == (1, 2, 2, 2)
+    for call in (lambda d: grad_cam(model, "0", _X, [0], device=d),
+                 lambda d: GradCAM(model, "0", device=d),
+                 lambda d: next(layer_features(model, "0", _X, device=d))):
+        with pytest.raises(WhylookError, match=r"^unknown device 'gpu'; use auto, cpu or cuda$"):
+            call("gpu")
+        if not torch.cuda.is_available():
+            with pytest.raises(WhylookError, match="torch sees no CUDA GPU"):
+                call("cuda")
+    assert next(model.parameters()).device.type == "cpu"

@@ -6,7 +6,7 @@ For every sample ``i`` and checkpoint ``t`` this computes
 
 at the prototype layer ``L`` (output ``A`` of shape ``(B, d, h, w)``), on ``L``'s own
 ``h x w`` grid and without any per-image rescaling, so intensities stay comparable across
-checkpoints and line up with the prototype assignments exactly (METHOD Step 2).
+checkpoints and line up with the prototype assignments exactly (docs/METHOD-NOTES.md, Step 2).
 
 Speed comes from doing only the work Grad-CAM needs:
 
@@ -58,6 +58,7 @@ from whylook._fusion import fused_conv_relu
 from whylook._pooling import fast_max_pool
 from whylook._progress import progress_bar
 from whylook.errors import WhylookError
+from whylook.models import resolve_device
 
 __all__ = [
     "PRECISIONS",
@@ -184,11 +185,27 @@ def _check_images(images: ImageArray) -> ImageArray:
             f"images must have shape (N, C, H, W), got {tuple(images.shape)}; add the channel "
             "axis (e.g. images[:, None]) for grayscale"
         )
-    if isinstance(images, np.ndarray) and images.dtype.kind not in "uif":
-        raise WhylookError(f"images must be uint8 or float, not {images.dtype}")
+    _check_pixel_dtype(images)
     if images.shape[0] == 0:
         raise WhylookError("images is empty (0 samples); pass at least one image")
     return images
+
+
+def _check_pixel_dtype(images: ImageArray) -> None:
+    # Only uint8 is scaled by 1/255 on the way in (_batch_to_device): 0-255 pixel values in
+    # a wider integer type would reach the model unscaled, a silently wrong answer.
+    if isinstance(images, np.ndarray):
+        if images.dtype == np.uint8 or images.dtype.kind == "f":
+            return
+        name = str(images.dtype)
+        to_uint8, to_float = "images.astype(np.uint8)", "images.astype(np.float32)"
+    else:
+        if images.dtype == torch.uint8 or images.dtype.is_floating_point:
+            return
+        name = str(images.dtype).removeprefix("torch.")
+        to_uint8, to_float = "images.to(torch.uint8)", "images.float()"
+    example = to_float if name == "bool" else f"{to_uint8} for 0-255 values, or images / 255"
+    raise WhylookError(f"images are {name}; pass uint8 (0-255) or float in [0, 1], e.g. {example}")
 
 
 def from_numpy(array: np.ndarray) -> torch.Tensor:
@@ -480,6 +497,7 @@ class _LayerSession:
         self.mode: str = "grad"  # "grad": make a leaf; "features": stop after the layer
         self.activation: torch.Tensor | None = None
         self.calls = 0
+        self._running = False
         self._handle: Any = None
         self._recording: torch.Tensor | None = None
         self._layout_seen = False
@@ -489,6 +507,10 @@ class _LayerSession:
         self._saved_grad: list[tuple[nn.Parameter, bool]] = []
 
     def _hook(self, _module: nn.Module, inputs: Any, out: Any) -> Any:
+        if not self._running:
+            # A forward the caller runs inside the ``with`` block, or another session's on
+            # the same model (nested cams): its output is none of this session's business.
+            return None
         self.calls += 1
         if self.calls > 1:
             raise _LayerOutputError(None, "runs more than once per forward pass")
@@ -633,7 +655,11 @@ class _LayerSession:
                   else contextlib.nullcontext()), \
                     (torch.autocast(self.device.type, dtype=self.autocast)
                      if self.autocast is not None else contextlib.nullcontext()):
-                out = self.model(x_in)
+                self._running = True
+                try:
+                    out = self.model(x_in)
+                finally:
+                    self._running = False
         except _StopForward:
             self._layout_seen = True
             return None
@@ -707,8 +733,13 @@ class GradCAM:
     tears down on its own. Either way the model's train/eval flags, its parameters'
     ``requires_grad`` and its hooks are restored afterwards, also when an error occurs.
 
-    ``device=None`` uses the device the model is on; another device moves the model there
-    (like ``model.to(device)``), and it stays there afterwards.
+    Inside the block the model stays in eval mode with frozen parameters, and calls of it
+    other than the cam's own (yours, or another cam's on the same model) run as usual: the
+    hook only acts on the cam's own passes.
+
+    ``device=None`` uses the device the model is on; ``"auto"``, ``"cpu"``, ``"cuda"`` or a
+    ``torch.device`` moves the model there (like ``model.to(device)``), and it stays there
+    afterwards.
 
     ``channels_last=None`` runs CPU models with convolutions in the NHWC memory layout,
     which is faster there; ``True``/``False`` force it on or off. The values are the same
@@ -756,7 +787,7 @@ class GradCAM:
         if not isinstance(model, nn.Module):
             raise WhylookError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         if device is not None:
-            model.to(torch.device(device))
+            model.to(resolve_device(device))
         self.device, self.dtype = _model_device_dtype(model)
         autocast = _check_precision(precision, model)
         if any(p.is_inference() for p in model.parameters()):
@@ -963,7 +994,8 @@ def grad_cam(
         labels: ``(N,)`` true classes (one per row when ``rows`` is given); Grad-CAM
             targets these logits.
         batch_size: samples per forward/backward pass; larger is faster.
-        device: where to run; ``None`` uses the model's device (see :class:`GradCAM`).
+        device: where to run: ``"auto"``, ``"cpu"``, ``"cuda"`` or a ``torch.device``;
+            ``None`` uses the model's device (see :class:`GradCAM`).
         return_features: also return the layer's activations ``(N, d, h, w)``.
         channels_last: memory layout of the pass (see :class:`GradCAM`); ``None`` = auto.
         rows: optional indices of the images to use, in order; each batch is gathered on
@@ -1034,7 +1066,7 @@ def layer_features(
     images = _check_images(images)
     _check_batch_size(batch_size)
     if device is not None:
-        model.to(torch.device(device))
+        model.to(resolve_device(device))
     dev, dtype = _model_device_dtype(model)
     autocast = _check_precision(precision, model)
     index = _check_rows(rows, images)
