@@ -105,7 +105,8 @@ class Ctx:
         return path
 
     def good_checkpoints(self) -> list[str]:
-        return [str(self.reference / "checkpoints" / f"ckpt-000{i}.safetensors") for i in (0, 3)]
+        return [str(self.reference / "checkpoints" / f"ckpt-000{i}.safetensors")
+                for i in (0, 1, 3)]
 
     def folder(self, build: Callable[[Path], object]) -> str:
         root = self.tmp / "tree"
@@ -284,19 +285,19 @@ def _user_model(c: Ctx, factory: str) -> list[str]:
 
 def _import_with(c: Ctx, name: str, edit: Callable[[dict[str, torch.Tensor]], object]
                  ) -> list[str]:
-    """`whylook import` of the reference run's checkpoints 0 and 3, then a copy of
+    """`whylook import` of the reference run's checkpoints 0, 1 and 3, then a copy of
     checkpoint 3 changed by ``edit`` (saved as ``name``: .pt or .safetensors)."""
     from safetensors.torch import load_file
 
-    first, last = c.good_checkpoints()
-    weights = load_file(last)
+    good = c.good_checkpoints()
+    weights = load_file(good[-1])
     edit(weights)
     path = c.tmp / name
     if path.suffix == ".safetensors":
         save_file(weights, str(path))
     else:
         torch.save(weights, path)
-    return ["import", first, last, str(path), "--data", f"npz:{c.data}", "--out", str(c.out)]
+    return ["import", *good, str(path), "--data", f"npz:{c.data}", "--out", str(c.out)]
 
 
 def _fc2(weights: dict[str, torch.Tensor], value: torch.Tensor) -> None:
@@ -332,11 +333,11 @@ CASES: dict[str, Case] = {
     "run-incomplete": ("whylook explain", _incomplete),
     "checkpoint-file-missing": (
         "whylook import",
-        lambda c: ["import", str(c.tmp / "a.pt"), str(c.tmp / "b.pt"), "--out", str(c.out)],
+        lambda c: ["import", *(str(c.tmp / f"{n}.pt") for n in "abc"), "--out", str(c.out)],
     ),
     "checkpoint-unknown-extension": (
         "whylook import",
-        lambda c: ["import", str(_file(c, "a.h5")), str(_file(c, "b.h5")), "--out", str(c.out)],
+        lambda c: ["import", *(str(_file(c, f"{n}.h5")) for n in "abc"), "--out", str(c.out)],
     ),
     "run-checkpoint-missing": ("whylook explain", _run_checkpoint_missing),
     "run-checkpoint-outside": (
@@ -378,7 +379,7 @@ CASES: dict[str, Case] = {
         "whylook import",
         lambda c: ["import", c.good_checkpoints()[0], "--out", str(c.out)],
     ),
-    "import-steps-not-increasing": ("whylook import", lambda c: _import(c, "--steps", "5,5")),
+    "import-steps-not-increasing": ("whylook import", lambda c: _import(c, "--steps", "0,5,5")),
     "import-steps-not-numbers": ("whylook import", lambda c: _import(c, "--steps", "0,last")),
     "import-steps-count": ("whylook import", lambda c: _import(c, "--steps", "0")),
     "import-same-checkpoint-twice": (
@@ -555,6 +556,9 @@ CASES: dict[str, Case] = {
     "min-cluster-size-one": ("explain()", lambda c: _explain_api(c, min_cluster_size=1)),
     "train-too-many-checkpoints": (
         "whylook train", lambda c: c.train(f"npz:{c.data}", "--checkpoints", "9")
+    ),
+    "train-two-checkpoints": (
+        "whylook train", lambda c: c.train(f"npz:{c.data}", "--checkpoints", "2")
     ),
     "train-epochs-zero": ("whylook train", lambda c: c.train(f"npz:{c.data}", "--epochs", "0")),
     "train-batch-size-zero": (

@@ -103,7 +103,7 @@ def test_a_second_train_into_the_same_folder_gets_a_clear_error(
         before = _snapshot(out)
         _second_command_fails(train_argv(data, out), IN_USE, capsys)
         # An import into the same folder is refused the same way.
-        ckpts = [str(reference / "checkpoints" / f"ckpt-000{i}.safetensors") for i in (0, 3)]
+        ckpts = [str(reference / "checkpoints" / f"ckpt-000{i}.safetensors") for i in (0, 1, 3)]
         _second_command_fails(
             ["import", *ckpts, "--data", f"npz:{data}", "--out", str(out)], IN_USE, capsys
         )

@@ -419,7 +419,11 @@ def test_a_diverged_fine_tuning_is_a_one_line_error_and_writes_nothing(small_run
 def test_finetune_needs_an_explanation(tmp_path):
     from whylook.finetune import require_explanation
 
-    with pytest.raises(WhylookError, match=r"run `whylook explain .*` first"):
+    with pytest.raises(WhylookError, match="is not a whylook run folder"):
+        require_explanation(tmp_path)
+    (tmp_path / "run.json").write_text("{}")  # a run folder, not yet explained
+    with pytest.raises(WhylookError,
+                       match=r"has no explanation yet; run `whylook explain .*` first"):
         require_explanation(tmp_path)
 
 

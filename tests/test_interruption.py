@@ -151,7 +151,8 @@ def test_explain_killed_at_several_points_then_rerun_equals_an_uninterrupted_run
     _killed(["explanation.json", "1", "before-rename"], argv)
     assert not (analysis / "explanation.json").exists()
     assert (analysis / "arrays.npz").exists()
-    with pytest.raises(WhylookError, match="does not exist"):
+    with pytest.raises(WhylookError,
+                       match=r"has no explanation yet; run `whylook explain .*` first"):
         load_explanation(run)
     _assert_error(["report", str(run)], "explanation", capsys)
     assert not (run / "report" / "index.html").exists()

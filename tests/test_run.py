@@ -112,9 +112,10 @@ def test_import_fills_missing_normalisation_and_strips_dataparallel(
     }
     torch.save(state, tmp_path / "dp.pt")
     torch.save(_model(1).state_dict(), tmp_path / "full.pt")
+    torch.save(_model(2).state_dict(), tmp_path / "last.pt")
     torch.manual_seed(5)
     run = import_checkpoints(
-        [tmp_path / "dp.pt", tmp_path / "full.pt"],
+        [tmp_path / "dp.pt", tmp_path / "full.pt", tmp_path / "last.pt"],
         data=tiny_data,
         model="smallcnn",
         device="cpu",
@@ -123,8 +124,8 @@ def test_import_fills_missing_normalisation_and_strips_dataparallel(
     after_import = torch.rand(2)
     torch.manual_seed(5)
     assert torch.equal(after_import, torch.rand(2))  # the caller's random state is left alone
-    assert [c.step for c in run.checkpoints] == [0, 1]
-    assert [r["normalize_filled"] for r in run.manifest["imported"]] == [True, False]
+    assert [c.step for c in run.checkpoints] == [0, 1, 2]
+    assert [r["normalize_filled"] for r in run.manifest["imported"]] == [True, False, False]
     mean = run.load_model(0).state_dict()["normalize.mean"].flatten().tolist()
     assert mean == pytest.approx(list(tiny_data.channel_stats()[0]))
 
@@ -155,12 +156,12 @@ def test_import_refuses_ambiguous_or_foreign_prefixes(tiny_data, tmp_path: Path)
     state = _model(0).state_dict()
     torch.save({"model": state, "ema": state}, tmp_path / "two.pt")
     with pytest.raises(WhylookError, match=r"holds several state dicts \(model, ema\); save"):
-        import_checkpoints([tmp_path / "two.pt"] * 2, data=tiny_data, model="smallcnn",
+        import_checkpoints([tmp_path / "two.pt"] * 3, data=tiny_data, model="smallcnn",
                            device="cpu", out=tmp_path / "a")
     # A prefix whose removal does not reach the model's names is reported as it is.
     torch.save({f"backbone.{k}x": v for k, v in state.items()}, tmp_path / "other.pt")
     with pytest.raises(WhylookError, match=r"unexpected key 'backbone\.normalize\.meanx'"):
-        import_checkpoints([tmp_path / "other.pt"] * 2, data=tiny_data, model="smallcnn",
+        import_checkpoints([tmp_path / "other.pt"] * 3, data=tiny_data, model="smallcnn",
                            device="cpu", out=tmp_path / "b")
 
 
@@ -176,13 +177,34 @@ def test_import_refuses_before_writing_anything(foreign, tiny_data, tmp_path: Pa
     for steps, message in (([0, 3, 3], "strictly increasing"), ([0, 1], "give one each")):
         with pytest.raises(WhylookError, match=message):
             import_checkpoints(foreign, data=tiny_data, model="smallcnn", steps=steps, out=out)
-    with pytest.raises(WhylookError, match="at least 2"):
+    with pytest.raises(WhylookError, match="at least 3"):
         import_checkpoints(foreign[:1], data=tiny_data, model="smallcnn", out=out)
     torch.save({"weights": "not tensors"}, tmp_path / "odd.pt")
     with pytest.raises(WhylookError, match="state dict of tensors"):
         import_checkpoints(
-            [foreign[0], tmp_path / "odd.pt"], data=tiny_data, model="smallcnn", out=out
+            [foreign[0], tmp_path / "odd.pt", foreign[1]], data=tiny_data, model="smallcnn",
+            out=out,
         )
+    assert not out.exists()
+
+
+def test_import_of_two_checkpoints_is_refused_before_anything_is_written(
+    foreign, tiny_data, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """explain needs 3 checkpoints, so an import of 2 good ones is refused up front: no run
+    folder that could never be explained."""
+    from whylook.cli import main
+
+    out = tmp_path / "out"
+    message = ("2 checkpoint(s) given; the analysis needs at least 3 (e.g. the "
+               "initialisation, one from training and the final model)")
+    with pytest.raises(WhylookError) as info:
+        import_checkpoints(foreign[:2], data=tiny_data, model="smallcnn", device="cpu", out=out)
+    assert str(info.value) == message
+    assert not out.exists()
+    capsys.readouterr()
+    assert main(["import", *map(str, foreign[:2]), "--device", "cpu", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {message}"]
     assert not out.exists()
 
 
@@ -276,12 +298,12 @@ def test_changed_data_is_detected(tmp_path: Path) -> None:
         "y_test": np.arange(4) % 2,
     }
     np.savez(tmp_path / "d.npz", **arrays)
-    for i in range(2):
+    for i in range(3):
         torch.manual_seed(i)
         m = build_model("smallcnn", num_classes=2, in_channels=1, image_size=12)
         torch.save(m.state_dict(), tmp_path / f"{i}.pt")
     run = import_checkpoints(
-        [tmp_path / "0.pt", tmp_path / "1.pt"],
+        [tmp_path / f"{i}.pt" for i in range(3)],
         data=f"npz:{tmp_path / 'd.npz'}",
         model="smallcnn",
         out=tmp_path / "r",

@@ -98,7 +98,7 @@ def test_import_refuses_nan_or_infinite_weights(
     state = _state(7)
     state["classifier.fc2.weight"][1, 2] = value
     torch.save(state, tmp_path / "diverged.pt")
-    _refused([good[0], tmp_path / "diverged.pt"], data, tmp_path / "out",
+    _refused([good[0], tmp_path / "diverged.pt", good[1]], data, tmp_path / "out",
              rf"^checkpoint {tmp_path / 'diverged.pt'} holds NaN or infinite weights in "
              r"'classifier\.fc2\.weight' \(a diverged training\); import only the checkpoints")
 
@@ -111,7 +111,7 @@ def test_import_refuses_finite_weights_whose_outputs_overflow(
     state["classifier.fc2.weight"].fill_(3e38)
     state["classifier.fc2.bias"].copy_(torch.tensor([3e38, -3e38, 0.0]))
     torch.save(state, tmp_path / "huge.pt")
-    _refused([good[0], tmp_path / "huge.pt"], data, tmp_path / "out",
+    _refused([good[0], tmp_path / "huge.pt", good[1]], data, tmp_path / "out",
              rf"^checkpoint {tmp_path / 'huge.pt'}: the model returned NaN or infinite logits "
              r"\(test loss (nan|inf)\); check the weights for a diverged training")
 
@@ -120,7 +120,7 @@ def test_import_refuses_sparse_tensors(good: list[Path], data: str, tmp_path: Pa
     state = _state(7)
     state["classifier.fc1.weight"] = state["classifier.fc1.weight"].to_sparse()
     torch.save(state, tmp_path / "sparse.pt")
-    _refused([good[0], tmp_path / "sparse.pt"], data, tmp_path / "out",
+    _refused([good[0], tmp_path / "sparse.pt", good[1]], data, tmp_path / "out",
              rf"^checkpoint {tmp_path / 'sparse.pt'} holds 'classifier\.fc1\.weight' as a sparse "
              r"tensor \(torch\.sparse_coo\); save the weights dense")
 
@@ -128,7 +128,7 @@ def test_import_refuses_sparse_tensors(good: list[Path], data: str, tmp_path: Pa
 def test_cli_import_of_a_bad_checkpoint_is_one_line(
     good: list[Path], data: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["import", str(good[0]), str(good[0]), "--data", data, "--device", "cpu",
+    argv = ["import", str(good[0]), str(good[0]), str(good[1]), "--data", data, "--device", "cpu",
             "--out", str(tmp_path / "out")]
     assert main(argv) == 2
     err = capsys.readouterr().err.splitlines()
@@ -146,9 +146,11 @@ def test_missing_normalisation_is_filled_from_the_data_whatever_came_before(
     torch.save(full, tmp_path / "full.pt")
     torch.save({k: v for k, v in _state(1).items() if not k.startswith("normalize.")},
                tmp_path / "bare.pt")
-    run = import_checkpoints([tmp_path / "full.pt", tmp_path / "bare.pt"], data=data,
-                             model="smallcnn", device="cpu", out=tmp_path / "run", progress=False)
-    assert [r["normalize_filled"] for r in run.manifest["imported"]] == [False, True]
+    torch.save(_state(2), tmp_path / "last.pt")
+    run = import_checkpoints([tmp_path / n for n in ("full.pt", "bare.pt", "last.pt")],
+                             data=data, model="smallcnn", device="cpu", out=tmp_path / "run",
+                             progress=False)
+    assert [r["normalize_filled"] for r in run.manifest["imported"]] == [False, True, False]
     assert run.state_dict(0)["normalize.mean"].flatten().tolist() == pytest.approx([0.9])
     expected = run.data().channel_stats()[0]
     assert run.state_dict(1)["normalize.mean"].flatten().tolist() == pytest.approx(list(expected))
@@ -171,7 +173,7 @@ def test_import_into_an_unwritable_out_is_one_line(
     good: list[Path], data: str, tmp_path: Path
 ) -> None:
     for out, why in _unwritable_outs(tmp_path):
-        _refused(good[:2], data, out,
+        _refused(good, data, out,
                  rf"^cannot create the run folder {out} {why}; choose a folder you can write "
                  "with --out$")
 
@@ -180,7 +182,7 @@ def test_train_into_an_unwritable_out_is_one_line(data: str, tmp_path: Path) -> 
     for out, why in _unwritable_outs(tmp_path):
         with pytest.raises(WhylookError, match=rf"^cannot create the run folder {out} {why}; "
                                                "choose a folder you can write with --out$"):
-            train(data, "smallcnn", epochs=1, checkpoints=2, batch_size=30, device="cpu",
+            train(data, "smallcnn", epochs=1, checkpoints=3, batch_size=30, device="cpu",
                   out=out, progress=False)
         assert not out.exists()
 
@@ -192,7 +194,7 @@ def test_out_in_a_read_only_folder_is_one_line(good: list[Path], data: str, tmp_
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        _refused(good[:2], data, locked / "run",
+        _refused(good, data, locked / "run",
                  rf"^cannot create the run folder {locked / 'run'} \({locked} is not writable\)")
     finally:
         locked.chmod(0o700)

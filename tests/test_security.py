@@ -68,10 +68,11 @@ def test_a_crafted_pickle_checkpoint_never_runs(
     data, reference = baseline(tmp_path_factory)
     canary = tmp_path / "pwned.txt"
     evil = _crafted(tmp_path / "evil.pt", canary, kind)
-    good = reference / "checkpoints" / "ckpt-0000.safetensors"
+    good = [str(reference / "checkpoints" / f"ckpt-000{i}.safetensors") for i in (0, 3)]
 
     out = tmp_path / "imported"
-    code = main(["import", str(good), str(evil), "--data", f"npz:{data}", "--out", str(out)])
+    code = main(["import", good[0], str(evil), good[1], "--data", f"npz:{data}",
+                 "--out", str(out)])
     assert code == 2
     line = _one_error_line(capsys)
     assert f"checkpoint {evil} cannot be loaded safely" in line

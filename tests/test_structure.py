@@ -566,7 +566,10 @@ def test_summary_cautions_when_the_final_model_is_near_chance(tmp_path):
     # Three classes: chance 1/3; the bar is a tenth of the way on to 1, 0.4 exactly.
     assert caution(0.35) == ["  Caution: the final model is right on 35% of the analysis set "
                              "(chance: 33%); it has learned little, so there is little for "
-                             "this explanation to explain: train longer and explain again"]
+                             "this explanation to explain: train longer and explain again (a "
+                             "model that does better in your own evaluation may expect other "
+                             "inputs: whylook feeds it float pixels in [0, 1], so its "
+                             "normalisation must be inside the model)"]
     assert caution(0.399) != []
     assert caution(0.4) == []
     assert caution(0.97) == []
@@ -750,3 +753,17 @@ def test_summary_names_classes_learned_unseen(tmp_path):
     for entry in data["classes_explained"]:
         entry["learning_unseen"] = 0.1
     assert "Learning unseen" not in Explanation(path=tmp_path, data=data, arrays={}).summary()
+
+
+def test_summary_names_each_pair_once_when_there_are_few(tmp_path):
+    from whylook.explain import Explanation
+
+    order = [{"pair": list(p)} for p in (("a", "b"), ("a", "c"), ("b", "c"))]
+    text = Explanation(path=tmp_path, data=_summary_data(learning_order=order),
+                       arrays={}).summary()
+    assert "Learning order: separated a/b, a/c, b/c (first to last)" in text
+    many = [{"pair": [f"c{i}", f"c{i + 1}"]} for i in range(11)]
+    text = Explanation(path=tmp_path, data=_summary_data(learning_order=many),
+                       arrays={}).summary()
+    assert ("Learning order: first separated c0/c1, c1/c2, c2/c3, c3/c4, c4/c5; last "
+            "c6/c7, c7/c8, c8/c9, c9/c10, c10/c11") in text

@@ -134,7 +134,7 @@ def test_a_callers_float64_default_changes_nothing(baseline, tiny_data, tmp_path
 
 def test_training_leaves_the_callers_rng_alone(tiny_data, tmp_path: Path) -> None:
     before = torch.get_rng_state()
-    train(tiny_data, out=tmp_path / "r", **{**TINY, "epochs": 1, "checkpoints": 2})
+    train(tiny_data, out=tmp_path / "r", **{**TINY, "epochs": 1, "checkpoints": 3})
     assert torch.equal(before, torch.get_rng_state())
 
 
@@ -179,13 +179,13 @@ def test_output_folder_rules(baseline, tiny_data, tmp_path: Path) -> None:
     (killed / "checkpoints" / "ckpt-0000.safetensors").write_bytes(b"junk")
     with pytest.raises(WhylookError, match="incomplete"):
         RunFolder.open(killed)
-    run = train(tiny_data, out=killed, **{**TINY, "epochs": 1, "checkpoints": 2})
-    assert len(run.checkpoints) == 2
+    run = train(tiny_data, out=killed, **{**TINY, "epochs": 1, "checkpoints": 3})
+    assert len(run.checkpoints) == 3
 
 
 def test_an_explicit_layer_is_recorded_and_validated(tiny_data, tmp_path: Path) -> None:
     run = train(
-        tiny_data, layer="block2", out=tmp_path / "l", **{**TINY, "epochs": 1, "checkpoints": 2}
+        tiny_data, layer="block2", out=tmp_path / "l", **{**TINY, "epochs": 1, "checkpoints": 3}
     )
     assert run.layer == "block2"
     assert run.config["layer_shape"] == [64, 7, 7]
@@ -203,7 +203,7 @@ def test_cli_train_succeeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         "--epochs",
         "1",
         "--checkpoints",
-        "2",
+        "3",
         "--batch-size",
         "1000",
         "--device",
@@ -213,8 +213,8 @@ def test_cli_train_succeeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "trained smallcnn on mnist5k: 2 checkpoints" in printed
-    assert [c.step for c in RunFolder.open(out).checkpoints] == [0, 4]
+    assert "trained smallcnn on mnist5k: 3 checkpoints" in printed
+    assert [c.step for c in RunFolder.open(out).checkpoints] == [0, 1, 4]
 
 
 @pytest.mark.parametrize("seed", [2**32, -1, 2.0, True, "1"])
@@ -228,8 +228,23 @@ def test_seeds_outside_32_bits_are_refused(tiny_data, tmp_path: Path, seed: obje
 
 def test_the_largest_seed_trains(tiny_data, tmp_path: Path) -> None:
     run = train(tiny_data, seed=np.int64(2**32 - 1), data_seed=2**32 - 1, out=tmp_path / "s",
-                **{**TINY, "epochs": 1, "checkpoints": 2})
+                **{**TINY, "epochs": 1, "checkpoints": 3})
     assert run.manifest["seeds"] == {"seed": 2**32 - 1, "data_seed": 2**32 - 1}
+
+
+@pytest.mark.parametrize("checkpoints", [1, 2])
+def test_fewer_than_three_checkpoints_are_refused_before_anything_is_written(
+    tiny_data, tmp_path: Path, checkpoints: int
+) -> None:
+    """explain needs 3 checkpoints (initialisation, one from training, final): a run with
+    fewer could never be explained, so train refuses it up front."""
+    with pytest.raises(WhylookError) as info:
+        train(tiny_data, out=tmp_path / "few", **{**TINY, "checkpoints": checkpoints})
+    assert str(info.value) == (
+        f"--checkpoints (checkpoints) {checkpoints}: the analysis needs at least 3 checkpoints "
+        "(the initialisation, one from training, the final)"
+    )
+    assert not (tmp_path / "few").exists()
 
 
 @pytest.mark.parametrize("out", [None, 3])
@@ -263,7 +278,7 @@ def test_a_user_model_that_cannot_train_is_refused_before_training(
     out = tmp_path / "out"
     try:
         code = main(["train", "--model", f"train_models:{factory}", "--epochs", "1",
-                     "--checkpoints", "2", "--device", "cpu", "--out", str(out)])
+                     "--checkpoints", "3", "--device", "cpu", "--out", str(out)])
     finally:
         sys.modules.pop("train_models", None)
     lines = capsys.readouterr().err.splitlines()
@@ -336,11 +351,11 @@ CLI_ERRORS = {
         r"model '\.rel:f' does not name a module; use package\.module:factory",
     ),
     "checkpoint that does not fit": (
-        lambda t: ["import", _unfitting_checkpoint(t), _unfitting_checkpoint(t)],
+        lambda t: ["import", *[_unfitting_checkpoint(t)] * 3],
         r"does not fit the model: 'classifier\.fc2\.weight' is 3x128",
     ),
     "missing checkpoint": (
-        lambda t: ["import", str(t / "a.pt"), str(t / "b.pt")],
+        lambda t: ["import", str(t / "a.pt"), str(t / "b.pt"), str(t / "c.pt")],
         "does not exist",
     ),
 }

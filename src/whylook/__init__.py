@@ -55,7 +55,8 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    # Tab completion offers the public names, not this module's own imports.
+    return sorted({*_EXPORTS, "__version__"} | {n for n in globals() if n.startswith("__")})
 
 
 class _Package(types.ModuleType):

@@ -249,9 +249,10 @@ def _weights_of(obj: object, path: Path) -> object:
 #: (a whole model, a training-state dict, tied weights) into a plain safetensors file.
 CONVERT_COMMAND = (
     "python -c \"import torch, safetensors.torch as s; m = torch.load('IN.pt', "
-    "weights_only=False); m = m.state_dict() if hasattr(m, 'state_dict') else "
-    "m.get('state_dict', m); s.save_file({k: v.detach().clone().contiguous() for k, v in "
-    "m.items()}, 'OUT.safetensors')\""
+    "weights_only=False); m = next((m[k] for k in ('state_dict', 'model_state_dict', 'model', "
+    "'net') if isinstance(m, dict) and k in m), m); m = m.state_dict() if hasattr(m, "
+    "'state_dict') else m; s.save_file({k: v.detach().clone().contiguous() for k, v in "
+    "m.items() if torch.is_tensor(v)}, 'OUT.safetensors')\""
 )
 
 

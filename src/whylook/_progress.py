@@ -1,4 +1,4 @@
-"""Progress bars for long work: shown on a terminal, silent in pipes, tests and CI."""
+"""Progress bars for long work: on a terminal and in notebooks, silent in pipes and CI."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ def _enabled(progress: bool | None) -> bool:
         return progress
     if os.environ.get("WHYLOOK_PROGRESS") in {"0", "1"}:
         return os.environ["WHYLOOK_PROGRESS"] == "1"
-    return sys.stderr.isatty()
+    # A notebook's stderr is no terminal, but tqdm.auto draws its bars there.
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
 def progress_bar(

@@ -42,7 +42,9 @@ def near_chance_caution(accuracy: float, n_classes: int) -> str | None:
         return None
     return (f"the final model is right on {floor_pct(accuracy)} of the analysis set (chance: "
             f"{floor_pct(chance)}); it has learned little, so there is little for this "
-            "explanation to explain: train longer and explain again")
+            "explanation to explain: train longer and explain again (a model that does "
+            "better in your own evaluation may expect other inputs: whylook feeds it float "
+            "pixels in [0, 1], so its normalisation must be inside the model)")
 
 
 #: Below this lift the summary and the report say that the uncertain prototypes' pairs

@@ -59,8 +59,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="checkpoint spacing: log (dense early, where most is learned; default), linear, "
         "or one per epoch",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for the weight initialisation")
-    p.add_argument("--data-seed", type=int, default=None, help="seed for the data order")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for the weight initialisation (default 0)")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="seed for the data order (default: --seed)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch (default 128)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (model default)")
     p.add_argument("--layer", default=None, help="prototype layer to record as the default")
@@ -100,7 +102,9 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="mnist5k",
                    help=f"the data the checkpoints were trained on: {DATA_SPECS}; "
                    "default mnist5k (built in)")
-    p.add_argument("--model", default="smallcnn", help=_MODEL_HELP)
+    p.add_argument("--model", default="smallcnn",
+                   help=_MODEL_HELP + "; it is fed float pixels in [0, 1], so any "
+                   "normalisation of the inputs must be part of the model")
     p.add_argument(
         "--steps", default=None,
         help="comma-separated optimizer step of each checkpoint, increasing (default: 0, 1, 2, "
@@ -131,14 +135,22 @@ def _cmd_import(args: argparse.Namespace) -> int:
         device=args.device,
         out=args.out,
     )
-    print(f"imported {len(run.checkpoints)} checkpoints -> {run.path}")
+    # A model that does well in its own evaluation but near chance here takes its inputs
+    # otherwise than whylook gives them (e.g. normalised outside the model): seen here first.
+    shown = ", ".join(f"{100 * c.test_accuracy:.1f}%" for c in run.checkpoints[:12])
+    more = ", ..." if len(run.checkpoints) > 12 else ""
+    print(f"imported {len(run.checkpoints)} checkpoints -> {run.path}\n"
+          f"  test accuracy by checkpoint: {shown}{more} "
+          f"(last {100 * run.checkpoints[-1].test_accuracy:.1f}%)")
     return 0
 
 
 def _add_explain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explain", help="compute the structured explanation of a run")
     p.add_argument("run", type=Path, help="run folder (from whylook train or whylook import)")
-    p.add_argument("--k", type=_k_value, default="default", help="prototypes: number or 'auto'")
+    p.add_argument("--k", type=_k_value, default="default",
+                   help="prototypes: a number >= 2, or 'auto' (the elbow of K-Means' inertia "
+                   "over 8-128); default 32 for one-channel images, 128 for colour")
     p.add_argument("--layer", default=None,
                    help="prototype layer, a module name (default: the run's)")
     p.add_argument(
@@ -228,14 +240,25 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="perturbation fine-tuning from the uncertain prototypes")
     p.add_argument("run", type=Path, help="an explained run folder")
-    p.add_argument("--pair", default="auto", help="class pair 'a,b' or 'auto'")
+    p.add_argument("--pair", default="auto",
+                   help="class pair 'a,b' or 'auto' (default: of the pairs with uncertain "
+                   "prototypes, the one the final model confuses most)")
     p.add_argument(
         "--strategies",
         default="full>full,curated>curated,curated>full,full,curated",
-        help="comma-separated strategies (A>B = one epoch on A, then one on B)",
+        help="comma-separated strategies, each stages joined by '>' (A>B = one epoch on A, "
+        "then one on B); a stage is full (the training split) or curated (without the "
+        "samples that hold the pair's uncertain prototypes); default "
+        "full>full,curated>curated,curated>full,full,curated",
     )
-    p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
-    p.add_argument("--lr", type=float, default=None, help="default: the run's training rate")
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds, 0..N-1 (default 5)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: the run's; an imported run records none: "
+                   "0.001 for adam, 0.01 for sgd)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default=None,
+                   help="default: the run's (an imported run records none: adam)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="training batch (default: the run's; an imported run: 128)")
     _device_option(p)
     _trust_option(p)
     p.set_defaults(handler=_cmd_finetune)
@@ -250,6 +273,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         strategies=args.strategies.split(","),
         seeds=args.seeds,
         lr=args.lr,
+        optimizer=args.optimizer,
+        batch_size=args.batch_size,
         device=args.device,
     )
     print(result.table())
@@ -308,7 +333,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train + explain + report on the built-in mnist5k")
     p.add_argument("--out", type=Path, default=Path("whylook-demo"),
-                   help="run folder to create (default: whylook-demo)")
+                   help="run folder (default: whylook-demo); a folder that already holds "
+                   "the demo's trained run is explained again without training")
     _device_option(p)
     p.set_defaults(handler=_cmd_demo)
 
@@ -340,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="whylook",
         description="Why does your classifier look there? Structured explanations from "
         "training checkpoints (I2X).",
+        epilog="Progress bars show on a terminal and in notebooks; WHYLOOK_PROGRESS=1 shows "
+        "them in logs too, WHYLOOK_PROGRESS=0 hides them.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_demo, _add_train, _add_import, _add_explain, _add_finetune,

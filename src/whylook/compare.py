@@ -250,7 +250,7 @@ def _strategy_json(agreement: dict[str, Any], classes: list[str]) -> dict[str, A
     }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Comparison:
     """The result of :func:`compare`; ``summary()`` is what the CLI prints."""
 
@@ -274,7 +274,8 @@ class Comparison:
 
         lines = [
             f"whylook compare: {d['run_a']['name']} vs {d['run_b']['name']} "
-            f"(differ in: {', '.join(d['config_differences']) or 'nothing recorded'})",
+            "(differ in: "
+            f"{', '.join(d['config_differences']) or 'nothing their run.json files record'})",
             f"prototypes matched on {m['n_images']} common images ({m['rows']}): "
             f"{m['n_matched']} of {m['k_a']}×{m['k_b']} with IoU ≥ {m['min_iou']:g}, mean "
             f"matched IoU {m['mean_iou']:.3f}",
@@ -327,6 +328,9 @@ def _check_comparable(fa: Any, fb: Any, ea: Any, eb: Any) -> list[str]:
     for key in _SAME_KEYS:
         va = ea.data["run"].get(key) if key == "layer" else fa.config.get(key)
         vb = eb.data["run"].get(key) if key == "layer" else fb.config.get(key)
+        da, db = ((f.manifest.get("data") or {}).get("digest") for f in (fa, fb))
+        if key == "data" and da is not None and da == db:
+            continue  # the same images by content, read from another path (a zip, a copy)
         if va != vb:
             raise WhylookError(
                 f"the runs differ in {key} ({va!r} vs {vb!r}); compare runs that differ only in "
@@ -340,7 +344,7 @@ def _check_comparable(fa: Any, fb: Any, ea: Any, eb: Any) -> list[str]:
     if len(ea.data["checkpoints"]) != len(eb.data["checkpoints"]):
         raise WhylookError(
             f"the runs have {len(ea.data['checkpoints'])} and {len(eb.data['checkpoints'])} "
-            "checkpoints; compare runs trained with the same --checkpoints"
+            "checkpoints; compare runs with the same number of checkpoints"
         )
     # What the runs were made with: the config plus the seeds (run.json keeps them apart).
     made_a = {**fa.config, **(fa.manifest.get("seeds") or {})}

@@ -103,6 +103,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __repr__(self) -> str:
+        # The shapes, not the pixels: a notebook cell shows a repr in full.
+        return f"Split(images=uint8 {tuple(self.images.shape)}, labels=int64 ({len(self)},))"
+
     def subset(self, indices: Sequence[int] | np.ndarray) -> Split:
         """The rows ``indices`` of this split, in that order."""
         idx = np.asarray(indices, dtype=np.int64)
@@ -543,7 +547,11 @@ def _load_tree(
             members[split] += files
             labels[split] += [label] * len(files)
     if not members["test"]:
-        raise WhylookError(f"{path} has no test images; add test/<class>/* images")
+        # Many datasets ship their held-out split as val/; say so rather than only "add".
+        held_out = sorted({part for n in names for part in n.split("/")[:-1]}
+                          & {"val", "valid", "validation"})
+        found = f" (or name its {held_out[0]}/ folder test/)" if held_out else ""
+        raise WhylookError(f"{path} has no test images; add test/<class>/* images{found}")
     everything = members["train"] + members["test"]
     images = _stack(_decode_all(everything, fetch), everything, path)
     n_train = len(members["train"])

@@ -14,3 +14,13 @@ class WhylookError(ValueError):
     def __init__(self, message: str) -> None:
         # A multi-line message would break the "one line on stderr" contract of the CLI.
         super().__init__(" ".join(str(message).split()))
+
+
+def option(flag: str) -> str:
+    """An option named for both kinds of reader: ``option("analysis-size")`` is
+    ``"--analysis-size (analysis_size)"``, the command line's flag and the Python argument.
+
+    >>> option("k")
+    '--k (k)'
+    """
+    return f"--{flag} ({flag.replace('-', '_')})"

@@ -42,7 +42,7 @@ from whylook._text import (
     uncertain_entries_by_class,
     uncertain_null_lines,
 )
-from whylook.errors import WhylookError
+from whylook.errors import WhylookError, option
 from whylook.saliency import check_precision_name, precision_key
 from whylook.structure import (
     UNSEEN_NOTE,
@@ -88,7 +88,9 @@ SUPPORT_READINGS = ("global+class", "global", "class")
 
 @dataclass(frozen=True)
 class ExplainSettings:
-    """Every choice of Steps 1-6 that a user can change; all are recorded in the output."""
+    """Every choice of Steps 1-6 that a user can change; each one that can change a result
+    is recorded in ``explanation.json``'s ``settings`` (``shard_size``, the work's split into
+    cached parts, cannot and is not)."""
 
     k: int | str = "default"
     layer: str | None = None
@@ -110,7 +112,7 @@ class ExplainSettings:
     # z against a Bonferroni-corrected threshold ("global+class"), or from one of them
     # alone ("global", the paper's beta; "class"); class sub-groups from the confidence
     # trajectories plus the final prototype profile ("trajectory+profile") or from the
-    # trajectories alone, as METHOD reads the paper ("trajectory").
+    # trajectories alone, as docs/METHOD-NOTES.md reads the paper ("trajectory").
     support: str = "global+class"
     subgroups: str = "trajectory+profile"
     structure: StructureSettings = field(default_factory=StructureSettings)
@@ -124,13 +126,30 @@ class ExplainSettings:
     # it is recorded and keys the cache.
     precision: str = "float32"
 
+    def __post_init__(self) -> None:
+        _check_settings(self)
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)
 class Explanation:
     """The result of :func:`explain`: the content of ``explanation.json`` and the arrays.
 
     ``data`` is the parsed ``explanation.json``; ``arrays`` maps the names of
-    ``arrays.npz`` (see METHOD's output contract) to numpy arrays.
+    ``arrays.npz`` (docs/ARCHITECTURE.md lists them, with their shapes) to numpy arrays.
+    Arrays over samples have one row per analysed sample: :meth:`row` finds a training
+    image's row, so ``arrays["saliency"][t, exp.row(i)]`` is image ``i``'s Grad-CAM at
+    checkpoint ``t``.
+
+    >>> exp = Explanation(Path("runs/a/analysis"), {
+    ...     "classes": ["cat", "dog"], "k": 4,
+    ...     "classes_explained": [{"class": "cat", "shared": ["P-1"]},
+    ...                           {"class": "dog", "shared": ["P-0", "P-3"]}],
+    ...     "uncertain_prototypes": [], "learning_order": []},
+    ...     {"sample_index": np.array([40, 7, 12])})
+    >>> exp.for_class("dog")["shared"], exp.for_class(0)["shared"]
+    (['P-0', 'P-3'], ['P-1'])
+    >>> exp.row(7)
+    1
     """
 
     path: Path
@@ -140,6 +159,39 @@ class Explanation:
     @property
     def classes(self) -> list[str]:
         return list(self.data["classes"])
+
+    def for_class(self, c: str | int) -> dict[str, Any]:
+        """Class ``c``'s entry of ``classes_explained`` (shared and specialized prototypes,
+        ...), ``c`` named as in :attr:`classes` or by its index there."""
+        names = self.classes
+        name = names[c] if is_whole(c) and 0 <= c < len(names) else str(c)
+        for entry in self.data["classes_explained"]:
+            if entry["class"] == name:
+                return dict(entry)
+        shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+        raise WhylookError(f"class {c!r} is not one of the {len(names)} classes ({shown})")
+
+    @property
+    def uncertain_prototypes(self) -> list[dict[str, Any]]:
+        """The uncertain entries: a prototype, the two classes it swings between, when."""
+        return [dict(u) for u in self.data["uncertain_prototypes"]]
+
+    @property
+    def learning_order(self) -> list[dict[str, Any]]:
+        """Each class pair and the step at which the model separated it."""
+        return [dict(e) for e in self.data["learning_order"]]
+
+    def row(self, sample: int) -> int:
+        """The row of the arrays that holds training image ``sample`` (its index in the
+        training split), or a one-line error when it was not analysed."""
+        index = self.arrays["sample_index"]
+        hits = np.flatnonzero(index == sample) if is_whole(sample) else np.empty(0, np.int64)
+        if hits.size == 0:
+            raise WhylookError(
+                f"training image {sample!r} is not in the analysis set; its "
+                f"{len(index)} images are arrays['sample_index']"
+            )
+        return int(hits[0])
 
     @property
     def k(self) -> int:
@@ -204,9 +256,12 @@ class Explanation:
                          "explanation.json and the report")
         order = d["learning_order"]
         lines.append("")
-        first = [f"{p['pair'][0]}/{p['pair'][1]}" for p in order[:5]]
-        last = [f"{p['pair'][0]}/{p['pair'][1]}" for p in order[-5:]]
-        lines.append(f"Learning order: first separated {', '.join(first)}; last {', '.join(last)}")
+        names = [f"{p['pair'][0]}/{p['pair'][1]}" for p in order]
+        if len(names) <= 10:  # first five and last five would name some pairs twice
+            lines.append(f"Learning order: separated {', '.join(names)} (first to last)")
+        else:
+            lines.append(f"Learning order: first separated {', '.join(names[:5])}; last "
+                         f"{', '.join(names[-5:])}")
         corr = d["learning_order_correlation"]
         if corr["spearman"] is None:
             lines.append("  distinctness vs separation: not measurable (no variation)")
@@ -285,7 +340,8 @@ def _no_shared_text(why: dict[str, Any] | None) -> str:
     looked = ", ".join(f"{c['id']} ({floor_pct(c['active_rate'])}, z {c['support_z']:+.1f}"
                        + _also_text(c) + ")" for c in why["most_active"])
     if why.get("activity_met", True):
-        text = f"none: most looked-at {looked} lack support"
+        verb = "lacks" if len(why["most_active"]) == 1 else "lack"
+        text = f"none: most looked-at {looked} {verb} support"
     else:
         text = f"none: no prototype is looked at in most of its samples (most: {looked})"
     best = why["best_supported"]
@@ -328,7 +384,7 @@ def stratified_rows(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
 def prototype_rows(labels: np.ndarray, rows: np.ndarray, size: int, seed: int) -> np.ndarray:
     """The prototype set of an analysis set ``rows``: nested with it, sorted.
 
-    METHOD's default is the analysis set itself. A smaller set is a stratified part of it;
+    The method's default is the analysis set itself. A smaller set is a stratified part of it;
     a larger one is the analysis set plus a stratified choice of the other rows. Nesting
     lets the final checkpoint's Grad-CAM pass supply the features of both.
 
@@ -376,7 +432,7 @@ def explain(
     settings: ExplainSettings | None = None,
     progress: bool | None = None,
 ) -> Explanation:
-    """Compute the structured explanation of a run folder (METHOD Steps 1-6).
+    """Compute the structured explanation of a run folder (Steps 1-6 of the method).
 
     Args:
         run: a run folder (path or :class:`whylook.run.RunFolder`) with at least 3
@@ -413,14 +469,6 @@ def explain(
     base = settings if settings is not None else ExplainSettings()
     if not isinstance(base, ExplainSettings):
         raise WhylookError(f"settings must be an ExplainSettings, not {type(base).__name__}")
-    if base.support not in SUPPORT_READINGS:
-        raise WhylookError(
-            f"support must be one of {', '.join(map(repr, SUPPORT_READINGS))}, not {base.support!r}"
-        )
-    if base.subgroups not in ("trajectory+profile", "trajectory"):
-        raise WhylookError(
-            f"subgroups must be 'trajectory+profile' or 'trajectory', not {base.subgroups!r}"
-        )
     # "is None", not "or": a size of 0 is a bad input, not a request for the default.
     settings = ExplainSettings(
         **{**asdict(base), "structure": base.structure,
@@ -430,7 +478,6 @@ def explain(
            "prototype_size": base.prototype_size if prototype_size is None else prototype_size,
            "seed": base.seed if seed is None else seed}
     )
-    _check_settings(settings)
     folder = run if isinstance(run, RunFolder) else RunFolder.open(run)
     # Under a caller's inference_mode the checkpoints would load as inference tensors,
     # which Grad-CAM's backward cannot go through.
@@ -439,7 +486,8 @@ def explain(
 
 
 def _check_settings(s: ExplainSettings) -> None:
-    """Refuse malformed options before any work, each with a one-line message."""
+    """Refuse malformed options when they are set, long before the work that uses them,
+    each with a one-line message."""
     from whylook.train import check_seed
 
     k_ok = s.k in {"default", "auto"} if isinstance(s.k, str) else is_whole(s.k) and s.k >= 2
@@ -470,13 +518,20 @@ def _check_settings(s: ExplainSettings) -> None:
         )
     lam = s.ridge_lambda
     if not (isinstance(lam, str) and lam == "cv") and not (
-        is_number(lam)
-        and np.isfinite(lam) and lam >= 0
+        is_number(lam) and np.isfinite(lam) and lam >= 0
     ):
         raise WhylookError(f"ridge_lambda must be 'cv' or a number >= 0, not {lam!r}")
     if not isinstance(s.structure, StructureSettings):
         raise WhylookError(
             f"structure must be a StructureSettings, not {type(s.structure).__name__}"
+        )
+    if s.support not in SUPPORT_READINGS:
+        raise WhylookError(
+            f"support must be one of {', '.join(map(repr, SUPPORT_READINGS))}, not {s.support!r}"
+        )
+    if s.subgroups not in ("trajectory+profile", "trajectory"):
+        raise WhylookError(
+            f"subgroups must be 'trajectory+profile' or 'trajectory', not {s.subgroups!r}"
         )
     check_precision_name(s.precision)
 
@@ -612,13 +667,14 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         Prototypes,
         default_k,
     )
+    from whylook.run import MIN_CHECKPOINTS
     from whylook.saliency import GradCAM, SaliencyResult, layer_features
 
     ckpts = folder.checkpoints
-    if len(ckpts) < 3:
+    if len(ckpts) < MIN_CHECKPOINTS:
         raise WhylookError(
-            f"run {folder.path} has {len(ckpts)} checkpoints; the analysis needs at least 3 "
-            "(train with --checkpoints 3 or more)"
+            f"run {folder.path} has {len(ckpts)} checkpoints; the analysis needs at least "
+            f"{MIN_CHECKPOINTS} (train or import the run again with {MIN_CHECKPOINTS} or more)"
         )
     data = folder.data()
     train = data.train
@@ -628,7 +684,8 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     layer_name = settings.layer or folder.layer
     analysis_size = settings.analysis_size or min(2000, n_train)
     prototype_size = settings.prototype_size or analysis_size
-    for name, size in (("--analysis-size", analysis_size), ("--prototype-size", prototype_size)):
+    for name, size in ((option("analysis-size"), analysis_size),
+                       (option("prototype-size"), prototype_size)):
         if not 1 <= size <= n_train:
             raise WhylookError(
                 f"{name} {size} is out of range: the training split has {n_train} samples"
@@ -647,7 +704,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     if isinstance(k_value, int) and k_value > prototype_size * h * w:
         raise WhylookError(
             f"K={k_value} is larger than the {prototype_size * h * w} feature vectors of the "
-            "prototype set; choose a smaller --k or a larger --prototype-size"
+            f"prototype set; choose a smaller {option('k')} or a larger {option('prototype-size')}"
         )
 
     rows = stratified_rows(train.labels, analysis_size, settings.seed)
@@ -655,7 +712,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     labels = train.labels[rows].astype(np.int64)
     if np.bincount(labels, minlength=m).min() == 0:
         raise WhylookError(
-            "the analysis set misses a class; raise --analysis-size so that every class "
+            f"the analysis set misses a class; raise {option('analysis-size')} so that every class "
             "is represented"
         )
 
@@ -888,8 +945,8 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         "prototype_rows": proto_rows,
         "zero_saliency_rate": structure.zero_saliency_rate,
     }
-    # Step 5 fits every HDBSCAN group of every transition too (METHOD); nothing in Step 6
-    # reads them, so they are kept for the user, not thrown away.
+    # Step 5 fits every HDBSCAN group of every transition too (docs/METHOD-NOTES.md); nothing
+    # in Step 6 reads them, so they are kept for the user, not thrown away.
     arrays.update(mapping.group_arrays())
     if class_mapping is not None:
         arrays["beta_class"] = class_mapping.beta
@@ -1013,23 +1070,40 @@ def _checkpoint_model(folder: Any, t: int, device: torch.device,
     return scratch[0]
 
 
-def load_explanation(run: str | Path) -> Explanation:
+def load_explanation(run: str | Path | Any) -> Explanation:
     """Read the explanation that :func:`explain` wrote into a run folder.
 
-    The two files are read without the run's lock (readers do not block each other), so an
-    ``explain`` that replaces them meanwhile could pair one's old content with the other's
-    new: the read is repeated when ``explanation.json`` changed during it.
+    ``run`` is the folder's path or the :class:`~whylook.run.RunFolder` that ``train`` and
+    ``import_checkpoints`` return. The two files are read without the run's lock (readers
+    do not block each other), so an ``explain`` that replaces them meanwhile could pair one's
+    old content with the other's new: the read is repeated when ``explanation.json`` changed
+    during it.
+
+    >>> load_explanation("no/such/run")
+    Traceback (most recent call last):
+    whylook.errors.WhylookError: run folder no/such/run does not exist
     """
-    analysis = Path(run) / "analysis"
+    analysis = require_explained(run).parent
     for _ in range(_READ_ATTEMPTS):
         before = _identity(analysis / "explanation.json")
-        explanation = _read_explanation(run, analysis)
+        explanation = _read_explanation(analysis)
         if _identity(analysis / "explanation.json") == before:
             return explanation
     raise WhylookError(
         f"the explanation in {analysis} kept changing while it was read (an explain of the "
         "run is running); try again when it has finished"
     )
+
+
+def require_explained(run: str | Path | Any) -> Path:
+    """The path of the run's ``explanation.json``, or a one-line error saying what is
+    missing: the run folder, or its explanation (run ``whylook explain`` first)."""
+    from whylook.run import require_run_folder
+
+    path = require_run_folder(run)
+    if not (path / "analysis" / "explanation.json").is_file():
+        raise WhylookError(f"run {path} has no explanation yet; run `whylook explain {path}` first")
+    return path / "analysis" / "explanation.json"
 
 
 #: How often load_explanation reads again an explanation that changed while it was read.
@@ -1046,7 +1120,7 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def _read_explanation(run: str | Path, analysis: Path) -> Explanation:
+def _read_explanation(analysis: Path) -> Explanation:
     data = read_json(analysis / "explanation.json", what="explanation")
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise WhylookError(
@@ -1064,7 +1138,7 @@ def _read_explanation(run: str | Path, analysis: Path) -> Explanation:
     problem = _malformed(data, arrays)
     if problem:
         raise WhylookError(
-            f"{analysis} is inconsistent ({problem}); rerun `whylook explain {Path(run)}`"
+            f"{analysis} is inconsistent ({problem}); rerun `whylook explain {analysis.parent}`"
         )
     return Explanation(path=analysis, data=data, arrays=arrays)
 

@@ -16,9 +16,9 @@ The rules, as this module pins them down (every value is recorded in ``finetune.
   pair's uncertain prototypes ``p``: ``p`` is active in ``i`` by the explanation's own
   rule (its final-checkpoint activity, :func:`whylook.intensity.activity` with the
   explanation's ``active_rule``, is at least its ``active_threshold``) and, by default,
-  ``i`` belongs to one of the two classes ``p`` swings between (METHOD Step 7). That needs
-  the prototype assignments and final saliency for the *whole* training split; they are
-  computed in shards and cached under ``RUN/finetune/cache``.
+  ``i`` belongs to one of the two classes ``p`` swings between (docs/METHOD-NOTES.md,
+  Step 7). That needs the prototype assignments and final saliency for the *whole*
+  training split; they are computed in shards and cached under ``RUN/finetune/cache``.
 * **Strategies.** ``"full>full"``, ``"curated>curated"``, ``"curated>full"``, ``"full"``,
   ``"curated"``: one epoch per stage, on the named set. Each starts from the final
   checkpoint θ_T with a fresh optimizer, carried across its stages.
@@ -65,7 +65,7 @@ from whylook._io import (
     write_json,
 )
 from whylook._progress import progress_bar
-from whylook.errors import WhylookError
+from whylook.errors import WhylookError, option
 from whylook.models import resolve_device, rng_kept
 from whylook.structure import confusion_matrix
 
@@ -193,20 +193,12 @@ def _digest(obj: Any) -> str:
 # --------------------------------------------------------------------------- inputs
 
 
-def _explained(run: Any) -> Path:
-    """The run folder's path, or a one-line error if it has no explanation yet."""
-    path = Path(getattr(run, "path", run))
-    if not (path / "analysis" / "explanation.json").is_file():
-        raise WhylookError(f"run {path} has no explanation yet; run `whylook explain {path}` first")
-    return path
-
-
 def require_explanation(run: Any) -> Any:
     """The run's :class:`whylook.explain.Explanation`, or a one-line error saying to run
     ``whylook explain`` first."""
     from whylook.explain import load_explanation
 
-    return load_explanation(_explained(run))
+    return load_explanation(run)
 
 
 def _open(run: Any) -> Any:
@@ -310,7 +302,7 @@ def evaluate(
 # --------------------------------------------------------------------------- curated set
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CuratedSet:
     """The training split minus the samples that contain the pair's uncertain prototypes.
 
@@ -397,7 +389,8 @@ def curated_mask(
         threshold: the explanation's ``active_threshold``: ``activity >= threshold`` is
             "active", the same rule ``explain`` used.
         only_swing_classes: remove only samples of ``class_a``/``class_b`` (the default,
-            METHOD Step 7); otherwise samples of any class that contain the prototype.
+            docs/METHOD-NOTES.md, Step 7); otherwise samples of any class that contain the
+            prototype.
 
     Returns:
         ``(keep (N,) bool, removed count per prototype)``.
@@ -535,12 +528,13 @@ def choose_pair(
             swings = (explanation.data.get("structure_settings") or {}).get("min_swings", 2)
             # A model that learns within a few checkpoints changes side once: the looser
             # rule is the first thing to try, before training again.
-            looser = (" or `--min-swings 1` (one change of side counts)"
-                      if isinstance(swings, int) and swings > 1 else "")
+            looser = (" or `--min-swings 1` (StructureSettings(min_swings=1): one change of "
+                      "side counts)" if isinstance(swings, int) and swings > 1 else "")
             raise WhylookError(
                 "the explanation found no uncertain prototypes, so the curated set would equal "
-                f"the full set; rerun `whylook explain` with a larger --analysis-size{looser}, "
-                "or train with a larger --checkpoints, so that swings can be told from noise"
+                "the full set; rerun `whylook explain` with a larger "
+                f"{option('analysis-size')}{looser}, or train with more "
+                f"{option('checkpoints')}, so that swings can be told from noise"
             )
         scored = sorted(
             by_pair.items(),
@@ -563,7 +557,7 @@ def choose_pair(
     )
     if len(names) != 2 or names[0] == names[1]:
         raise WhylookError(
-            f"--pair must be two different class names 'a,b' or 'auto', not {pair!r}"
+            f"{option('pair')} must be two different class names 'a,b' or 'auto', not {pair!r}"
         )
     unknown = [n for n in names if n not in classes]
     if unknown:
@@ -575,7 +569,7 @@ def choose_pair(
         raise WhylookError(
             f"no uncertain prototype swings between {classes[a]} and {classes[b]}, so the "
             "curated set would equal the full set; pairs with uncertain prototypes: "
-            f"{listed or 'none'} (or use --pair auto)"
+            f"{listed or 'none'} (or let whylook choose the pair: {option('pair')} auto)"
         )
     return (a, b), by_pair[(a, b)], f"user: --pair {classes[a]},{classes[b]}"
 
@@ -608,7 +602,7 @@ class StrategyResult:
         return _mean_std(self.confusions)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FinetuneResult:
     """The result of :func:`finetune`; ``table()`` is what the CLI prints."""
 
@@ -856,7 +850,7 @@ def _run_seed(
                 if not math.isfinite(results[prefix][1]):
                     raise WhylookError(
                         f"fine-tuning diverged (test loss is not finite after "
-                        f"{'>'.join(prefix)}, seed {seed}); lower --lr"
+                        f"{'>'.join(prefix)}, seed {seed}); lower {option('lr')}"
                     )
     return results
 
@@ -885,7 +879,8 @@ def finetune(
     device: str = "auto",
     progress: bool | None = None,
 ) -> FinetuneResult:
-    """Perturbation fine-tuning (METHOD Step 7) of a run, from its final checkpoint.
+    """Perturbation fine-tuning (docs/METHOD-NOTES.md, Step 7) of a run, from its final
+    checkpoint.
 
     Args:
         run: an explained run folder (path or :class:`whylook.run.RunFolder`).
@@ -898,7 +893,7 @@ def finetune(
         scope: ``"pair"`` uses the uncertain prototypes of the chosen pair, ``"all"``
             every uncertain prototype (each removes samples of its own two classes).
         only_swing_classes: remove only samples of the classes a prototype swings
-            between (METHOD's default) rather than of any class.
+            between (the method's default) rather than of any class.
 
     Returns:
         The :class:`FinetuneResult`, also written to ``RUN/finetune/finetune.json`` and
@@ -908,8 +903,12 @@ def finetune(
         >>> res = finetune("runs/mnist", pair="auto", seeds=5)  # doctest: +SKIP
         >>> print(res.table())  # doctest: +SKIP
     """
+    from whylook.explain import require_explained
+
     folder = _open(run)
-    _explained(folder)  # the one-line error before anything else; read under the lock
+    require_explained(folder)  # the one-line error before anything else; read under the lock
+    if isinstance(strategies, str):  # one string: comma-separated, as on the command line
+        strategies = strategies.split(",")
     parsed = [parse_strategy(s) for s in strategies]
     if not parsed or len(set(parsed)) != len(parsed):
         raise WhylookError("give at least one strategy, each once (e.g. full>full,curated>full)")

@@ -169,7 +169,7 @@ def activity(saliency: object, assignments: object, k: int, rule: str = "intensi
     ``rule="intensity"`` (the default): the prototype's intensity relative to the sample's
     most intense prototype, in [0, 1]. It is free of area: a background prototype that
     covers most of the grid with weak saliency scores low, however much mass it adds up.
-    ``rule="mass"``: the prototype's share of the sample's saliency mass (METHOD's reading),
+    ``rule="mass"``: the prototype's share of the sample's saliency mass (the method's reading),
     which such a background prototype can reach by area alone.
 
     >>> import numpy as np

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from whylook.errors import WhylookError
+from whylook.errors import WhylookError, option
 
 __all__ = [
     "INCEPTION_INPUT",
@@ -53,6 +53,7 @@ __all__ = [
     "default_layer",
     "get_layer",
     "layer_shape",
+    "model_spec",
     "resolve_device",
     "rng_kept",
 ]
@@ -220,6 +221,33 @@ def _inception_class() -> type[nn.Module]:
     return WhylookInception3
 
 
+def model_spec(model: object) -> str:
+    """The name a run records for ``model``: a built-in name or ``package.module:factory``
+    as given, or that string for a factory function passed itself. A run folder rebuilds
+    its model from the name, so the function must be importable by it.
+
+    >>> model_spec("smallcnn"), model_spec(torch.nn.Identity)
+    ('smallcnn', 'torch.nn.modules.linear:Identity')
+    """
+    if isinstance(model, str):
+        return model
+    if not callable(model):
+        raise WhylookError(
+            f"model must be a model name (e.g. smallcnn) or a factory, not {type(model).__name__}"
+        )
+    module = getattr(model, "__module__", None)
+    name = getattr(model, "__qualname__", "")
+    if module and module != "__main__" and name.isidentifier() and (
+        getattr(sys.modules.get(module), name, None) is model
+    ):
+        return f"{module}:{name}"
+    raise WhylookError(
+        f"model {getattr(model, '__name__', model)!r:.60} cannot be rebuilt by name later (a run "
+        "folder records its model as package.module:factory); define the factory at the top "
+        "level of an importable module, not in __main__ or inside a function"
+    )
+
+
 def build_model(
     name: str,
     *,
@@ -237,6 +265,7 @@ def build_model(
     >>> build_model("resnet18", num_classes=10, in_channels=3, image_size=32).whylook_layer
     'layer3'
     """
+    name = model_spec(name)
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(size) != 2 or min(size) < 1 or num_classes < 2 or in_channels < 1:
         raise WhylookError(
@@ -479,7 +508,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise WhylookError(
-            "--device cuda was requested but torch sees no CUDA GPU; use --device cpu or auto"
+            f"device {device!r} was requested but torch sees no CUDA GPU; use device 'cpu' or "
+            "'auto'"
         )
     if device == "cpu" or device.startswith("cuda"):
         return torch.device(device)
@@ -505,6 +535,12 @@ def rng_kept(device: torch.device | None = None) -> contextlib.AbstractContextMa
 # ----------------------------------------------------------------------------- layers
 
 
+def _nested_example(model: nn.Module) -> str:
+    """A dotted name of one of the model's own layers, for the hint of a wrong name."""
+    nested = [n for n, _ in model.named_modules() if n.count(".") == 1]
+    return nested[len(nested) // 2] if nested else "block.conv"
+
+
 def get_layer(model: nn.Module, name: str) -> nn.Module:
     """The submodule ``name`` (a ``named_modules()`` path such as ``layer3`` or ``block3``).
 
@@ -520,7 +556,7 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
     top = [n for n, _ in model.named_children()]
     raise WhylookError(
         f"model has no layer {name!r}{hint}; top-level layers: {', '.join(top)} (name nested "
-        "ones with dots, e.g. layer3.1)"
+        f"ones with dots, e.g. {_nested_example(model)})"
     )
 
 
@@ -536,8 +572,9 @@ def default_layer(model: nn.Module, input_shape: Sequence[int] | None = None) ->
         return name
     if input_shape is None:
         raise WhylookError(
-            f"{type(model).__name__} has no whylook_layer attribute; choose one with --layer "
-            f"NAME (top-level layers: {', '.join(n for n, _ in model.named_children())})"
+            f"{type(model).__name__} has no whylook_layer attribute; choose one with "
+            f"{option('layer')} NAME (top-level layers: "
+            f"{', '.join(n for n, _ in model.named_children())})"
         )
     candidates = _spatial_layers(model, input_shape)
     if not candidates:
@@ -551,8 +588,8 @@ def default_layer(model: nn.Module, input_shape: Sequence[int] | None = None) ->
 def layer_shape(model: nn.Module, layer: str, input_shape: Sequence[int]) -> tuple[int, int, int]:
     """The ``(d, h, w)`` output of ``layer`` for one input of shape ``(C, H, W)``.
 
-    A layer whose output is not ``(B, d, h, w)`` with ``h*w >= 4`` (METHOD Step 1) raises a
-    :class:`WhylookError` that names layers which would work.
+    A layer whose output is not ``(B, d, h, w)`` with ``h*w >= 4`` (docs/METHOD-NOTES.md,
+    Step 1) raises a :class:`WhylookError` that names layers which would work.
 
     >>> m = build_model("resnet18", num_classes=10, in_channels=1, image_size=28)
     >>> layer_shape(m, "layer3", (1, 28, 28))

@@ -406,7 +406,7 @@ class Prototypes:
 
 
 class PrototypeFinder:
-    """Streaming PCA + K-Means (METHOD Step 1), scikit-learn style.
+    """Streaming PCA + K-Means (docs/METHOD-NOTES.md, Step 1), scikit-learn style.
 
     Args:
         k: number of prototypes, or ``"auto"`` to pick it from ``auto_candidates`` by the

@@ -1,8 +1,8 @@
 """Run folders: reading ``run.json`` and checkpoints, and importing foreign checkpoints.
 
-A run folder (METHOD output contract) holds ``run.json`` (schema ``whylook.run/1``) and
-``checkpoints/ckpt-NNNN.safetensors``. ``run.json`` is written last, only when the run is
-complete; a folder that lacks it is not a run. Its keys:
+A run folder (the output contract in docs/ARCHITECTURE.md) holds ``run.json`` (schema
+``whylook.run/1``) and ``checkpoints/ckpt-NNNN.safetensors``. ``run.json`` is written
+last, only when the run is complete; a folder that lacks it is not a run. Its keys:
 
 - ``schema``, ``source`` (``"train"`` or ``"import"``)
 - ``config``: ``model``, ``data`` (the data spec), ``data_limit_per_class``, ``layer``,
@@ -30,8 +30,10 @@ import itertools
 import math
 import os
 import platform
+import re
 import shutil
-from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,19 +44,21 @@ from torch import nn
 from whylook import _io
 from whylook._checks import is_whole
 from whylook.data import DataSource, is_loadable_spec, load_data
-from whylook.errors import WhylookError
+from whylook.errors import WhylookError, option
 from whylook.models import (
     MODEL_NAMES,
     Normalize,
     build_model,
     default_layer,
     layer_shape,
+    model_spec,
     require_trusted_factory,
     resolve_device,
     rng_kept,
 )
 
 __all__ = [
+    "MIN_CHECKPOINTS",
     "RUN_SCHEMA",
     "CheckpointInfo",
     "RunFolder",
@@ -65,6 +69,9 @@ __all__ = [
 RUN_SCHEMA = "whylook.run/1"
 CHECKPOINT_DIR = "checkpoints"
 INCOMPLETE_MARKER = ".whylook-incomplete"
+#: The fewest checkpoints the analysis takes: two transitions, so that a change can be told
+#: from the one before it (train and import refuse fewer before any work).
+MIN_CHECKPOINTS = 3
 _LOCK_NAME = ".whylook.lock"
 
 
@@ -80,14 +87,22 @@ class CheckpointInfo:
     test_loss: float
 
 
-def require_run_folder(path: str | os.PathLike[str]) -> Path:
+def require_run_folder(path: str | os.PathLike[str] | RunFolder | Any) -> Path:
     """``path`` as a Path if it is a complete run folder (it holds ``run.json``), else the
     one-line WhylookError that says why not: missing, a file, incomplete or not a run.
+
+    A :class:`RunFolder` (what ``train`` and ``import_checkpoints`` return) and an
+    :class:`~whylook.explain.Explanation` (what ``explain`` returns) stand for their folder.
 
     >>> require_run_folder("no/such/run")
     Traceback (most recent call last):
     whylook.errors.WhylookError: run folder no/such/run does not exist
     """
+    if isinstance(path, RunFolder):
+        path = path.path
+    explain_module = sys.modules.get("whylook.explain")  # no Explanation exists without it
+    if explain_module is not None and isinstance(path, explain_module.Explanation):
+        path = path.path.parent
     if not isinstance(path, str | os.PathLike):
         raise WhylookError(f"the run folder must be a path (str or os.PathLike), not {path!r:.60}")
     path = Path(path)
@@ -102,7 +117,7 @@ def require_run_folder(path: str | os.PathLike[str]) -> Path:
         if (path / INCOMPLETE_MARKER).exists():
             raise WhylookError(
                 f"run folder {path} is incomplete (its training or import stopped before "
-                "the end); run that command again with the same --out to redo it"
+                f"the end); run that command again with the same {option('out')} to redo it"
             )
         raise WhylookError(
             f"{path} is not a whylook run folder (no run.json); create one with "
@@ -295,8 +310,9 @@ def fit_state(
         )
     if problems:
         raise WhylookError(
-            f"checkpoint {source} does not fit the model: {'; '.join(problems)}; check --model "
-            "and --data (class count, channels and image size must match training)"
+            f"checkpoint {source} does not fit the model: {'; '.join(problems)}; check "
+            f"{option('model')} and {option('data')} (class count, channels and image size "
+            "must match training)"
         )
     for k in expected:
         _check_tensor(state[k], expected[k], k, source)
@@ -335,6 +351,34 @@ def _strip_prefix(state: Mapping[str, torch.Tensor], expected: Iterable[str]
         out = {k.split(".", 1)[1]: v for k, v in out.items()}
     # Only a strip that reaches the model's names counts; otherwise report the keys as given.
     return out if want & out.keys() else dict(state)
+
+
+def _check_name_order(paths: Sequence[Path]) -> None:
+    """Refuse files whose names are one pattern numbered out of order (``epoch_0.pt``,
+    ``epoch_10.pt``, ``epoch_2.pt``: a shell glob sorts digits as text).
+
+    Taken as given they would be analysed in that order: the "final" model would be one
+    from the middle of training, and nothing downstream could tell.
+
+    >>> _check_name_order([Path("e_0.pt"), Path("e_10.pt"), Path("e_2.pt")])
+    Traceback (most recent call last):
+    whylook.errors.WhylookError: the checkpoint files are not in the order of the numbers ...
+    >>> _check_name_order([Path("e_0.pt"), Path("e_2.pt"), Path("e_10.pt")])
+    """
+    names = [p.name for p in paths]
+    if len({re.sub(r"\d+", "#", n) for n in names}) != 1 or len(set(names)) != len(names):
+        # Differently named files have no order to read from their names; a file given
+        # twice gets its own message from the check of the weights.
+        return
+    numbers = [tuple(int(d) for d in re.findall(r"\d+", n)) for n in names]
+    if not numbers[0] or all(a < b for a, b in itertools.pairwise(numbers)):
+        return
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    raise WhylookError(
+        f"the checkpoint files are not in the order of the numbers in their names ({shown}; a "
+        "shell glob sorts 10 before 2); give them in training order (e.g. `ls -v`, or names "
+        f"padded with zeros), or confirm this order with {option('steps')}"
+    )
 
 
 def _normalize_keys(model: nn.Module) -> list[str]:
@@ -426,17 +470,19 @@ def prepare_out(out: str | os.PathLike[str]) -> Path:
     out = Path(out).expanduser()
     if out.exists():
         if not out.is_dir():
-            raise WhylookError(f"--out {out} exists and is not a folder; choose another path")
+            raise WhylookError(
+                f"{option('out')} {out} exists and is not a folder; choose another path"
+            )
         if (out / "run.json").exists():
             raise WhylookError(
-                f"--out {out} already holds a run; choose a new --out or delete that folder"
+                f"{option('out')} {out} already holds a run; choose a new one or delete that folder"
             )
         # A lone lock file is ours: a command killed between taking the lock and marking
         # the folder incomplete leaves it behind (see creating_run).
         leftovers = {p.name for p in out.iterdir()} - {_LOCK_NAME}
         if leftovers and INCOMPLETE_MARKER not in leftovers:
             raise WhylookError(
-                f"--out {out} exists and is not empty; choose a new folder for the run"
+                f"{option('out')} {out} exists and is not empty; choose a new folder for the run"
             )
     # The nearest existing folder is where the run folder will be created: a file there, or
     # a folder this process cannot write, would only fail after the data and the model are
@@ -508,7 +554,7 @@ def import_checkpoints(
     files: Sequence[str | os.PathLike[str]],
     *,
     data: str | DataSource,
-    model: str,
+    model: str | Callable[..., nn.Module],
     steps: Sequence[int] | None = None,
     layer: str | None = None,
     device: str = "auto",
@@ -517,9 +563,11 @@ def import_checkpoints(
 ) -> RunFolder:
     """Bring checkpoints trained elsewhere (in training order) into a new run folder.
 
-    Each file (``.safetensors``, or ``.pt``/``.pth`` read with ``weights_only=True``) must fit
-    ``model`` built for ``data`` and hold finite floating-point weights, each file different
-    weights; all are checked, and evaluated on the test split, before anything is written.
+    Each file (``.safetensors``, or ``.pt``/``.pth``/``.bin``/``.ckpt`` read with
+    ``weights_only=True``; a wrapped state dict and a prefix on every key are understood)
+    must fit ``model`` built for ``data`` and hold finite floating-point weights, each file
+    different weights; all are checked, and evaluated on the test split, before anything is
+    written.
     They are stored as safetensors. ``steps`` (optimizer step
     of each checkpoint) default to 0, 1, 2, ...; epochs are unknown and recorded as null.
     Missing ``normalize.mean/std`` buffers of a built-in model are filled with the training
@@ -531,12 +579,21 @@ def import_checkpoints(
     from whylook._progress import progress_bar
     from whylook.train import evaluate
 
-    paths = [Path(f).expanduser() for f in files]
-    if len(paths) < 2:
+    if isinstance(files, str | os.PathLike):
         raise WhylookError(
-            f"{len(paths)} checkpoint given; the method needs at least 2 (e.g. the "
-            "initialisation and the final model)"
+            f"files must be a list of checkpoint files in training order (at least "
+            f"{MIN_CHECKPOINTS}), not "
+            f"the one path {str(files)!r:.80}; pass [first, ..., last]"
         )
+    model = model_spec(model)
+    paths = [Path(f).expanduser() for f in files]
+    if len(paths) < MIN_CHECKPOINTS:
+        raise WhylookError(
+            f"{len(paths)} checkpoint(s) given; the analysis needs at least {MIN_CHECKPOINTS} "
+            "(e.g. the initialisation, one from training and the final model)"
+        )
+    if steps is None:
+        _check_name_order(paths)
     steps = list(range(len(paths))) if steps is None else [int(s) for s in steps]
     if len(steps) != len(paths):
         raise WhylookError(f"{len(paths)} checkpoints but {len(steps)} steps; give one each")

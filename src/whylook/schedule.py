@@ -1,4 +1,4 @@
-"""Checkpoint schedules in optimizer steps (METHOD Step 0).
+"""Checkpoint schedules in optimizer steps (docs/METHOD-NOTES.md, Step 0).
 
 Step ``s`` means "after ``s`` optimizer steps": step 0 is the initialisation and
 ``total_steps`` the final model. Every schedule is sorted, unique and holds both ends.
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from whylook.errors import WhylookError
+from whylook.errors import WhylookError, option
 
 __all__ = ["SCHEDULES", "checkpoint_steps"]
 
@@ -50,7 +50,8 @@ def checkpoint_steps(
     if n > total_steps + 1:
         raise WhylookError(
             f"{n} checkpoints requested but training has only {total_steps} optimizer steps "
-            f"({total_steps + 1} distinct checkpoints); lower --checkpoints or train longer"
+            f"({total_steps + 1} distinct checkpoints); lower {option('checkpoints')} or train "
+            "longer"
         )
     if kind == "linear":
         return [int(s) for s in np.rint(np.linspace(0, total_steps, n)).astype(int)]

@@ -69,7 +69,7 @@ from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
 from whylook._checks import is_number, is_whole
-from whylook.errors import WhylookError
+from whylook.errors import WhylookError, option
 from whylook.mapping import LeadErrors
 
 __all__ = [
@@ -412,7 +412,7 @@ def assemble(
         empty = [classes[c] for c in np.flatnonzero(counts == 0)]
         raise WhylookError(
             f"class(es) {', '.join(empty)} have no samples in the analysis set; raise "
-            "--analysis-size or check the labels"
+            f"{option('analysis-size')} or check the labels"
         )
     onehot = np.eye(m)[labels]  # (n, M)
     active_rate = (active.T.astype(np.float64) @ onehot) / counts  # (K, M)

@@ -1,4 +1,4 @@
-"""Training with checkpoints (METHOD Step 0) into a new run folder.
+"""Training with checkpoints (docs/METHOD-NOTES.md, Step 0) into a new run folder.
 
 Two seeds, kept apart: ``seed`` draws the initial weights (and any dropout), ``data_seed``
 the order of the training data (a fresh permutation every epoch). Adam, cross-entropy,
@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,9 +30,10 @@ from whylook import _io
 from whylook._checks import is_number, is_whole
 from whylook._progress import progress_bar
 from whylook.data import DataSource, Split, to_tensor
-from whylook.errors import WhylookError
-from whylook.models import check_trainable, resolve_device, rng_kept
+from whylook.errors import WhylookError, option
+from whylook.models import check_trainable, model_spec, resolve_device, rng_kept
 from whylook.run import (
+    MIN_CHECKPOINTS,
     RunFolder,
     as_source,
     build_for,
@@ -76,7 +78,7 @@ def check_seed(name: str, seed: object) -> int:
 
 def train(
     data: str | DataSource,
-    model: str = "smallcnn",
+    model: str | Callable[..., nn.Module] = "smallcnn",
     *,
     epochs: int = 3,
     checkpoints: int = 12,
@@ -100,6 +102,7 @@ def train(
     ... # doctest: +SKIP
     ([0, 1, 64], True)
     """
+    model = model_spec(model)
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1)):
         if not is_whole(value) or value < low:
             raise WhylookError(f"{name} must be a whole number >= {low}, not {value!r}")
@@ -113,6 +116,11 @@ def train(
         )
     if schedule not in SCHEDULES:
         raise WhylookError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    if is_whole(checkpoints) and checkpoints < MIN_CHECKPOINTS:
+        raise WhylookError(
+            f"{option('checkpoints')} {checkpoints}: the analysis needs at least "
+            f"{MIN_CHECKPOINTS} checkpoints (the initialisation, one from training, the final)"
+        )
     lr = DEFAULT_LR if lr is None else float(lr)
     out = prepare_out(out)
     dev = resolve_device(device)
@@ -198,7 +206,7 @@ def _fit(
             record["test_accuracy"], record["test_loss"] = evaluate(net, source.test, device=dev)
         if not math.isfinite(record["test_loss"]):
             raise WhylookError(
-                f"training diverged (test loss is not finite at step {step}); lower --lr"
+                f"training diverged (test loss is not finite at step {step}); lower {option('lr')}"
             )
         records.append(record)
 

@@ -171,7 +171,7 @@ class _Builder:
         """(n, K): how strongly each prototype is looked at in each sample, for ranking.
 
         The analysis's own measure when stored (``activity``: the rule that decides
-        "active"), else the share of final saliency mass (``mass_share``, METHOD's
+        "active"), else the share of final saliency mass (``mass_share``, the method's
         reading), else that share computed from the final saliency and assignments.
         """
         for name in ("activity", "mass_share"):
@@ -211,7 +211,8 @@ class _Builder:
         where a reader looks first, since those are what fine-tuning works on."""
         everything = set(range(self.m))
         if asked is not None:
-            names = [str(a) for a in asked]
+            # One string names one class (or `all`), not one class per character.
+            names = [asked] if isinstance(asked, str) else [str(a) for a in asked]
             if names == ["all"] and "all" not in self.inp.classes:
                 return everything, None
             if not names:
@@ -939,7 +940,7 @@ def _write(out: Path, files: dict[str, bytes], html: str, *, locked: bool) -> Pa
 
 
 def report(
-    run: str | Path, out: str | Path | None = None, *, classes: Sequence[str] | None = None
+    run: str | Path, out: str | Path | None = None, *, classes: Sequence[str] | str | None = None
 ) -> Path:
     """Write the HTML report of a run folder and return the path of ``index.html``.
 

@@ -1,7 +1,7 @@
 """Read and check everything the report shows: run.json, the analysis, images, extras.
 
 The report is read-only over the run folder. It checks the analysis against the output
-contract (METHOD.md, docs/ARCHITECTURE.md) before drawing anything, so a missing, corrupt
+contract (docs/ARCHITECTURE.md) before drawing anything, so a missing, corrupt
 or inconsistent analysis becomes one line that says what to do, not a traceback halfway
 through rendering.
 """

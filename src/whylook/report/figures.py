@@ -254,7 +254,8 @@ def saliency_strip(
     """One sample's Grad-CAM at several checkpoints, upsampled over the image.
 
     Top row: raw saliency on one colour scale for all panels. Saliency is kept raw
-    (METHOD Step 2), so this row compares how strong the attention is across checkpoints.
+    (docs/METHOD-NOTES.md, Step 2), so this row compares how strong the attention is across
+    checkpoints.
     Early checkpoints are often near zero on that scale, so the bottom row scales each
     panel to its own maximum and shows where the attention is, i.e. how it moves. The
     panels are blended in numpy and drawn as one image (one axes instead of one per

@@ -1,0 +1,109 @@
+"""What a notebook user does with the Python API: the results of one call go straight into
+the next, explanations are explored without reading private modules, and a slip gets a
+one-line message instead of a character-by-character surprise."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import whylook
+from _synthetic_run import make_synthetic_run
+from _tiny_run import baseline, copy_run
+from whylook import ExplainSettings, WhylookError, load_explanation, report
+from whylook._progress import _enabled
+from whylook.run import RunFolder
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    return make_synthetic_run(tmp_path, classes=["a", "b"], k=4)
+
+
+@pytest.fixture
+def real_run(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Path:
+    """A trained and explained run (the synthetic one has no checkpoints to open)."""
+    return copy_run(baseline(tmp_path_factory)[1], tmp_path / "real", analysis=True)
+
+
+def test_results_go_straight_into_the_next_call(real_run: Path) -> None:
+    run = real_run
+    exp = load_explanation(run)
+    folder = RunFolder.open(run)
+    assert load_explanation(folder).data == exp.data
+    assert load_explanation(exp).data == exp.data
+    for given in (folder, exp):
+        assert report(given) == run / "report" / "index.html"
+
+
+def test_explanations_compare_by_identity_and_hash(run: Path) -> None:
+    a, b = load_explanation(run), load_explanation(run)
+    assert a != b  # == on dicts of arrays would raise "truth value ... is ambiguous"
+    assert a == a
+    assert a in [b, a]
+    assert len({a, b}) == 2
+
+
+def test_explanation_helpers(run: Path) -> None:
+    exp = load_explanation(run)
+    entry = exp.data["classes_explained"][1]
+    assert exp.for_class("b") == entry
+    assert exp.for_class(1) == entry
+    with pytest.raises(WhylookError, match=r"class 'c' is not one of the 2 classes \(a, b\)"):
+        exp.for_class("c")
+    assert exp.uncertain_prototypes == exp.data["uncertain_prototypes"]
+    assert exp.learning_order == exp.data["learning_order"]
+    index = exp.arrays["sample_index"]
+    assert exp.row(int(index[5])) == 5
+    assert exp.row(index[5]) == 5  # a NumPy integer, as indexing gives
+    missing = int(np.setdiff1d(np.arange(index.max() + 2), index)[0])
+    with pytest.raises(WhylookError, match=rf"training image {missing} is not in the analysis"):
+        exp.row(missing)
+
+
+def test_load_explanation_says_what_is_missing(run: Path, tmp_path: Path) -> None:
+    with pytest.raises(WhylookError, match=r"run folder .*nope does not exist"):
+        load_explanation(tmp_path / "nope")
+    (run / "analysis" / "explanation.json").unlink()
+    with pytest.raises(WhylookError, match=r"has no explanation yet; run `whylook explain"):
+        load_explanation(run)
+
+
+def test_one_string_is_one_value_not_its_characters(
+    run: Path, real_run: Path, tmp_path: Path
+) -> None:
+    page = report(run, classes="all").read_text(encoding="utf-8")
+    assert "Drawn in full" not in page
+    page = report(run, classes="b").read_text(encoding="utf-8")
+    assert "Drawn in full: the 1 of 2 classes asked for" in page
+    with pytest.raises(WhylookError, match=r"unknown strategy 'nope'"):
+        whylook.finetune(real_run, strategies="full,nope")
+    with pytest.raises(WhylookError, match=r"not the one path 'a.pt'; pass \[first, ..., last\]"):
+        whylook.import_checkpoints("a.pt", data="mnist5k", model="smallcnn",
+                                   out=tmp_path / "imp")
+
+
+def test_explain_settings_are_checked_when_made() -> None:
+    with pytest.raises(WhylookError, match="k must be a whole number >= 2"):
+        ExplainSettings(k=-5)
+    with pytest.raises(WhylookError, match="support must be one of"):
+        ExplainSettings(support="nonsense")
+    with pytest.raises(WhylookError, match="precision"):
+        ExplainSettings(precision="fp16")
+
+
+def test_notebook_friendly_reprs_and_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    split = whylook.Split(np.zeros((5000, 1, 28, 28), np.uint8), np.zeros(5000, np.int64))
+    assert repr(split) == "Split(images=uint8 (5000, 1, 28, 28), labels=int64 (5000,))"
+    names = dir(whylook)
+    assert {"explain", "__version__"} <= set(names)
+    assert not {"importlib", "sys", "types", "Any", "TYPE_CHECKING"} & set(names)
+    monkeypatch.delenv("WHYLOOK_PROGRESS", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    assert not _enabled(None)
+    monkeypatch.setitem(sys.modules, "ipykernel", sys)  # a notebook's kernel is loaded
+    assert _enabled(None)
