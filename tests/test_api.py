@@ -107,3 +107,11 @@ def test_notebook_friendly_reprs_and_names(monkeypatch: pytest.MonkeyPatch) -> N
     assert not _enabled(None)
     monkeypatch.setitem(sys.modules, "ipykernel", sys)  # a notebook's kernel is loaded
     assert _enabled(None)
+
+
+def test_an_explanations_arrays_are_read_only(run: Path) -> None:
+    exp = load_explanation(run)
+    with pytest.raises(ValueError, match="read-only"):
+        exp.arrays["beta"] *= 2
+    copy = exp.arrays["beta"].copy()  # a copy is the caller's own
+    copy *= 2

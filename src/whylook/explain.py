@@ -156,6 +156,13 @@ class Explanation:
     data: dict[str, Any] = field(repr=False)
     arrays: dict[str, np.ndarray] = field(repr=False)
 
+    def __post_init__(self) -> None:
+        # A result, not a workspace: an in-place edit (exp.arrays["beta"] *= 2) would make
+        # it disagree with the files it came from and with what the report shows.
+        for value in self.arrays.values():
+            if isinstance(value, np.ndarray):
+                value.flags.writeable = False
+
     @property
     def classes(self) -> list[str]:
         return list(self.data["classes"])
