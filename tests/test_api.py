@@ -115,3 +115,14 @@ def test_an_explanations_arrays_are_read_only(run: Path) -> None:
         exp.arrays["beta"] *= 2
     copy = exp.arrays["beta"].copy()  # a copy is the caller's own
     copy *= 2
+
+
+def test_for_class_takes_a_name_before_a_position(tmp_path: Path) -> None:
+    from whylook.explain import Explanation
+
+    names = ["1", "10", "2"]  # image-folder classes sort as text
+    exp = Explanation(tmp_path, {"classes": names, "classes_explained": [
+        {"class": c, "shared": [f"P-{i}"]} for i, c in enumerate(names)]}, {})
+    assert exp.for_class(1)["class"] == "1"  # the class named 1, not the one at position 1
+    assert exp.for_class("10")["class"] == "10"
+    assert exp.for_class(2)["class"] == "2"

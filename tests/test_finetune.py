@@ -452,3 +452,30 @@ def test_a_finetune_killed_between_its_two_files_leaves_no_old_table(small_run, 
     assert not (out / "finetune.md").exists()
     assert not list(out.glob(".*.tmp"))
     assert not list((out / "cache").glob(".*.tmp"))
+
+
+def test_the_default_rate_follows_the_optimizer_used() -> None:
+    """An imported run records no optimizer or rate: --optimizer sgd gets SGD's rate, not
+    Adam's; a run's own rate is for its own optimizer only."""
+    from whylook.finetune import _training_defaults
+
+    imported = SimpleNamespace(config={})
+    assert _training_defaults(imported, None) == ("adam", 0.001, 128)
+    assert _training_defaults(imported, "sgd") == ("sgd", 0.01, 128)
+    trained = SimpleNamespace(config={"optimizer": "adam", "lr": 0.003, "batch_size": 64})
+    assert _training_defaults(trained, None) == ("adam", 0.003, 64)
+    assert _training_defaults(trained, "SGD") == ("sgd", 0.01, 64)
+
+
+def test_evaluate_takes_devices_and_counts_as_the_rest_of_whylook() -> None:
+    import torch
+
+    from whylook.finetune import evaluate
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    images, labels = np.zeros((3, 1, 2, 2), np.uint8), np.array([0, 1, 1])
+    assert evaluate(net, images, labels, 2, device="auto")[2].sum() == 3
+    with pytest.raises(WhylookError, match="unknown device 'gpu'"):
+        evaluate(net, images, labels, 2, device="gpu")
+    with pytest.raises(WhylookError, match="batch_size must be a whole number >= 1, not True"):
+        evaluate(net, images, labels, 2, batch_size=True)

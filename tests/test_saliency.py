@@ -241,8 +241,6 @@ def test_weights_made_under_inference_mode_are_a_one_line_error() -> None:
         grad_cam(model, "0", _X, [0])
 
 
-
-
 def test_a_lazy_model_not_yet_run_is_a_one_line_error() -> None:
     def lazy() -> nn.Module:
         return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(3))
@@ -254,6 +252,8 @@ def test_a_lazy_model_not_yet_run_is_a_one_line_error() -> None:
     model = lazy()
     model(torch.zeros(1, *_X.shape[1:]))  # the first forward gives the weights their shapes
     assert grad_cam(model, "0", _X, [0]).saliency.shape[0] == _X.shape[0]
+
+
 def test_bad_layers_and_inputs() -> None:
     model = _tiny_model()
     with pytest.raises(WhylookError, match="not 4-D"):
@@ -668,12 +668,14 @@ def test_a_layer_run_twice_in_the_cams_own_pass_is_still_refused_after_a_callers
 
 _INTEGER_IMAGES = [
     pytest.param(np.int32, "int32",
-                 r"images\.astype\(np\.uint8\) for 0-255 values, or images / 255", id="np-int32"),
+                 r"images\.astype\(np\.uint8\) for 0-255 values, or float images divided by their "
+                 r"maximum", id="np-int32"),
     pytest.param(np.int64, "int64", r"images\.astype\(np\.uint8\)", id="np-int64"),
     pytest.param(np.uint16, "uint16", r"images\.astype\(np\.uint8\)", id="np-uint16"),
     pytest.param(np.bool_, "bool", r"images\.astype\(np\.float32\)", id="np-bool"),
     pytest.param(torch.int64, "int64",
-                 r"images\.to\(torch\.uint8\) for 0-255 values, or images / 255",
+                 r"images\.to\(torch\.uint8\) for 0-255 values, or float images divided by their "
+                 r"maximum",
                  id="torch-int64"),
     pytest.param(torch.int32, "int32", r"images\.to\(torch\.uint8\)", id="torch-int32"),
     pytest.param(torch.bool, "bool", r"images\.float\(\)", id="torch-bool"),

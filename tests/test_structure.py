@@ -767,3 +767,14 @@ def test_summary_names_each_pair_once_when_there_are_few(tmp_path):
                        arrays={}).summary()
     assert ("Learning order: first separated c0/c1, c1/c2, c2/c3, c3/c4, c4/c5; last "
             "c6/c7, c7/c8, c8/c9, c9/c10, c10/c11") in text
+
+
+def test_summary_counts_pairs_never_separated_apart(tmp_path):
+    from whylook.explain import Explanation
+
+    order = [{"pair": ["a", "b"], "separated_at_step": 3},
+             {"pair": ["a", "c"], "separated_at_step": 7},
+             {"pair": ["b", "c"], "separated_at_step": None}]
+    text = Explanation(path=tmp_path, data=_summary_data(learning_order=order),
+                       arrays={}).summary()
+    assert "Learning order: separated a/b, a/c (first to last); 1 pair never separated" in text

@@ -377,3 +377,21 @@ def test_cli_bad_input_is_one_error_line_and_no_run_folder(
     assert lines[0].startswith("error: ")
     assert re.search(message, lines[0]), lines[0]
     assert not out.exists()
+
+
+def test_numpy_counts_train_and_bad_counts_are_one_line(tiny_data, tmp_path: Path) -> None:
+    run = train(tiny_data, out=tmp_path / "np", **{**TINY, "epochs": np.int64(1),
+                                                   "batch_size": np.int64(50),
+                                                   "checkpoints": np.int64(3)})
+    assert len(run.checkpoints) == 3  # run.json took them (NumPy integers are no JSON)
+    for bad in (3.5, "5", True, None):
+        with pytest.raises(WhylookError, match=rf"^checkpoints must be a whole number >= 1, "
+                                               rf"not {re.escape(repr(bad))}$"):
+            train(tiny_data, out=tmp_path / "bad", **{**TINY, "checkpoints": bad})
+    # The epoch schedule gives epochs + 1 checkpoints whatever was asked for.
+    with pytest.raises(WhylookError, match=r"the epoch schedule gives 2 checkpoints over 1 "
+                                           r"epoch\(s\); the analysis needs at least 3"):
+        train(tiny_data, out=tmp_path / "epoch", schedule="epoch",
+              **{**TINY, "epochs": 1, "checkpoints": 12})
+    assert not (tmp_path / "bad").exists()
+    assert not (tmp_path / "epoch").exists()

@@ -150,3 +150,67 @@ def test_a_wrong_layer_name_hints_with_one_of_the_models_own_nested_names() -> N
     net.add_module("net", build_model("resnet18", num_classes=2, in_channels=1, image_size=16))
     with pytest.raises(WhylookError, match=r"e\.g\. net\.\w+\)$"):
         get_layer(net, "layer3")
+
+
+def test_numbered_folders_with_alike_files_are_checked_too(
+    reference: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A trainer that numbers its folders (checkpoint-500/model.safetensors) names every
+    file alike: the order is read from the whole path."""
+    data, run = reference
+    files = sorted((run / "checkpoints").glob("*.safetensors"))[:3]
+    given = []
+    for step, f in zip((500, 1000, 1500), files, strict=True):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        given.append(Path(shutil.copy(f, tmp_path / f"checkpoint-{step}" / "model.safetensors")))
+    glob_order = [given[1], given[2], given[0]]  # 1000, 1500, 500: digits sorted as text
+    with pytest.raises(WhylookError, match=r"\(checkpoint-1000/model.safetensors, "
+                                           r"checkpoint-1500/model.safetensors, "
+                                           r"checkpoint-500/model.safetensors; a shell glob"):
+        import_checkpoints(glob_order, data=f"npz:{data}", model="smallcnn",
+                           out=tmp_path / "imp")
+    for steps in ("0,5,9", [0, 1.7, 2.9]):
+        with pytest.raises(WhylookError, match="steps must be a list of whole numbers"):
+            import_checkpoints(given, data=f"npz:{data}", model="smallcnn", steps=steps,
+                               out=tmp_path / "imp")
+
+
+class _Normalized(torch.nn.Sequential):
+    """The README's advice: normalisation as the model's first layer, before the network
+    the checkpoints were saved from."""
+
+
+def normalized_smallcnn(num_classes: int, in_channels: int,
+                        image_size: tuple[int, int]) -> torch.nn.Module:
+    from torchvision.transforms import Normalize
+
+    net = build_model("smallcnn", num_classes=num_classes, in_channels=in_channels,
+                      image_size=image_size)
+    return _Normalized(Normalize([0.5] * in_channels, [0.25] * in_channels), net)
+
+
+def test_checkpoints_of_the_network_fit_the_model_that_wraps_it(
+    reference: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data, run = reference
+    files = sorted((run / "checkpoints").glob("*.safetensors"))[:3]
+    imported = import_checkpoints(files, data=f"npz:{data}", model=normalized_smallcnn,
+                                  out=tmp_path / "imp", progress=False)
+    model = imported.load_model(-1)
+    saved = _io.load_weights(files[-1])
+    assert all(torch.equal(model.state_dict()[f"1.{k}"], v) for k, v in saved.items())
+
+
+def test_long_silent_stages_have_bars(
+    reference: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The K search and the fits after the passes took most of a minute with nothing on the
+    screen at 5,000 samples of 100 classes."""
+    from whylook import explain
+
+    run = copy_run(reference[1], tmp_path / "run")
+    explain(run, k="auto", analysis_size=60, device="cpu", progress=True)
+    err = capsys.readouterr().err
+    for bar in ("prototypes: K search", "analysis", "patterns (HDBSCAN)", "mapping (ridge)",
+                "structure"):
+        assert bar in err, bar

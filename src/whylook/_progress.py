@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -29,3 +29,36 @@ def progress_bar(
     from tqdm.auto import tqdm
 
     yield from tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+class StageBar:
+    """A bar over the named stages of work that is no loop over items (fits one after
+    another): ``start(name)`` counts the stage before as done and shows ``name`` beside the
+    bar; ``close()`` ends it (tqdm also closes a bar that is dropped, as on an error).
+
+    >>> bar = StageBar("analysis", ["fit", "write"], progress=False)
+    >>> bar.start("fit"); bar.start("write"); bar.close()
+    """
+
+    def __init__(self, desc: str, stages: Sequence[str], *, progress: bool | None) -> None:
+        self._bar = None
+        if _enabled(progress):
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=len(stages), desc=desc, leave=False, dynamic_ncols=True)
+        self._begun = False
+
+    def start(self, name: str) -> None:
+        if self._bar is None:
+            return
+        if self._begun:
+            self._bar.update(1)
+        self._begun = True
+        self._bar.set_postfix_str(name)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            if self._begun:
+                self._bar.update(1)
+            self._bar.close()
+            self._bar = None

@@ -62,15 +62,19 @@ def pair_confusion_text(lift: float) -> str:
     'the model confused those pairs 1.86x as often as t'
     >>> ["--uncertain-null" in pair_confusion_text(lift) for lift in (1.02, 1.86)]
     [True, False]
+    >>> pair_confusion_text(0.88).split("; ")[1][:8]
+    'no more:'
+
     """
     text = (f"the model confused those pairs {lift:.2f}x as often as the average class pair "
             "(errors both ways, every checkpoint after the first)")
     if lift < WEAK_LIFT:
-        text += ("; barely more: over many pairs, many swings come from samples whose "
-                 "attention and confidence moved together while the two classes did not "
-                 "trade confidence on average; --uncertain-null N names the entries that "
-                 "come with such a trade, which point at confusions more "
-                 "(docs/METHOD-NOTES.md, Step 6)")
+        # Below 1 the flagged pairs were confused less than the average one: "no more".
+        text += ("; no more" if lift <= 1 else "; barely more") + (
+            ": over many pairs, many swings come from samples whose attention and confidence "
+            "moved together while the two classes did not trade confidence on average; "
+            "--uncertain-null N names the entries that come with such a trade, which point at "
+            "confusions more (docs/METHOD-NOTES.md, Step 6)")
     return text
 
 

@@ -246,15 +246,16 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--strategies",
         default="full>full,curated>curated,curated>full,full,curated",
-        help="comma-separated strategies, each stages joined by '>' (A>B = one epoch on A, "
+        help="comma-separated strategies, each of stages joined by '>' (A>B = one epoch on A, "
         "then one on B); a stage is full (the training split) or curated (without the "
         "samples that hold the pair's uncertain prototypes); default "
         "full>full,curated>curated,curated>full,full,curated",
     )
     p.add_argument("--seeds", type=int, default=5, help="number of seeds, 0..N-1 (default 5)")
     p.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: the run's; an imported run records none: "
-                   "0.001 for adam, 0.01 for sgd)")
+                   help="learning rate (default: the run's, for its optimizer; with another "
+                   "optimizer, or for an imported run, which records none: 0.001 for adam, "
+                   "0.01 for sgd)")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default=None,
                    help="default: the run's (an imported run records none: adam)")
     p.add_argument("--batch-size", type=int, default=None,
@@ -334,7 +335,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train + explain + report on the built-in mnist5k")
     p.add_argument("--out", type=Path, default=Path("whylook-demo"),
                    help="run folder (default: whylook-demo); a folder that already holds "
-                   "the demo's trained run is explained again without training")
+                   "a trained run is explained again without training")
     _device_option(p)
     p.set_defaults(handler=_cmd_demo)
 

@@ -325,10 +325,10 @@ def _check_comparable(fa: Any, fb: Any, ea: Any, eb: Any) -> list[str]:
             f"the runs have different classes ({', '.join(ca[:5])}… vs {', '.join(cb[:5])}…); "
             "compare runs of the same data"
         )
+    da, db = ((f.manifest.get("data") or {}).get("digest") for f in (fa, fb))
     for key in _SAME_KEYS:
         va = ea.data["run"].get(key) if key == "layer" else fa.config.get(key)
         vb = eb.data["run"].get(key) if key == "layer" else fb.config.get(key)
-        da, db = ((f.manifest.get("data") or {}).get("digest") for f in (fa, fb))
         if key == "data" and da is not None and da == db:
             continue  # the same images by content, read from another path (a zip, a copy)
         if va != vb:
@@ -349,8 +349,10 @@ def _check_comparable(fa: Any, fb: Any, ea: Any, eb: Any) -> list[str]:
     # What the runs were made with: the config plus the seeds (run.json keeps them apart).
     made_a = {**fa.config, **(fa.manifest.get("seeds") or {})}
     made_b = {**fb.config, **(fb.manifest.get("seeds") or {})}
+    same_images = da is not None and da == db
     return [
         f"{k} {made_a.get(k)!r} vs {made_b.get(k)!r}"
+        + (" (the same images)" if k == "data" and same_images else "")
         for k in sorted(set(made_a) | set(made_b))
         if made_a.get(k) != made_b.get(k)
     ]

@@ -33,7 +33,7 @@ from whylook._io import (
     save_npz,
     write_bytes,
 )
-from whylook._progress import progress_bar
+from whylook._progress import StageBar, progress_bar
 from whylook._text import (
     floor_pct,
     near_chance_caution,
@@ -169,9 +169,12 @@ class Explanation:
 
     def for_class(self, c: str | int) -> dict[str, Any]:
         """Class ``c``'s entry of ``classes_explained`` (shared and specialized prototypes,
-        ...), ``c`` named as in :attr:`classes` or by its index there."""
+        ...), ``c`` named as in :attr:`classes`, or by its index there when no class has
+        that name."""
         names = self.classes
-        name = names[c] if is_whole(c) and 0 <= c < len(names) else str(c)
+        # A class named "1" is class "1", whatever its position; a number that names no
+        # class is a position.
+        name = str(c) if str(c) in names or not is_whole(c) or not 0 <= c < len(names) else names[c]
         for entry in self.data["classes_explained"]:
             if entry["class"] == name:
                 return dict(entry)
@@ -263,12 +266,16 @@ class Explanation:
                          "explanation.json and the report")
         order = d["learning_order"]
         lines.append("")
-        names = [f"{p['pair'][0]}/{p['pair'][1]}" for p in order]
+        names = [f"{p['pair'][0]}/{p['pair'][1]}" for p in order
+                 if p.get("separated_at_step", 0) is not None]
+        never = len(order) - len(names)
         if len(names) <= 10:  # first five and last five would name some pairs twice
-            lines.append(f"Learning order: separated {', '.join(names)} (first to last)")
+            text = f"separated {', '.join(names)} (first to last)" if names else "none separated"
         else:
-            lines.append(f"Learning order: first separated {', '.join(names[:5])}; last "
-                         f"{', '.join(names[-5:])}")
+            text = f"first separated {', '.join(names[:5])}; last {', '.join(names[-5:])}"
+        lines.append(f"Learning order: {text}"
+                     + (f"; {never} pair{'s' if never != 1 else ''} never separated" if never
+                        else ""))
         corr = d["learning_order_correlation"]
         if corr["spearman"] is None:
             lines.append("  distinctness vs separation: not measurable (no variation)")
@@ -789,9 +796,10 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
             # the analysis set, or in shards read from the cache. rows= gathers batch by
             # batch, so even the whole training split is never copied: memory stays flat.
             batches = progress_bar(
+                # The outer bar names the stage; the feature pass's own would repeat it.
                 layer_features(final, layer_name, train.images, rows=rest,
                                batch_size=settings.batch_size, device=device,
-                               precision=settings.precision),
+                               precision=settings.precision, progress=False),
                 desc="prototypes: features", total=-(-len(rest) // settings.batch_size),
                 progress=progress,
             )
@@ -805,7 +813,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
                 analysed = rows[at] == batch_rows
                 if analysed.any():
                     assign_or_hold(at[analysed], _masked(feats, analysed))
-        fitted = finder.finalize()
+        fitted = finder.finalize(progress=progress)
         save_npz(proto_file, fitted.to_arrays())
         for positions, feats in held:
             assignments[positions] = fitted.assign(feats)
@@ -876,7 +884,12 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     activity = inten.activity(saliency[-1], assignments, k_final,
                               rule=settings.structure.active_rule)
 
+    # After the passes come seconds to a minute of fits, with no loop a bar could follow.
+    stages = StageBar("analysis", ["patterns (HDBSCAN)", "mapping (ridge)", "structure"],
+                      progress=progress)
+
     # Step 4: learning patterns.
+    stages.start("patterns (HDBSCAN)")
     profile = activity if settings.subgroups == "trajectory+profile" else None
     # The fits of Steps 4-5 are independent; they get as many threads as torch had.
     n_jobs = max(1, torch.get_num_threads())
@@ -884,6 +897,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
                              profile=profile, n_jobs=n_jobs)
 
     # Step 5: ridge mapping from intensity changes to confidence changes.
+    stages.start("mapping (ridge)")
     d_intensity, d_confidence = inten.delta(intensity), inten.delta(confidence)
     mapping = fit_mapping(
         d_intensity, d_confidence, groups=patterns.groups,
@@ -904,6 +918,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         support_fits.append((class_mapping.beta, class_mapping.beta_se))
 
     # Step 6: the structured explanation.
+    stages.start("structure")
     steps = [int(c.step) for c in ckpts]
     structure = assemble(
         classes=classes, steps=steps, labels=labels, activity=activity,
@@ -912,6 +927,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
         support_fits=support_fits, zero_maps=blank_maps(saliency),
         lead_se=mapping.lead_errors,
     )
+    stages.close()
 
     by_chance = uncertain_by_chance(
         d_intensity, d_confidence, structure.active_rate_by_class, classes, steps, settings,

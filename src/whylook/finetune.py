@@ -277,7 +277,9 @@ def evaluate(
     """
     from whylook.data import to_tensor
 
-    device = torch.device(device)
+    device = resolve_device(device)
+    if not is_whole(batch_size) or batch_size < 1:
+        raise WhylookError(f"batch_size must be a whole number >= 1, not {batch_size!r}")
     was_training = model.training
     model.eval()
     preds, loss_sum = [], 0.0
@@ -566,10 +568,10 @@ def choose_pair(
         )
     a, b = sorted(classes.index(n) for n in names)
     if (a, b) not in by_pair:
+        others = f"{listed}, or let whylook choose among them (pair 'auto')" if listed else "none"
         raise WhylookError(
             f"no uncertain prototype swings between {classes[a]} and {classes[b]}, so the "
-            "curated set would equal the full set; pairs with uncertain prototypes: "
-            f"{listed or 'none'} (or let whylook choose the pair: {option('pair')} auto)"
+            f"curated set would equal the full set; pairs with uncertain prototypes: {others}"
         )
     return (a, b), by_pair[(a, b)], f"user: --pair {classes[a]},{classes[b]}"
 
@@ -946,14 +948,18 @@ def finetune(
         )
 
 
-def _training_defaults(folder: Any) -> tuple[str, float, int]:
-    """The run's optimizer, learning rate and batch size, as train.py recorded them (an
-    imported run records none: Adam at train.py's default rate, batch 128)."""
+def _training_defaults(folder: Any, optimizer: str | None) -> tuple[str, float, int]:
+    """The optimizer (``optimizer``, else the run's), its learning rate and the batch size,
+    as train.py recorded them. An imported run records none: Adam, batch 128, and the rate
+    of the optimizer used (train.py's default for Adam, 0.01 for SGD). A rate the run
+    recorded is for its own optimizer; with another one, that one's default applies."""
     from whylook.train import DEFAULT_LR
 
     cfg = folder.config
-    name = str(cfg.get("optimizer") or "adam").lower()
-    lr = float(cfg.get("lr") or (DEFAULT_LR if name == "adam" else 0.01))
+    recorded = str(cfg.get("optimizer") or "adam").lower()
+    name = (optimizer or recorded).lower()
+    default = DEFAULT_LR if name == "adam" else 0.01
+    lr = float(cfg.get("lr") or default) if name == recorded else default
     return name, lr, int(cfg.get("batch_size") or 128)
 
 
@@ -1036,8 +1042,7 @@ def _finetune_locked(
             "prototype; use scope='pair' or a higher active threshold"
         )
 
-    opt_name, run_lr, run_bs = _training_defaults(folder)
-    opt_name = (optimizer or opt_name).lower()
+    opt_name, run_lr, run_bs = _training_defaults(folder, optimizer)
     # The paper does not state its fine-tuning rate; by default each stage is one more epoch
     # of the run's own training (its optimizer kind, rate and batch size), on another set.
     lr = float(lr) if lr is not None else run_lr

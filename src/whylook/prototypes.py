@@ -36,6 +36,7 @@ import torch
 from sklearn.cluster import KMeans
 
 from whylook._checks import is_whole
+from whylook._progress import progress_bar
 from whylook.errors import WhylookError
 from whylook.saliency import from_numpy
 
@@ -583,7 +584,7 @@ class PrototypeFinder:
             self.partial_fit(batch)
         return self.finalize()
 
-    def finalize(self) -> Prototypes:
+    def finalize(self, *, progress: bool | None = False) -> Prototypes:
         """PCA from the accumulated covariance, then K-Means on the projected subsample.
 
         K-Means (k-means++, then Lloyd iterations, computed by Elkan's exact method) finds
@@ -595,6 +596,7 @@ class PrototypeFinder:
         ``AUTO_FIT_VECTORS`` vectors of the subsample, and K is the elbow ("kneedle") of the
         inertia curve: after scaling ``log K`` and inertia to [0, 1], the candidate farthest
         below the chord from the first to the last point. Deterministic for a seed.
+        ``progress`` shows a bar over the candidates (see :func:`whylook.grad_cam`).
         """
         stats = self.stats
         if stats is None or stats.n < 2:
@@ -624,7 +626,9 @@ class PrototypeFinder:
                     "give K explicitly or more samples"
                 )
             candidates = np.array(usable, np.int64)
-            fits = [self._kmeans(z[:AUTO_FIT_VECTORS], int(c)) for c in usable]
+            fits = [self._kmeans(z[:AUTO_FIT_VECTORS], int(c))
+                    for c in progress_bar(usable, desc="prototypes: K search", total=len(usable),
+                                          progress=progress)]
             inertia = np.array([km.inertia_ for km in fits])
             chosen = _knee(np.log(candidates), inertia)
             k = int(candidates[chosen])

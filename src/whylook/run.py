@@ -286,11 +286,12 @@ def fit_state(
     """``state`` made ready for ``model.load_state_dict``, or a one-line error on the first
     missing, unexpected or mismatched key. A prefix on every key (``module.`` from
     DataParallel, ``_orig_mod.`` from torch.compile, ``model.`` from a Lightning module) is
-    dropped. Weights that are sparse, or not floating point where the model's are, are
+    dropped, and a model that wraps the saved one gets its prefix added. Weights that are
+    sparse, or not floating point where the model's are, are
     refused in one line too.
     """
     expected = model.state_dict()
-    state = _strip_prefix(state, expected.keys())
+    state = _match_prefix(state, expected.keys())
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
@@ -338,10 +339,12 @@ def _check_tensor(
         )
 
 
-def _strip_prefix(state: Mapping[str, torch.Tensor], expected: Iterable[str]
+def _match_prefix(state: Mapping[str, torch.Tensor], expected: Iterable[str]
                   ) -> dict[str, torch.Tensor]:
     """Drop the leading name components that wrappers put on every key, one at a time,
-    while no key matches the model's and every key shares the same first component."""
+    while no key matches the model's and every key shares the same first component; or,
+    when the model is the wrapper (``nn.Sequential(Normalize(...), net)`` saved as ``net``),
+    add the component of the model's that makes every key one of its own."""
     want = set(expected)
     out = dict(state)
     while out and not want & out.keys():
@@ -349,7 +352,12 @@ def _strip_prefix(state: Mapping[str, torch.Tensor], expected: Iterable[str]
         if len(heads) != 1 or not all("." in k for k in out):
             break
         out = {k.split(".", 1)[1]: v for k, v in out.items()}
-    # Only a strip that reaches the model's names counts; otherwise report the keys as given.
+    if out and not want & out.keys():
+        for head in sorted({k.split(".", 1)[0] for k in want if "." in k}):
+            added = {f"{head}.{k}": v for k, v in state.items()}
+            if added.keys() <= want:
+                return added
+    # Only a change that reaches the model's names counts; otherwise report the keys as given.
     return out if want & out.keys() else dict(state)
 
 
@@ -364,8 +372,11 @@ def _check_name_order(paths: Sequence[Path]) -> None:
     Traceback (most recent call last):
     whylook.errors.WhylookError: the checkpoint files are not in the order of the numbers ...
     >>> _check_name_order([Path("e_0.pt"), Path("e_2.pt"), Path("e_10.pt")])
+    >>> _check_name_order([Path(f"checkpoint-{n}/model.bin") for n in (500, 1000, 1500)])
     """
-    names = [p.name for p in paths]
+    # The whole path: a trainer may number the folders and name every file alike
+    # (checkpoint-500/pytorch_model.bin).
+    names = [p.as_posix() for p in paths]
     if len({re.sub(r"\d+", "#", n) for n in names}) != 1 or len(set(names)) != len(names):
         # Differently named files have no order to read from their names; a file given
         # twice gets its own message from the check of the weights.
@@ -373,7 +384,10 @@ def _check_name_order(paths: Sequence[Path]) -> None:
     numbers = [tuple(int(d) for d in re.findall(r"\d+", n)) for n in names]
     if not numbers[0] or all(a < b for a, b in itertools.pairwise(numbers)):
         return
-    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    short = [p.name for p in paths]
+    if len(set(short)) != len(short):
+        short = [f"{p.parent.name}/{p.name}" for p in paths]
+    shown = ", ".join(short[:4]) + (", ..." if len(short) > 4 else "")
     raise WhylookError(
         f"the checkpoint files are not in the order of the numbers in their names ({shown}; a "
         "shell glob sorts 10 before 2); give them in training order (e.g. `ls -v`, or names "
@@ -594,6 +608,10 @@ def import_checkpoints(
         )
     if steps is None:
         _check_name_order(paths)
+    elif isinstance(steps, str) or not all(is_whole(s) for s in steps):
+        raise WhylookError(
+            f"steps must be a list of whole numbers, one per checkpoint, not {steps!r:.80}"
+        )
     steps = list(range(len(paths))) if steps is None else [int(s) for s in steps]
     if len(steps) != len(paths):
         raise WhylookError(f"{len(paths)} checkpoints but {len(steps)} steps; give one each")
@@ -613,7 +631,7 @@ def import_checkpoints(
 
     def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The file's own weights (prefixes stripped) and those weights fitted to net."""
-        own = _strip_prefix(_io.load_weights(path), keys)
+        own = _match_prefix(_io.load_weights(path), keys)
         return own, fit_state(net, {**fill, **own}, path)
 
     digests: dict[str, Path] = {}

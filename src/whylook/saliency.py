@@ -166,7 +166,7 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
         # Most tensor methods raise on a lazy module's weights before its first forward.
         raise WhylookError(
             "the model has weights whose shapes are not known yet (a Lazy module, e.g. "
-            "nn.LazyLinear); run it once on a batch of your images, then compute Grad-CAM"
+            "nn.LazyLinear); run it once on a batch of your images first"
         )
     for p in model.parameters():
         dtype = p.dtype if p.is_floating_point() else torch.float32
@@ -204,7 +204,9 @@ def _check_pixel_dtype(images: ImageArray) -> None:
             return
         name = str(images.dtype).removeprefix("torch.")
         to_uint8, to_float = "images.to(torch.uint8)", "images.float()"
-    example = to_float if name == "bool" else f"{to_uint8} for 0-255 values, or images / 255"
+    # Only 0-255 values fit uint8; a wider range (16-bit images) must be scaled to [0, 1].
+    example = (to_float if name == "bool"
+               else f"{to_uint8} for 0-255 values, or float images divided by their maximum")
     raise WhylookError(f"images are {name}; pass uint8 (0-255) or float in [0, 1], e.g. {example}")
 
 

@@ -103,9 +103,17 @@ def train(
     ([0, 1, 64], True)
     """
     model = model_spec(model)
-    for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1)):
+    for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
+                             ("checkpoints", checkpoints, 1)):
         if not is_whole(value) or value < low:
             raise WhylookError(f"{name} must be a whole number >= {low}, not {value!r}")
+    if checkpoints < MIN_CHECKPOINTS:
+        raise WhylookError(
+            f"{option('checkpoints')} {checkpoints}: the analysis needs at least "
+            f"{MIN_CHECKPOINTS} checkpoints (the initialisation, one from training, the final)"
+        )
+    # NumPy integers pass the checks; run.json's JSON takes Python's only.
+    epochs, batch_size, checkpoints = int(epochs), int(batch_size), int(checkpoints)
     check_lr(lr)
     seed = check_seed("seed", seed)
     data_seed = seed if data_seed is None else check_seed("data_seed", data_seed)
@@ -116,11 +124,6 @@ def train(
         )
     if schedule not in SCHEDULES:
         raise WhylookError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
-    if is_whole(checkpoints) and checkpoints < MIN_CHECKPOINTS:
-        raise WhylookError(
-            f"{option('checkpoints')} {checkpoints}: the analysis needs at least "
-            f"{MIN_CHECKPOINTS} checkpoints (the initialisation, one from training, the final)"
-        )
     lr = DEFAULT_LR if lr is None else float(lr)
     out = prepare_out(out)
     dev = resolve_device(device)
@@ -128,6 +131,14 @@ def train(
     steps_per_epoch = math.ceil(len(source.train) / batch_size)
     total_steps = epochs * steps_per_epoch
     steps = checkpoint_steps(total_steps, checkpoints, schedule, steps_per_epoch)
+    if len(steps) < MIN_CHECKPOINTS:
+        # The epoch schedule gives one checkpoint per epoch and the initialisation,
+        # whatever number was asked for.
+        raise WhylookError(
+            f"the {schedule} schedule gives {len(steps)} checkpoints over {epochs} epoch(s); "
+            f"the analysis needs at least {MIN_CHECKPOINTS}: train for more epochs or use the "
+            "log or linear schedule"
+        )
 
     # A caller's no_grad or inference_mode would leave nothing to train (or weights that no
     # backward can go through); training always runs with gradients.

@@ -940,16 +940,22 @@ def _write(out: Path, files: dict[str, bytes], html: str, *, locked: bool) -> Pa
 
 
 def report(
-    run: str | Path, out: str | Path | None = None, *, classes: Sequence[str] | str | None = None
+    run: str | Path | Any,
+    out: str | Path | None = None,
+    *,
+    classes: Sequence[str] | str | None = None,
 ) -> Path:
     """Write the HTML report of a run folder and return the path of ``index.html``.
 
     Args:
-        run: a run folder with ``run.json`` and ``analysis/`` (``whylook explain RUN``).
+        run: a run folder with ``run.json`` and ``analysis/`` (``whylook explain RUN``):
+            its path, or the :class:`~whylook.run.RunFolder` or
+            :class:`~whylook.explain.Explanation` a previous call returned.
         out: output folder; default ``RUN/report``. It receives ``index.html``, the plots
             as ``*.png`` and the image patches as ``patches/*.png``.
         classes: the classes whose sections are drawn in full (names as in
-            ``explanation.json``, or ``["all"]``); the others get a row in a table.
+            ``explanation.json``, or ``"all"``; one string names one class); the others
+            get a row in a table.
             Default: every class up to :data:`MAX_CLASS_SECTIONS`; past that, the
             classes in the most uncertain-prototype entries, then the least accurate.
 
