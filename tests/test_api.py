@@ -126,3 +126,13 @@ def test_for_class_takes_a_name_before_a_position(tmp_path: Path) -> None:
     assert exp.for_class(1)["class"] == "1"  # the class named 1, not the one at position 1
     assert exp.for_class("10")["class"] == "10"
     assert exp.for_class(2)["class"] == "2"
+
+
+def test_an_explanation_made_by_hand_leaves_the_callers_arrays_writable(tmp_path: Path) -> None:
+    from whylook.explain import Explanation
+
+    beta = np.zeros((2, 3, 2), np.float32)
+    exp = Explanation(tmp_path, {"classes": ["a", "b"]}, {"beta": beta})
+    beta += 1  # the caller's array is still theirs
+    assert exp.arrays["beta"][0, 0, 0] == 1  # a view of it, read-only
+    assert not exp.arrays["beta"].flags.writeable

@@ -34,10 +34,11 @@ def progress_bar(
 class StageBar:
     """A bar over the named stages of work that is no loop over items (fits one after
     another): ``start(name)`` counts the stage before as done and shows ``name`` beside the
-    bar; ``close()`` ends it (tqdm also closes a bar that is dropped, as on an error).
+    bar. Used as a context manager, it is closed also on an error (a notebook keeps the last
+    traceback, and a bar it holds would push the next one down a line).
 
-    >>> bar = StageBar("analysis", ["fit", "write"], progress=False)
-    >>> bar.start("fit"); bar.start("write"); bar.close()
+    >>> with StageBar("analysis", ["fit", "write"], progress=False) as bar:
+    ...     bar.start("fit"); bar.start("write")
     """
 
     def __init__(self, desc: str, stages: Sequence[str], *, progress: bool | None) -> None:
@@ -55,6 +56,12 @@ class StageBar:
             self._bar.update(1)
         self._begun = True
         self._bar.set_postfix_str(name)
+
+    def __enter__(self) -> StageBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         if self._bar is not None:

@@ -159,9 +159,12 @@ class Explanation:
     def __post_init__(self) -> None:
         # A result, not a workspace: an in-place edit (exp.arrays["beta"] *= 2) would make
         # it disagree with the files it came from and with what the report shows.
-        for value in self.arrays.values():
+        # Views: the flag is this result's, and a caller's own arrays stay writable.
+        views = {k: v.view() if isinstance(v, np.ndarray) else v for k, v in self.arrays.items()}
+        for value in views.values():
             if isinstance(value, np.ndarray):
                 value.flags.writeable = False
+        object.__setattr__(self, "arrays", views)
 
     @property
     def classes(self) -> list[str]:
@@ -885,49 +888,47 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
                               rule=settings.structure.active_rule)
 
     # After the passes come seconds to a minute of fits, with no loop a bar could follow.
-    stages = StageBar("analysis", ["patterns (HDBSCAN)", "mapping (ridge)", "structure"],
-                      progress=progress)
+    with StageBar("analysis", ["patterns (HDBSCAN)", "mapping (ridge)", "structure"],
+                  progress=progress) as stages:
+        # Step 4: learning patterns.
+        stages.start("patterns (HDBSCAN)")
+        profile = activity if settings.subgroups == "trajectory+profile" else None
+        # The fits of Steps 4-5 are independent; they get as many threads as torch had.
+        n_jobs = max(1, torch.get_num_threads())
+        patterns = find_patterns(confidence, labels, min_cluster_size=settings.min_cluster_size,
+                                 profile=profile, n_jobs=n_jobs)
 
-    # Step 4: learning patterns.
-    stages.start("patterns (HDBSCAN)")
-    profile = activity if settings.subgroups == "trajectory+profile" else None
-    # The fits of Steps 4-5 are independent; they get as many threads as torch had.
-    n_jobs = max(1, torch.get_num_threads())
-    patterns = find_patterns(confidence, labels, min_cluster_size=settings.min_cluster_size,
-                             profile=profile, n_jobs=n_jobs)
+        # Step 5: ridge mapping from intensity changes to confidence changes.
+        stages.start("mapping (ridge)")
+        d_intensity, d_confidence = inten.delta(intensity), inten.delta(confidence)
+        mapping = fit_mapping(
+            d_intensity, d_confidence, groups=patterns.groups,
+            lam=settings.ridge_lambda, standard_errors=settings.standard_errors,
+            n_boot=settings.bootstrap, seed=settings.seed, n_jobs=n_jobs,
+        )
+        class_mapping = None
+        support_fits = []
+        readings = settings.support.split("+")
+        if "global" in readings:
+            support_fits.append((mapping.beta, mapping.beta_se))
+        if "class" in readings:
+            class_mapping = fit_class_mapping(d_intensity, d_confidence, labels,
+                                              lam=settings.ridge_lambda,
+                                              standard_errors=settings.standard_errors,
+                                              n_boot=settings.bootstrap,
+                                              seed=settings.seed, n_jobs=n_jobs)
+            support_fits.append((class_mapping.beta, class_mapping.beta_se))
 
-    # Step 5: ridge mapping from intensity changes to confidence changes.
-    stages.start("mapping (ridge)")
-    d_intensity, d_confidence = inten.delta(intensity), inten.delta(confidence)
-    mapping = fit_mapping(
-        d_intensity, d_confidence, groups=patterns.groups,
-        lam=settings.ridge_lambda, standard_errors=settings.standard_errors,
-        n_boot=settings.bootstrap, seed=settings.seed, n_jobs=n_jobs,
-    )
-    class_mapping = None
-    support_fits = []
-    readings = settings.support.split("+")
-    if "global" in readings:
-        support_fits.append((mapping.beta, mapping.beta_se))
-    if "class" in readings:
-        class_mapping = fit_class_mapping(d_intensity, d_confidence, labels,
-                                          lam=settings.ridge_lambda,
-                                          standard_errors=settings.standard_errors,
-                                          n_boot=settings.bootstrap,
-                                          seed=settings.seed, n_jobs=n_jobs)
-        support_fits.append((class_mapping.beta, class_mapping.beta_se))
-
-    # Step 6: the structured explanation.
-    stages.start("structure")
-    steps = [int(c.step) for c in ckpts]
-    structure = assemble(
-        classes=classes, steps=steps, labels=labels, activity=activity,
-        confidence=confidence, beta=mapping.beta, beta_se=mapping.beta_se,
-        class_groups=patterns.class_groups, settings=settings.structure,
-        support_fits=support_fits, zero_maps=blank_maps(saliency),
-        lead_se=mapping.lead_errors,
-    )
-    stages.close()
+        # Step 6: the structured explanation.
+        stages.start("structure")
+        steps = [int(c.step) for c in ckpts]
+        structure = assemble(
+            classes=classes, steps=steps, labels=labels, activity=activity,
+            confidence=confidence, beta=mapping.beta, beta_se=mapping.beta_se,
+            class_groups=patterns.class_groups, settings=settings.structure,
+            support_fits=support_fits, zero_maps=blank_maps(saliency),
+            lead_se=mapping.lead_errors,
+        )
 
     by_chance = uncertain_by_chance(
         d_intensity, d_confidence, structure.active_rate_by_class, classes, steps, settings,
