@@ -664,8 +664,14 @@ def bench_explain(run: RunFolder, models: list[nn.Module], n: int, device: torch
     bf16_floors: list[float] = []
     bf16_fused_floors: list[float] = []
 
+    # Each run's CPU time, user and system: on a virtual machine the kernel's time for the
+    # same work (page faults of fresh memory) swung from 0.3 s to 3.4 s between runs, and
+    # this says which runs paid it. With 1 thread, user time is the steadier reading.
+    cpu: dict[str, list[tuple[float, float]]] = {"explain": [], "floor": []}
+
     def floor_pair(label: str) -> None:
-        floors.append(explain_floor(run, models, n, device, bs, nhwc))
+        with cpu_seconds(cpu["floor"]):
+            floors.append(explain_floor(run, models, n, device, bs, nhwc))
         text = f"  {label} (T+1={len(models)}, n={n}) {floors[-1]:.2f} s"
         if fused:
             fused_floors.append(explain_floor(run, models, n, device, bs, nhwc, fused=True))
@@ -689,7 +695,8 @@ def bench_explain(run: RunFolder, models: list[nn.Module], n: int, device: torch
                 run, device, analysis_size=n,
                 settings=whylook.ExplainSettings(precision="bfloat16")))
             print(f"  explain, bfloat16 {bf16_runs[-1][0]:.2f} s", flush=True)
-        runs.append(timed_explain(run, device, analysis_size=n))
+        with cpu_seconds(cpu["explain"]):
+            runs.append(timed_explain(run, device, analysis_size=n))
         print(f"  explain {runs[-1][0]:.2f} s (repeat {r + 1} of {repeats})", flush=True)
     floor_pair("floor again")
     cached_total, cached_stages = timed_explain(run, device, fresh=False, analysis_size=n)
@@ -722,11 +729,25 @@ def bench_explain(run: RunFolder, models: list[nn.Module], n: int, device: torch
         "fused_floor_seconds": fused_floors,
         "fused_floor": float(np.median(fused_floors)) if fused_floors else None,
         "over_fused_floor": total / float(np.median(fused_floors)) if fused_floors else None,
+        "cpu_seconds": cpu,
+        "over_floor_user_cpu": (float(np.median([u for u, _ in cpu["explain"]]))
+                                / float(np.median([u for u, _ in cpu["floor"]]))),
         "cached_seconds": cached_total,
         "cached_stages": cached_stages,
         "import_seconds": import_seconds(),
         "bfloat16": bf16_result,
     }
+
+
+@contextlib.contextmanager
+def cpu_seconds(into: list[tuple[float, float]]) -> Iterator[None]:
+    """Append the user and system CPU time the process spent in the block to ``into``."""
+    start = os.times()
+    try:
+        yield
+    finally:
+        end = os.times()
+        into.append((end.user - start.user, end.system - start.system))
 
 
 def _median_stages(runs: list[tuple[float, dict[str, float]]]) -> tuple[float, dict[str, float]]:
@@ -870,6 +891,10 @@ def bench_scaling(run24: RunFolder, run12: RunFolder, sizes: Sizes, device: torc
 # ----------------------------------------------------------------------------- report
 
 
+def _cpu_text(runs: list[tuple[float, float]]) -> str:
+    return " / ".join(f"{u:.2f} + {k:.2f}" for u, k in runs)
+
+
 def render(res: dict[str, Any]) -> str:
     m = res["machine"]
     lines = [
@@ -952,6 +977,12 @@ def render(res: dict[str, Any]) -> str:
                f"{e['fused_floor']:.2f} | |",
                f"| **explain / fused floor** | **{e['over_fused_floor']:.2f}x** | |"]
               if e.get("fused_floor") else []),
+            *([f"| CPU seconds, user + system, of each explain: "
+               f"{_cpu_text(e['cpu_seconds']['explain'])}; of each bare floor: "
+               f"{_cpu_text(e['cpu_seconds']['floor'])} | | |",
+               f"| explain / floor in user CPU time (medians) | "
+               f"{e['over_floor_user_cpu']:.2f}x | |"]
+              if e.get("cpu_seconds") else []),
             f"| rerun with every shard cached | {e['cached_seconds']:.2f} | |",
             *([f"| explain in bfloat16 (median of "
                f"{' / '.join(f'{x:.2f}' for x in e['bfloat16']['seconds_all'])}; its saliency "

@@ -4,7 +4,12 @@ one-line message instead of a character-by-character surprise."""
 
 from __future__ import annotations
 
+import builtins
+import os
+import re
 import sys
+import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +19,10 @@ import whylook
 from _synthetic_run import make_synthetic_run
 from _tiny_run import baseline, copy_run
 from whylook import ExplainSettings, WhylookError, load_explanation, report
-from whylook._progress import _enabled
+from whylook._progress import StageBar, _enabled, progress_bar
 from whylook.run import RunFolder
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -109,12 +116,70 @@ def test_notebook_friendly_reprs_and_names(monkeypatch: pytest.MonkeyPatch) -> N
     assert _enabled(None)
 
 
+def test_a_notebook_without_ipywidgets_gets_text_bars_and_no_warning(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In a Jupyter kernel tqdm.auto draws widget bars; without ipywidgets it warns
+    ("IProgress not found") before taking the text bar, which whylook takes itself."""
+    import tqdm
+    import tqdm.auto
+    import tqdm.autonotebook
+    import tqdm.notebook  # all loaded, so that teardown puts them back
+
+    # Forget tqdm's choice of bar, made once on import, so it is made again in the kernel.
+    for name in ("auto", "autonotebook", "notebook"):
+        monkeypatch.setattr(tqdm, name, getattr(tqdm, name))
+        monkeypatch.delitem(sys.modules, f"tqdm.{name}")
+    # What tqdm.autonotebook looks for: a Jupyter kernel's shell, no Qt console or Spyder.
+    ipython = types.ModuleType("IPython")
+    shell = type("ZMQInteractiveShell", (), {})()
+    ipython.get_ipython = lambda: shell  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "IPython", ipython)
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    monkeypatch.setitem(sys.modules, "ipykernel.zmqshell", types.ModuleType("ipykernel.zmqshell"))
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # import ipywidgets: ImportError
+    for key in list(os.environ):
+        if key == "QT_API" or key.startswith("SPYDER"):
+            monkeypatch.delenv(key)
+    monkeypatch.delenv("WHYLOOK_PROGRESS", raising=False)
+    assert _enabled(None)  # a notebook shows bars by default
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert list(progress_bar(range(3), desc="shards", progress=None)) == [0, 1, 2]
+        with StageBar("analysis", ["fit", "write"], progress=None) as bar:
+            bar.start("fit")
+            bar.start("write")
+    assert [str(w.message) for w in caught] == []
+    # The text bars, drawn on stderr (and cleared again: leave=False).
+    err = capsys.readouterr().err
+    assert "shards:   0%|          | 0/3" in err
+    assert "analysis:   0%|" in err
+    assert "1/2" in err
+    assert "write]" in err
+
+
 def test_an_explanations_arrays_are_read_only(run: Path) -> None:
     exp = load_explanation(run)
     with pytest.raises(ValueError, match="read-only"):
         exp.arrays["beta"] *= 2
     copy = exp.arrays["beta"].copy()  # a copy is the caller's own
     copy *= 2
+
+
+def test_the_readme_says_what_an_in_place_edit_of_the_arrays_does(run: Path) -> None:
+    """The Python API section's account of the arrays: its in-place edit, run as written,
+    raises what it says, and a .copy() can be changed."""
+    text = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    api = text[text.index("The same from Python:"):text.index("## Speed and memory")]
+    said = re.search(r"read-only views .*? an in-place edit \(`([^`]+)`\) raises `(\w+)`", api)
+    assert said, "README's Python API section no longer says that the arrays are read-only"
+    assert "take a `.copy()`" in api
+    explanation = load_explanation(run)
+    with pytest.raises(getattr(builtins, said[2]), match="read-only"):
+        exec(said[1], {"explanation": explanation})
+    mine = explanation.arrays["beta"].copy()
+    mine *= 2
+    np.testing.assert_array_equal(mine, 2 * explanation.arrays["beta"])
 
 
 def test_for_class_takes_a_name_before_a_position(tmp_path: Path) -> None:

@@ -406,6 +406,47 @@ def test_overview_cautions_when_the_final_model_is_near_chance(small_run: Path) 
             "(chance: 50%); it has learned little") in html
 
 
+@pytest.mark.parametrize(("source", "clause"), [("train", False), ("import", True),
+                                               (None, True)])
+def test_overview_caution_names_inputs_only_for_imported_runs(
+    small_run: Path, source: str | None, clause: bool
+) -> None:
+    """A run whylook trained saw the very pixels the analysis feeds it; checkpoints from
+    the user's training (or of a run.json that does not say) may expect other inputs."""
+    path = small_run / "analysis" / "arrays.npz"
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    labels = arrays["labels"]
+    wrong = np.arange(labels.size) % 2 == 0  # right on half: chance for two classes
+    arrays["confidence"][-1] = np.eye(2, dtype=arrays["confidence"].dtype)[
+        np.where(wrong, 1 - labels, labels)]
+    arrays.pop("confusion", None)
+    np.savez(path, **arrays)
+    manifest = json.loads((small_run / "run.json").read_text())
+    if source is None:
+        manifest.pop("source", None)
+    else:
+        manifest["source"] = source
+    (small_run / "run.json").write_text(json.dumps(manifest))
+    html = report(small_run).read_text(encoding="utf-8")
+    assert ('<p class="warn">Caution: the final model is right on 50% of the analysis set '
+            "(chance: 50%); it has learned little") in html
+    assert ("normalisation must be inside the model" in html) is clause
+
+
+def test_learning_order_gives_no_correlation_of_fewer_than_three_separated_pairs(
+    small_run: Path,
+) -> None:
+    """Two classes, one pair: a coefficient in a file written before structure left it out
+    is not shown."""
+    exp = json.loads((small_run / "analysis" / "explanation.json").read_text())
+    assert [e["separated_at_step"] is not None for e in exp["learning_order"]] == [True]
+    assert exp["learning_order_correlation"]["spearman"] == -0.61
+    html = report(small_run).read_text(encoding="utf-8")
+    assert "Spearman ρ undefined (too few separated pairs: 1, at least 3 needed)" in html
+    assert "Spearman ρ = " not in html
+
+
 def test_confusion_recomputed_and_labelled_when_not_stored(small_run: Path) -> None:
     path = small_run / "analysis" / "arrays.npz"
     with np.load(path) as npz:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -154,6 +156,147 @@ def test_missing_normalisation_is_filled_from_the_data_whatever_came_before(
     assert run.state_dict(0)["normalize.mean"].flatten().tolist() == pytest.approx([0.9])
     expected = run.data().channel_stats()[0]
     assert run.state_dict(1)["normalize.mean"].flatten().tolist() == pytest.approx(list(expected))
+
+
+class _Normalized(torch.nn.Sequential):
+    """The README's advice: input normalisation in front of the network, with no weights of
+    its own."""
+
+
+def normalized_smallcnn(num_classes: int, in_channels: int,
+                        image_size: tuple[int, int]) -> torch.nn.Module:
+    from torchvision.transforms import Normalize
+
+    net = build_model("smallcnn", num_classes=num_classes, in_channels=in_channels,
+                      image_size=image_size)
+    return _Normalized(Normalize([0.5] * in_channels, [0.25] * in_channels), net)
+
+
+def plain_sequential(num_classes: int, in_channels: int,
+                     image_size: tuple[int, int]) -> torch.nn.Module:
+    """A user's network that is itself an nn.Sequential: its own keys start with digits."""
+    pixels = image_size[0] * image_size[1]
+    return torch.nn.Sequential(torch.nn.Conv2d(in_channels, 4, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(4 * pixels, num_classes))
+
+
+def test_checkpoints_saved_from_a_wrapper_fit_a_model_that_wraps_the_network(
+    data: str, tmp_path: Path
+) -> None:
+    """A Lightning module (model.) or DataParallel (module.) around the network, imported
+    into the README's nn.Sequential(Normalize, net): the wrapper's prefix is swapped for
+    the model's."""
+    files = [tmp_path / "lightning.ckpt", tmp_path / "dp.pt", tmp_path / "both.pt"]
+    torch.save({"state_dict": {f"model.{k}": v for k, v in _state(0).items()}}, files[0])
+    torch.save({f"module.{k}": v for k, v in _state(1).items()}, files[1])
+    torch.save({f"module.model.{k}": v for k, v in _state(2).items()}, files[2])
+    run = import_checkpoints(files, data=data, model=normalized_smallcnn, device="cpu",
+                             out=tmp_path / "run", progress=False)
+    for i in range(3):
+        loaded = run.state_dict(i)
+        assert loaded.keys() == {f"1.{k}" for k in _state(i)}
+        assert all(torch.equal(loaded[f"1.{k}"], v) for k, v in _state(i).items())
+
+
+@pytest.mark.parametrize("prefix", ["1.", "module.1.", "model.1."])
+def test_a_checkpoint_of_the_wrapper_is_refused_by_the_bare_network(
+    prefix: str, good: list[Path], data: str, tmp_path: Path
+) -> None:
+    """Saved from nn.Sequential(Normalize(mean, std), net), the keys are net's behind "1.":
+    dropping that index would load the weights and silently drop the normalisation."""
+    path = tmp_path / "wrapped.pt"
+    torch.save({f"{prefix}{k}": v for k, v in _state(7).items()}, path)
+    message = _refused([good[0], path, good[1]], data, tmp_path / "out",
+                       rf"^checkpoint {path} looks saved from a model wrapped in nn\.Sequential "
+                       rf"\(every key starts with '{re.escape(prefix)}'\)")
+    assert "input normalisation" in message
+    assert "give the same wrapper as --model (model)" in message
+    # With that wrapper as the model, the same file is imported.
+    if prefix == "1.":
+        run = import_checkpoints([good[0], path, good[1]], data=data, model=normalized_smallcnn,
+                                 device="cpu", out=tmp_path / "run", progress=False)
+        assert torch.equal(run.state_dict(1)["1.block2.conv1.weight"],
+                           _state(7)["block2.conv1.weight"])
+
+
+def test_a_network_that_is_an_nn_sequential_still_loads_from_its_wrappers(
+    data: str, tmp_path: Path
+) -> None:
+    """Digits that are the model's own names are no wrapper's: DataParallel and Lightning
+    prefixes on an nn.Sequential network's keys are dropped as on any other."""
+    states = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        states.append(plain_sequential(3, 1, (16, 16)).state_dict())
+    files = [tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"]
+    torch.save({f"module.{k}": v for k, v in states[0].items()}, files[0])
+    torch.save({"state_dict": {f"model.{k}": v for k, v in states[1].items()}}, files[1])
+    torch.save(states[2], files[2])
+    run = import_checkpoints(files, data=data, model=plain_sequential, device="cpu",
+                             out=tmp_path / "run", progress=False)
+    for i, state in enumerate(states):
+        assert all(torch.equal(run.state_dict(i)[k], v) for k, v in state.items())
+
+
+def _named(good: list[Path], folder: Path, names: list[str]) -> list[Path]:
+    folder.mkdir()
+    return [Path(shutil.copy(f, folder / n)) for f, n in zip(good, names, strict=True)]
+
+
+def test_files_numbered_out_of_order_are_refused_beside_an_unnumbered_one(
+    good: list[Path], data: str, tmp_path: Path
+) -> None:
+    files = _named(good, tmp_path / "ckpts", ["init.pt", "epoch_10.pt", "epoch_2.pt"])
+    _refused(files, data, tmp_path / "out",
+             r"^the checkpoint files are not in the order of the numbers in their names "
+             r"\(epoch_10\.pt, epoch_2\.pt; a shell glob sorts 10 before 2\); give them in "
+             r"training order .* or confirm this order with --steps \(steps\)$")
+    # The unnumbered one first, the rest by number: imported.
+    run = import_checkpoints([files[0], files[2], files[1]], data=data, model="smallcnn",
+                             device="cpu", out=tmp_path / "run", progress=False)
+    assert len(run.checkpoints) == 3
+
+
+@pytest.mark.parametrize("names", [
+    # A metric before the training counter.
+    ["acc0.91_step100.pt", "acc0.95_step200.pt", "acc0.93_step300.pt"],
+    # The time of day before the date.
+    ["ckpt_23h10_2024-01-31.pt", "ckpt_08h05_2024-02-01.pt", "ckpt_14h30_2024-02-01.pt"],
+])
+def test_names_with_a_counter_after_other_numbers_are_taken_in_order(
+    names: list[str], good: list[Path], data: str, tmp_path: Path
+) -> None:
+    files = _named(good, tmp_path / "ckpts", names)
+    run = import_checkpoints(files, data=data, model="smallcnn", device="cpu",
+                             out=tmp_path / "run", progress=False)
+    assert [Path(r["file"]).name for r in run.manifest["imported"]] == names
+
+
+def test_steps_may_be_any_iterable_of_whole_numbers(
+    good: list[Path], data: str, tmp_path: Path
+) -> None:
+    run = import_checkpoints(good, data=data, model="smallcnn", steps=(s * 50 for s in range(3)),
+                             device="cpu", out=tmp_path / "gen", progress=False)
+    assert [c.step for c in run.checkpoints] == [0, 50, 100]
+    run = import_checkpoints(good, data=data, model="smallcnn",
+                             steps=[0, 100.0, np.float64(200.0)], device="cpu",
+                             out=tmp_path / "floats", progress=False)
+    assert [c.step for c in run.checkpoints] == [0, 100, 200]
+    assert all(type(c.step) is int for c in run.checkpoints)
+    assert json.loads((tmp_path / "floats" / "run.json").read_text())["config"][
+        "total_steps"] == 200
+
+
+@pytest.mark.parametrize("steps", [[0, 100.5, 200], [0, "1", 2], [0, True, 2], "012",
+                                   [0, float("nan"), 2], [0, float("inf"), 2], 3])
+def test_steps_that_are_not_whole_numbers_are_refused(
+    steps: object, good: list[Path], data: str, tmp_path: Path
+) -> None:
+    with pytest.raises(WhylookError, match=r"^steps must be a list of whole numbers, one per "
+                                           r"checkpoint, not "):
+        import_checkpoints(good, data=data, model="smallcnn", steps=steps,  # type: ignore[arg-type]
+                           device="cpu", out=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- --out

@@ -133,11 +133,10 @@ def test_a_class_without_shared_prototypes_says_which_half_of_the_rule_fails():
     # Where nothing is looked at in most samples, the line says so instead.
     data = no_support.to_json()["classes_explained"][0]["why_no_shared"]
     assert data["activity_met"] is False
-    line = _one_class_summary(data, spearman=-0.9, p_value=0.0)
+    line = _one_class_summary(data)
     assert ("a: none: no prototype is looked at in most of its samples (most: P-4 (15%, "
             "z +0.0)") in line
     assert "no prototype's support clears noise" in line
-    assert "(p < 1e-06, 1 pairs" in line
 
 
 def test_presence_without_saliency_mass_is_not_active():
@@ -576,6 +575,59 @@ def test_summary_cautions_when_the_final_model_is_near_chance(tmp_path):
     assert caution(None) == []  # written before the field existed: no claim either way
 
 
+def test_near_chance_caution_names_inputs_only_for_imported_checkpoints(tmp_path):
+    """whylook trained a "train" run on the very pixels it explains it with: the clause on
+    normalisation outside the model is for checkpoints from the user's own training."""
+    from whylook.explain import Explanation
+
+    def caution(run):
+        data = _summary_data(checkpoints=[{}, {}, {"analysis_accuracy": 0.35}], **run)
+        lines = Explanation(path=tmp_path, data=data, arrays={}).summary().splitlines()
+        return [line for line in lines if "Caution" in line]
+
+    short = ("  Caution: the final model is right on 35% of the analysis set (chance: 33%); it "
+             "has learned little, so there is little for this explanation to explain: train "
+             "longer and explain again")
+    clause = (" (a model that does better in your own evaluation may expect other inputs: "
+              "whylook feeds it float pixels in [0, 1], so its normalisation must be inside "
+              "the model)")
+    assert caution({"run": {"source": "train"}}) == [short]
+    assert caution({"run": {"source": "import"}}) == [short + clause]
+    # Written before the source was recorded: it may be an import, so the clause stays.
+    assert caution({"run": {"data": "mnist5k"}}) == [short + clause]
+    assert caution({}) == [short + clause]
+
+
+def test_explanation_records_whether_the_run_was_trained_or_imported(
+    tmp_path: Path, tmp_path_factory
+) -> None:
+    """explanation.json's run.source is run.json's: the same checkpoints, trained by whylook
+    or imported, get the normalisation clause only as an import."""
+    from _tiny_run import baseline, explain_argv
+    from whylook.cli import main
+    from whylook.explain import Explanation, load_explanation
+
+    data, reference = baseline(tmp_path_factory)
+    imported = tmp_path / "imported"
+    files = sorted(str(f) for f in (reference / "checkpoints").glob("ckpt-*.safetensors"))
+    assert main(["import", *files, "--data", f"npz:{data}", "--model", "smallcnn",
+                 "--device", "cpu", "--out", str(imported)]) == 0
+    assert main(explain_argv(imported)) == 0
+
+    def summary_near_chance(exp: Explanation) -> str:
+        data = json.loads(json.dumps(exp.data))
+        data["checkpoints"][-1]["analysis_accuracy"] = 0.3  # three classes: chance 33%
+        return Explanation(path=exp.path, data=data, arrays={}).summary()
+
+    trained, brought = load_explanation(reference), load_explanation(imported)
+    assert json.loads((reference / "run.json").read_text())["source"] == "train"
+    assert trained.data["run"]["source"] == "train"
+    assert brought.data["run"]["source"] == "import"
+    assert "Caution: the final model is right on 30%" in summary_near_chance(trained)
+    assert "normalisation must be inside the model" not in summary_near_chance(trained)
+    assert "normalisation must be inside the model" in summary_near_chance(brought)
+
+
 def test_summary_counts_class_pairs_not_entries(tmp_path):
     """Two uncertain prototypes on one pair, a third on another: 3 prototypes, 2 pairs."""
     from whylook.explain import Explanation
@@ -610,6 +662,33 @@ def test_summary_says_how_much_the_flagged_pairs_were_confused(tmp_path):
     assert line(None) == []  # written before the field existed
     assert line({"flagged_pairs": 0, "flagged_mean": None, "all_pairs_mean": 2.0,
                  "lift": None}) == []  # nothing flagged
+
+
+@pytest.mark.parametrize(("lift", "start", "verdict"), [
+    (0.994, "0.99x as often as", "; no more: "),
+    (0.995, "as often as", "; no more: "),  # prints as 1.00: rounded half up
+    (1.0, "as often as", "; no more: "),
+    (1.004, "as often as", "; no more: "),
+    (1.006, "1.01x as often as", "; barely more: "),
+    (1.2449, "1.24x as often as", "; barely more: "),
+    (1.2451, "1.25x as often as", None),  # prints as 1.25, the bar: no caution
+])
+def test_summary_words_a_lift_as_its_printed_figure(tmp_path, lift, start, verdict):
+    """A lift that prints as 1.00 reads "as often as" with "no more", never "1.00x as
+    often" or "barely more"; the caution follows the figure shown, not hidden decimals."""
+    from whylook.explain import Explanation
+
+    data = _summary_data(uncertain_pairs_confusion={
+        "flagged_pairs": 2, "flagged_mean": 3.0, "all_pairs_mean": 3.0 / lift, "lift": lift})
+    text = Explanation(path=tmp_path, data=data, arrays={}).summary()
+    [found] = [x for x in text.splitlines() if "average class pair" in x]
+    assert found.startswith(f"  the model confused those pairs {start} the average class pair "
+                            "(errors both ways, every checkpoint after the first)")
+    assert "1.00x" not in found
+    if verdict is None:
+        assert "; " not in found
+    else:
+        assert verdict in found
 
 
 def test_summary_says_how_many_it_leaves_out(tmp_path):
@@ -767,6 +846,72 @@ def test_summary_names_each_pair_once_when_there_are_few(tmp_path):
                        arrays={}).summary()
     assert ("Learning order: first separated c0/c1, c1/c2, c2/c3, c3/c4, c4/c5; last "
             "c6/c7, c7/c8, c8/c9, c9/c10, c10/c11") in text
+
+
+def _correlated(n_classes: int, separated: int, t1: int = 6):
+    """(classes, steps, labels, confidence) in which ``separated`` of the class pairs get
+    separated, each at its own checkpoint, and the others never."""
+    n_per = 10
+    labels = np.repeat(np.arange(n_classes), n_per)
+    conf = np.full((t1, labels.size, n_classes), 1.0 / n_classes)
+    pairs = [(a, b) for a in range(n_classes) for b in range(a + 1, n_classes)]
+    for i, (a, b) in enumerate(pairs[:separated]):
+        # Each class of the pair ranks the other lower, and every other class as before
+        # (tied): no other pair separates with it.
+        conf[i + 1:, labels == a, b] -= 0.01
+        conf[i + 1:, labels == b, a] -= 0.01
+    return [str(c) for c in range(n_classes)], list(range(t1)), labels, conf
+
+
+@pytest.mark.parametrize("separated", [0, 1, 2, 3, 4])
+def test_learning_order_correlation_needs_three_separated_pairs(separated):
+    """With fewer than 3 separated pairs the rank correlation has nothing to rank (one
+    pair against the never-separated rest): null, not a coefficient."""
+    classes, steps, labels, conf = _correlated(5, separated)
+    rng = np.random.default_rng(0)
+    s = assemble(classes=classes, steps=steps, labels=labels,
+                 activity=rng.dirichlet(np.ones(8), labels.size), confidence=conf,
+                 beta=np.zeros((len(steps) - 1, 8, 5)),
+                 beta_se=np.ones((len(steps) - 1, 8, 5)),
+                 class_groups=-np.ones(labels.size, dtype=np.int16))
+    order = s.learning_order
+    assert sum(p.separated_at_step is not None for p in order.pairs) == separated
+    corr = s.to_json()["learning_order_correlation"]
+    assert corr["n_pairs"] == 10
+    if separated < 3:
+        assert (order.spearman, order.p_value) == (None, None)
+        assert corr["spearman"] is None
+        assert corr["p_value"] is None
+    else:
+        when = [p.separated_at_checkpoint if p.separated_at_checkpoint is not None
+                else len(steps) for p in order.pairs]
+        expected = stats.spearmanr([p.distinctness for p in order.pairs], when)
+        assert order.spearman == pytest.approx(expected.statistic)
+        assert order.p_value == pytest.approx(expected.pvalue)
+
+
+def test_summary_prints_no_correlation_of_fewer_than_three_separated_pairs(tmp_path):
+    """Also for a file written before structure left such a coefficient out."""
+    from whylook.explain import Explanation
+
+    def corr_line(separated, spearman=-1.0, p_value=0.0):
+        order = [{"pair": list(p), "separated_at_step": (i + 1) * 10 if i < separated else None}
+                 for i, p in enumerate((("a", "b"), ("a", "c"), ("b", "c")))]
+        data = _summary_data(learning_order=order, learning_order_correlation={
+            "spearman": spearman, "p_value": p_value, "n_pairs": 3})
+        text = Explanation(path=tmp_path, data=data, arrays={}).summary()
+        return [x for x in text.splitlines() if "distinctness" in x]
+
+    assert corr_line(1) == ["  distinctness vs separation: not measurable (1 pair separated; "
+                            "at least 3 needed)"]
+    assert corr_line(2) == ["  distinctness vs separation: not measurable (2 pairs separated; "
+                            "at least 3 needed)"]
+    assert corr_line(0, None, None) == ["  distinctness vs separation: not measurable (0 pairs "
+                                        "separated; at least 3 needed)"]
+    assert corr_line(3) == ["  Spearman(distinctness, separation checkpoint) = -1.000 (p < "
+                            "1e-06, 3 pairs; negative = more distinct pairs separated first)"]
+    assert corr_line(3, None, None) == ["  distinctness vs separation: not measurable (no "
+                                        "variation)"]
 
 
 def test_summary_counts_pairs_never_separated_apart(tmp_path):

@@ -20,7 +20,7 @@ from whylook.cli import main
 from whylook.data import DataSource, load_data
 from whylook.errors import WhylookError
 from whylook.models import build_model
-from whylook.run import INCOMPLETE_MARKER, RunFolder
+from whylook.run import INCOMPLETE_MARKER, MIN_CHECKPOINTS, RunFolder
 from whylook.schedule import checkpoint_steps
 from whylook.train import evaluate, train
 
@@ -232,19 +232,29 @@ def test_the_largest_seed_trains(tiny_data, tmp_path: Path) -> None:
     assert run.manifest["seeds"] == {"seed": 2**32 - 1, "data_seed": 2**32 - 1}
 
 
-@pytest.mark.parametrize("checkpoints", [1, 2])
+@pytest.mark.parametrize("checkpoints", [-1, 0, 1, 2])
 def test_fewer_than_three_checkpoints_are_refused_before_anything_is_written(
     tiny_data, tmp_path: Path, checkpoints: int
 ) -> None:
     """explain needs 3 checkpoints (initialisation, one from training, final): a run with
-    fewer could never be explained, so train refuses it up front."""
+    fewer could never be explained, so train refuses it up front, naming that minimum
+    (also for 0 and below, once refused as ">= 1")."""
     with pytest.raises(WhylookError) as info:
         train(tiny_data, out=tmp_path / "few", **{**TINY, "checkpoints": checkpoints})
     assert str(info.value) == (
         f"--checkpoints (checkpoints) {checkpoints}: the analysis needs at least 3 checkpoints "
-        "(the initialisation, one from training, the final)"
+        "(the initialisation, one from training, the final); ask for 3 or more"
     )
     assert not (tmp_path / "few").exists()
+
+
+def test_cli_help_states_the_minimum_number_of_checkpoints(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"number of checkpoints, T+1: at least {MIN_CHECKPOINTS} (default 12)" in text
 
 
 @pytest.mark.parametrize("out", [None, 3])
@@ -385,7 +395,7 @@ def test_numpy_counts_train_and_bad_counts_are_one_line(tiny_data, tmp_path: Pat
                                                    "checkpoints": np.int64(3)})
     assert len(run.checkpoints) == 3  # run.json took them (NumPy integers are no JSON)
     for bad in (3.5, "5", True, None):
-        with pytest.raises(WhylookError, match=rf"^checkpoints must be a whole number >= 1, "
+        with pytest.raises(WhylookError, match=rf"^checkpoints must be a whole number >= 3, "
                                                rf"not {re.escape(repr(bad))}$"):
             train(tiny_data, out=tmp_path / "bad", **{**TINY, "checkpoints": bad})
     # The epoch schedule gives epochs + 1 checkpoints whatever was asked for.

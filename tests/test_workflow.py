@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +89,42 @@ def test_the_suggested_conversion_handles_training_scripts_checkpoints(tmp_path:
         converted = _io.load_weights(dst)
         assert converted.keys() == model.state_dict().keys()
         assert all(torch.equal(converted[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_suggested_conversion_takes_the_entry_that_holds_the_weights(
+    tmp_path: Path
+) -> None:
+    """A "model" entry may name the architecture ({"model": "resnet18", "weights": ...}):
+    the command takes the first entry that holds weights (a state dict or a model), not the
+    first known name, and the top level's own tensors when no entry holds any."""
+    model = build_model("smallcnn", num_classes=3, in_channels=1, image_size=16)
+    state = model.state_dict()
+    code = re.fullmatch(r'python -c "(.*)"', _io.CONVERT_COMMAND)
+    assert code
+    args = argparse.Namespace(arch="smallcnn")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    checkpoints = {
+        "named": {"model": "smallcnn", "weights": state, "args": args},
+        "named-known": {"model": "smallcnn", "state_dict": state, "args": args},
+        # An optimizer has a state_dict() too, but holds no weights of the model.
+        "module": {"model": "smallcnn", "optimizer": optimizer, "net": model},
+        "flat": {**state, "args": args},
+    }
+    for name, obj in checkpoints.items():
+        src, dst = tmp_path / f"{name}.pth", tmp_path / f"{name}.safetensors"
+        torch.save(obj, src)
+        with pytest.raises(WhylookError, match="cannot be loaded safely"):
+            _io.load_weights(src)
+        command = _io.CONVERT_COMMAND.replace("IN.pt", str(src))
+        if name == "named":  # once as the user runs it: through a shell
+            command = command.replace("OUT.safetensors", str(dst)).replace(
+                "python -c", f"{shlex.quote(sys.executable)} -c", 1)
+            subprocess.run(["sh", "-c", command], check=True, timeout=120)
+        else:
+            exec(code[1].replace("IN.pt", str(src)).replace("OUT.safetensors", str(dst)), {})
+        converted = _io.load_weights(dst)
+        assert converted.keys() == state.keys(), name
+        assert all(torch.equal(converted[k], v) for k, v in state.items()), name
 
 
 def test_runs_on_the_same_images_from_another_path_are_compared(

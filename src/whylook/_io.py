@@ -246,13 +246,18 @@ def _weights_of(obj: object, path: Path) -> object:
 
 
 #: What the user can run, on a checkpoint they trust, to turn a pickle that whylook refuses
-#: (a whole model, a training-state dict, tied weights) into a plain safetensors file.
+#: (a whole model, a training-state dict, tied weights) into a plain safetensors file. It
+#: takes the first entry that holds weights, known names first: a "model" entry may only
+#: name the architecture ({"model": "resnet18", "weights": ...}), and an optimizer has a
+#: state_dict() too but is no nn.Module. A file without such an entry gives its own tensors.
 CONVERT_COMMAND = (
     "python -c \"import torch, safetensors.torch as s; m = torch.load('IN.pt', "
-    "weights_only=False); m = next((m[k] for k in ('state_dict', 'model_state_dict', 'model', "
-    "'net') if isinstance(m, dict) and k in m), m); m = m.state_dict() if hasattr(m, "
-    "'state_dict') else m; s.save_file({k: v.detach().clone().contiguous() for k, v in "
-    "m.items() if torch.is_tensor(v)}, 'OUT.safetensors')\""
+    "weights_only=False); w = lambda v: v.state_dict() if isinstance(v, torch.nn.Module) "
+    "else v; t = lambda v: isinstance(w(v), dict) and any(torch.is_tensor(x) for x in "
+    "w(v).values()); m = w(m); m = w(next((m[k] for k in ('state_dict', 'model_state_dict', "
+    "'model', 'net', *m) if k in m and t(m[k])), m)) if isinstance(m, dict) else m; "
+    "s.save_file({k: v.detach().clone().contiguous() for k, v in m.items() if "
+    "torch.is_tensor(v)}, 'OUT.safetensors')\""
 )
 
 

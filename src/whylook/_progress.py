@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -19,6 +20,25 @@ def _enabled(progress: bool | None) -> bool:
     return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
+def _tqdm() -> Any:
+    """tqdm's bar class: tqdm.auto's choice, except in a notebook without ipywidgets.
+
+    There tqdm.auto warns ("IProgress not found", once per session) and falls back to the
+    text bar; whylook takes the text bar itself, without the warning, which would ask for
+    a package that the run does not need: the text bar draws in a notebook too.
+    """
+    if "ipykernel" in sys.modules:
+        try:
+            importlib.import_module("ipywidgets")
+        except ImportError:
+            from tqdm.std import tqdm as text_bar
+
+            return text_bar
+    from tqdm.auto import tqdm
+
+    return tqdm
+
+
 def progress_bar(
     iterable: Iterable[T], *, desc: str, total: int | None = None, progress: bool | None = None
 ) -> Iterator[T]:
@@ -26,9 +46,7 @@ def progress_bar(
     if not _enabled(progress):
         yield from iterable
         return
-    from tqdm.auto import tqdm
-
-    yield from tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+    yield from _tqdm()(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
 class StageBar:
@@ -44,9 +62,7 @@ class StageBar:
     def __init__(self, desc: str, stages: Sequence[str], *, progress: bool | None) -> None:
         self._bar = None
         if _enabled(progress):
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=len(stages), desc=desc, leave=False, dynamic_ncols=True)
+            self._bar = _tqdm()(total=len(stages), desc=desc, leave=False, dynamic_ncols=True)
         self._begun = False
 
     def start(self, name: str) -> None:

@@ -5,7 +5,9 @@ Imports nothing heavy: ``whylook --help`` reads from here without loading torch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 #: The data specs whylook reads, as the CLI's help and data's errors name them.
@@ -28,23 +30,36 @@ def floor_pct(rate: float) -> str:
 NEAR_CHANCE = 0.1
 
 
-def near_chance_caution(accuracy: float, n_classes: int) -> str | None:
+def near_chance_caution(
+    accuracy: float, n_classes: int, *, source: str | None = None
+) -> str | None:
     """A caution when the final model is right little more often than chance: every rule
     still runs, but there is little learning for them to explain (``None`` otherwise).
 
-    >>> near_chance_caution(0.12, 10)[:40]
+    ``source`` is run.json's ``source``. Checkpoints trained elsewhere (``"import"``) may
+    expect other inputs than whylook feeds them, and the caution says so; a run that
+    ``whylook train`` made (``"train"``) was trained on those very inputs. An unknown
+    source (``None``: an explanation written before it was recorded) keeps the clause.
+
+    >>> near_chance_caution(0.12, 10, source="train")[:40]
     'the final model is right on 12% of the a'
+    >>> [near_chance_caution(0.12, 10, source=s).endswith("must be inside the model)")
+    ...  for s in ("train", "import", None)]
+    [False, True, True]
     >>> near_chance_caution(0.19, 10) is None
     True
     """
     chance = 1.0 / n_classes
     if accuracy >= chance + NEAR_CHANCE * (1.0 - chance):
         return None
-    return (f"the final model is right on {floor_pct(accuracy)} of the analysis set (chance: "
+    text = (f"the final model is right on {floor_pct(accuracy)} of the analysis set (chance: "
             f"{floor_pct(chance)}); it has learned little, so there is little for this "
-            "explanation to explain: train longer and explain again (a model that does "
-            "better in your own evaluation may expect other inputs: whylook feeds it float "
-            "pixels in [0, 1], so its normalisation must be inside the model)")
+            "explanation to explain: train longer and explain again")
+    if source == "train":
+        return text
+    return text + (" (a model that does better in your own evaluation may expect other "
+                   "inputs: whylook feeds it float pixels in [0, 1], so its normalisation "
+                   "must be inside the model)")
 
 
 #: Below this lift the summary and the report say that the uncertain prototypes' pairs
@@ -64,13 +79,21 @@ def pair_confusion_text(lift: float) -> str:
     [True, False]
     >>> pair_confusion_text(0.88).split("; ")[1][:8]
     'no more:'
+    >>> pair_confusion_text(1.004)[:62]
+    'the model confused those pairs as often as the average class p'
 
     """
-    text = (f"the model confused those pairs {lift:.2f}x as often as the average class pair "
+    # The words follow the printed figure, rounded half up from the file's decimals (the
+    # lift is stored to 6): 0.995 and 1.004 both print as 1.00, and read "as often as",
+    # not "1.00x as often" followed by "no more" or "barely more" at random.
+    shown = (float(Decimal(repr(float(lift))).quantize(Decimal("0.01"), ROUND_HALF_UP))
+             if math.isfinite(lift) else float(lift))
+    times = "" if shown == 1 else f"{shown:.2f}x "
+    text = (f"the model confused those pairs {times}as often as the average class pair "
             "(errors both ways, every checkpoint after the first)")
-    if lift < WEAK_LIFT:
-        # Below 1 the flagged pairs were confused less than the average one: "no more".
-        text += ("; no more" if lift <= 1 else "; barely more") + (
+    if shown < WEAK_LIFT:
+        # At or below 1 the flagged pairs were confused no more than the average one.
+        text += ("; no more" if shown <= 1 else "; barely more") + (
             ": over many pairs, many swings come from samples whose attention and confidence "
             "moved together while the two classes did not trade confidence on average; "
             "--uncertain-null N names the entries that come with such a trade, which point at "

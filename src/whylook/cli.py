@@ -52,8 +52,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help=f"data spec: {DATA_SPECS}; default mnist5k (built in)")
     p.add_argument("--model", default="smallcnn", help=_MODEL_HELP)
     p.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
+    # At least run.MIN_CHECKPOINTS, written out: importing it would load torch for --help.
     p.add_argument("--checkpoints", type=int, default=12,
-                   help="number of checkpoints, T+1 (default 12)")
+                   help="number of checkpoints, T+1: at least 3 (default 12)")
     p.add_argument(
         "--schedule", choices=["log", "linear", "epoch"], default="log",
         help="checkpoint spacing: log (dense early, where most is learned; default), linear, "

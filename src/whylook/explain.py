@@ -45,6 +45,7 @@ from whylook._text import (
 from whylook.errors import WhylookError, option
 from whylook.saliency import check_precision_name, precision_key
 from whylook.structure import (
+    MIN_SEPARATED_PAIRS,
     UNSEEN_NOTE,
     StructureSettings,
     UncertainPrototype,
@@ -280,7 +281,12 @@ class Explanation:
                      + (f"; {never} pair{'s' if never != 1 else ''} never separated" if never
                         else ""))
         corr = d["learning_order_correlation"]
-        if corr["spearman"] is None:
+        if len(names) < MIN_SEPARATED_PAIRS:
+            # Files written before structure applied the same rule may hold a coefficient.
+            lines.append(f"  distinctness vs separation: not measurable ({len(names)} "
+                         f"pair{'s' if len(names) != 1 else ''} separated; at least "
+                         f"{MIN_SEPARATED_PAIRS} needed)")
+        elif corr["spearman"] is None:
             lines.append("  distinctness vs separation: not measurable (no variation)")
         else:
             lines.append(
@@ -310,7 +316,9 @@ def _near_chance_text(d: dict[str, Any]) -> str | None:
     acc = (d["checkpoints"][-1] if d["checkpoints"] else {}).get("analysis_accuracy")
     if not isinstance(acc, int | float):
         return None  # an explanation written before the field existed
-    caution = near_chance_caution(float(acc), len(d["classes"]))
+    run = d.get("run")
+    source = run.get("source") if isinstance(run, dict) else None
+    caution = near_chance_caution(float(acc), len(d["classes"]), source=source)
     return None if caution is None else f"  Caution: {caution}"
 
 
@@ -978,7 +986,10 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     explanation = {
         "schema": SCHEMA,
         "run": {"data": folder.config.get("data"), "model": folder.config.get("model"),
-                "layer": layer_name, "path": str(folder.path.name)},
+                "layer": layer_name, "path": str(folder.path.name),
+                # Whether whylook trained the model on its own inputs ("train") or the
+                # user's training did ("import"): the summary's cautions depend on it.
+                "source": folder.manifest.get("source")},
         "classes": list(classes),
         "checkpoints": [
             {"index": int(c.index), "step": int(c.step),

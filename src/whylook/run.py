@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from whylook import _io
-from whylook._checks import is_whole
+from whylook._checks import is_number, is_whole
 from whylook.data import DataSource, is_loadable_spec, load_data
 from whylook.errors import WhylookError, option
 from whylook.models import (
@@ -286,12 +286,13 @@ def fit_state(
     """``state`` made ready for ``model.load_state_dict``, or a one-line error on the first
     missing, unexpected or mismatched key. A prefix on every key (``module.`` from
     DataParallel, ``_orig_mod.`` from torch.compile, ``model.`` from a Lightning module) is
-    dropped, and a model that wraps the saved one gets its prefix added. Weights that are
-    sparse, or not floating point where the model's are, are
-    refused in one line too.
+    dropped, and a model that wraps the saved one gets its prefix added in its place; a
+    checkpoint of an ``nn.Sequential`` around the model (every key ``1.``...) is refused.
+    Weights that are sparse, or not floating point where the model's are, are refused in one
+    line too.
     """
     expected = model.state_dict()
-    state = _match_prefix(state, expected.keys())
+    state = _match_prefix(state, expected.keys(), source)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
@@ -339,26 +340,47 @@ def _check_tensor(
         )
 
 
-def _match_prefix(state: Mapping[str, torch.Tensor], expected: Iterable[str]
-                  ) -> dict[str, torch.Tensor]:
+def _match_prefix(state: Mapping[str, torch.Tensor], expected: Iterable[str],
+                  source: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Drop the leading name components that wrappers put on every key, one at a time,
-    while no key matches the model's and every key shares the same first component; or,
-    when the model is the wrapper (``nn.Sequential(Normalize(...), net)`` saved as ``net``),
-    add the component of the model's that makes every key one of its own."""
+    while every key shares the same first component, until some key is one of the model's;
+    or, when the model wraps the saved network (``nn.Sequential(Normalize(...), net)``),
+    swap the dropped components for the one of the model's that makes every key its own
+    (``model.conv1.weight`` -> ``1.conv1.weight``).
+
+    A dropped all-digit component is an index of an ``nn.Sequential`` the checkpoint was
+    saved from: a match that needs one is refused, since whatever that Sequential held
+    without weights (input normalisation) would be lost without a sign."""
     want = set(expected)
-    out = dict(state)
-    while out and not want & out.keys():
-        heads = {k.split(".", 1)[0] for k in out}
-        if len(heads) != 1 or not all("." in k for k in out):
-            break
-        out = {k.split(".", 1)[1]: v for k, v in out.items()}
-    if out and not want & out.keys():
-        for head in sorted({k.split(".", 1)[0] for k in want if "." in k}):
-            added = {f"{head}.{k}": v for k, v in state.items()}
-            if added.keys() <= want:
-                return added
-    # Only a change that reaches the model's names counts; otherwise report the keys as given.
-    return out if want & out.keys() else dict(state)
+    if not state or want & state.keys():
+        return dict(state)
+    heads = sorted({k.split(".", 1)[0] for k in want if "." in k})
+    dropped: list[str] = []
+    keys = dict(state)
+    while True:
+        found = keys if want & keys.keys() else None
+        if found is None:
+            head = next((h for h in heads if {f"{h}.{k}" for k in keys} <= want), None)
+            if head is not None:
+                found = {f"{head}.{k}": v for k, v in keys.items()}
+        if found is not None:
+            if any(part.isdigit() for part in dropped):
+                prefix = "".join(f"{part}." for part in dropped)
+                raise WhylookError(
+                    f"checkpoint {source} looks saved from a model wrapped in nn.Sequential "
+                    f"(every key starts with {prefix!r}), e.g. with input normalisation in "
+                    "front, which this model would drop; give the same wrapper as "
+                    f"{option('model')}, a factory that returns e.g. "
+                    "nn.Sequential(Normalize(mean, std), net)"
+                )
+            return found
+        firsts = {k.split(".", 1)[0] for k in keys}
+        if len(firsts) != 1 or not all("." in k for k in keys):
+            # Only a change that reaches the model's names counts; otherwise report the
+            # keys as given.
+            return dict(state)
+        dropped.append(firsts.pop())
+        keys = {k.split(".", 1)[1]: v for k, v in keys.items()}
 
 
 def _check_name_order(paths: Sequence[Path]) -> None:
@@ -366,33 +388,70 @@ def _check_name_order(paths: Sequence[Path]) -> None:
     ``epoch_10.pt``, ``epoch_2.pt``: a shell glob sorts digits as text).
 
     Taken as given they would be analysed in that order: the "final" model would be one
-    from the middle of training, and nothing downstream could tell.
+    from the middle of training, and nothing downstream could tell. Names that share a
+    pattern are in order when their numbers, read in some order of significance, increase:
+    the training counter may come after a metric, or a date after the time of day. They are
+    refused only when not, and when some number would increase after a sort by number (as
+    ``ls -v`` sorts); a name of its own pattern (``init.pt``) has no order to check.
 
     >>> _check_name_order([Path("e_0.pt"), Path("e_10.pt"), Path("e_2.pt")])
     Traceback (most recent call last):
     whylook.errors.WhylookError: the checkpoint files are not in the order of the numbers ...
-    >>> _check_name_order([Path("e_0.pt"), Path("e_2.pt"), Path("e_10.pt")])
+    >>> _check_name_order([Path("init.pt"), Path("e_10.pt"), Path("e_2.pt")])
+    Traceback (most recent call last):
+    whylook.errors.WhylookError: ... (e_10.pt, e_2.pt; a shell glob sorts 10 before 2); ...
+    >>> _check_name_order([Path("init.pt"), Path("e_2.pt"), Path("e_10.pt")])
     >>> _check_name_order([Path(f"checkpoint-{n}/model.bin") for n in (500, 1000, 1500)])
+    >>> _check_name_order([Path("acc0.91_step100.pt"), Path("acc0.95_step200.pt"),
+    ...                    Path("acc0.93_step300.pt")])
+    >>> _check_name_order([Path("23h10_2024-01-31.pt"), Path("08h05_2024-02-01.pt"),
+    ...                    Path("14h30_2024-02-01.pt")])
     """
     # The whole path: a trainer may number the folders and name every file alike
     # (checkpoint-500/pytorch_model.bin).
     names = [p.as_posix() for p in paths]
-    if len({re.sub(r"\d+", "#", n) for n in names}) != 1 or len(set(names)) != len(names):
-        # Differently named files have no order to read from their names; a file given
-        # twice gets its own message from the check of the weights.
-        return
-    numbers = [tuple(int(d) for d in re.findall(r"\d+", n)) for n in names]
-    if not numbers[0] or all(a < b for a, b in itertools.pairwise(numbers)):
-        return
-    short = [p.name for p in paths]
-    if len(set(short)) != len(short):
-        short = [f"{p.parent.name}/{p.name}" for p in paths]
-    shown = ", ".join(short[:4]) + (", ..." if len(short) > 4 else "")
-    raise WhylookError(
-        f"the checkpoint files are not in the order of the numbers in their names ({shown}; a "
-        "shell glob sorts 10 before 2); give them in training order (e.g. `ls -v`, or names "
-        f"padded with zeros), or confirm this order with {option('steps')}"
-    )
+    if len(set(names)) != len(names):
+        return  # a file given twice gets its own message from the check of the weights
+    patterns: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        patterns.setdefault(re.sub(r"\d+", "#", name), []).append(i)
+    for members in patterns.values():
+        numbers = [tuple(int(d) for d in re.findall(r"\d+", names[i])) for i in members]
+        if len(members) < 2 or not numbers[0] or _increasing(numbers):
+            continue
+        by_number = sorted(numbers)
+        if not any(_increasing([(n[j],) for n in by_number]) for j in range(len(numbers[0]))):
+            continue
+        short = [paths[i].name for i in members]
+        if len(set(short)) != len(short):
+            short = [f"{paths[i].parent.name}/{paths[i].name}" for i in members]
+        shown = ", ".join(short[:4]) + (", ..." if len(short) > 4 else "")
+        raise WhylookError(
+            f"the checkpoint files are not in the order of the numbers in their names ({shown}; "
+            "a shell glob sorts 10 before 2); give them in training order (e.g. `ls -v`, or "
+            f"names padded with zeros), or confirm this order with {option('steps')}"
+        )
+
+
+def _increasing(numbers: Sequence[tuple[int, ...]]) -> bool:
+    """Whether some order of significance of the positions makes ``numbers`` strictly
+    increasing: a position that never decreases where the more significant ones tie is
+    taken next (taking it never hurts), until every neighbour pair is told apart.
+
+    >>> _increasing([(91, 100), (95, 200), (93, 300)]), _increasing([(0,), (10,), (2,)])
+    (True, False)
+    """
+    pairs = list(itertools.pairwise(numbers))
+    untold = set(range(len(pairs)))
+    positions = set(range(len(numbers[0]) if numbers else 0))
+    while untold:
+        usable = next((j for j in sorted(positions)
+                       if all(pairs[i][0][j] <= pairs[i][1][j] for i in untold)), None)
+        if usable is None:
+            return False
+        positions.discard(usable)
+        untold = {i for i in untold if pairs[i][0][usable] == pairs[i][1][usable]}
+    return True
 
 
 def _normalize_keys(model: nn.Module) -> list[str]:
@@ -569,7 +628,7 @@ def import_checkpoints(
     *,
     data: str | DataSource,
     model: str | Callable[..., nn.Module],
-    steps: Sequence[int] | None = None,
+    steps: Iterable[float] | None = None,
     layer: str | None = None,
     device: str = "auto",
     out: str | os.PathLike[str],
@@ -582,8 +641,9 @@ def import_checkpoints(
     must fit ``model`` built for ``data`` and hold finite floating-point weights, each file
     different weights; all are checked, and evaluated on the test split, before anything is
     written.
-    They are stored as safetensors. ``steps`` (optimizer step
-    of each checkpoint) default to 0, 1, 2, ...; epochs are unknown and recorded as null.
+    They are stored as safetensors. ``steps`` (optimizer step of each checkpoint, whole
+    numbers; ``100.0`` counts) default to 0, 1, 2, ...; epochs are unknown and recorded as
+    null.
     Missing ``normalize.mean/std`` buffers of a built-in model are filled with the training
     split's statistics (recorded per file as ``normalize_filled``).
 
@@ -608,15 +668,19 @@ def import_checkpoints(
         )
     if steps is None:
         _check_name_order(paths)
-    elif isinstance(steps, str) or not all(is_whole(s) for s in steps):
+        steps = range(len(paths))
+    # Read once: a generator checked here would give the run nothing afterwards.
+    given = None if isinstance(steps, str) or not isinstance(steps, Iterable) else list(steps)
+    if given is None or not all(_whole_valued(s) for s in given):
         raise WhylookError(
-            f"steps must be a list of whole numbers, one per checkpoint, not {steps!r:.80}"
+            "steps must be a list of whole numbers, one per checkpoint, not "
+            f"{steps if given is None else given!r:.80}"
         )
-    steps = list(range(len(paths))) if steps is None else [int(s) for s in steps]
-    if len(steps) != len(paths):
-        raise WhylookError(f"{len(paths)} checkpoints but {len(steps)} steps; give one each")
-    if steps[0] < 0 or any(b <= a for a, b in itertools.pairwise(steps)):
-        raise WhylookError(f"steps {steps} must be >= 0 and strictly increasing")
+    at = [int(s) for s in given]
+    if len(at) != len(paths):
+        raise WhylookError(f"{len(paths)} checkpoints but {len(at)} steps; give one each")
+    if at[0] < 0 or any(b <= a for a, b in itertools.pairwise(at)):
+        raise WhylookError(f"steps {at} must be >= 0 and strictly increasing")
     out = prepare_out(out)
     dev = resolve_device(device)
     source = as_source(data)
@@ -631,7 +695,7 @@ def import_checkpoints(
 
     def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The file's own weights (prefixes stripped) and those weights fitted to net."""
-        own = _match_prefix(_io.load_weights(path), keys)
+        own = _match_prefix(_io.load_weights(path), keys, path)
         return own, fit_state(net, {**fill, **own}, path)
 
     digests: dict[str, Path] = {}
@@ -660,7 +724,7 @@ def import_checkpoints(
                 f"{loss}); check the weights for a diverged training and import only the "
                 "checkpoints from before it"
             )
-        records.append(checkpoint_record(i, steps[i], None, accuracy, loss))
+        records.append(checkpoint_record(i, at[i], None, accuracy, loss))
         imported.append(
             {
                 "file": str(path.resolve()),
@@ -680,7 +744,7 @@ def import_checkpoints(
             schedule="imported",
             checkpoints_requested=len(paths),
             steps_per_epoch=None,
-            total_steps=steps[-1],
+            total_steps=at[-1],
             device=str(dev),
         )
         write_manifest(
@@ -694,6 +758,12 @@ def import_checkpoints(
             extra={"imported": imported},
         )
     return RunFolder.open(out)
+
+
+def _whole_valued(value: object) -> bool:
+    # A step computed as epoch * steps_per_epoch, or read from a float array, is 100.0.
+    return is_whole(value) or (is_number(value) and math.isfinite(value)
+                               and float(value).is_integer())
 
 
 def _check_finite(state: Mapping[str, torch.Tensor], source: str | os.PathLike[str]) -> None:

@@ -96,6 +96,11 @@ __all__ = [
 # The summary and the report name a class whose learning unseen is at least this.
 UNSEEN_NOTE = 0.25
 
+#: The fewest separated class pairs the learning-order correlation is computed on; with
+#: fewer, ``LearningOrder.spearman`` and ``p_value`` are ``None`` (not measurable), and the
+#: summary and the report say so also for files written before the rule.
+MIN_SEPARATED_PAIRS = 3
+
 
 def prototype_id(k: int) -> str:
     """The paper's name of prototype ``k``: ``P-k``."""
@@ -888,7 +893,11 @@ def _learning_order(
     late = len(steps)
     when = np.where(never, late, at).astype(float)
     rho = pval = None
-    if first.size >= 3 and np.ptp(when) > 0 and np.ptp(distinct) > 0:
+    # With fewer separated pairs there is hardly an order of separation to correlate: one
+    # such pair only ranks against the never-separated rest, tied last.
+    separated = int(np.count_nonzero(~never))
+    if (separated >= MIN_SEPARATED_PAIRS and np.ptp(when) > 0
+            and np.ptp(distinct) > 0):
         res = stats.spearmanr(distinct, when)
         rho, pval = float(res.statistic), float(res.pvalue)
     # Earliest first, then the more distinct, then by the pair's names (Python's order of

@@ -103,14 +103,18 @@ def train(
     ([0, 1, 64], True)
     """
     model = model_spec(model)
-    for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
-                             ("checkpoints", checkpoints, 1)):
-        if not is_whole(value) or value < low:
-            raise WhylookError(f"{name} must be a whole number >= {low}, not {value!r}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if not is_whole(value) or value < 1:
+            raise WhylookError(f"{name} must be a whole number >= 1, not {value!r}")
+    if not is_whole(checkpoints):
+        raise WhylookError(
+            f"checkpoints must be a whole number >= {MIN_CHECKPOINTS}, not {checkpoints!r}"
+        )
     if checkpoints < MIN_CHECKPOINTS:
         raise WhylookError(
             f"{option('checkpoints')} {checkpoints}: the analysis needs at least "
-            f"{MIN_CHECKPOINTS} checkpoints (the initialisation, one from training, the final)"
+            f"{MIN_CHECKPOINTS} checkpoints (the initialisation, one from training, the "
+            f"final); ask for {MIN_CHECKPOINTS} or more"
         )
     # NumPy integers pass the checks; run.json's JSON takes Python's only.
     epochs, batch_size, checkpoints = int(epochs), int(batch_size), int(checkpoints)

@@ -54,6 +54,7 @@ from whylook.report import figures, patches
 from whylook.report._inputs import Inputs, inconsistent, load
 from whylook.report._tables import tables
 from whylook.structure import (
+    MIN_SEPARATED_PAIRS,
     UNSEEN_NOTE,
     accumulated_lead,
     blank_maps,
@@ -325,9 +326,11 @@ class _Builder:
         settings = exp.get("settings") if isinstance(exp.get("settings"), dict) else {}
         rules = (exp.get("structure_settings")
                  if isinstance(exp.get("structure_settings"), dict) else {})
+        # run.json's "train" or "import": only imported checkpoints may expect other inputs.
+        origin = inp.run.get("source") if isinstance(inp.run.get("source"), str) else None
         return {
             "facts": [(k, "—" if v is None else str(v)) for k, v in facts],
-            "caution": near_chance_caution(acc_an[-1], self.m),
+            "caution": near_chance_caution(acc_an[-1], self.m, source=origin),
             "checkpoints": ckpt_rows,
             "accuracy": acc_uri,
             "confusion": conf_uri,
@@ -684,11 +687,16 @@ class _Builder:
         corr = self.exp.get("learning_order_correlation") or {}
         rho, p = corr.get("spearman"), corr.get("p_value")
         n_pairs = corr.get("n_pairs", len(order))
-        if isinstance(rho, int | float):
+        separated = sum(e["step"] is not None for e in order)
+        if separated < MIN_SEPARATED_PAIRS:
+            # Files written before structure applied the same rule may hold a coefficient.
+            title = (f"Spearman ρ undefined (too few separated pairs: {separated}, at least "
+                     f"{MIN_SEPARATED_PAIRS} needed)")
+        elif isinstance(rho, int | float):
             title = f"Spearman ρ = {rho:.2f}" + (
                 f" (p = {p:.2g}, n = {n_pairs})" if isinstance(p, int | float) else "")
         else:
-            title = "Spearman ρ undefined (too few separated pairs)"
+            title = "Spearman ρ undefined (no variation)"
         result: dict[str, Any] = {"rows": order[:_MAX_TABLE_ROWS], "total": len(order),
                                   "title": title, "timeline": None, "scatter": None,
                                   "note": ""}
