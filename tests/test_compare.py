@@ -193,3 +193,20 @@ def test_cli_reports_a_missing_run_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:")
     assert "\n" not in err
+
+
+def test_an_older_files_coefficient_of_too_few_separated_pairs_is_not_compared():
+    """Files written before structure required 3 separated pairs may hold a coefficient of
+    one; compare reads it as the summary and report do: not measurable."""
+    from whylook.compare import _order_correlation
+
+    def data(separated):
+        order = [{"pair": ["a", str(i)], "separated_at_step": 5 if i < separated else None}
+                 for i in range(6)]
+        return {"learning_order": order,
+                "learning_order_correlation": {"spearman": -0.866, "p_value": 0.03,
+                                               "n_pairs": 6}}
+
+    assert _order_correlation(data(1)) is None
+    assert _order_correlation(data(2)) is None
+    assert _order_correlation(data(3)) == -0.866

@@ -18,7 +18,13 @@ from _tiny_run import write_tiny_npz
 from whylook.cli import main
 from whylook.errors import WhylookError
 from whylook.models import build_model
-from whylook.run import INCOMPLETE_MARKER, RunFolder, import_checkpoints, require_run_folder
+from whylook.run import (
+    INCOMPLETE_MARKER,
+    RunFolder,
+    _check_name_order,
+    import_checkpoints,
+    require_run_folder,
+)
 from whylook.train import train
 
 
@@ -238,6 +244,19 @@ def test_a_network_that_is_an_nn_sequential_still_loads_from_its_wrappers(
         assert all(torch.equal(run.state_dict(i)[k], v) for k, v in state.items())
 
 
+def test_a_checkpoint_of_a_sequential_with_the_network_first_loads_into_the_network(
+    good: list[Path], data: str, tmp_path: Path
+) -> None:
+    """nn.Sequential(net, nn.Softmax(1)) puts "0." on net's keys: nothing ran in front of
+    the network, so nothing is lost by loading them into it (whylook takes the softmax
+    itself)."""
+    path = tmp_path / "then_softmax.pt"
+    torch.save({f"0.{k}": v for k, v in _state(7).items()}, path)
+    run = import_checkpoints([good[0], path, good[1]], data=data, model="smallcnn",
+                             device="cpu", out=tmp_path / "run", progress=False)
+    assert torch.equal(run.state_dict(1)["block2.conv1.weight"], _state(7)["block2.conv1.weight"])
+
+
 def _named(good: list[Path], folder: Path, names: list[str]) -> list[Path]:
     folder.mkdir()
     return [Path(shutil.copy(f, folder / n)) for f, n in zip(good, names, strict=True)]
@@ -270,6 +289,16 @@ def test_names_with_a_counter_after_other_numbers_are_taken_in_order(
     run = import_checkpoints(files, data=data, model="smallcnn", device="cpu",
                              out=tmp_path / "run", progress=False)
     assert [Path(r["file"]).name for r in run.manifest["imported"]] == names
+
+
+def test_a_counter_over_two_numbers_in_glob_order_is_refused() -> None:
+    """Epoch, then batch within it: no single number increases over the files, and a shell
+    glob still puts epoch 10 before epoch 2."""
+    glob = sorted(f"epoch{e}_batch{b}.pt" for e in range(1, 11) for b in (0, 1))
+    with pytest.raises(WhylookError, match=r"^the checkpoint files are not in the order"):
+        _check_name_order([Path(n) for n in glob])
+    by_number = [f"epoch{e}_batch{b}.pt" for e in range(1, 11) for b in (0, 1)]
+    _check_name_order([Path(n) for n in by_number])
 
 
 def test_steps_may_be_any_iterable_of_whole_numbers(

@@ -691,6 +691,12 @@ def test_summary_words_a_lift_as_its_printed_figure(tmp_path, lift, start, verdi
         assert verdict in found
 
 
+def test_an_absurd_lift_from_an_edited_file_is_printed_not_raised():
+    from whylook._text import pair_confusion_text
+
+    assert pair_confusion_text(1e27).startswith("the model confused those pairs 1000000000000")
+
+
 def test_summary_says_how_many_it_leaves_out(tmp_path):
     """The summary lists 6 shared prototypes per class and 10 uncertain entries; what it
     leaves out it counts, so a reader never takes a cut list for the whole."""

@@ -86,8 +86,10 @@ def pair_confusion_text(lift: float) -> str:
     # The words follow the printed figure, rounded half up from the file's decimals (the
     # lift is stored to 6): 0.995 and 1.004 both print as 1.00, and read "as often as",
     # not "1.00x as often" followed by "no more" or "barely more" at random.
+    # Beyond 1e6 (only a hand-edited file) the figure needs no rounding, and quantize
+    # would run out of Decimal's 28 digits.
     shown = (float(Decimal(repr(float(lift))).quantize(Decimal("0.01"), ROUND_HALF_UP))
-             if math.isfinite(lift) else float(lift))
+             if math.isfinite(lift) and abs(lift) < 1e6 else float(lift))
     times = "" if shown == 1 else f"{shown:.2f}x "
     text = (f"the model confused those pairs {times}as often as the average class pair "
             "(errors both ways, every checkpoint after the first)")

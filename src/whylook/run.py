@@ -364,7 +364,8 @@ def _match_prefix(state: Mapping[str, torch.Tensor], expected: Iterable[str],
             if head is not None:
                 found = {f"{head}.{k}": v for k, v in keys.items()}
         if found is not None:
-            if any(part.isdigit() for part in dropped):
+            # Index 0 has nothing in front of the network (nn.Sequential(net, nn.Softmax(1))).
+            if any(part.isdigit() and part != "0" for part in dropped):
                 prefix = "".join(f"{part}." for part in dropped)
                 raise WhylookError(
                     f"checkpoint {source} looks saved from a model wrapped in nn.Sequential "
@@ -390,9 +391,10 @@ def _check_name_order(paths: Sequence[Path]) -> None:
     Taken as given they would be analysed in that order: the "final" model would be one
     from the middle of training, and nothing downstream could tell. Names that share a
     pattern are in order when their numbers, read in some order of significance, increase:
-    the training counter may come after a metric, or a date after the time of day. They are
-    refused only when not, and when some number would increase after a sort by number (as
-    ``ls -v`` sorts); a name of its own pattern (``init.pt``) has no order to check.
+    the training counter may come after a metric, or a date after the time of day (the
+    counter may span two numbers: epoch, then batch). They are refused when not (``ls -v``
+    gives an order that passes); a name of its own pattern (``init.pt``) has no order to
+    check.
 
     >>> _check_name_order([Path("e_0.pt"), Path("e_10.pt"), Path("e_2.pt")])
     Traceback (most recent call last):
@@ -418,9 +420,6 @@ def _check_name_order(paths: Sequence[Path]) -> None:
     for members in patterns.values():
         numbers = [tuple(int(d) for d in re.findall(r"\d+", names[i])) for i in members]
         if len(members) < 2 or not numbers[0] or _increasing(numbers):
-            continue
-        by_number = sorted(numbers)
-        if not any(_increasing([(n[j],) for n in by_number]) for j in range(len(numbers[0]))):
             continue
         short = [paths[i].name for i in members]
         if len(set(short)) != len(short):
