@@ -518,6 +518,7 @@ class StageClock:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.system: dict[str, float] = defaultdict(float)
         self._busy = False
         self._patches: list[tuple[Any, str, Any]] = []
 
@@ -525,11 +526,12 @@ class StageClock:
         if self._busy:
             return fn()
         self._busy = True
-        start = time.perf_counter()
+        start, kernel = time.perf_counter(), os.times().system
         try:
             return fn()
         finally:
             self.seconds[stage] += time.perf_counter() - start
+            self.system[stage] += os.times().system - kernel
             self._busy = False
 
     def patch(self, owner: Any, name: str, stage: str, *, generator: bool = False) -> None:
@@ -597,7 +599,10 @@ class StageClock:
 
 
 def timed_explain(run: RunFolder, device: torch.device, *, fresh: bool = True,
-                  **kwargs: Any) -> tuple[float, dict[str, float]]:
+                  system: dict[str, float] | None = None, **kwargs: Any
+                  ) -> tuple[float, dict[str, float]]:
+    """Seconds of a whole explain and of each stage; ``system`` (optional) receives each
+    stage's system CPU seconds."""
     if fresh:
         shutil.rmtree(run.path / "analysis", ignore_errors=True)
     # whylook.data keeps loaded data sources in memory; a CLI user's explain loads the data
@@ -613,6 +618,8 @@ def timed_explain(run: RunFolder, device: torch.device, *, fresh: bool = True,
         total = time.perf_counter() - start
     stages = dict(clock.seconds)
     stages["other"] = total - sum(stages.values())
+    if system is not None:
+        system.update(clock.system)
     return total, stages
 
 
@@ -668,6 +675,7 @@ def bench_explain(run: RunFolder, models: list[nn.Module], n: int, device: torch
     # same work (page faults of fresh memory) swung from 0.3 s to 3.4 s between runs, and
     # this says which runs paid it. With 1 thread, user time is the steadier reading.
     cpu: dict[str, list[tuple[float, float]]] = {"explain": [], "floor": []}
+    system: list[dict[str, float]] = []
 
     def floor_pair(label: str) -> None:
         with cpu_seconds(cpu["floor"]):
@@ -689,6 +697,7 @@ def bench_explain(run: RunFolder, models: list[nn.Module], n: int, device: torch
     bf16_runs: list[tuple[float, dict[str, float]]] = []
     for r in range(repeats):
         floor_pair("floor")
+        system.append({})
         if bf16:
             # Before the float32 explain: the cached rerun below reads float32's shards.
             bf16_runs.append(timed_explain(
@@ -696,7 +705,7 @@ def bench_explain(run: RunFolder, models: list[nn.Module], n: int, device: torch
                 settings=whylook.ExplainSettings(precision="bfloat16")))
             print(f"  explain, bfloat16 {bf16_runs[-1][0]:.2f} s", flush=True)
         with cpu_seconds(cpu["explain"]):
-            runs.append(timed_explain(run, device, analysis_size=n))
+            runs.append(timed_explain(run, device, analysis_size=n, system=system[-1]))
         print(f"  explain {runs[-1][0]:.2f} s (repeat {r + 1} of {repeats})", flush=True)
     floor_pair("floor again")
     cached_total, cached_stages = timed_explain(run, device, fresh=False, analysis_size=n)
@@ -730,6 +739,7 @@ def bench_explain(run: RunFolder, models: list[nn.Module], n: int, device: torch
         "fused_floor": float(np.median(fused_floors)) if fused_floors else None,
         "over_fused_floor": total / float(np.median(fused_floors)) if fused_floors else None,
         "cpu_seconds": cpu,
+        "stages_system_all": system,
         "over_floor_user_cpu": (float(np.median([u for u, _ in cpu["explain"]]))
                                 / float(np.median([u for u, _ in cpu["floor"]]))),
         "cached_seconds": cached_total,
@@ -961,11 +971,13 @@ def render(res: dict[str, Any]) -> str:
             f"n = {e['n']}; floor and explain alternate, medians (stages: the median of each "
             "stage over the repeats).",
             "",
-            "| stage | seconds | share |",
-            "|---|---:|---:|",
+            "| stage | seconds | share | of it, system CPU (each repeat) |",
+            "|---|---:|---:|---|",
         ]
+        kernel = e.get("stages_system_all") or []
         for name, sec in sorted(e["stages"].items(), key=lambda kv: -kv[1]):
-            lines.append(f"| {name} | {sec:.2f} | {100 * sec / e['seconds']:.0f}% |")
+            of = " / ".join(f"{k.get(name, 0.0):.2f}" for k in kernel) if name != "other" else ""
+            lines.append(f"| {name} | {sec:.2f} | {100 * sec / e['seconds']:.0f}% | {of} |")
         lines += [
             f"| **total** (median of {len(e['seconds_all'])}: "
             f"{' / '.join(f'{x:.2f}' for x in e['seconds_all'])}) | **{e['seconds']:.2f}** | |",

@@ -401,8 +401,11 @@ def _main(argv: Sequence[str] | None) -> int:
         from whylook.models import trust_model_code
 
         trust_model_code(args.trust_model_code)
+    from whylook._memory import small_pages
+
     try:
-        return args.handler(args)
+        with small_pages():  # the process is the command's (whylook/_memory.py says why)
+            return args.handler(args)
     except WhylookError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

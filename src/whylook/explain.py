@@ -33,6 +33,7 @@ from whylook._io import (
     save_npz,
     write_bytes,
 )
+from whylook._memory import small_pages
 from whylook._progress import StageBar, progress_bar
 from whylook._text import (
     floor_pct,
@@ -506,7 +507,9 @@ def explain(
     folder = run if isinstance(run, RunFolder) else RunFolder.open(run)
     # Under a caller's inference_mode the checkpoints would load as inference tensors,
     # which Grad-CAM's backward cannot go through.
-    with run_lock(folder.path), torch.inference_mode(False):
+    # Small pages: see whylook/_memory.py (the K-Means fit alone is not enough, as the
+    # heap keeps the huge-page advice of arrays made before it).
+    with run_lock(folder.path), torch.inference_mode(False), small_pages():
         return _explain_locked(folder, settings, resolve_device(device), progress)
 
 

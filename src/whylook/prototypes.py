@@ -36,6 +36,7 @@ import torch
 from sklearn.cluster import KMeans
 
 from whylook._checks import is_whole
+from whylook._memory import small_pages
 from whylook._progress import progress_bar
 from whylook.errors import WhylookError
 from whylook.saliency import from_numpy
@@ -608,7 +609,13 @@ class PrototypeFinder:
         if p > d:
             raise WhylookError(f"n_components={p} exceeds the {d} feature channels")
         components, evr = _pca(stats.m2 / (stats.n - 1), p)
+        # The arrays of the projection and of K-Means are large and short-lived (see
+        # whylook/_memory.py).
+        with small_pages():
+            return self._fit(stats, components, evr, progress)
 
+    def _fit(self, stats: FeatureStats, components: np.ndarray, evr: np.ndarray,
+             progress: bool | None) -> Prototypes:
         # Sorting by key makes K-Means see the same rows in the same order however the
         # statistics were sharded.
         order = np.argsort(stats.keys, kind="stable")
