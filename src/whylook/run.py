@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -668,6 +669,9 @@ def import_checkpoints(
     if steps is None:
         _check_name_order(paths)
         steps = range(len(paths))
+    if isinstance(steps, np.ndarray | torch.Tensor):
+        # Their elements are 0-d arrays, not numbers; a 0-d array becomes one number, refused.
+        steps = steps.tolist()
     # Read once: a generator checked here would give the run nothing afterwards.
     given = None if isinstance(steps, str) or not isinstance(steps, Iterable) else list(steps)
     if given is None or not all(_whole_valued(s) for s in given):
