@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,3 +76,27 @@ def test_the_fit_restores_the_advice_also_when_it_fails(advice):
                        sample_index=np.arange(20))
     assert finder.finalize().k == 4
     assert _advice() is advice
+
+
+def test_the_program_keeps_freed_memory_and_the_library_does_not():
+    """The ``whylook`` program sets glibc's allocator to keep freed memory (a process of its
+    own); ``cli.main``, which tests and callers run in their process, does not."""
+    import os
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+
+    [script] = [e for e in entry_points(group="console_scripts") if e.name == "whylook"]
+    assert script.value == "whylook.cli:program"
+    try:
+        glibc = (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError):
+        glibc = False
+    code = ("from whylook._memory import keep_freed_memory; "
+            "print(keep_freed_memory())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == str(glibc)
+    source = (Path(__file__).parents[1] / "src" / "whylook" / "cli.py").read_text()
+    main_body = source.split("def main(", 1)[1].split("\ndef ", 1)[0]
+    assert "keep_freed_memory" not in main_body

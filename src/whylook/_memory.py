@@ -62,3 +62,35 @@ def small_pages() -> Iterator[None]:
             _users -= 1
             if _users == 0:
                 switch(_before)
+
+
+#: glibc's mallopt parameters (malloc.h) and the values the ``whylook`` program sets.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_KEEP = ((_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20), (_M_MMAP_THRESHOLD, 32 << 20))
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory in the process for the next allocation; True if set.
+
+    By default glibc gives blocks of more than a few MiB back to the kernel when they are
+    freed, so every training step faults its activations' pages in again: on a 2-core Xeon
+    VM ``whylook train`` (mnist5k, 3 epochs) took 7.4-7.6 s with freed memory kept against
+    7.9-8.3 s (page faults 0.14 M against 0.7-0.9 M), for about 100 MiB more peak memory;
+    ``explain`` ran the same either way (``benchmarks/RESULTS.md``, "Allocator"). Process-
+    wide and for good, so only the ``whylook`` program sets it, not the library.
+    """
+    import ctypes
+    import os
+
+    try:
+        glibc = (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError, AttributeError):  # not a glibc system
+        glibc = False
+    if not glibc:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in _KEEP)

@@ -428,5 +428,14 @@ def _interrupted(args: argparse.Namespace) -> str:
     return "interrupted; rerun the same command to resume"
 
 
+def program() -> int:
+    """The ``whylook`` program: :func:`main` in a process of its own, which it may tune
+    (tests and callers of ``main`` keep their process as it is)."""
+    from whylook._memory import keep_freed_memory
+
+    keep_freed_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(program())
