@@ -1,5 +1,6 @@
-"""Small pages for numpy's large arrays while whylook works (``explain``, the CLI's
-commands, the prototype stage's K-Means).
+"""How whylook's processes get memory: small pages for numpy's large arrays while it
+works (``explain``, the CLI's commands, the prototype stage's K-Means), and, in the
+``whylook`` program only, freed memory kept for reuse (:func:`keep_freed_memory`).
 
 On Linux with transparent huge pages in ``madvise`` mode (the default of many
 distributions), numpy asks for huge pages on every array of 4 MiB or more. The first touch
