@@ -1,4 +1,5 @@
-"""numpy's huge-page advice is off only while the prototype stage fits, and comes back."""
+"""numpy's huge-page advice is off while whylook works and comes back after; the program,
+not the library, keeps freed memory."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from whylook import _memory
 from whylook.errors import WhylookError
 from whylook.prototypes import PrototypeFinder
 
-pytestmark = pytest.mark.skipif(_memory.setter() is None,
-                                reason="this numpy has no switch for its huge-page advice")
+needs_switch = pytest.mark.skipif(_memory.setter() is None,
+                                  reason="this numpy has no switch for its huge-page advice")
 
 
 def _advice() -> bool:
@@ -34,12 +35,14 @@ def advice(request):
     switch(before)
 
 
+@needs_switch
 def test_off_inside_and_as_before_after(advice):
     with _memory.small_pages():
         assert _advice() is False
     assert _advice() is advice
 
 
+@needs_switch
 def test_overlapping_blocks_restore_after_the_last(advice):
     """Two threads' blocks overlap: the first to end must not turn the advice back on under
     the other, and the last to end restores the setting from before both."""
@@ -63,6 +66,7 @@ def test_overlapping_blocks_restore_after_the_last(advice):
     assert _advice() is advice
 
 
+@needs_switch
 def test_the_fit_restores_the_advice_also_when_it_fails(advice):
     rng = np.random.default_rng(0)
     finder = PrototypeFinder(k=50, seed=0)
@@ -78,25 +82,32 @@ def test_the_fit_restores_the_advice_also_when_it_fails(advice):
     assert _advice() is advice
 
 
-def test_the_program_keeps_freed_memory_and_the_library_does_not():
+def test_the_program_keeps_freed_memory_and_the_library_does_not(monkeypatch, capsys):
     """The ``whylook`` program sets glibc's allocator to keep freed memory (a process of its
-    own); ``cli.main``, which tests and callers run in their process, does not."""
+    own); ``cli.main``, which tests and callers run in their process, never does."""
     import os
     import subprocess
     import sys
-    from importlib.metadata import entry_points
+    import tomllib
 
-    [script] = [e for e in entry_points(group="console_scripts") if e.name == "whylook"]
-    assert script.value == "whylook.cli:program"
+    from whylook import cli
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["whylook"] == "whylook.cli:program"
     try:
         glibc = (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
-    except (ValueError, OSError):
+    except (ValueError, OSError, AttributeError):
         glibc = False
-    code = ("from whylook._memory import keep_freed_memory; "
-            "print(keep_freed_memory())")
+    code = "from whylook._memory import keep_freed_memory; print(keep_freed_memory())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == str(glibc)
-    source = (Path(__file__).parents[1] / "src" / "whylook" / "cli.py").read_text()
-    main_body = source.split("def main(", 1)[1].split("\ndef ", 1)[0]
-    assert "keep_freed_memory" not in main_body
+
+    calls: list[int] = []
+    monkeypatch.setattr(_memory, "keep_freed_memory", lambda: bool(calls.append(1)))
+    assert cli.main(["report", "/nonexistent-run"]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert calls == []
+    monkeypatch.setattr(cli, "main", lambda argv=None: 0)
+    assert cli.program() == 0
+    assert calls == [1]

@@ -314,7 +314,8 @@ def test_steps_may_be_any_iterable_of_whole_numbers(
     assert all(type(c.step) is int for c in run.checkpoints)
     assert json.loads((tmp_path / "floats" / "run.json").read_text())["config"][
         "total_steps"] == 200
-    for i, array in enumerate([np.array([0, 10, 20]), torch.tensor([0, 10, 20])]):
+    for i, array in enumerate([np.array([0, 10, 20]), torch.tensor([0, 10, 20]),
+                               list(torch.tensor([0, 10, 20]))]):
         run = import_checkpoints(good, data=data, model="smallcnn", steps=array, device="cpu",
                                  out=tmp_path / f"array{i}", progress=False)
         assert [c.step for c in run.checkpoints] == [0, 10, 20]
@@ -322,7 +323,8 @@ def test_steps_may_be_any_iterable_of_whole_numbers(
 
 @pytest.mark.parametrize("steps", [[0, 100.5, 200], [0, "1", 2], [0, True, 2], "012",
                                    [0, float("nan"), 2], [0, float("inf"), 2], 3,
-                                   np.array(5), torch.tensor(5)])
+                                   np.array(5), torch.tensor(5),
+                                   torch.empty(3, device="meta")])
 def test_steps_that_are_not_whole_numbers_are_refused(
     steps: object, good: list[Path], data: str, tmp_path: Path
 ) -> None:

@@ -669,11 +669,11 @@ def import_checkpoints(
     if steps is None:
         _check_name_order(paths)
         steps = range(len(paths))
-    if isinstance(steps, np.ndarray | torch.Tensor):
-        # Their elements are 0-d arrays, not numbers; a 0-d array becomes one number, refused.
-        steps = steps.tolist()
-    # Read once: a generator checked here would give the run nothing afterwards.
-    given = None if isinstance(steps, str) or not isinstance(steps, Iterable) else list(steps)
+    # Read once: a generator checked here would give the run nothing afterwards. An array's
+    # or tensor's elements are 0-d arrays, not numbers (a 0-d one is a number, refused).
+    given = (None if isinstance(steps, str) or not isinstance(steps, Iterable)
+             or (isinstance(steps, np.ndarray | torch.Tensor) and steps.ndim == 0)
+             else [_as_number(s) for s in steps])
     if given is None or not all(_whole_valued(s) for s in given):
         raise WhylookError(
             "steps must be a list of whole numbers, one per checkpoint, not "
@@ -761,6 +761,13 @@ def import_checkpoints(
             extra={"imported": imported},
         )
     return RunFolder.open(out)
+
+
+def _as_number(value: object) -> Any:
+    if isinstance(value, np.ndarray | torch.Tensor) and value.ndim == 0:
+        with contextlib.suppress(RuntimeError, NotImplementedError):  # a meta tensor
+            return value.item()
+    return value
 
 
 def _whole_valued(value: object) -> bool:
