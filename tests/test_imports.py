@@ -32,6 +32,18 @@ def test_importing_the_package_or_asking_for_help_loads_no_heavy_library():
     assert loaded == "[]"
 
 
+def test_python_m_whylook_is_the_program():
+    done = subprocess.run([sys.executable, "-m", "whylook", "report", "/nonexistent-run"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ")
+    assert done.stderr.count("\n") == 1
+    usage = subprocess.run([sys.executable, "-m", "whylook", "--help"], capture_output=True,
+                           text=True, timeout=300, check=True).stdout
+    assert "train" in usage
+    assert "explain" in usage
+
+
 @pytest.mark.parametrize("name", whylook.__all__)
 def test_every_public_name_is_its_modules_object(name):
     value = getattr(whylook, name)

@@ -1,0 +1,5 @@
+"""``python -m whylook``: the ``whylook`` program."""
+
+from whylook.cli import program
+
+raise SystemExit(program())
