@@ -117,6 +117,9 @@ def test_two_seeds_are_compared_and_written_into_run_a(two_runs):
     res = compare(a, b, device="cpu")
     assert res.path == a / "compare" / f"{b.name}.json"
     d = res.data
+    on_disk = json.loads(res.path.read_text())  # written there, not only named
+    assert on_disk["schema"] == "whylook.compare/1"
+    assert on_disk["run_b"]["path"] == str(b)
     assert any(s.startswith("data_seed") for s in d["config_differences"])
     assert d["matching"]["n_matched"] >= 1
     assert 0.0 <= d["confusion"]["l1"] <= 1.0
@@ -193,6 +196,7 @@ def test_cli_reports_a_missing_run_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:")
     assert "\n" not in err
+    assert err == f"error: run folder {tmp_path / 'nope'} does not exist"  # run A, named
 
 
 def test_an_older_files_coefficient_of_too_few_separated_pairs_is_not_compared():

@@ -473,8 +473,16 @@ def test_evaluate_takes_devices_and_counts_as_the_rest_of_whylook() -> None:
     from whylook.finetune import evaluate
 
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with torch.no_grad():  # logits (1, 0) for every image: class 0 predicted throughout
+        net[1].weight.zero_()
+        net[1].bias.copy_(torch.tensor([1.0, 0.0]))
     images, labels = np.zeros((3, 1, 2, 2), np.uint8), np.array([0, 1, 1])
     assert evaluate(net, images, labels, 2, device="auto")[2].sum() == 3
+    # Two batches (2 + 1): the loss is the mean over samples, rows are true classes.
+    acc, loss, conf = evaluate(net, images, labels, 2, batch_size=2)
+    assert conf.tolist() == [[1, 0], [2, 0]]
+    assert acc == pytest.approx(1 / 3)
+    assert loss == pytest.approx((np.log1p(np.exp(-1.0)) + 2 * np.log1p(np.exp(1.0))) / 3)
     with pytest.raises(WhylookError, match="unknown device 'gpu'"):
         evaluate(net, images, labels, 2, device="gpu")
     with pytest.raises(WhylookError, match="batch_size must be a whole number >= 1, not True"):

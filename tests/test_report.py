@@ -447,7 +447,10 @@ def test_learning_order_gives_no_correlation_of_fewer_than_three_separated_pairs
     assert "Spearman ρ = " not in html
 
 
-def test_confusion_recomputed_and_labelled_when_not_stored(small_run: Path) -> None:
+def test_confusion_recomputed_and_labelled_when_not_stored(
+    small_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _spy(monkeypatch, "confusion")
     path = small_run / "analysis" / "arrays.npz"
     with np.load(path) as npz:
         arrays = {k: npz[k] for k in npz.files if k not in {"confusion", "mass_share"}}
@@ -455,6 +458,11 @@ def test_confusion_recomputed_and_labelled_when_not_stored(small_run: Path) -> N
     html = report(small_run).read_text(encoding="utf-8")
     assert "recomputed from the stored confidences" in html
     _decode_all_images(html)
+    # The matrix drawn: rows = true class, columns = the final checkpoint's prediction.
+    expected = np.zeros((2, 2), np.int64)
+    np.add.at(expected, (arrays["labels"], arrays["confidence"][-1].argmax(axis=1)), 1)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(calls[0][0][0], expected)
 
 
 def test_unreadable_images_degrade_to_a_note(small_run: Path, tmp_path: Path) -> None:
