@@ -129,6 +129,10 @@ def test_hooked_modules_and_other_containers_are_left_alone() -> None:
     model[0].register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
     grad_cam(model, "3", torch.rand(2, 3, 12, 12), [0, 1], fuse=True)
     assert seen == [torch.Size([2, 8, 12, 12])]  # the hooked convolution ran on its own
+    model = _vgg_like()
+    model[1].register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+    grad_cam(model, "3", torch.rand(2, 3, 12, 12), [0, 1], fuse=True)
+    assert len(seen) == 2  # so did the hooked ReLU, its hook called
 
     class Shared(nn.Module):  # the ReLU of the pair is also called outside its container
         def __init__(self) -> None:
@@ -199,11 +203,23 @@ def test_convolution_variants_and_layouts(conv: nn.Conv2d, nhwc_weights: bool,
     x = torch.randn(3, 4, 11, 13)
     if nhwc_input:
         x = x.contiguous(memory_format=torch.channels_last)
+    real = _fusion._kernel()
+    assert real is not None
+    fused: list[int] = []
+
+    def kernel(*args: object) -> torch.Tensor:
+        out = real(*args)
+        fused.append(1)  # counted once it ran: a kernel that raises falls back unfused
+        return out
+
     with torch.no_grad():
         ref = torch.relu(conv(x))
-        with _fusion.fused_conv_relu(net) as count:
-            out = net(x)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_fusion, "_kernel", lambda: kernel)
+            with _fusion.fused_conv_relu(net) as count:
+                out = net(x)
     assert count == 1
+    assert fused == [1]  # the fused kernel itself gave the output, not the fallback
     assert out.shape == ref.shape
     assert float(ref.max()) > 0
     assert out.is_contiguous() == ref.is_contiguous()  # the layout eager torch would give

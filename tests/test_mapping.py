@@ -159,9 +159,13 @@ def test_fit_mapping_groups_and_skips() -> None:
     assert mp.group_fit(0, 1).n == 95
     with pytest.raises(WhylookError, match="skipped or absent"):
         mp.group_fit(0, 2)
-    # Transition t alone gives the same fit as inside fit_mapping (seeded per transition).
-    alone = ridge_fit(dp[1], dy[1], n_boot=30, seed=[0, 1, 0])
-    np.testing.assert_allclose(mp.beta_se[1], alone.beta_se, rtol=1e-6)
+    # Transition t alone gives the same fit as inside fit_mapping (seeded per transition:
+    # the bootstrap, since the jackknife draws nothing and would match under any seed).
+    boot = fit_mapping(dp, dy, standard_errors="bootstrap", n_boot=30, seed=0)
+    for t in range(t_count):
+        alone = ridge_fit(dp[t], dy[t], standard_errors="bootstrap", n_boot=30, seed=[0, t, 0])
+        np.testing.assert_allclose(boot.beta_se[t], alone.beta_se, rtol=1e-6)
+    assert not np.allclose(boot.beta_se[0], boot.beta_se[1])
     fixed = fit_mapping(dp, dy, lam=2.0, standard_errors="none")
     assert fixed.lambda_mode == "fixed"
     np.testing.assert_array_equal(fixed.lambdas, [2.0, 2.0])
@@ -169,27 +173,33 @@ def test_fit_mapping_groups_and_skips() -> None:
 
 
 def test_threads_do_not_change_the_fits() -> None:
-    """Fits run on threads are the serial fits, bit for bit (seeds are per fit)."""
+    """Fits run on threads are the serial fits, bit for bit (seeds are per fit: read
+    through the bootstrap, the only standard errors that draw anything)."""
     rng = np.random.default_rng(8)
     t_count, n, k, m = 3, 150, 4, 3
     dp = rng.normal(size=(t_count, n, k))
     dy = dp @ rng.normal(size=(k, m)) + rng.normal(0, 0.5, (t_count, n, m))
     groups = rng.integers(-1, 3, size=(t_count, n))
     labels = rng.integers(0, m, n)
-    one = fit_mapping(dp, dy, groups=groups, n_boot=20, seed=3)
-    two = fit_mapping(dp, dy, groups=groups, n_boot=20, seed=3, n_jobs=2)
-    for name in ("beta", "beta_se", "z", "lambdas", "cv_r2"):
-        np.testing.assert_array_equal(getattr(one, name), getattr(two, name))
-    assert [(g.t, g.group) for g in one.group_fits] == [(g.t, g.group) for g in two.group_fits]
-    for a, b in zip(one.group_fits, two.group_fits, strict=True):
-        np.testing.assert_array_equal(a.fit.beta_se, b.fit.beta_se)
-    c_one = fit_class_mapping(dp, dy, labels, n_boot=20, seed=3)
-    c_two = fit_class_mapping(dp, dy, labels, n_boot=20, seed=3, n_jobs=-1)
+    for method in ("jackknife", "bootstrap"):
+        one = fit_mapping(dp, dy, groups=groups, standard_errors=method, n_boot=20, seed=3)
+        two = fit_mapping(dp, dy, groups=groups, standard_errors=method, n_boot=20, seed=3,
+                          n_jobs=2)
+        for name in ("beta", "beta_se", "z", "lambdas", "cv_r2"):
+            np.testing.assert_array_equal(getattr(one, name), getattr(two, name))
+        assert [(g.t, g.group) for g in one.group_fits] == [
+            (g.t, g.group) for g in two.group_fits]
+        for a, b in zip(one.group_fits, two.group_fits, strict=True):
+            np.testing.assert_array_equal(a.fit.beta_se, b.fit.beta_se)
+    c_one = fit_class_mapping(dp, dy, labels, standard_errors="bootstrap", n_boot=20, seed=3)
+    c_two = fit_class_mapping(dp, dy, labels, standard_errors="bootstrap", n_boot=20, seed=3,
+                              n_jobs=-1)
     np.testing.assert_array_equal(c_one.z, c_two.z)
     np.testing.assert_array_equal(c_one.lambdas, c_two.lambdas)
     # Each class's fit is the ridge of its own samples on its own confidence.
     rows = np.flatnonzero(labels == 1)
-    alone = ridge_fit(dp[2, rows], dy[2, rows, 1:2], n_boot=20, seed=[3, 2, 1001])
+    alone = ridge_fit(dp[2, rows], dy[2, rows, 1:2], standard_errors="bootstrap", n_boot=20,
+                      seed=[3, 2, 1001])
     np.testing.assert_allclose(c_one.beta_se[2, :, 1], alone.beta_se[:, 0], rtol=1e-6)
     for bad in (0, -2, 1.5, True):
         with pytest.raises(WhylookError, match="n_jobs must be"):

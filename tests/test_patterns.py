@@ -39,7 +39,11 @@ def test_planted_transition_patterns_are_recovered() -> None:
         assert adjusted_rand_score(truth[t], pats.groups[t]) > 0.95
     np.testing.assert_array_equal(pats.n_groups_per_transition, [3, 3])
     assert pats.all_noise_transitions == ()
+    # The noise fraction counts the -1 labels only, not group 0 (the largest).
+    np.testing.assert_array_equal(pats.noise_fraction, (pats.groups < 0).mean(axis=1))
+    assert (pats.noise_fraction < 0.1).all()
     assert pats.min_cluster_size == default_min_cluster_size(n) == 15
+    assert default_min_cluster_size(5000) == 100  # 2% of the samples, above the floor of 15
     # Groups are numbered by size, largest first.
     sizes = np.bincount(pats.groups[0][pats.groups[0] >= 0])
     assert (np.diff(sizes) <= 0).all()
@@ -166,8 +170,13 @@ def test_all_noise_is_flagged_not_crashed() -> None:
     assert pats.class_all_noise.all()
     # Uniform noise: no structure, so every sample is noise and the transition is flagged.
     changes = rng.uniform(-0.5, 0.5, size=(1, 400, 10))
-    pats = find_patterns(_confidence_from_changes(changes), rng.integers(0, 2, 400))
+    labels = rng.integers(0, 2, 400)
+    pats = find_patterns(_confidence_from_changes(changes), labels)
     assert pats.all_noise_transitions == (0,)
+    # Per class, groups need 10% of its ~200 samples (above the floor of 15).
+    np.testing.assert_array_equal(pats.class_min_cluster_size,
+                                  [round(0.1 * c) for c in np.bincount(labels)])
+    assert pats.class_min_cluster_size.min() > 15
     assert "all noise at transitions [0]" in pats.summary()
 
 
@@ -244,13 +253,22 @@ def test_describe_groups_marks_steady_groups() -> None:
     loose = describe_groups(groups, labels, conf, fits=fits, min_change=0.001)
     assert not any(g.steady for g in loose)
     assert loose[0].drivers
+    # A loss counts too: with three classes, two gaining 0.006 each and one losing 0.012,
+    # the largest gain is below a point but a class moved by more: not steady.
+    three = np.full((2, 2, 3), 1 / 3)
+    three[1] += [0.006, 0.006, -0.012]
+    (lost,) = describe_groups(np.array([[0, 0]]), np.array([0, 0]), three,
+                              fits={(0, 0): (np.ones((3, 3)), np.full((3, 3), 9.0))})
+    assert lost.gained[1] < 0.01
+    assert not lost.steady
+    assert lost.drivers
 
 
 def test_describe_groups_needs_drivers_seen_in_enough_samples() -> None:
     """A coefficient carried by one sample passes any z threshold (its bootstrap z is
     about 2.07 whatever its size): with the intensities given, a driver's attention must
     have changed in at least a tenth of the group's samples, and in five."""
-    n, k = 40, 3
+    n, k = 40, 4
     conf = np.zeros((2, n, 2))
     conf[0] = 0.5
     conf[1] = [0.2, 0.8]
@@ -258,12 +276,13 @@ def test_describe_groups_needs_drivers_seen_in_enough_samples() -> None:
     intensity[1, :, 0] = 1.0  # prototype 0: attention changed in all 40 samples
     intensity[1, :1, 1] = 1.0  # prototype 1: in one sample only
     intensity[1, :5, 2] = 1.0  # prototype 2: in five samples (a tenth would be 4)
+    intensity[1, :4, 3] = 1.0  # prototype 3: in four, a tenth of them, yet fewer than five
     z = np.zeros((k, 2))
-    z[:, 1] = [3.0, 2.07, 2.5]
+    z[:, 1] = [3.0, 2.07, 2.5, 2.3]
     fits = {(0, 0): (np.ones((k, 2)), z)}
     groups, labels = np.zeros((1, n), int), np.ones(n, int)
-    (free,) = describe_groups(groups, labels, conf, fits=fits)
-    assert free.drivers == ((0, 3.0), (2, 2.5), (1, 2.07))
+    (free,) = describe_groups(groups, labels, conf, fits=fits, top=4)
+    assert free.drivers == ((0, 3.0), (2, 2.5), (3, 2.3), (1, 2.07))
     (seen,) = describe_groups(groups, labels, conf, fits=fits, intensity=intensity)
     assert seen.drivers == ((0, 3.0), (2, 2.5))
     (strict,) = describe_groups(groups, labels, conf, fits=fits, intensity=intensity,

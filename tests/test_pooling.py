@@ -47,6 +47,7 @@ class _Pools(nn.Module):
         self.overlapping = nn.MaxPool2d(2, stride=1)
         self.resnet_stem = nn.MaxPool2d(3, stride=2, padding=1)
         self.ceil = nn.MaxPool2d(2, ceil_mode=True)
+        self.dilated = nn.MaxPool2d(2, dilation=2)
         self.indices = nn.MaxPool2d(2, return_indices=True)
         self.subclass = type("MyPool", (nn.MaxPool2d,), {})(2)
         self.head = nn.Linear(4, 3)
@@ -57,6 +58,7 @@ class _Pools(nn.Module):
              + torch.max_pool2d(a, [2, 2]) + F.max_pool2d(a, kernel_size=2, stride=2)
              + self.ceil(a)[..., :2, :2] + self.overlapping(a)[..., :2, :2]
              + self.resnet_stem(a) + self.indices(a)[0] + F.max_pool2d(a, 2, stride=1)[..., :2, :2]
+             + self.dilated(a)  # 1x1, broadcast
              + F.avg_pool2d(a, 2))
         return self.head(a.amax(dim=(2, 3)))
 

@@ -99,6 +99,10 @@ def test_streaming_and_shards_equal_one_shot() -> None:
     for res in results[1:]:
         np.testing.assert_allclose(res.components, results[0].components, atol=1e-10)
         np.testing.assert_array_equal(res.assign(feats), results[0].assign(feats))
+        # K-Means saw the same rows in the same order (sorted by key), not only rows that
+        # end in the same clusters: its centres agree to far below float32 rounding (rows
+        # in arrival order move them by ~4e-6 here, and assign the same).
+        np.testing.assert_allclose(res.centers, results[0].centers, rtol=0, atol=1e-8)
 
 
 def test_pca_matches_sklearn() -> None:
@@ -140,6 +144,14 @@ def test_round_trip_arrays() -> None:
     protos = PrototypeFinder(k=4).fit([feats])
     again = Prototypes.from_arrays(protos.to_arrays())
     np.testing.assert_array_equal(again.assign(feats), protos.assign(feats))
+    # Every field comes back, not only what assign reads (K search included).
+    auto = PrototypeFinder(k="auto", auto_candidates=range(2, 6)).fit([feats])
+    for saved in (protos, auto):
+        arrays = Prototypes.from_arrays(saved.to_arrays()).to_arrays()
+        assert arrays.keys() == saved.to_arrays().keys()
+        for name, value in saved.to_arrays().items():
+            np.testing.assert_array_equal(arrays[name], value, err_msg=name)
+    assert auto.k_inertia.size == 4
     with pytest.raises(WhylookError, match="incomplete"):
         Prototypes.from_arrays({"mean": protos.mean})
 

@@ -66,7 +66,7 @@ def test_shared_needs_activity_and_significant_support():
     in_a = labels == 0
     mass[in_a, 0] = 0.5  # P-0: active in every sample of a, positive support
     mass[in_a, 1] = 0.4  # P-1: active in every sample of a, but beta only noise
-    mass[in_a, 2] = 0.3  # P-2: active in every sample of a, weaker but real support
+    mass[np.flatnonzero(in_a)[:15], 2] = 0.3  # P-2: active in 75% of a, weaker real support
     beta[:, 0, 0] = 1.0
     beta[:, 1, 0] = 0.05
     beta[:, 2, 0] = 0.4
@@ -74,8 +74,9 @@ def test_shared_needs_activity_and_significant_support():
     a = s.classes[0]
     assert a.shared == ("P-0", "P-2")  # strongest first, P-1 is below the noise
     assert a.shared_strength[0] == pytest.approx(1.0)
-    # strength = active rate (1.0 for both) x summed support (4 x 0.4 vs 4 x 1.0)
-    assert a.shared_strength[1] == pytest.approx(1.6 / 4.0)
+    # strength = active rate (0.75 vs 1.0) x summed support (4 x 0.4 vs 4 x 1.0)
+    assert a.shared_strength[1] == pytest.approx(0.75 * 1.6 / 4.0)
+    assert s.active_rate_by_class[2, 0] == pytest.approx(0.75)
     assert s.classes[1].shared == ()
     assert s.active_rate_by_class[0, 0] == pytest.approx(1.0)
     assert s.active_rate_by_class[0, 1] == pytest.approx(0.0)
@@ -161,7 +162,31 @@ def test_specialized_prototype_of_a_sub_group():
     assert spec[0].group == 0
     assert spec[0].size == 12
     assert spec[0].prototypes == ("P-4",)
-    assert set(spec[0].samples) <= set(rows_b[:12].tolist())
+    # Examples: the group's first 8 samples, in row order (not just any rows of b).
+    assert spec[0].samples == tuple(rows_b[:8].tolist())
+
+
+def test_specialized_needs_both_the_margin_and_a_significant_difference():
+    labels, mass, conf, beta, se, groups = _base()
+    rows_b = np.flatnonzero(labels == 1)
+    groups[rows_b[:5]] = 0
+    mass[rows_b[:5], 4] = 0.6  # in all 5 of the group ...
+    mass[rows_b[5:12], 4] = 0.6  # ... and 7 of the other 15: margin 0.53, Fisher p 0.051
+    assert _run(labels, mass, conf, beta, se, groups).classes[1].specialized == ()
+    assert _run(labels, mass, conf, beta, se, groups,
+                specialized_p=0.06).classes[1].specialized[0].prototypes == ("P-4",)
+    # 40 of 40 in the group against 30 of 40 in the rest: Fisher p 5e-4, margin only 0.25.
+    labels = np.repeat(np.arange(M), 80)
+    rows_b = np.flatnonzero(labels == 1)
+    mass = np.full((labels.size, K), 0.01)
+    conf = np.full((T + 1, labels.size, M), 1.0 / M)
+    groups = -np.ones(labels.size, dtype=np.int16)
+    groups[rows_b[:40]] = 0
+    mass[rows_b[:70], 4] = 0.6
+    assert _run(labels, mass, conf, beta, se, groups,
+                specialized_margin=0.25).classes[1].specialized[0].prototypes == ("P-4",)
+    assert _run(labels, mass, conf, beta, se, groups,
+                specialized_margin=0.26).classes[1].specialized == ()
 
 
 def test_specialized_needs_a_large_enough_group():
@@ -267,6 +292,13 @@ def test_learning_order_reads_pairwise_accuracy_not_raw_confusion():
     assert by_pair[("a", "b")].separated_at_checkpoint == 4
     assert by_pair[("b", "c")].separated_at_checkpoint == 4
     assert s.learning_order.pairs[0].pair == ("a", "c")  # first separated comes first
+    # Separated together, the more distinct pair comes first: a also looks at P-1, b's
+    # part, so a/b is less distinct than b/c, against the order of the names.
+    mass[labels == 0, 1] = 0.9
+    s = _run(labels, mass, conf, beta, se, groups)
+    by_pair = {p.pair: p for p in s.learning_order.pairs}
+    assert by_pair[("b", "c")].distinctness > by_pair[("a", "b")].distinctness
+    assert [p.pair for p in s.learning_order.pairs] == [("a", "c"), ("b", "c"), ("a", "b")]
 
 
 def test_never_separated_pair_has_no_step():
@@ -373,6 +405,9 @@ def test_many_classes_match_the_rules_pair_by_pair():
     got = [(u.id, u.classes, u.swings, u.lead_z) for u in s.uncertain]
     assert sorted(got) == sorted(expected)
     assert len(expected) >= 5
+    # Listed most swings first, then by prototype number, then by the pair.
+    assert got == sorted(expected, key=lambda e: (-e[2], int(e[0][2:]), e[1]))
+    assert len({e[2] for e in expected}) >= 2
 
     # The flagged pairs' confusion against the average pair's, counted sample by sample.
     wrong = np.zeros((m, m))
@@ -817,6 +852,12 @@ def test_learning_unseen_closed_form():
     np.testing.assert_allclose(s.zero_saliency_rate, expected_rate)
     assert [c["learning_unseen"] for c in s.to_json()["classes_explained"]] == [
         0.375, 0.0, 0.0]
+    # A fall is no learning (weight 0), not learning: rises 0.2, 0.6, 0, 0.4 give the
+    # blank transition 1 a weight of 1/2, of which half the samples are unseen.
+    fall = conf.copy()
+    fall[:, rows, 0] = np.array([0.2, 0.4, 1.0, 0.6, 1.0])[:, None]
+    a_fall = _run(labels, mass, fall, beta, se, groups, zero_maps=zero).classes[0]
+    assert a_fall.learning_unseen == pytest.approx(0.5 * 0.5)
     # Without maps there is no reading, not a zero.
     plain = _run(labels, mass, conf, beta, se, groups)
     assert plain.zero_saliency_rate is None
