@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from whylook.errors import WhylookError
-from whylook.intensity import delta, mass_share, prototype_intensity
+from whylook.intensity import activity, delta, mass_share, prototype_intensity
 
 
 def _brute(saliency: np.ndarray, assignments: np.ndarray, k: int) -> np.ndarray:
@@ -67,10 +67,12 @@ def test_mass_share() -> None:
 
 
 def test_torch_inputs() -> None:
-    sal = torch.rand(2, 3, 2, 2)
+    # Saliency straight from autograd still requires grad: numpy cannot take it as it is.
+    sal = torch.rand(2, 3, 2, 2, requires_grad=True)
     ass = torch.randint(0, 3, (3, 2, 2))
     res = prototype_intensity(sal, ass, 3)
-    np.testing.assert_allclose(res.values, _brute(sal.numpy(), ass.numpy(), 3), rtol=1e-6)
+    expected = _brute(sal.detach().numpy(), ass.numpy(), 3)
+    np.testing.assert_allclose(res.values, expected, rtol=1e-6)
 
 
 def test_delta() -> None:
@@ -96,3 +98,23 @@ def test_shape_and_range_errors() -> None:
         prototype_intensity(sal, np.zeros((3, 2, 2), int), 0)
     with pytest.raises(WhylookError, match=r"\(n, h, w\)"):
         mass_share(sal, np.zeros((3, 2, 2), int), 2)
+
+
+def test_activity_by_hand() -> None:
+    sal = np.array([[[4.0, 1.0], [1.0, 1.0]],   # intensities 4, 1 (prototype 2 absent)
+                    [[2.0, 6.0], [0.0, 2.0]],   # intensities 2, 6, 1
+                    [[0.0, 0.0], [0.0, 0.0]]])  # no saliency at all: 0, not NaN
+    ass = np.array([[[0, 1], [1, 1]],
+                    [[0, 1], [2, 2]],
+                    [[0, 0], [1, 2]]])
+    # Relative to each sample's own most intense prototype, not the batch's.
+    act = activity(sal, ass, 3)
+    assert act.dtype == np.float32
+    np.testing.assert_allclose(act, [[1, 1 / 4, 0], [1 / 3, 1, 1 / 6], [0, 0, 0]], rtol=1e-6)
+    # The mass rule: each prototype's share of the sample's total saliency.
+    mass = activity(sal, ass, 3, rule="mass")
+    np.testing.assert_allclose(mass, [[4 / 7, 3 / 7, 0], [0.2, 0.6, 0.2], [0, 0, 0]], rtol=1e-6)
+    with pytest.raises(WhylookError, match=r"unknown activity rule 'area'; use one of"):
+        activity(sal, ass, 3, rule="area")
+    with pytest.raises(WhylookError, match=r"saliency must have shape \(n, h, w\) here"):
+        activity(np.stack([sal, sal]), ass, 3)

@@ -110,6 +110,7 @@ def user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     (tmp_path / "my_models.py").write_text(
         textwrap.dedent(
             """
+            import torch
             from torch import nn
 
             def tiny(num_classes, in_channels, image_size):
@@ -151,6 +152,11 @@ def user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
             def int_out(num_classes, in_channels, image_size):
                 return Wrapped(tiny(num_classes, in_channels, image_size), lambda y: y.long())
 
+            def noisy(num_classes, in_channels, image_size):
+                # A random layer that draws from torch's generator in eval mode too.
+                return Wrapped(tiny(num_classes, in_channels, image_size),
+                               lambda y: y + 0 * torch.rand_like(y))
+
             def no_params(num_classes, in_channels, image_size):
                 return nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())
 
@@ -162,6 +168,9 @@ def user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
             def frozen(num_classes, in_channels, image_size):
                 return tiny(num_classes, in_channels, image_size).requires_grad_(False)
+
+            def in_eval(num_classes, in_channels, image_size):
+                return tiny(num_classes, in_channels, image_size).eval()
             """
         )
     )
@@ -231,14 +240,19 @@ def test_the_factory_error_keeps_its_traceback_for_python_callers(user_package: 
 
 
 def test_checking_a_model_leaves_its_mode_and_the_rng_alone(user_package: str) -> None:
+    # The check's forward draws random numbers (noisy's layer does); they must not move the
+    # caller's stream: the same draws follow as after calling the factory alone.
     torch.manual_seed(0)
-    model = build_model(f"{user_package}:tiny", num_classes=4, in_channels=3, image_size=9)
+    model = build_model(f"{user_package}:noisy", num_classes=4, in_channels=3, image_size=9)
     assert model.training
     after = torch.rand(1)
     torch.manual_seed(0)
-    tiny = importlib.import_module(user_package).tiny
-    tiny(num_classes=4, in_channels=3, image_size=(9, 9))
+    noisy = importlib.import_module(user_package).noisy
+    noisy(num_classes=4, in_channels=3, image_size=(9, 9))
     assert torch.equal(torch.rand(1), after)
+    # A model its factory returns in eval mode stays in eval mode.
+    assert not build_model(f"{user_package}:in_eval", num_classes=4, in_channels=3,
+                           image_size=9).training
 
 
 def test_a_frozen_model_is_built_but_cannot_be_trained(user_package: str) -> None:

@@ -70,10 +70,12 @@ def test_import_converts_to_safetensors_and_evaluates(imported, foreign, tiny_da
         accuracy, loss = evaluate(_model(seed), tiny_data.test)
         assert info.test_accuracy == accuracy
         assert info.test_loss == pytest.approx(loss, rel=1e-6)
-    record = imported.manifest["imported"][0]
-    assert record["file"] == str(foreign[0].resolve())
-    assert record["sha256"] == _io.file_digest(foreign[0])
-    assert record["normalize_filled"] is False
+    # One record per file, each naming its own file and hash.
+    records = imported.manifest["imported"]
+    assert [r["file"] for r in records] == [str(f.resolve()) for f in foreign]
+    assert [r["sha256"] for r in records] == [_io.file_digest(f) for f in foreign]
+    assert len({r["sha256"] for r in records}) == 3  # three files, three different hashes
+    assert [r["normalize_filled"] for r in records] == [False] * 3
 
 
 def test_load_model_and_friends(imported: RunFolder, tiny_data) -> None:
