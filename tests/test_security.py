@@ -164,9 +164,22 @@ def test_the_source_never_unpickles_or_extracts() -> None:
     """A static guard: every torch.load passes weights_only=True, nothing enables numpy's
     pickles, and no archive is extracted to disk (data.py reads zips in memory)."""
     problems = []
+    unpicklers = {"pickle", "cPickle", "_pickle", "dill", "joblib", "marshal", "shelve"}
     for path in sorted(SRC.rglob("*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in ast.walk(tree):
+            # Under another name (import pickle as pk; from torch import load) the calls
+            # below would go unseen: no module that unpickles is imported at all, and
+            # torch's load only as torch.load.
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                where = f"{path.relative_to(SRC)}:{node.lineno}"
+                modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                           else [node.module or ""])
+                if any(m.split(".")[0] in unpicklers for m in modules):
+                    problems.append(f"{where}: imports {', '.join(modules)}")
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                        "torch") and any(a.name == "load" for a in node.names):
+                    problems.append(f"{where}: from {node.module} import load")
             if not isinstance(node, ast.Call):
                 continue
             func = node.func
