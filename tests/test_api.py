@@ -42,8 +42,11 @@ def test_results_go_straight_into_the_next_call(real_run: Path) -> None:
     folder = RunFolder.open(run)
     assert load_explanation(folder).data == exp.data
     assert load_explanation(exp).data == exp.data
+    page = run / "report" / "index.html"
     for given in (folder, exp):
-        assert report(given) == run / "report" / "index.html"
+        page.unlink(missing_ok=True)
+        assert report(given) == page
+        assert page.read_text().lstrip().lower().startswith("<!doctype html")
 
 
 def test_explanations_compare_by_identity_and_hash(run: Path) -> None:
