@@ -17,6 +17,7 @@ from whylook.compare import (
     strategy_difference,
 )
 from whylook.errors import WhylookError
+from whylook.structure import order_correlation_of
 
 
 def test_iou_matching_recovers_a_relabelling():
@@ -202,7 +203,6 @@ def test_cli_reports_a_missing_run_in_one_line(tmp_path, capsys):
 def test_an_older_files_coefficient_of_too_few_separated_pairs_is_not_compared():
     """Files written before structure required 3 separated pairs may hold a coefficient of
     one; compare reads it as the summary and report do: not measurable."""
-    from whylook.compare import _order_correlation
 
     def data(separated):
         order = [{"pair": ["a", str(i)], "separated_at_step": 5 if i < separated else None}
@@ -211,6 +211,45 @@ def test_an_older_files_coefficient_of_too_few_separated_pairs_is_not_compared()
                 "learning_order_correlation": {"spearman": -0.866, "p_value": 0.03,
                                                "n_pairs": 6}}
 
-    assert _order_correlation(data(1)) is None
-    assert _order_correlation(data(2)) is None
-    assert _order_correlation(data(3)) == -0.866
+    assert order_correlation_of(data(1)) == (1, None, None)
+    assert order_correlation_of(data(2)) == (2, None, None)
+    assert order_correlation_of(data(3)) == (3, -0.866, 0.03)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("numbers", [2, 3])
+def test_summary_report_and_compare_count_separated_pairs_alike(two_runs, tmp_path, numbers):
+    """A hand-edited explanation.json whose separation steps are partly not numbers (a string,
+    a bool, a missing field, NaN): the summary, the report and compare all count only the
+    numbers, so the three agree on whether the coefficient is shown."""
+    from whylook.explain import load_explanation
+    from whylook.report import report
+
+    a, b = two_runs
+    edited = tmp_path / "edited"
+    shutil.copytree(a, edited, ignore=shutil.ignore_patterns("compare", "report"))
+    path = edited / "analysis" / "explanation.json"
+    exp = json.loads(path.read_text())
+    order = exp["learning_order"]
+    assert len(order) >= 7
+    for i, entry in enumerate(order):
+        entry["separated_at_step"] = 10 * (i + 1) if i < numbers else None
+    order[numbers]["separated_at_step"] = "12"
+    order[numbers + 1]["separated_at_step"] = True
+    order[numbers + 2].pop("separated_at_step")
+    order[numbers + 3]["separated_at_step"] = float("nan")
+    exp["learning_order_correlation"] = {"spearman": -0.5, "p_value": 0.01,
+                                         "n_pairs": len(order)}
+    path.write_text(json.dumps(exp))
+
+    summary = load_explanation(edited).summary()
+    html = report(edited).read_text(encoding="utf-8")
+    got = compare(edited, b, out=tmp_path / "c.json", device="cpu").data["learning_order"]
+    if numbers < 3:
+        assert "not measurable (2 pairs separated; at least 3 needed)" in summary
+        assert "too few separated pairs: 2, at least 3 needed" in html
+        assert got["correlation_a"] is None
+    else:
+        assert "Spearman(distinctness, separation checkpoint) = -0.500 (p = 0.01" in summary
+        assert "Spearman ρ = -0.50 (p = 0.01" in html
+        assert got["correlation_a"] == -0.5

@@ -884,11 +884,12 @@ def test_summary_names_classes_learned_unseen(tmp_path):
 def test_summary_names_each_pair_once_when_there_are_few(tmp_path):
     from whylook.explain import Explanation
 
-    order = [{"pair": list(p)} for p in (("a", "b"), ("a", "c"), ("b", "c"))]
+    order = [{"pair": list(p), "separated_at_step": 5 * i}
+             for i, p in enumerate((("a", "b"), ("a", "c"), ("b", "c")))]
     text = Explanation(path=tmp_path, data=_summary_data(learning_order=order),
                        arrays={}).summary()
     assert "Learning order: separated a/b, a/c, b/c (first to last)" in text
-    many = [{"pair": [f"c{i}", f"c{i + 1}"]} for i in range(11)]
+    many = [{"pair": [f"c{i}", f"c{i + 1}"], "separated_at_step": i} for i in range(11)]
     text = Explanation(path=tmp_path, data=_summary_data(learning_order=many),
                        arrays={}).summary()
     assert ("Learning order: first separated c0/c1, c1/c2, c2/c3, c3/c4, c4/c5; last "

@@ -52,7 +52,7 @@ from whylook._io import file_digest, run_lock, write_json
 from whylook.errors import WhylookError
 from whylook.finetune import _open, evaluate, load_prototypes, require_explanation
 from whylook.models import resolve_device
-from whylook.structure import MIN_SEPARATED_PAIRS
+from whylook.structure import order_correlation_of
 
 __all__ = [
     "SCHEMA",
@@ -228,13 +228,6 @@ def _beta_agreement(
     }
 
 
-def _order_correlation(data: dict[str, Any]) -> float | None:
-    """The run's distinctness-vs-separation coefficient as its summary and report read it:
-    none of fewer than ``MIN_SEPARATED_PAIRS`` separated pairs, which files written before
-    that rule may still hold."""
-    separated = sum(p.get("separated_at_step") is not None for p in data["learning_order"])
-    rho = data["learning_order_correlation"].get("spearman")
-    return rho if separated >= MIN_SEPARATED_PAIRS else None
 
 
 def _r6(x: float | None) -> float | None:
@@ -556,8 +549,8 @@ def _compare(fa: Any, fb: Any, *, out: str | Path | None, min_iou: float, device
         "learning_order": {
             "spearman": _r6(lo_rho),
             "n_pairs": len(keys),
-            "correlation_a": _order_correlation(ea.data),
-            "correlation_b": _order_correlation(eb.data),
+            "correlation_a": order_correlation_of(ea.data)[1],
+            "correlation_b": order_correlation_of(eb.data)[1],
         },
     }
     if out is None:

@@ -54,7 +54,9 @@ from whylook.structure import (
     blank_maps,
     class_accuracy,
     confusion_matrix,
+    order_correlation_of,
     prototype_id,
+    records_separation,
     uncertain_rule,
 )
 
@@ -271,8 +273,7 @@ class Explanation:
                          "explanation.json and the report")
         order = d["learning_order"]
         lines.append("")
-        names = [f"{p['pair'][0]}/{p['pair'][1]}" for p in order
-                 if p.get("separated_at_step", 0) is not None]
+        names = [f"{p['pair'][0]}/{p['pair'][1]}" for p in order if records_separation(p)]
         never = len(order) - len(names)
         if len(names) <= 10:  # first five and last five would name some pairs twice
             text = f"separated {', '.join(names)} (first to last)" if names else "none separated"
@@ -281,19 +282,18 @@ class Explanation:
         lines.append(f"Learning order: {text}"
                      + (f"; {never} pair{'s' if never != 1 else ''} never separated" if never
                         else ""))
-        corr = d["learning_order_correlation"]
-        if len(names) < MIN_SEPARATED_PAIRS:
-            # Files written before structure applied the same rule may hold a coefficient.
-            lines.append(f"  distinctness vs separation: not measurable ({len(names)} "
-                         f"pair{'s' if len(names) != 1 else ''} separated; at least "
+        separated, rho, p_value = order_correlation_of(d)
+        if separated < MIN_SEPARATED_PAIRS:
+            lines.append(f"  distinctness vs separation: not measurable ({separated} "
+                         f"pair{'s' if separated != 1 else ''} separated; at least "
                          f"{MIN_SEPARATED_PAIRS} needed)")
-        elif corr["spearman"] is None:
+        elif rho is None:
             lines.append("  distinctness vs separation: not measurable (no variation)")
         else:
             lines.append(
-                f"  Spearman(distinctness, separation checkpoint) = {corr['spearman']:+.3f} "
-                f"({_p_text(corr['p_value'])}, {corr['n_pairs']} pairs; negative = more "
-                "distinct pairs separated first)"
+                f"  Spearman(distinctness, separation checkpoint) = {rho:+.3f} "
+                f"({_p_text(p_value)}, {len(order)} pairs; "
+                "negative = more distinct pairs separated first)"
             )
         lines.append(f"\nwritten to {self.path}")
         return "\n".join(lines)
@@ -323,7 +323,9 @@ def _near_chance_text(d: dict[str, Any]) -> str | None:
     return None if caution is None else f"  Caution: {caution}"
 
 
-def _p_text(p: float) -> str:
+def _p_text(p: float | None) -> str:
+    if p is None:
+        return "p not recorded"
     # explanation.json keeps 6 decimals: a p-value below that reads as 0 there.
     return f"p = {p:.3g}" if p > 0 else "p < 1e-06"
 

@@ -231,6 +231,50 @@ class LearningOrder:
     n_pairs: int
 
 
+def records_separation(entry: object) -> bool:
+    """Whether one ``learning_order`` entry of an explanation.json records a separation (its
+    ``separated_at_step`` is a finite number).
+
+    The one test every reader of the file applies (the summary, the report, compare), so a
+    file edited by hand or written by an older version reads the same in each.
+
+    >>> records_separation({"pair": ["3", "8"], "separated_at_step": 120})
+    True
+    >>> [records_separation({"separated_at_step": s}) for s in (None, "7", True, float("nan"))]
+    [False, False, False, False]
+    """
+    step = entry.get("separated_at_step") if isinstance(entry, dict) else None
+    return is_number(step) and math.isfinite(step)
+
+
+def order_correlation_of(data: dict[str, Any]) -> tuple[int, float | None, float | None]:
+    """Separated pairs, Spearman ρ and its p-value of an explanation.json's learning order as
+    the summary, the report and compare show them.
+
+    ρ and p are ``None`` with fewer than ``MIN_SEPARATED_PAIRS`` separated pairs (files
+    written before that rule may still hold a coefficient) and where the file holds no
+    finite number.
+
+    >>> order = [{"pair": ["a", "b"], "separated_at_step": 5}]
+    >>> order_correlation_of({"learning_order": order,
+    ...                       "learning_order_correlation": {"spearman": -1.0, "p_value": 0.0}})
+    (1, None, None)
+    """
+    order = data.get("learning_order")
+    separated = sum(map(records_separation, order)) if isinstance(order, list) else 0
+    corr = data.get("learning_order_correlation")
+    corr = corr if isinstance(corr, dict) else {}
+
+    def finite(key: str) -> float | None:
+        value = corr.get(key)
+        return float(value) if is_number(value) and math.isfinite(value) else None
+
+    if separated < MIN_SEPARATED_PAIRS:
+        return separated, None, None
+    rho = finite("spearman")
+    return separated, rho, (finite("p_value") if rho is not None else None)
+
+
 @dataclass(frozen=True)
 class PairConfusion:
     """How often the model confused the class pairs that uncertain prototypes swing

@@ -61,6 +61,8 @@ from whylook.structure import (
     blank_rates,
     class_accuracy,
     confusion_matrix,
+    order_correlation_of,
+    records_separation,
 )
 
 __all__ = ["MAX_CLASS_SECTIONS", "PAGE_BUDGET_BYTES", "report"]
@@ -677,24 +679,20 @@ class _Builder:
             pair = [str(x) for x in (e.get("pair") or [])]
             if len(pair) != 2:
                 continue
-            s = e.get("separated_at_step")
             d = e.get("distinctness")
             order.append({"pair": f"{pair[0]} – {pair[1]}",
-                          "step": int(s) if isinstance(s, int | float) else None,
+                          "step": int(e["separated_at_step"]) if records_separation(e) else None,
                           "distinctness": float(d) if isinstance(d, int | float) else None})
         # Earliest first, never-separated last; stable, so ties keep the explanation's order.
         order.sort(key=lambda e: (e["step"] is None, e["step"] or 0))
-        corr = self.exp.get("learning_order_correlation") or {}
-        rho, p = corr.get("spearman"), corr.get("p_value")
-        n_pairs = corr.get("n_pairs", len(order))
-        separated = sum(e["step"] is not None for e in order)
+        separated, rho, p = order_correlation_of(self.exp)
+        n_pairs = (self.exp.get("learning_order_correlation") or {}).get("n_pairs", len(order))
         if separated < MIN_SEPARATED_PAIRS:
-            # Files written before structure applied the same rule may hold a coefficient.
             title = (f"Spearman ρ undefined (too few separated pairs: {separated}, at least "
                      f"{MIN_SEPARATED_PAIRS} needed)")
-        elif isinstance(rho, int | float):
+        elif rho is not None:
             title = f"Spearman ρ = {rho:.2f}" + (
-                f" (p = {p:.2g}, n = {n_pairs})" if isinstance(p, int | float) else "")
+                f" (p = {p:.2g}, n = {n_pairs})" if p is not None else "")
         else:
             title = "Spearman ρ undefined (no variation)"
         result: dict[str, Any] = {"rows": order[:_MAX_TABLE_ROWS], "total": len(order),
