@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from whylook import WhylookError, grad_cam
-from whylook._checks import is_number, is_whole
+from whylook._checks import is_number, is_whole, is_whole_valued
 from whylook.patterns import find_patterns
 from whylook.prototypes import PrototypeFinder
 from whylook.structure import StructureSettings
@@ -22,6 +22,15 @@ from whylook.structure import StructureSettings
 def test_is_whole_and_is_number(value: object, whole: bool, number: bool) -> None:
     assert is_whole(value) is whole
     assert is_number(value) is number
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (100, True), (np.int64(7), True), (100.0, True), (np.float32(3.0), True), (-2.0, True),
+    (2.5, False), (float("inf"), False), (float("nan"), False), (True, False),
+    (np.bool_(False), False), ("100", False), (None, False),
+])
+def test_is_whole_valued(value: object, expected: bool) -> None:
+    assert is_whole_valued(value) is expected
 
 
 def test_a_bool_is_refused_where_an_int_test_let_it_through() -> None:

@@ -7,6 +7,7 @@ so that test also turns away a value a user reasonably passes. One test for each
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import TypeGuard
 
@@ -20,3 +21,10 @@ def is_whole(value: object) -> TypeGuard[int]:
 def is_number(value: object) -> TypeGuard[float]:
     """A real number, Python's or NumPy's, and not a bool (NaN and inf included)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_whole_valued(value: object) -> bool:
+    """A whole number, or a finite real number of whole value (``100.0``: a step computed
+    as ``epoch * steps_per_epoch``, or read from a float array)."""
+    return is_whole(value) or (is_number(value) and math.isfinite(value)
+                               and float(value).is_integer())

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from whylook import _io
-from whylook._checks import is_number, is_whole
+from whylook._checks import is_whole, is_whole_valued
 from whylook.data import DataSource, is_loadable_spec, load_data
 from whylook.errors import WhylookError, option
 from whylook.models import (
@@ -674,7 +674,7 @@ def import_checkpoints(
     given = (None if isinstance(steps, str) or not isinstance(steps, Iterable)
              or (isinstance(steps, np.ndarray | torch.Tensor) and steps.ndim == 0)
              else [_as_number(s) for s in steps])
-    if given is None or not all(_whole_valued(s) for s in given):
+    if given is None or not all(is_whole_valued(s) for s in given):
         raise WhylookError(
             "steps must be a list of whole numbers, one per checkpoint, not "
             f"{steps if given is None else given!r:.80}"
@@ -768,12 +768,6 @@ def _as_number(value: object) -> Any:
         with contextlib.suppress(RuntimeError, NotImplementedError):  # a meta tensor
             return value.item()
     return value
-
-
-def _whole_valued(value: object) -> bool:
-    # A step computed as epoch * steps_per_epoch, or read from a float array, is 100.0.
-    return is_whole(value) or (is_number(value) and math.isfinite(value)
-                               and float(value).is_integer())
 
 
 def _check_finite(state: Mapping[str, torch.Tensor], source: str | os.PathLike[str]) -> None:
