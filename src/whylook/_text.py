@@ -29,6 +29,12 @@ def floor_pct(rate: float) -> str:
 #: than this fraction of the way from chance to perfect (19 % for ten classes).
 NEAR_CHANCE = 0.1
 
+#: A rate (a ratio of counts) within this of a bar counts as on it. A bar computed from
+#: settings (``1 - tolerance``, ``chance + 0.1 (1 - chance)``) or a difference of two rates
+#: can land a rounding step beyond the exact value (30/52 - 17/52 = 0.24999999999999994),
+#: while two rates of counts below a million differ by at least 1e-12.
+RATE_ROUNDING = 1e-12
+
 
 def near_chance_caution(
     accuracy: float, n_classes: int, *, source: str | None = None
@@ -50,7 +56,7 @@ def near_chance_caution(
     True
     """
     chance = 1.0 / n_classes
-    if accuracy >= chance + NEAR_CHANCE * (1.0 - chance):
+    if accuracy >= chance + NEAR_CHANCE * (1.0 - chance) - RATE_ROUNDING:
         return None
     text = (f"the final model is right on {floor_pct(accuracy)} of the analysis set (chance: "
             f"{floor_pct(chance)}); it has learned little, so there is little for this "

@@ -69,6 +69,7 @@ from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
 from whylook._checks import is_number, is_whole
+from whylook._text import RATE_ROUNDING
 from whylook.errors import WhylookError, option
 from whylook.mapping import LeadErrors
 
@@ -702,7 +703,8 @@ def _specialized(
         a_out = active[rows_c[~member]].sum(axis=0)
         rate_in, rate_out = a_in / size, a_out / rest
         candidates = np.flatnonzero(
-            (rate_in >= settings.shared_rate) & (rate_in - rate_out >= settings.specialized_margin)
+            (rate_in >= settings.shared_rate)
+            & (rate_in - rate_out >= settings.specialized_margin - RATE_ROUNDING)
         )
         chosen = []
         for p in candidates:
@@ -913,7 +915,7 @@ def _learning_order(
     acc = _pairwise_accuracies(confidence, labels, m)
     checkpoints = np.arange(acc.shape[0])[:, None, None]
     # The last checkpoint at which each pair is still below the level (-1: never).
-    last_below = np.where(acc < level, checkpoints, -1).max(axis=0)
+    last_below = np.where(acc < level - RATE_ROUNDING, checkpoints, -1).max(axis=0)
     has_mass = profiles.sum(axis=1) > 0
     # Every pair a < b at once, in the order of the loops over a, then b > a: the rank
     # correlation below is computed in that order. (A loop over the pairs took 4 s for a
