@@ -993,5 +993,7 @@ def report(
 def _report(run: Path, out: Path, classes: Sequence[str] | None, *, locked: bool) -> Path:
     inputs = load(run)
     builder = _Builder(inputs, classes)
-    html = _render(builder.build())
+    with figures.reusing():  # one β heatmap and saliency figure for all classes
+        context = builder.build()
+    html = _render(context)
     return _write(out, builder.out.files, html, locked=locked)

@@ -5,6 +5,13 @@ made without pyplot, so they are never registered as open figures (a report over
 hundreds of figures accumulates none), and importing this module leaves the user's
 matplotlib backend alone (no ``matplotlib.use``: a notebook keeps its inline plots).
 
+Speed (a report draws two figures per class; text layout is most of matplotlib's time):
+each figure is drawn once, on a canvas with room around it, and cropped to what was drawn
+(``_png``; ``bbox_inches="tight"`` drew it twice); axes without a label and titles with
+nothing above their axes skip matplotlib's measuring of every tick label to place them;
+and within :func:`reusing` the per-class figures reuse one figure each. Measured with
+``benchmarks/bench_report.py``.
+
 Strings that come from data (class names) are drawn with math parsing off: a class named
 ``$x$`` is drawn as the three characters it is, not as TeX (and a stray ``$`` cannot make
 matplotlib raise).
@@ -14,17 +21,24 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterator, Sequence
-from typing import Any
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from typing import Any, TypeVar, cast
 
 import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.axis import Axis
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
+from matplotlib.collections import PathCollection
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
+from matplotlib.text import Text
 from matplotlib.ticker import FuncFormatter
+from PIL import Image
 
 __all__ = [
     "accuracy_loss",
@@ -35,6 +49,7 @@ __all__ = [
     "distinctness_scatter",
     "learning_timeline",
     "pattern_groups",
+    "reusing",
     "saliency_strip",
     "uncertain_support",
 ]
@@ -49,18 +64,100 @@ _RC: dict[Any, Any] = {
 }
 
 
+#: White space (inches) added around a figure that is not laid out by ``tight_layout``, so
+#: that labels reaching past its nominal size are drawn on the canvas (and cropped to).
+_MARGIN = 2.0
+_PAD = round(0.1 * DPI)  # pixels of white around the drawn content, as savefig's pad_inches
+_PNG_LEVEL = 3
+
+
+def _new_figure(width: float, height: float, margin: float = _MARGIN) -> Figure:
+    """A ``width`` × ``height`` inch figure on an Agg canvas, with ``margin`` inches of room
+    on every side: subplots keep the size and place they have in a figure of the nominal
+    size, and tick labels, titles and colour bar labels outside it still land on the
+    canvas, so :func:`_png` draws the figure once and crops (no ``bbox_inches="tight"``,
+    which draws it twice). Figures laid out by ``tight_layout`` pass ``margin=0``: their
+    content already fits. Call it under ``matplotlib.rc_context(_RC)``."""
+    w, h = width + 2 * margin, height + 2 * margin
+    fig = Figure(figsize=(w, h), dpi=DPI)
+    if margin:
+        fig.subplots_adjust(left=(margin + 0.125 * width) / w, right=(margin + 0.9 * width) / w,
+                            bottom=(margin + 0.11 * height) / h,
+                            top=(margin + 0.88 * height) / h)
+    FigureCanvasAgg(fig)  # render with Agg whatever the user's backend is
+    return fig
+
+
 @contextlib.contextmanager
-def _figure(width: float, height: float) -> Iterator[Figure]:
+def _figure(width: float, height: float, margin: float = _MARGIN) -> Iterator[Figure]:
     with matplotlib.rc_context(_RC):
-        fig = Figure(figsize=(width, height), dpi=DPI)
-        FigureCanvasAgg(fig)  # render with Agg whatever the user's backend is
-        yield fig
+        yield _new_figure(width, height, margin)
+
+
+#: While :func:`reusing` is active: figures kept for the next figure of their kind and size.
+_KEPT: ContextVar[dict[tuple[Any, ...], Any] | None] = ContextVar("whylook_report_kept",
+                                                                  default=None)
+_T = TypeVar("_T")
+
+
+@contextlib.contextmanager
+def reusing() -> Iterator[None]:
+    """Within this block, a β heatmap or saliency strip drawn at the size of one drawn
+    before reuses that one's figure, axes, colour bar and tick labels with the new data and
+    text, instead of building them anew (a report draws both for each class; building is
+    a third of a heatmap's time). Each PNG is byte for byte the one a new figure gives.
+    The kept figures are let go at the end of the block; the state is per thread (and
+    per task)."""
+    token = _KEPT.set({})
+    try:
+        yield
+    finally:
+        _KEPT.reset(token)
+
+
+def _kept(key: tuple[Any, ...], build: Callable[[], _T]) -> _T:
+    """``build()``, or, within :func:`reusing`, the one built for ``key`` before."""
+    kept = _KEPT.get()
+    if kept is None:
+        return build()
+    if key not in kept:
+        kept[key] = build()
+    return cast(_T, kept[key])
 
 
 def _png(fig: Figure) -> bytes:
+    """The figure as PNG (RGB), cropped to what is drawn plus :data:`_PAD` pixels of white.
+
+    One draw: the crop is the box around every pixel that is not the background, joined
+    with every axes' box (as ``bbox_inches="tight"`` joins them). Where something is drawn
+    up to the canvas edge it may reach past it: then the figure is saved with
+    ``bbox_inches="tight"``, which draws whatever the canvas holds.
+    """
     buf = io.BytesIO()
-    # No timestamp in the metadata: the same run gives a byte-identical report.
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    canvas = fig.canvas
+    assert isinstance(canvas, FigureCanvasAgg)
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    height, width = rgba.shape[:2]
+    pixels = rgba.view(np.uint32)[..., 0]  # one number per pixel: one comparison each
+    ink = pixels != pixels[0, 0]
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    if (not rows.size or rows[0] == 0 or cols[0] == 0 or rows[-1] == height - 1
+            or cols[-1] == width - 1 or (rgba[0, 0] != 255).any()):
+        # No timestamp in the metadata: the same run gives a byte-identical report.
+        fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight",
+                    metadata={"Software": None})
+        return buf.getvalue()
+    x0, x1, y0, y1 = int(cols[0]), int(cols[-1]) + 1, int(rows[0]), int(rows[-1]) + 1
+    for ax in fig.axes:
+        bx0, by0, bx1, by1 = ax.bbox.extents  # display pixels, y up
+        x0, x1 = min(x0, math.floor(bx0)), max(x1, math.ceil(bx1))
+        y0, y1 = min(y0, math.floor(height - by1)), max(y1, math.ceil(height - by0))
+    x0, y0 = max(0, x0 - _PAD), max(0, y0 - _PAD)
+    x1, y1 = min(width, x1 + _PAD), min(height, y1 + _PAD)
+    # RGB: the canvas is opaque, and an alpha channel of 255s only costs time and bytes.
+    rgb = np.ascontiguousarray(rgba[y0:y1, x0:x1, :3])
+    Image.fromarray(rgb).save(buf, format="png", dpi=(DPI, DPI), compress_level=_PNG_LEVEL)
     return buf.getvalue()
 
 
@@ -92,6 +189,22 @@ def _step_axis(ax: Axes, steps: Sequence[float], axis: str = "x") -> None:
     (ax.set_xlabel if axis == "x" else ax.set_ylabel)("optimizer step")
 
 
+#: The title's place on axes whose x tick labels are at the bottom and whose y axis has no
+#: offset text such as "1e-5" above it (it names categories, or its range holds 0): where
+#: matplotlib puts it anyway. Given, it spares the draw a measuring of every y tick label
+#: to look for something above the axes (9 ms of a β heatmap).
+_TITLE_Y = 1.0
+
+
+def _unlabelled(*axes: Axis) -> None:
+    """Axes that have no label: hide the empty label and pin it in place. Otherwise every
+    draw (and ``tight_layout``) measures all the axis's tick labels once more only to place
+    the empty label beside them: 15% of drawing a β heatmap's 32 prototype rows."""
+    for axis in axes:
+        axis.label.set_visible(False)
+        axis.set_label_coords(0, 0)
+
+
 def _short(name: str, n: int = 14) -> str:
     return name if len(name) <= n else name[: n - 1] + "…"
 
@@ -104,7 +217,7 @@ def accuracy_loss(
 ) -> bytes:
     """Accuracy (test and analysis set) and test loss over the checkpoints."""
     has_loss = any(v is not None for v in test_loss)
-    with _figure(9.5 if has_loss else 5.5, 3.0) as fig:
+    with _figure(9.5 if has_loss else 5.5, 3.0, margin=0) as fig:
         axes = fig.subplots(1, 2 if has_loss else 1, squeeze=False)[0]
         ax = axes[0]
         if any(v is not None for v in test_accuracy):
@@ -154,7 +267,7 @@ def confusion(matrix: np.ndarray, classes: Sequence[str], title: str) -> bytes:
                                 color="white" if v > 0.6 * vmax else "black")
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
-        ax.set_title(title)
+        ax.set_title(title, y=_TITLE_Y)
         ax.spines[:].set_visible(True)
         return _png(fig)
 
@@ -172,7 +285,8 @@ def active_rates(rates: np.ndarray, classes: Sequence[str]) -> bytes:
         if m <= 40:
             ax.set_yticks(range(m), [_short(c) for c in classes])
         ax.set_ylabel("class")
-        ax.set_title("active rate of each prototype per class (analysis set)")
+        _unlabelled(ax.xaxis)
+        ax.set_title("active rate of each prototype per class (analysis set)", y=_TITLE_Y)
         ax.spines[:].set_visible(True)
         return _png(fig)
 
@@ -202,16 +316,14 @@ def beta_heatmap(
     n, t = beta.shape
     v = float(np.nanmax(np.abs(beta))) if beta.size else 0.0
     v = v if v > 0 else 1e-12
-    with _figure(min(12.0, 2.8 + 0.42 * t), 1.2 + 0.2 * n) as fig:
-        ax = fig.subplots()
-        im = ax.imshow(beta, cmap="RdBu_r", norm=Normalize(-v, v), aspect="auto",
-                       interpolation="nearest")
-        fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02,
-                     label="β × s.d. of ΔP: confidence change\nper typical attention change"
-                     if per_sd else "β (support for class)")
-        if z is not None:
+    with matplotlib.rc_context(_RC):
+        fig, ax, im, dots = _kept(("beta", n, t, per_sd, z is not None),
+                                  lambda: _beta_figure(n, t, per_sd, z is not None))
+        im.set_data(beta)
+        im.set_norm(Normalize(-v, v))  # the colour bar follows
+        if dots is not None and z is not None:
             yy, xx = np.nonzero(np.abs(z) >= 2)
-            ax.scatter(xx, yy, s=4, c="black", marker="o", linewidths=0)
+            dots.set_offsets(np.column_stack([xx, yy]))
         ax.set_yticks(range(n), rows)
         shown = blank if blank is not None else np.zeros(t)
         ax.set_xticks(range(t), [f"→{s}" + (f" ({int(100 * b)}% blank)" if b >= 0.05 else "")
@@ -219,17 +331,32 @@ def beta_heatmap(
         ax.set_xlabel("transition (ends at step)" + (
             "; blank: samples of the class whose Grad-CAM map is all zero at both ends"
             if (shown >= 0.05).any() else ""))
-        dots = "; • |z| ≥ 2" if z is not None else ""
+        mark = "; • |z| ≥ 2" if z is not None else ""
         ax.set_title(f"β for class {_short(class_name, 24)} (red: more attention raised "
-                     f"confidence{dots})")
-        ax.spines[:].set_visible(True)
+                     f"confidence{mark})", y=_TITLE_Y)
         return _png(fig)
+
+
+def _beta_figure(
+    n: int, t: int, per_sd: bool, dots: bool
+) -> tuple[Figure, Axes, AxesImage, PathCollection | None]:
+    """A β heatmap's figure without its data, labels and colour scale."""
+    fig = _new_figure(min(12.0, 2.8 + 0.42 * t), 1.2 + 0.2 * n)
+    ax = fig.subplots()
+    im = ax.imshow(np.zeros((n, t)), cmap="RdBu_r", norm=Normalize(-1, 1), aspect="auto",
+                   interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02,
+                 label="β × s.d. of ΔP: confidence change\nper typical attention change"
+                 if per_sd else "β (support for class)")
+    scatter = (ax.scatter(np.zeros(0), np.zeros(0), s=4, c="black", marker="o", linewidths=0)
+               if dots else None)
+    _unlabelled(ax.yaxis)
+    ax.spines[:].set_visible(True)
+    return fig, ax, im, scatter
 
 
 def _overlay(image: np.ndarray, sal: np.ndarray, vmax: float, side: int) -> np.ndarray:
     """(C,H,W) uint8 image + (h,w) saliency -> (H', W', 3) float blend, saliency bilinear."""
-    from PIL import Image
-
     rgb = np.moveaxis(np.asarray(image), 0, -1).astype(np.float32) / 255
     if rgb.shape[-1] == 1:
         rgb = np.repeat(rgb, 3, axis=-1)
@@ -272,19 +399,37 @@ def saliency_strip(
         x = i * (pw + gap)
         grid[:ph, x : x + pw] = raw[i]
         grid[ph + gap :, x : x + pw] = own[i]
-    with _figure(1.45 * n + 1.6, 3.7) as fig:
-        ax = fig.subplots()
-        ax.imshow(grid, interpolation="nearest")
-        for i, (step, conf) in enumerate(zip(steps, confidence, strict=True)):
-            ax.text(i * (pw + gap) + pw / 2, -3, f"step {step}\np({_short(class_name, 10)}) "
-                    f"= {conf:.2f}", ha="center", va="bottom", fontsize=8)
-        ax.text(-4, ph / 2, "raw,\none scale", ha="right", va="center", fontsize=8)
-        ax.text(-4, ph + gap + ph / 2, "each panel\nto its max", ha="right", va="center",
-                fontsize=8)
-        ax.set_axis_off()
-        sm = ScalarMappable(norm=Normalize(0, vmax), cmap="inferno")
-        fig.colorbar(sm, ax=ax, fraction=0.02, pad=0.01, label="Grad-CAM (top row, raw)")
+    with matplotlib.rc_context(_RC):
+        fig, im, labels, scale = _kept(("saliency", n, ph, pw, gap),
+                                       lambda: _strip_figure(n, ph, pw, gap))
+        # As bytes, as matplotlib would turn the floats (x 255, truncated) after its
+        # nearest-neighbour resampling: the same pixels, without a float RGBA copy.
+        rgba = np.full((*grid.shape[:2], 4), 255, np.uint8)
+        rgba[..., :3] = grid * 255
+        im.set_data(rgba)
+        for label, step, conf in zip(labels, steps, confidence, strict=True):
+            label.set_text(f"step {step}\np({_short(class_name, 10)}) = {conf:.2f}")
+        scale.set_norm(Normalize(0, vmax))  # the colour bar follows
         return _png(fig)
+
+
+def _strip_figure(
+    n: int, ph: int, pw: int, gap: int
+) -> tuple[Figure, AxesImage, list[Text], ScalarMappable]:
+    """A saliency strip's figure without its panels, panel titles and colour scale."""
+    fig = _new_figure(1.45 * n + 1.6, 3.7)
+    ax = fig.subplots()
+    im = ax.imshow(np.ones((2 * ph + gap, n * pw + (n - 1) * gap, 3), np.float32),
+                   interpolation="nearest")
+    labels = [ax.text(i * (pw + gap) + pw / 2, -3, "", ha="center", va="bottom", fontsize=8)
+              for i in range(n)]
+    ax.text(-4, ph / 2, "raw,\none scale", ha="right", va="center", fontsize=8)
+    ax.text(-4, ph + gap + ph / 2, "each panel\nto its max", ha="right", va="center",
+            fontsize=8)
+    ax.set_axis_off()
+    sm = ScalarMappable(norm=Normalize(0, 1), cmap="inferno")
+    fig.colorbar(sm, ax=ax, fraction=0.02, pad=0.01, label="Grad-CAM (top row, raw)")
+    return fig, im, labels, sm
 
 
 def uncertain_support(
@@ -298,7 +443,7 @@ def uncertain_support(
     """The rule behind an uncertain prototype, drawn: its accumulated lead of class a
     over b (``structure.accumulated_lead``) after each transition, the band within which
     neither side is favoured, and the swings (changes of the favoured side)."""
-    with _figure(6.5, 2.8) as fig:
+    with _figure(6.5, 2.8, margin=0) as fig:
         ax = fig.subplots()
         ax.axhspan(-threshold, threshold, color="0.9", lw=0, label="neither favoured")
         ax.axhline(0, color="0.6", lw=0.8)
@@ -307,7 +452,9 @@ def uncertain_support(
         ax.plot(end_steps, lead_z, "o-", ms=3, color="C0")
         a, b = _short(names[0]), _short(names[1])
         ax.set_ylabel(f"lead of {a} over {b} (z)")
-        ax.set_title(f"{proto}: support accumulated so far, {a} (up) vs {b} (down)")
+        # The band around 0 keeps 0 on the y axis: it never gets an offset text.
+        ax.set_title(f"{proto}: support accumulated so far, {a} (up) vs {b} (down)",
+                     y=_TITLE_Y)
         ax.legend(loc="best", frameon=False, fontsize=8)
         ax.grid(alpha=0.3)
         _step_axis(ax, list(end_steps))
@@ -325,7 +472,7 @@ def learning_timeline(
     n = len(pairs)
     last = max(checkpoint_steps) if checkpoint_steps else 1
     never_x = last * 1.6 if last > 0 else 1
-    with _figure(7.5, 1.0 + 0.19 * max(n, 1)) as fig:
+    with _figure(7.5, 1.0 + 0.19 * max(n, 1), margin=0) as fig:
         ax = fig.subplots()
         for s in checkpoint_steps:
             ax.axvline(s, color="0.88", lw=0.8, zorder=0)
@@ -335,6 +482,7 @@ def learning_timeline(
                   colors=colors, lw=1.5)
         ax.scatter(xs, range(n), c=colors, s=14, zorder=3)
         ax.set_yticks(range(n), pairs, fontsize=7)
+        _unlabelled(ax.yaxis)
         ax.invert_yaxis()
         ax.set_ylim(n - 0.5, -0.5)
         _step_axis(ax, [*checkpoint_steps, never_x])
@@ -344,7 +492,8 @@ def learning_timeline(
             ax.set_xticks(list(checkpoint_steps))
         if any(s is None for s in separated):
             ax.text(never_x, -0.9, "never", ha="center", va="bottom", fontsize=7, color="0.4")
-        ax.set_title("separation step of each class pair" + (f" ({note})" if note else ""))
+        ax.set_title("separation step of each class pair" + (f" ({note})" if note else ""),
+                     y=_TITLE_Y)
         fig.tight_layout()
         return _png(fig)
 
@@ -361,7 +510,7 @@ def pattern_groups(
     for a steady group)`` per group)."""
     from matplotlib.patches import Patch
 
-    with _figure(7.5, 3.2) as fig:
+    with _figure(7.5, 3.2, margin=0) as fig:
         ax = fig.subplots()
         x = np.arange(len(groups))
         noise = [n - sum(size for size, _ in bars) for bars in groups]
@@ -391,7 +540,7 @@ def pattern_groups(
         ax.set_xlabel("transition (ends at step)")
         ax.set_ylabel("samples")
         ax.set_ylim(0, n)
-        ax.set_title("groups of samples whose confidences moved alike")
+        ax.set_title("groups of samples whose confidences moved alike", y=_TITLE_Y)
         fig.tight_layout()
         return _png(fig)
 
@@ -409,13 +558,14 @@ def distinctness_scatter(
     in the title ranks them after every separated pair, so they get a strip of their own
     above the steps, where the eye reads them as the latest.
     """
-    with _figure(5.5, 4.2 if never else 3.8) as fig:
+    with _figure(5.5, 4.2 if never else 3.8, margin=0) as fig:
         if never:
             top, ax = fig.subplots(2, 1, sharex=True,
                                    height_ratios=[1, 6])
             top.scatter(never, [0] * len(never), s=16, facecolors="none", edgecolors="0.4")
             top.set_yticks([0], ["never"])
             top.tick_params(axis="x", bottom=False)
+            _unlabelled(top.xaxis, top.yaxis)
             top.grid(alpha=0.3)
             top.set_title(title)
         else:
@@ -438,7 +588,7 @@ def bars_mean_std(
 ) -> bytes:
     """Bar chart of a mean ± std column of a result table."""
     n = len(labels)
-    with _figure(min(10.0, 1.5 + 0.8 * n), 2.8) as fig:
+    with _figure(min(10.0, 1.5 + 0.8 * n), 2.8, margin=0) as fig:
         ax = fig.subplots()
         err = [0.0 if s is None else s for s in stds]
         ax.bar(range(n), means, yerr=err, capsize=3, color="C0", alpha=0.85)
@@ -451,6 +601,7 @@ def bars_mean_std(
             pad = max(hi - lo, 1e-9) * 0.6
             ax.set_ylim(lo - pad, hi + pad)
         ax.set_ylabel(what)
+        _unlabelled(ax.xaxis)
         ax.set_title(f"{what} (mean ± std)")
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
