@@ -99,3 +99,21 @@ def test_every_cli_argument_says_what_it_is_in_help():
     assert sorted(sub.choices) == ["compare", "demo", "explain", "finetune", "import",
                                    "report", "train"]
     assert missing == []
+
+
+def test_a_report_of_a_finished_run_loads_no_torch_scipy_or_sklearn(tmp_path):
+    """Reading a run needs none of the analysis libraries: ``whylook report`` pays for
+    matplotlib and jinja2 only (importing torch, scipy.stats and scikit-learn cost 2.5 s
+    of the command's 6 s on the demo)."""
+    from _synthetic_run import make_synthetic_run
+
+    run = make_synthetic_run(tmp_path, classes=["a", "b"], k=4)
+    loaded = _fresh(
+        "import sys, contextlib, io\n"
+        "from whylook.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    code = main(['report', {str(run)!r}])\n"
+        f"print(code, [m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    assert loaded == "0 ['matplotlib', 'jinja2']"
+    assert (run / "report" / "index.html").is_file()

@@ -101,13 +101,15 @@ def test_many_dimensions_use_the_brute_force_search_with_the_same_groups(
     truth = rng.integers(0, 3, n)
     x = rng.normal(0, 0.3, (3, d))[truth] + rng.normal(0, 0.02, (n, d))
     used: list[str] = []
-    real = patterns.HDBSCAN
+    import sklearn.cluster
+
+    real = sklearn.cluster.HDBSCAN
 
     def spy(**kwargs: object) -> object:
         used.append(str(kwargs["algorithm"]))
         return real(**kwargs)
 
-    monkeypatch.setattr(patterns, "HDBSCAN", spy)
+    monkeypatch.setattr(sklearn.cluster, "HDBSCAN", spy)  # patterns imports it per fit
     labels = cluster(x, min_cluster_size=20)
     assert used == ["brute"]
     tree = real(min_cluster_size=20, algorithm="kd_tree", copy=True).fit_predict(x)

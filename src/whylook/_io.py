@@ -14,16 +14,19 @@ import io
 import json
 import os
 import re
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-import torch
 
-from whylook.errors import WhylookError
+from whylook.errors import WhylookError, option
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "atomic_write",
@@ -37,6 +40,50 @@ __all__ = [
     "save_weights",
     "write_json",
 ]
+
+
+#: Left in a run folder while train or import writes it (removed when the run is complete).
+INCOMPLETE_MARKER = ".whylook-incomplete"
+
+
+def require_run_folder(path: str | os.PathLike[str] | Any) -> Path:
+    """``path`` as a Path if it is a complete run folder (it holds ``run.json``), else the
+    one-line WhylookError that says why not: missing, a file, incomplete or not a run.
+
+    A :class:`~whylook.run.RunFolder` (what ``train`` and ``import_checkpoints`` return) and an
+    :class:`~whylook.explain.Explanation` (what ``explain`` returns) stand for their folder.
+
+    >>> require_run_folder("no/such/run")
+    Traceback (most recent call last):
+    whylook.errors.WhylookError: run folder no/such/run does not exist
+    """
+    run_module = sys.modules.get("whylook.run")  # no RunFolder exists without it
+    if run_module is not None and isinstance(path, run_module.RunFolder):
+        path = path.path
+    explain_module = sys.modules.get("whylook.explain")  # no Explanation exists without it
+    if explain_module is not None and isinstance(path, explain_module.Explanation):
+        path = path.path.parent
+    if not isinstance(path, str | os.PathLike):
+        raise WhylookError(f"the run folder must be a path (str or os.PathLike), not {path!r:.60}")
+    path = Path(path)
+    if not path.is_dir():
+        if path.exists():
+            raise WhylookError(
+                f"{path} is a file, not a run folder; give the folder that 'whylook train' or "
+                "'whylook import' created"
+            )
+        raise WhylookError(f"run folder {path} does not exist")
+    if not (path / "run.json").is_file():
+        if (path / INCOMPLETE_MARKER).exists():
+            raise WhylookError(
+                f"run folder {path} is incomplete (its training or import stopped before "
+                f"the end); run that command again with the same {option('out')} to redo it"
+            )
+        raise WhylookError(
+            f"{path} is not a whylook run folder (no run.json); create one with "
+            "'whylook train' or 'whylook import'"
+        )
+    return path
 
 
 def atomic_write(
@@ -184,6 +231,8 @@ def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     ``torch.load(weights_only=True)``, which refuses pickled objects other than tensors and
     plain containers.
     """
+    # Here, not at the top: reading a finished run (the report) needs no torch.
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -226,6 +275,8 @@ def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 
 def _is_state_dict(obj: object) -> bool:
+    import torch
+
     return isinstance(obj, Mapping) and bool(obj) and all(
         isinstance(v, torch.Tensor) for v in obj.values())
 

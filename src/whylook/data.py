@@ -37,13 +37,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from whylook._checks import is_whole
 from whylook._text import DATA_SPECS
 from whylook.errors import WhylookError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -161,6 +164,8 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     >>> to_tensor(np.array([[0, 255]], np.uint8)).tolist()
     [[0.0, 1.0]]
     """
+    import torch  # here: reading data (the report's images) needs no torch
+
     if images.dtype != np.uint8:
         raise WhylookError(f"to_tensor expects uint8 images, not {images.dtype}")
     out = images.astype(np.float32)
@@ -637,6 +642,7 @@ def _decode_image(data: bytes | Path, name: str, fast: bool) -> np.ndarray:
     if fast and os.path.splitext(name)[1].lower() in _FAST_DECODE:
         # torchvision's libjpeg-turbo/libpng decoder gives the same pixels as PIL, 3x faster.
         try:
+            import torch
             from torchvision.io import ImageReadMode, decode_image
 
             t = decode_image(
@@ -688,6 +694,7 @@ def _stack(decoded: list[np.ndarray], names: list[str], path: Path) -> np.ndarra
 
 
 def _load_torchvision(name: str, root: Path) -> tuple[tuple[str, ...], Split, Split]:
+    import torch
     from torchvision import datasets
 
     cls = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10}[name]

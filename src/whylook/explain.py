@@ -1138,7 +1138,7 @@ def load_explanation(run: str | Path | Any) -> Explanation:
 def require_explained(run: str | Path | Any) -> Path:
     """The path of the run's ``explanation.json``, or a one-line error saying what is
     missing: the run folder, or its explanation (run ``whylook explain`` first)."""
-    from whylook.run import require_run_folder
+    from whylook._io import require_run_folder
 
     path = require_run_folder(run)
     if not (path / "analysis" / "explanation.json").is_file():

@@ -13,10 +13,10 @@ concatenate along the sample axis.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from whylook._checks import is_whole
 from whylook.errors import WhylookError
@@ -26,7 +26,9 @@ __all__ = ["ACTIVITY_RULES", "Intensity", "activity", "delta", "mass_share", "pr
 
 def _as_array(x: object, name: str) -> np.ndarray:
     """numpy view of an array-like (torch tensors on any device included)."""
-    if isinstance(x, torch.Tensor):
+    # A tensor exists only once torch is imported; reading a finished run imports none.
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     try:
         return np.asarray(x)

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.cluster import HDBSCAN
 
 from whylook._checks import is_whole
 from whylook._parallel import check_n_jobs, thread_map
@@ -219,6 +218,9 @@ def _cluster(x: np.ndarray, *, min_cluster_size: int, min_samples: int | None,
     n = x.shape[0]
     if n < max(2, min_cluster_size, min_samples or 0):
         return np.full(n, -1, dtype=np.int16)
+    # Here: the report reads this module's descriptions and needs no scikit-learn.
+    from sklearn.cluster import HDBSCAN
+
     hdb = HDBSCAN(
         min_cluster_size=min_cluster_size,
         min_samples=min_samples,

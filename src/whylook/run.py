@@ -32,7 +32,6 @@ import os
 import platform
 import re
 import shutil
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from torch import nn
 
 from whylook import _io
 from whylook._checks import is_whole, is_whole_valued
+from whylook._io import INCOMPLETE_MARKER, require_run_folder
 from whylook.data import DataSource, is_loadable_spec, load_data
 from whylook.errors import WhylookError, option
 from whylook.models import (
@@ -69,7 +69,6 @@ __all__ = [
 
 RUN_SCHEMA = "whylook.run/1"
 CHECKPOINT_DIR = "checkpoints"
-INCOMPLETE_MARKER = ".whylook-incomplete"
 #: The fewest checkpoints the analysis takes: two transitions, so that a change can be told
 #: from the one before it (train and import refuse fewer before any work).
 MIN_CHECKPOINTS = 3
@@ -86,45 +85,6 @@ class CheckpointInfo:
     file: str
     test_accuracy: float
     test_loss: float
-
-
-def require_run_folder(path: str | os.PathLike[str] | RunFolder | Any) -> Path:
-    """``path`` as a Path if it is a complete run folder (it holds ``run.json``), else the
-    one-line WhylookError that says why not: missing, a file, incomplete or not a run.
-
-    A :class:`RunFolder` (what ``train`` and ``import_checkpoints`` return) and an
-    :class:`~whylook.explain.Explanation` (what ``explain`` returns) stand for their folder.
-
-    >>> require_run_folder("no/such/run")
-    Traceback (most recent call last):
-    whylook.errors.WhylookError: run folder no/such/run does not exist
-    """
-    if isinstance(path, RunFolder):
-        path = path.path
-    explain_module = sys.modules.get("whylook.explain")  # no Explanation exists without it
-    if explain_module is not None and isinstance(path, explain_module.Explanation):
-        path = path.path.parent
-    if not isinstance(path, str | os.PathLike):
-        raise WhylookError(f"the run folder must be a path (str or os.PathLike), not {path!r:.60}")
-    path = Path(path)
-    if not path.is_dir():
-        if path.exists():
-            raise WhylookError(
-                f"{path} is a file, not a run folder; give the folder that 'whylook train' or "
-                "'whylook import' created"
-            )
-        raise WhylookError(f"run folder {path} does not exist")
-    if not (path / "run.json").is_file():
-        if (path / INCOMPLETE_MARKER).exists():
-            raise WhylookError(
-                f"run folder {path} is incomplete (its training or import stopped before "
-                f"the end); run that command again with the same {option('out')} to redo it"
-            )
-        raise WhylookError(
-            f"{path} is not a whylook run folder (no run.json); create one with "
-            "'whylook train' or 'whylook import'"
-        )
-    return path
 
 
 @dataclass(frozen=True, eq=False)

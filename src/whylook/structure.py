@@ -65,8 +65,6 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
-from scipy import stats
-from scipy.spatial.distance import jensenshannon
 
 from whylook._checks import is_number, is_whole
 from whylook._text import RATE_ROUNDING
@@ -655,6 +653,8 @@ def support_threshold(z_threshold: float, n_fits: int) -> float:
     """
     if n_fits <= 1:
         return float(z_threshold)
+    from scipy import stats  # here: the report reads this module and needs no scipy.stats
+
     return float(stats.norm.isf(stats.norm.sf(z_threshold) / n_fits))
 
 
@@ -691,6 +691,8 @@ def learning_weights(confidence: np.ndarray, labels: np.ndarray, m: int) -> np.n
 def _specialized(
     active: np.ndarray, in_c: np.ndarray, class_groups: np.ndarray, settings: StructureSettings
 ) -> tuple[SpecializedGroup, ...]:
+    from scipy import stats  # see support_threshold
+
     rows_c = np.flatnonzero(in_c)
     groups_c = class_groups[rows_c]
     out = []
@@ -909,6 +911,9 @@ def _learning_order(
     steps: list[int],
     settings: StructureSettings,
 ) -> LearningOrder:
+    from scipy import stats  # see support_threshold
+    from scipy.spatial.distance import jensenshannon
+
     m = len(classes)
     profiles = np.stack([activity[labels == c].mean(axis=0) for c in range(m)])
     level = 1.0 - settings.separation_tolerance

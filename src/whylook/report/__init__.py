@@ -980,7 +980,7 @@ def report(
         >>> path.name  # doctest: +SKIP
         'index.html'
     """
-    from whylook.run import require_run_folder
+    from whylook._io import require_run_folder
 
     run = require_run_folder(run)
     out_dir = Path(out) if out is not None else run / "report"

@@ -264,7 +264,7 @@ def _optional_json(path: Path) -> tuple[Any, str | None]:
 
 def load(run: str | Path) -> Inputs:
     """Read and check a run folder for the report."""
-    from whylook.run import require_run_folder
+    from whylook._io import require_run_folder
 
     run = require_run_folder(run)
     run_file = run / "run.json"
