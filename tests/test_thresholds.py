@@ -497,3 +497,26 @@ def test_summary_names_up_to_exactly_ten_separated_pairs(tmp_path):
     [eleven] = [x for x in _summary(tmp_path, learning_order=order(11)) if "Learning order" in x]
     assert eleven.startswith("Learning order: first separated c0/c1, c1/c2, c2/c3, c3/c4, "
                              "c4/c5; last ")
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def test_beta_heatmap_notes_blank_from_five_percent_and_dots_from_z_two(monkeypatch):
+    """A transition's label gives its blank share from exactly 5 % on (1 of 20; 4 of 81
+    is below), as the whole percentage below it (29 of 100 reads 29 %, though 100 x 0.29 is
+    28.999999999999996 in floats); a cell gets its dot from |z| = 2 exactly, either sign."""
+    from whylook.report import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "_png", lambda fig: drawn.append(fig) or b"")
+    z = np.array([[2.0, -2.0, _below(2.0)], [-_below(2.0), 0.0, 3.0]])
+    blank = np.array([1 / 20, 4 / 81, 29 / 100])
+    figures.beta_heatmap(np.zeros((2, 3)), ["P-0", "P-1"], [10, 20, 30], "a", z=z, blank=blank)
+    (fig,) = drawn
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "→10 (5% blank)", "→20", "→30 (29% blank)"]
+    assert ax.get_xlabel().startswith("transition (ends at step); blank: ")
+    dots = {(int(x), int(y)) for x, y in ax.collections[0].get_offsets()}
+    assert dots == {(0, 0), (1, 0), (2, 1)}  # (transition, row)

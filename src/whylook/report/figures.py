@@ -40,6 +40,8 @@ from matplotlib.text import Text
 from matplotlib.ticker import FuncFormatter
 from PIL import Image
 
+from whylook._text import RATE_ROUNDING, floor_pct
+
 __all__ = [
     "accuracy_loss",
     "active_rates",
@@ -67,6 +69,10 @@ _RC: dict[Any, Any] = {
 #: White space (inches) added around a figure that is not laid out by ``tight_layout``, so
 #: that labels reaching past its nominal size are drawn on the canvas (and cropped to).
 _MARGIN = 2.0
+
+#: A β heatmap's transition label gives the share of the class's samples whose Grad-CAM
+#: map is blank at both ends from this share on.
+BLANK_NOTE = 0.05
 _PAD = round(0.1 * DPI)  # pixels of white around the drawn content, as savefig's pad_inches
 _PNG_LEVEL = 3
 
@@ -326,11 +332,13 @@ def beta_heatmap(
             dots.set_offsets(np.column_stack([xx, yy]))
         ax.set_yticks(range(n), rows)
         shown = blank if blank is not None else np.zeros(t)
-        ax.set_xticks(range(t), [f"→{s}" + (f" ({int(100 * b)}% blank)" if b >= 0.05 else "")
-                                 for s, b in zip(end_steps, shown, strict=True)], rotation=90)
+        noted = shown >= BLANK_NOTE - RATE_ROUNDING
+        ax.set_xticks(range(t), [f"→{s}" + (f" ({floor_pct(b)} blank)" if note else "")
+                                 for s, b, note in zip(end_steps, shown, noted, strict=True)],
+                      rotation=90)
         ax.set_xlabel("transition (ends at step)" + (
             "; blank: samples of the class whose Grad-CAM map is all zero at both ends"
-            if (shown >= 0.05).any() else ""))
+            if noted.any() else ""))
         mark = "; • |z| ≥ 2" if z is not None else ""
         ax.set_title(f"β for class {_short(class_name, 24)} (red: more attention raised "
                      f"confidence{mark})", y=_TITLE_Y)
