@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_analysis as ba  # noqa: E402
+from bench_pooling import median_ms  # noqa: E402
 
 from whylook.data import load_data  # noqa: E402
 from whylook.explain import stratified_rows  # noqa: E402
@@ -53,20 +54,9 @@ SHARED = ROOT.parent / "shared" / "data"
 BATCH = 256
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int, warm: int = 2) -> float:
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def matmul_gflops(repeats: int) -> float:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    return 2 * 2048**3 / _median_seconds(lambda: a @ b, repeats) / 1e9
+    return 2 * 2048**3 / (median_ms(lambda: a @ b, repeats) / 1e3) / 1e9
 
 
 def conv_shapes(model: nn.Module, image: torch.Tensor) -> list[dict[str, Any]]:
@@ -99,7 +89,7 @@ def time_convs(shapes: list[dict[str, Any]], repeats: int) -> list[dict[str, Any
             return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
 
         out = run()
-        seconds = _median_seconds(run, repeats * 4)
+        seconds = median_ms(run, repeats * 4) / 1e3
         k = conv.kernel_size[0] * conv.kernel_size[1]
         flops = 2 * out.numel() * (conv.in_channels // conv.groups) * k
         rows.append({"conv": s["name"], "input": list(x.shape), "ms": seconds * 1e3,

@@ -102,7 +102,7 @@ class LeNet(nn.Module):
         return int(torch.tensor(x.shape[1:]).prod())
 
 
-def _median_ms(fn: Callable[[], Any], calls: int = 30) -> float:
+def median_ms(fn: Callable[[], Any], calls: int = 30) -> float:
     fn()
     fn()
     times = []
@@ -124,8 +124,8 @@ def bench_pool() -> list[dict[str, Any]]:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.no_grad():
                     assert torch.equal(max_pool_2x2(x), F.max_pool2d(x, 2))
-                    a = _median_ms(lambda x=x: F.max_pool2d(x, 2))
-                    b = _median_ms(lambda x=x: max_pool_2x2(x))
+                    a = median_ms(lambda x=x: F.max_pool2d(x, 2))
+                    b = median_ms(lambda x=x: max_pool_2x2(x))
                 rows.append({"shape": list(shape), "dtype": str(dtype)[6:],
                              "layout": "NHWC" if nhwc else "NCHW", "torch_ms": a, "whylook_ms": b})
                 print(f"| {tuple(shape)} | {rows[-1]['dtype']} | {rows[-1]['layout']} | "
