@@ -171,3 +171,42 @@ def test_the_benchmark_times_every_figure_function_and_puts_them_back(
     finally:
         restore()
     assert all(getattr(figures, name) is before[name] for name in figures.__all__)
+
+
+@pytest.mark.parametrize("style", [{"figure.autolayout": True},
+                                   {"figure.constrained_layout.use": True},
+                                   {"xtick.labeltop": True, "xtick.labelbottom": False}])
+def test_a_users_matplotlib_style_does_not_change_the_layout(
+    drawn: list[Call], style: dict[str, Any]
+) -> None:
+    """A style that lays figures out automatically would spread the axes over the margin
+    the figures are drawn with (twice the size, and a warning); one with tick labels on
+    top would put them under the titles: every figure comes out as under the defaults."""
+    import warnings
+
+    import matplotlib
+
+    for name, args, kwargs, png in drawn:
+        with matplotlib.rc_context(style), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            again = getattr(figures, name)(*args, **kwargs)
+        assert _pixels(again).shape == _pixels(png).shape, name
+        assert np.array_equal(_pixels(again), _pixels(png)), name
+
+
+def test_threads_drawing_inside_one_reusing_block_each_get_their_own_figure(
+    drawn: list[Call],
+) -> None:
+    """Work handed to threads with the block's context (``asyncio.to_thread`` does so)
+    shares its kept figures: without a figure of their own they drew on one at once
+    (matplotlib raised); each PNG is the one drawn alone."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = [(args, kwargs, png) for name, args, kwargs, png in drawn
+             if name == "beta_heatmap"] * 4
+    with figures.reusing(), ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(contextvars.copy_context().run, figures.beta_heatmap, *args,
+                               **kwargs) for args, kwargs, _ in calls]
+        pngs = [f.result() for f in futures]
+    assert pngs == [png for _, _, png in calls]

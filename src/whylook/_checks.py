@@ -23,7 +23,7 @@ def is_number(value: object) -> TypeGuard[float]:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def is_whole_valued(value: object) -> bool:
+def is_whole_valued(value: object) -> TypeGuard[float]:
     """A whole number, or a finite real number of whole value (``100.0``: a step computed
     as ``epoch * steps_per_epoch``, or read from a float array)."""
     return is_whole(value) or (is_number(value) and math.isfinite(value)

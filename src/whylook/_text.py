@@ -30,10 +30,14 @@ def floor_pct(rate: float) -> str:
 NEAR_CHANCE = 0.1
 
 #: A rate (a ratio of counts) within this of a bar counts as on it. A bar computed from
-#: settings (``1 - tolerance``, ``chance + 0.1 (1 - chance)``) or a difference of two rates
-#: can land a rounding step beyond the exact value (30/52 - 17/52 = 0.24999999999999994),
-#: while two rates of counts below a million differ by at least 1e-12.
+#: settings (``1 - tolerance``) or a difference of two rates can land a rounding step beyond
+#: the exact value (30/52 - 17/52 = 0.24999999999999994), while a rate of fewer than a
+#: million samples lies at least 1e-12 from any other such rate (differences of two rates
+#: need smaller classes: below about a million samples in all).
 RATE_ROUNDING = 1e-12
+
+#: How far a rate read back from explanation.json (6 decimals) may lie from its exact value.
+STORED_ROUNDING = 5e-7
 
 
 def near_chance_caution(
@@ -56,7 +60,9 @@ def near_chance_caution(
     True
     """
     chance = 1.0 / n_classes
-    if accuracy >= chance + NEAR_CHANCE * (1.0 - chance) - RATE_ROUNDING:
+    # The summary reads the accuracy from explanation.json, which keeps 6 decimals: on the
+    # bar there it may lie up to 5e-7 below, where the report's own k/n is on it.
+    if accuracy >= chance + NEAR_CHANCE * (1.0 - chance) - STORED_ROUNDING:
         return None
     text = (f"the final model is right on {floor_pct(accuracy)} of the analysis set (chance: "
             f"{floor_pct(chance)}); it has learned little, so there is little for this "

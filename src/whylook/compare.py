@@ -48,11 +48,12 @@ import numpy as np
 from scipy import stats
 from scipy.optimize import linear_sum_assignment
 
+from whylook._checks import is_whole_valued
 from whylook._io import file_digest, run_lock, write_json
 from whylook.errors import WhylookError
 from whylook.finetune import _open, evaluate, load_prototypes, require_explanation
 from whylook.models import resolve_device
-from whylook.structure import order_correlation_of
+from whylook.structure import order_correlation_of, records_separation
 
 __all__ = [
     "SCHEMA",
@@ -466,12 +467,13 @@ def _compare(fa: Any, fb: Any, *, out: str | Path | None, min_iou: float, device
 
     def order(e: Any) -> dict[tuple[str, str], int]:
         late = len(e.data["checkpoints"])
-        return {
-            (str(p["pair"][0]), str(p["pair"][1])): (
-                late if p["separated_at_checkpoint"] is None else int(p["separated_at_checkpoint"])
-            )
-            for p in e.data["learning_order"]
-        }
+
+        def when(p: dict[str, Any]) -> int:
+            # Separated as every reader counts it (records_separation); never: ranked last.
+            at = p.get("separated_at_checkpoint")
+            return int(at) if records_separation(p) and is_whole_valued(at) else late
+
+        return {(str(p["pair"][0]), str(p["pair"][1])): when(p) for p in e.data["learning_order"]}
 
     oa, ob = order(ea), order(eb)
     keys = sorted(set(oa) & set(ob))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any, TypeVar, cast
@@ -63,6 +64,13 @@ _RC: dict[Any, Any] = {
     "axes.titlesize": 10,
     "axes.spines.top": False,
     "axes.spines.right": False,
+    # The layout is the report's, whatever the user's style says: an automatic layout
+    # would spread the axes over the margin _new_figure adds, and the titles' place
+    # (_TITLE_Y) assumes tick labels below the axes.
+    "figure.autolayout": False,
+    "figure.constrained_layout.use": False,
+    "xtick.labeltop": False,
+    "xtick.labelbottom": True,
 }
 
 
@@ -83,7 +91,7 @@ def _new_figure(width: float, height: float, margin: float = _MARGIN) -> Figure:
     size, and tick labels, titles and colour bar labels outside it still land on the
     canvas, so :func:`_png` draws the figure once and crops (no ``bbox_inches="tight"``,
     which draws it twice). Figures laid out by ``tight_layout`` pass ``margin=0``: their
-    content already fits. Call it under ``matplotlib.rc_context(_RC)``."""
+    content already fits. Call it under ``_settings()``."""
     w, h = width + 2 * margin, height + 2 * margin
     fig = Figure(figsize=(w, h), dpi=DPI)
     if margin:
@@ -94,9 +102,21 @@ def _new_figure(width: float, height: float, margin: float = _MARGIN) -> Figure:
     return fig
 
 
+#: matplotlib's settings are one global dictionary: figures drawn by two threads at once
+#: would each see the other's settings come and go, so one figure is drawn at a time.
+_DRAWING = threading.RLock()
+
+
+@contextlib.contextmanager
+def _settings() -> Iterator[None]:
+    """The report's matplotlib settings (``_RC``), held by this thread while it draws."""
+    with _DRAWING, matplotlib.rc_context(_RC):
+        yield
+
+
 @contextlib.contextmanager
 def _figure(width: float, height: float, margin: float = _MARGIN) -> Iterator[Figure]:
-    with matplotlib.rc_context(_RC):
+    with _settings():
         yield _new_figure(width, height, margin)
 
 
@@ -112,8 +132,8 @@ def reusing() -> Iterator[None]:
     before reuses that one's figure, axes, colour bar and tick labels with the new data and
     text, instead of building them anew (a report draws both for each class; building is
     a third of a heatmap's time). Each PNG is byte for byte the one a new figure gives.
-    The kept figures are let go at the end of the block; the state is per thread (and
-    per task)."""
+    The kept figures are let go at the end of the block. Threads given the block's context
+    (``asyncio.to_thread``) share them: figures are drawn one at a time (``_settings``)."""
     token = _KEPT.set({})
     try:
         yield
@@ -322,7 +342,7 @@ def beta_heatmap(
     n, t = beta.shape
     v = float(np.nanmax(np.abs(beta))) if beta.size else 0.0
     v = v if v > 0 else 1e-12
-    with matplotlib.rc_context(_RC):
+    with _settings():
         fig, ax, im, dots = _kept(("beta", n, t, per_sd, z is not None),
                                   lambda: _beta_figure(n, t, per_sd, z is not None))
         im.set_data(beta)
@@ -407,7 +427,7 @@ def saliency_strip(
         x = i * (pw + gap)
         grid[:ph, x : x + pw] = raw[i]
         grid[ph + gap :, x : x + pw] = own[i]
-    with matplotlib.rc_context(_RC):
+    with _settings():
         fig, im, labels, scale = _kept(("saliency", n, ph, pw, gap),
                                        lambda: _strip_figure(n, ph, pw, gap))
         # As bytes, as matplotlib would turn the floats (x 255, truncated) after its
