@@ -480,7 +480,8 @@ def uncertain_support(
         ax.plot(end_steps, lead_z, "o-", ms=3, color="C0")
         a, b = _short(names[0]), _short(names[1])
         ax.set_ylabel(f"lead of {a} over {b} (z)")
-        # The band around 0 keeps 0 on the y axis: it never gets an offset text.
+        # The band around 0 keeps 0 on the y axis, so no offset above it; leads of 1e6 and
+        # more get a scale factor there, at the axis's left end, clear of the centred title.
         ax.set_title(f"{proto}: support accumulated so far, {a} (up) vs {b} (down)",
                      y=_TITLE_Y)
         ax.legend(loc="best", frameon=False, fontsize=8)
