@@ -280,8 +280,8 @@ def test_bad_kmeans_settings(kwargs: dict, message: str) -> None:
 
 
 def test_elkan_and_lloyd_run_the_same_iterations(monkeypatch) -> None:
-    """Elkan (the default) only skips distance computations that cannot change an
-    assignment: on planted clusters it gives Lloyd's centres, and it is what runs."""
+    """Elkan only skips distance computations that cannot change an assignment: on
+    planted clusters it gives Lloyd's centres, and each runs when named."""
     import whylook.prototypes as prototypes
 
     algorithms: list[str] = []
@@ -293,8 +293,23 @@ def test_elkan_and_lloyd_run_the_same_iterations(monkeypatch) -> None:
 
     monkeypatch.setattr(prototypes, "KMeans", Spy)
     feats, _, _ = _planted(200)
-    elkan = PrototypeFinder(k=4, seed=0, init_vectors=100).fit([feats])
+    elkan = PrototypeFinder(k=4, seed=0, init_vectors=100, algorithm="elkan").fit([feats])
     assert algorithms == ["elkan", "elkan"]
     lloyd = PrototypeFinder(k=4, seed=0, init_vectors=100, algorithm="lloyd").fit([feats])
     assert algorithms[2:] == ["lloyd", "lloyd"]
     np.testing.assert_allclose(elkan.centers, lloyd.centers, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("capability", "chosen"), [("AVX512", "lloyd"), ("AVX2", "elkan"),
+                                                    ("DEFAULT", "elkan")])
+def test_the_default_kmeans_is_the_faster_on_the_cpu(monkeypatch, capability, chosen) -> None:
+    """Lloyd's matrix product is the faster with AVX-512 (a 2-core Xeon), Elkan's bounds
+    without it (an AVX2 AMD EPYC): the default follows torch's CPU capability, and the
+    finder runs what it names."""
+    import whylook.prototypes as prototypes
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert prototypes.kmeans_algorithm() == chosen
+    assert PrototypeFinder(k=4).algorithm == chosen
+    assert PrototypeFinder(k=4, algorithm="elkan").algorithm == "elkan"
+    assert PrototypeFinder(k=4, algorithm="lloyd").algorithm == "lloyd"

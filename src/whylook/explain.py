@@ -691,11 +691,11 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     from whylook.patterns import describe_groups, find_patterns
     from whylook.prototypes import (
         INIT_VECTORS,
-        KMEANS_ALGORITHM,
         REFINE_ITER,
         PrototypeFinder,
         Prototypes,
         default_k,
+        kmeans_algorithm,
     )
     from whylook.run import MIN_CHECKPOINTS
     from whylook.saliency import GradCAM, SaliencyResult, layer_features
@@ -763,7 +763,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     # them another way are recomputed, not reused (the saliency shards stay valid).
     proto_key = _digest({**common, "ckpt": digests[-1], "rows": _digest(proto_rows.tolist()),
                          "k": k_value, "p": settings.n_components, "seed": settings.seed,
-                         "kmeans": [INIT_VECTORS, REFINE_ITER, KMEANS_ALGORITHM]})
+                         "kmeans": [INIT_VECTORS, REFINE_ITER, kmeans_algorithm()]})
     proto_file = cache / f"prototypes-{proto_key[:20]}.npz"
     cached = _load_cached(proto_file)
     prototypes = None if cached is None else Prototypes.from_arrays(cached)
@@ -1015,6 +1015,9 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
             "seed": int(settings.seed),
             "n_components": int(prototypes.components.shape[0]),
             "explained_variance": round(float(np.sum(prototypes.explained_variance_ratio)), 6),
+            # Exact either way; chosen by CPU (prototypes.kmeans_algorithm), it can break a
+            # tie in the K-Means partition otherwise than another machine.
+            "kmeans_algorithm": kmeans_algorithm(),
             "min_cluster_size": int(patterns.min_cluster_size),
             "ridge_lambda": settings.ridge_lambda,
             "standard_errors": settings.standard_errors,

@@ -47,6 +47,7 @@ __all__ = [
     "PrototypeFinder",
     "Prototypes",
     "default_k",
+    "kmeans_algorithm",
 ]
 
 FeatureArray = np.ndarray | torch.Tensor
@@ -64,13 +65,29 @@ AUTO_FIT_VECTORS = 20_000
 #: and it took 0.44 s instead of 1.45 s (``benchmarks/bench_kmeans.py``).
 INIT_VECTORS = 20_000
 REFINE_ITER = 10
-#: scikit-learn's K-Means algorithm. Elkan's triangle-inequality bounds skip most distance
-#: computations once few vectors change cluster: the same Lloyd iterations, and the
-#: prototype fit 1.27-1.35x faster on one thread (1.07x on two; benchmarks/RESULTS.md,
-#: "Elkan K-Means"), with distances computed directly rather than through a float32
-#: matrix product.
-KMEANS_ALGORITHM: Literal["elkan", "lloyd"] = "elkan"
+#: scikit-learn's K-Means algorithm; ``"auto"``: :func:`kmeans_algorithm` picks by CPU.
+KMEANS_ALGORITHM: Literal["auto", "elkan", "lloyd"] = "auto"
 _MAX_K = int(np.iinfo(np.int16).max)
+
+
+def kmeans_algorithm(choice: str = KMEANS_ALGORITHM) -> Literal["elkan", "lloyd"]:
+    """The K-Means algorithm that ``choice`` names; ``"auto"``: the faster here.
+
+    Both run Lloyd's iterations and differ only where float rounding breaks a tie.
+    Lloyd's computes the distances as one float32 matrix product; Elkan's skips most of
+    them with triangle-inequality bounds and computes the rest one by one. With AVX-512
+    the matrix product wins: the prototype fit 1.29x faster with Lloyd's on a 2-core Xeon
+    (98,000 vectors, K = 32, 1 thread, the same partitions for seeds 0-4); on an AVX2 CPU
+    (AMD EPYC) Elkan's was 1.27-1.35x faster (benchmarks/RESULTS.md, "Elkan K-Means").
+
+    >>> kmeans_algorithm("elkan")
+    'elkan'
+    """
+    if choice in ("elkan", "lloyd"):
+        return "elkan" if choice == "elkan" else "lloyd"
+    if choice != "auto":
+        raise WhylookError(f"algorithm must be 'auto', 'elkan' or 'lloyd', not {choice!r}")
+    return "lloyd" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "elkan"
 
 
 def default_k(channels: int) -> int:
@@ -421,8 +438,9 @@ class PrototypeFinder:
         init_vectors: how many vectors of the subsample that fit sees; ``None`` fits all.
         refine_iter: Lloyd iterations over the whole subsample from those centres.
         auto_candidates: K values tried by ``k="auto"``.
-        algorithm: scikit-learn's K-Means algorithm, ``"elkan"`` (default) or ``"lloyd"``;
-            both run Lloyd's iterations and differ only where float rounding breaks a tie.
+        algorithm: scikit-learn's K-Means algorithm, ``"elkan"`` or ``"lloyd"``; both run
+            Lloyd's iterations and differ only where float rounding breaks a tie. ``"auto"``
+            (default): the faster on this CPU (:func:`kmeans_algorithm`).
 
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
@@ -447,7 +465,7 @@ class PrototypeFinder:
         init_vectors: int | None = INIT_VECTORS,
         refine_iter: int = REFINE_ITER,
         auto_candidates: Sequence[int] = DEFAULT_AUTO_CANDIDATES,
-        algorithm: Literal["elkan", "lloyd"] = KMEANS_ALGORITHM,
+        algorithm: Literal["auto", "elkan", "lloyd"] = KMEANS_ALGORITHM,
     ) -> None:
         if k != "auto" and (not is_whole(k) or k < 2):
             raise WhylookError(f"k must be an integer >= 2 or 'auto', not {k!r}")
@@ -463,8 +481,6 @@ class PrototypeFinder:
             )
         if not is_whole(refine_iter) or refine_iter < 1:
             raise WhylookError(f"refine_iter must be a positive integer, not {refine_iter!r}")
-        if algorithm not in ("elkan", "lloyd"):
-            raise WhylookError(f"algorithm must be 'elkan' or 'lloyd', not {algorithm!r}")
         candidates = sorted({int(c) for c in auto_candidates})
         if k == "auto" and (len(candidates) < 3 or candidates[0] < 2):
             raise WhylookError("auto_candidates needs at least 3 distinct values >= 2")
@@ -477,7 +493,7 @@ class PrototypeFinder:
         self.init_vectors = init_vectors
         self.refine_iter = refine_iter
         self.auto_candidates = tuple(candidates)
-        self.algorithm = algorithm
+        self.algorithm = kmeans_algorithm(algorithm)
         self._n = 0
         self._mean = np.zeros(0)
         self._m2 = np.zeros((0, 0))
