@@ -25,7 +25,7 @@ import numpy as np
 
 from whylook.mapping import fit_mapping
 
-__all__ = ["CIFAR10_CLASSES", "make_synthetic_run"]
+__all__ = ["CIFAR10_CLASSES", "make_synthetic_run", "summary_data"]
 
 #: CIFAR-10's class names in label order (the shared JPEG copy's folders, sorted).
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -377,3 +377,16 @@ def make_synthetic_run(
         }
         (run / "compare" / "seed1.json").write_text(json.dumps(comp, indent=2))
     return run
+
+
+def summary_data(**fields: Any) -> dict[str, Any]:
+    """A minimal explanation.json of three classes a, b, c for summary tests (``fields``
+    replace its entries)."""
+    return {
+        "classes": ["a", "b", "c"], "k": 4, "layer": "l", "grid": [2, 2],
+        "checkpoints": [{}] * 3, "settings": {"analysis_size": 9},
+        "classes_explained": [{"class": c, "shared": [], "specialized": []} for c in "abc"],
+        "uncertain_prototypes": [], "learning_order": [{"pair": ["a", "b"]}],
+        "learning_order_correlation": {"spearman": None, "p_value": None, "n_pairs": 1},
+        **fields,
+    }

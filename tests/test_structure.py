@@ -11,6 +11,7 @@ import pytest
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
+from _synthetic_run import summary_data
 from whylook.errors import WhylookError
 from whylook.structure import StructureSettings, accumulated_lead, assemble, pairwise_accuracy
 
@@ -546,25 +547,13 @@ def test_cli_batch_size_reaches_every_pass(
                                rtol=1e-5, atol=1e-7)
 
 
-def _summary_data(**fields):
-    """A minimal explanation.json of three classes a, b, c for summary tests."""
-    return {
-        "classes": ["a", "b", "c"], "k": 4, "layer": "l", "grid": [2, 2],
-        "checkpoints": [{}] * 3, "settings": {"analysis_size": 9},
-        "classes_explained": [{"class": c, "shared": [], "specialized": []} for c in "abc"],
-        "uncertain_prototypes": [], "learning_order": [{"pair": ["a", "b"]}],
-        "learning_order_correlation": {"spearman": None, "p_value": None, "n_pairs": 1},
-        **fields,
-    }
-
-
 def test_summary_of_many_classes_lists_those_in_the_most_uncertain_entries(tmp_path):
     from whylook.explain import Explanation
 
     names = [f"c{i:02d}" for i in range(45)]
     unc = [{"id": "P-1", "classes": pair, "swings": 2, "steps": [1, 2]}
            for pair in (["c40", "c44"], ["c44", "c03"], ["c44", "c41"], ["c41", "c40"])]
-    data = _summary_data(
+    data = summary_data(
         classes=names, uncertain_prototypes=unc,
         classes_explained=[{"class": c, "shared": ["P-0"], "specialized": [],
                             "learning_unseen": 0.5} for c in names])
@@ -593,7 +582,7 @@ def test_summary_cautions_when_the_final_model_is_near_chance(tmp_path):
     from whylook.explain import Explanation
 
     def caution(accuracy):
-        data = _summary_data(checkpoints=[{}, {}, {"analysis_accuracy": accuracy}])
+        data = summary_data(checkpoints=[{}, {}, {"analysis_accuracy": accuracy}])
         lines = Explanation(path=tmp_path, data=data, arrays={}).summary().splitlines()
         return [line for line in lines if "Caution" in line]
 
@@ -616,7 +605,7 @@ def test_near_chance_caution_names_inputs_only_for_imported_checkpoints(tmp_path
     from whylook.explain import Explanation
 
     def caution(run):
-        data = _summary_data(checkpoints=[{}, {}, {"analysis_accuracy": 0.35}], **run)
+        data = summary_data(checkpoints=[{}, {}, {"analysis_accuracy": 0.35}], **run)
         lines = Explanation(path=tmp_path, data=data, arrays={}).summary().splitlines()
         return [line for line in lines if "Caution" in line]
 
@@ -670,7 +659,7 @@ def test_summary_counts_class_pairs_not_entries(tmp_path):
     def entry(pid, a, b):
         return {"id": pid, "classes": [a, b], "swings": 2, "steps": [1, 2]}
 
-    data = _summary_data(uncertain_prototypes=[
+    data = summary_data(uncertain_prototypes=[
         entry("P-0", "a", "b"), entry("P-1", "b", "a"), entry("P-2", "a", "c")])
     text = Explanation(path=tmp_path, data=data, arrays={}).summary()
     assert "Uncertain prototypes: 3 of 4 on 2 class pairs (3 prototype-pair entries)" in text
@@ -680,7 +669,7 @@ def test_summary_says_how_much_the_flagged_pairs_were_confused(tmp_path):
     from whylook.explain import Explanation
 
     def line(check):
-        data = _summary_data(uncertain_pairs_confusion=check)
+        data = summary_data(uncertain_pairs_confusion=check)
         text = Explanation(path=tmp_path, data=data, arrays={}).summary()
         return [x for x in text.splitlines() if "average class pair" in x]
 
@@ -713,7 +702,7 @@ def test_summary_words_a_lift_as_its_printed_figure(tmp_path, lift, start, verdi
     often" or "barely more"; the caution follows the figure shown, not hidden decimals."""
     from whylook.explain import Explanation
 
-    data = _summary_data(uncertain_pairs_confusion={
+    data = summary_data(uncertain_pairs_confusion={
         "flagged_pairs": 2, "flagged_mean": 3.0, "all_pairs_mean": 3.0 / lift, "lift": lift})
     text = Explanation(path=tmp_path, data=data, arrays={}).summary()
     [found] = [x for x in text.splitlines() if "average class pair" in x]
@@ -740,7 +729,7 @@ def test_summary_says_how_many_it_leaves_out(tmp_path):
     ids = [f"P-{i}" for i in range(9)]
     uncertain = [{"id": f"P-{i}", "classes": ["a", "b"], "swings": 2, "steps": [1, 2]}
                  for i in range(12)]
-    data = _summary_data(uncertain_prototypes=uncertain)
+    data = summary_data(uncertain_prototypes=uncertain)
     data["classes_explained"][0]["shared"] = ids
     data["classes_explained"][1]["shared"] = ids[:6]
     lines = Explanation(path=tmp_path, data=data, arrays={}).summary().splitlines()
@@ -871,7 +860,7 @@ def test_learning_unseen_closed_form():
 def test_summary_names_classes_learned_unseen(tmp_path):
     from whylook.explain import Explanation
 
-    data = _summary_data(classes_explained=[
+    data = summary_data(classes_explained=[
         {"class": c, "shared": ["P-0"], "specialized": [], "learning_unseen": u}
         for c, u in zip("abc", [0.78, 0.2, 0.25], strict=True)])
     text = Explanation(path=tmp_path, data=data, arrays={}).summary()
@@ -886,11 +875,11 @@ def test_summary_names_each_pair_once_when_there_are_few(tmp_path):
 
     order = [{"pair": list(p), "separated_at_step": 5 * i}
              for i, p in enumerate((("a", "b"), ("a", "c"), ("b", "c")))]
-    text = Explanation(path=tmp_path, data=_summary_data(learning_order=order),
+    text = Explanation(path=tmp_path, data=summary_data(learning_order=order),
                        arrays={}).summary()
     assert "Learning order: separated a/b, a/c, b/c (first to last)" in text
     many = [{"pair": [f"c{i}", f"c{i + 1}"], "separated_at_step": i} for i in range(11)]
-    text = Explanation(path=tmp_path, data=_summary_data(learning_order=many),
+    text = Explanation(path=tmp_path, data=summary_data(learning_order=many),
                        arrays={}).summary()
     assert ("Learning order: first separated c0/c1, c1/c2, c2/c3, c3/c4, c4/c5; last "
             "c6/c7, c7/c8, c8/c9, c9/c10, c10/c11") in text
@@ -945,7 +934,7 @@ def test_summary_prints_no_correlation_of_fewer_than_three_separated_pairs(tmp_p
     def corr_line(separated, spearman=-1.0, p_value=0.0):
         order = [{"pair": list(p), "separated_at_step": (i + 1) * 10 if i < separated else None}
                  for i, p in enumerate((("a", "b"), ("a", "c"), ("b", "c")))]
-        data = _summary_data(learning_order=order, learning_order_correlation={
+        data = summary_data(learning_order=order, learning_order_correlation={
             "spearman": spearman, "p_value": p_value, "n_pairs": 3})
         text = Explanation(path=tmp_path, data=data, arrays={}).summary()
         return [x for x in text.splitlines() if "distinctness" in x]
@@ -968,6 +957,6 @@ def test_summary_counts_pairs_never_separated_apart(tmp_path):
     order = [{"pair": ["a", "b"], "separated_at_step": 3},
              {"pair": ["a", "c"], "separated_at_step": 7},
              {"pair": ["b", "c"], "separated_at_step": None}]
-    text = Explanation(path=tmp_path, data=_summary_data(learning_order=order),
+    text = Explanation(path=tmp_path, data=summary_data(learning_order=order),
                        arrays={}).summary()
     assert "Learning order: separated a/b, a/c (first to last); 1 pair never separated" in text

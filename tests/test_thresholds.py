@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from _synthetic_run import summary_data
 from whylook._text import floor_pct, near_chance_caution
 from whylook.errors import WhylookError
 from whylook.intensity import activity
@@ -463,15 +464,8 @@ def test_floor_pct_prints_the_whole_percentage_below_every_count_ratio():
 def _summary(tmp_path: Path, **fields) -> list[str]:
     from whylook.explain import Explanation
 
-    data = {
-        "classes": ["a", "b", "c"], "k": 4, "layer": "l", "grid": [2, 2],
-        "checkpoints": [{}] * 3, "settings": {"analysis_size": 9},
-        "classes_explained": [{"class": c, "shared": [], "specialized": []} for c in "abc"],
-        "uncertain_prototypes": [], "learning_order": [{"pair": ["a", "b"]}],
-        "learning_order_correlation": {"spearman": None, "p_value": None, "n_pairs": 1},
-        **fields,
-    }
-    return Explanation(path=tmp_path, data=data, arrays={}).summary().splitlines()
+    return Explanation(path=tmp_path, data=summary_data(**fields),
+                       arrays={}).summary().splitlines()
 
 
 def test_summary_lists_up_to_exactly_ten_uncertain_entries(tmp_path):
