@@ -229,8 +229,6 @@ def _beta_agreement(
     }
 
 
-
-
 def _r6(x: float | None) -> float | None:
     return None if x is None else round(float(x), 6)
 

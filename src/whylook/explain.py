@@ -760,17 +760,19 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
     # features wherever the two sets overlap (by default they are the same set), so the
     # final model runs over them once. The final checkpoint comes first for that reason.
     # The K-Means recipe is part of the key: prototypes cached by a version that fitted
-    # them another way are recomputed, not reused (the saliency shards stay valid).
+    # them another way are recomputed, not reused (the saliency shards stay valid). The
+    # algorithm is decided once: the key, the fit and explanation.json name the same one.
+    algorithm = kmeans_algorithm()
     proto_key = _digest({**common, "ckpt": digests[-1], "rows": _digest(proto_rows.tolist()),
                          "k": k_value, "p": settings.n_components, "seed": settings.seed,
-                         "kmeans": [INIT_VECTORS, REFINE_ITER, kmeans_algorithm()]})
+                         "kmeans": [INIT_VECTORS, REFINE_ITER, algorithm]})
     proto_file = cache / f"prototypes-{proto_key[:20]}.npz"
     cached = _load_cached(proto_file)
     prototypes = None if cached is None else Prototypes.from_arrays(cached)
     finder = None
     if prototypes is None:
         finder = PrototypeFinder(k=k_value, n_components=settings.n_components,
-                                 seed=settings.seed)
+                                 seed=settings.seed, algorithm=algorithm)
     in_proto = np.isin(rows, proto_rows)
     fed = np.zeros(len(proto_rows), dtype=bool)  # prototype rows the finder has seen
     # Final-model features of analysis rows (with their positions in the analysis set),
@@ -1017,7 +1019,7 @@ def _explain_locked(folder: Any, settings: ExplainSettings, device: torch.device
             "explained_variance": round(float(np.sum(prototypes.explained_variance_ratio)), 6),
             # Exact either way; chosen by CPU (prototypes.kmeans_algorithm), it can break a
             # tie in the K-Means partition otherwise than another machine.
-            "kmeans_algorithm": kmeans_algorithm(),
+            "kmeans_algorithm": algorithm,
             "min_cluster_size": int(patterns.min_cluster_size),
             "ridge_lambda": settings.ridge_lambda,
             "standard_errors": settings.standard_errors,

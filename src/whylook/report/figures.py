@@ -77,12 +77,12 @@ _RC: dict[Any, Any] = {
 #: White space (inches) added around a figure that is not laid out by ``tight_layout``, so
 #: that labels reaching past its nominal size are drawn on the canvas (and cropped to).
 _MARGIN = 2.0
+_PAD = round(0.1 * DPI)  # pixels of white around the drawn content, as savefig's pad_inches
+_PNG_LEVEL = 3
 
 #: A β heatmap's transition label gives the share of the class's samples whose Grad-CAM
 #: map is blank at both ends from this share on.
 BLANK_NOTE = 0.05
-_PAD = round(0.1 * DPI)  # pixels of white around the drawn content, as savefig's pad_inches
-_PNG_LEVEL = 3
 
 
 def _new_figure(width: float, height: float, margin: float = _MARGIN) -> Figure:
