@@ -710,6 +710,12 @@ def bench_explain(run: RunFolder, models: list[nn.Module], n: int, device: torch
     floor_pair("floor again")
     cached_total, cached_stages = timed_explain(run, device, fresh=False, analysis_size=n)
     print(f"  explain, all shards cached {cached_total:.2f} s", flush=True)
+    # The explains above read the decoded data from disk, as every command after the run's
+    # `whylook train` does (the floors' loads warmed it); one more decodes it as the first
+    # load of a source does.
+    with _env("WHYLOOK_CACHE", "off"):
+        decode_total, decode_stages = timed_explain(run, device, analysis_size=n)
+    print(f"  explain, data decoded (WHYLOOK_CACHE=off) {decode_total:.2f} s", flush=True)
     total, stages = _median_stages(runs)
     floor = float(np.median(floors))
     bf16_result = None
@@ -743,10 +749,26 @@ def bench_explain(run: RunFolder, models: list[nn.Module], n: int, device: torch
         "over_floor_user_cpu": (float(np.median([u for u, _ in cpu["explain"]]))
                                 / float(np.median([u for u, _ in cpu["floor"]]))),
         "cached_seconds": cached_total,
+        "data_decoded_seconds": decode_total,
+        "data_decoded_stages": decode_stages,
         "cached_stages": cached_stages,
         "import_seconds": import_seconds(),
         "bfloat16": bf16_result,
     }
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """The environment variable ``name`` set to ``value`` for the block."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 @contextlib.contextmanager
@@ -996,6 +1018,12 @@ def render(res: dict[str, Any]) -> str:
                f"{e['over_floor_user_cpu']:.2f}x | |"]
               if e.get("cpu_seconds") else []),
             f"| rerun with every shard cached | {e['cached_seconds']:.2f} | |",
+            *([f"| explain with the data decoded, not read from the data cache "
+               f"(`WHYLOOK_CACHE=off`; its load data "
+               f"{e['data_decoded_stages'].get('load data', 0):.2f} s) | "
+               f"{e['data_decoded_seconds']:.2f} | |",
+               f"| its ratio to the floor | {e['data_decoded_seconds'] / e['floor']:.2f}x | |"]
+              if e.get("data_decoded_seconds") else []),
             *([f"| explain in bfloat16 (median of "
                f"{' / '.join(f'{x:.2f}' for x in e['bfloat16']['seconds_all'])}; its saliency "
                f"stage {e['bfloat16']['stages'].get('saliency (Grad-CAM, T+1 passes)', 0):.2f}) | "

@@ -3,10 +3,18 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+# Decoded data sources go to a folder of this test session's own, never the user's cache
+# (whylook/_datacache.py); CLI subprocesses inherit it. Tests of the cache set their own.
+_DATA_CACHE = tempfile.mkdtemp(prefix="whylook-test-cache-")
+os.environ["WHYLOOK_CACHE"] = _DATA_CACHE
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -33,3 +41,7 @@ def cifar_zip() -> Path:
 @pytest.fixture(autouse=True)
 def _deterministic_torch() -> None:
     torch.manual_seed(0)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_DATA_CACHE, ignore_errors=True)

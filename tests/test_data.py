@@ -279,6 +279,7 @@ def test_folder_with_a_wrapping_folder_and_mixed_modes(tmp_path: Path) -> None:
 
 
 def test_fast_decoder_gives_the_same_pixels_as_pil(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WHYLOOK_CACHE", "off")  # both loads must decode
     rng = np.random.default_rng(3)
     modes = {"L": (9, 7), "RGB": (9, 7, 3), "RGBA": (9, 7, 4)}
     for split in ("train", "test"):

