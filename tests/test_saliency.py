@@ -367,6 +367,33 @@ def test_channels_last_matches_and_restores_layout() -> None:
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize(
+    "images",
+    [
+        lambda: np.random.default_rng(0).integers(0, 256, (5, 1, 9, 8), dtype=np.uint8),
+        lambda: np.random.default_rng(0).integers(0, 256, (5, 9, 8), dtype=np.uint8)[:, None],
+        lambda: torch.rand(5, 1, 9, 8),
+        lambda: torch.rand(5, 9, 8, 1).permute(0, 3, 1, 2),
+    ],
+    ids=["uint8", "uint8-new-axis", "float", "float-nhwc"],
+)
+def test_a_one_channel_batch_reaches_the_model_with_nhwc_strides(images) -> None:
+    """With one channel, NCHW and NHWC strides address the same bytes and torch takes the
+    first for NCHW (oneDNN's convolution then writes NCHW): however the caller's array is
+    laid out, the NHWC pass hands the model NHWC strides, and the values do not move."""
+    x = images()
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    seen: list[tuple[int, ...]] = []
+    net[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].stride()))
+    y = [0, 1, 2, 0, 1]
+    nhwc = grad_cam(net, "2", x, y, channels_last=True, batch_size=2)
+    assert seen == [(72, 1, 8, 1)] * 3
+    nchw = grad_cam(net, "2", x, y, channels_last=False, batch_size=2)
+    np.testing.assert_allclose(nhwc.saliency, nchw.saliency, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(nhwc.confidence, nchw.confidence, atol=1e-6)
+
+
 def test_channels_last_falls_back_for_models_that_need_nchw() -> None:
     class ViewNet(nn.Module):  # .view() after a convolution needs NCHW strides
         def __init__(self) -> None:

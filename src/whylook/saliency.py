@@ -268,6 +268,22 @@ def _batch_to_device(
     return batch.to(dtype)
 
 
+def _one_channel_nhwc(x: torch.Tensor) -> torch.Tensor:
+    """A dense one-channel batch with NHWC strides ``(H*W, 1, W, 1)``: the same memory.
+
+    With one channel both layouts' strides address the same bytes, and torch reads the
+    default ones (``(H*W, H*W, W, 1)``) as NCHW: oneDNN's first convolution then writes its
+    output in NCHW, and the pooling and a layout copy after it ran in NCHW too. On
+    ``smallcnn`` (MNIST) that made the passes 1.2x slower than with NHWC strides
+    (benchmarks/RESULTS.md, "Decoded data on disk"), and which one a batch had depended on
+    how the caller's image array was laid out.
+    """
+    if x.ndim != 4 or x.shape[1] != 1 or not x.is_contiguous():
+        return x
+    h, w = x.shape[2], x.shape[3]
+    return x.as_strided(x.shape, (h * w, 1, w, 1), x.storage_offset())
+
+
 def _check_labels(labels: LabelArray, n: int) -> torch.Tensor:
     if isinstance(labels, torch.Tensor):
         y = labels.detach().cpu()
@@ -650,6 +666,7 @@ class _LayerSession:
                 # model gets a copy, so a retry in NCHW below does not see an input that a
                 # forward changing its input in place (``x -= mean``) has already changed.
                 x_in = x_in.clone(memory_format=torch.channels_last)
+            x_in = _one_channel_nhwc(x_in)
         try:
             # Only around the model's own forward: the pooling mode must not see a caller's
             # code between two batches.
