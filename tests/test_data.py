@@ -207,6 +207,21 @@ def test_bad_npz_is_a_one_line_error(tmp_path: Path, change: dict, message: str)
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("empty", ["test", "train"])
+def test_an_empty_split_with_a_limit_is_the_same_one_line_error(
+    tmp_path: Path, empty: str
+) -> None:
+    arrays = _arrays()
+    arrays[f"x_{empty}"], arrays[f"y_{empty}"] = arrays[f"x_{empty}"][:0], arrays[f"y_{empty}"][:0]
+    spec = _npz(tmp_path, **arrays)
+    with pytest.raises(WhylookError) as whole:
+        load_data(spec)
+    with pytest.raises(WhylookError) as cut:
+        load_data(spec, limit_per_class=1)
+    assert str(cut.value) == str(whole.value)
+    assert f"no {empty} images" in str(cut.value) or "training images" in str(cut.value)
+
+
 @pytest.mark.parametrize(
     ("write", "message"),
     [

@@ -338,6 +338,8 @@ def _disk_key(kind: str, arg: str, loader_limit: int | None) -> str | None:
 
 
 def _limit(split: Split, limit: int) -> Split:
+    if len(split) == 0:
+        return split  # an empty split is _validate's to report, in words
     keep = np.concatenate(
         [np.flatnonzero(split.labels == c)[:limit] for c in np.unique(split.labels)]
     )
