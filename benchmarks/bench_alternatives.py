@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_analysis import _batches, load_models, machine_info, run_floor
+from bench_analysis import _batches, contender_images, load_models, machine_info, run_floor
 
 from whylook import intensity as inten
 from whylook.mapping import fit_class_mapping
@@ -83,7 +83,7 @@ def stacked(run: RunFolder, models: list[torch.nn.Module], n: int, repeats: int
 
     data = run.data()
     train = data.train
-    images = np.ascontiguousarray(train.images[:n])
+    images = contender_images(train.images[:n])
     labels = train.labels[:n].astype(np.int64)
     base = models[0]
     layer = dict(base.named_modules())[run.layer]

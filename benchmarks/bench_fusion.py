@@ -68,7 +68,7 @@ def child(run_path: str, what: str, variant: str, n: int, threads: int) -> None:
     else:
         train = run.data().train
         rows = stratified_rows(train.labels, n, seed=0)
-        images = np.ascontiguousarray(train.images[rows])
+        images = ba.contender_images(train.images[rows])
         labels = train.labels[rows].astype(np.int64)
         models = [run.load_model(i) for i in range(len(run.checkpoints))]
         calls = {

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                      else "mnist5k")
     # The rows explain analyses (a stratified sample), as bench_analysis.py takes them.
     rows = stratified_rows(data.train.labels, args.n, seed=0)
-    images = np.ascontiguousarray(data.train.images[rows])
+    images = ba.contender_images(data.train.images[rows])
     labels = data.train.labels[rows].astype(np.int64)
     if args.run is not None:
         run = RunFolder.open(args.run)

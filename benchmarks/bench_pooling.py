@@ -137,7 +137,7 @@ def _images(kind: str, n: int) -> tuple[np.ndarray, np.ndarray, str]:
     if kind == "mnist":
         spec = f"npz:{SHARED / 'mnist.npz'}" if (SHARED / "mnist.npz").is_file() else "mnist5k"
         split = load_data(spec).train
-        return split.images[:n], split.labels[:n], spec
+        return ba.contender_images(split.images[:n]), split.labels[:n], spec
     if (SHARED / "cifar10-jpg.zip").is_file():
         spec = f"folder:{SHARED / 'cifar10-jpg.zip'}"
         split = load_data(spec, limit_per_class=-(-n // 10)).train
