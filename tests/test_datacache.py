@@ -472,3 +472,12 @@ def test_the_key_reads_a_zips_whole_central_directory(
     first = write(7)
     assert write(7) == first  # the same bytes, the same key
     assert write(8) != first
+
+
+def test_a_link_to_a_parent_folder_does_not_trap_the_key(tmp_path: Path, cache: Path) -> None:
+    root = _tree(tmp_path / "tree")
+    (root / "train" / "a" / "loop").symlink_to(root)
+    first = load_data(f"folder:{root}")
+    _fresh_process()
+    assert _same(load_data(f"folder:{root}"), first)
+    assert len(_entries(cache)) == 1
