@@ -274,9 +274,9 @@ def _one_channel_nhwc(x: torch.Tensor) -> torch.Tensor:
     With one channel both layouts' strides address the same bytes, and torch reads the
     default ones (``(H*W, H*W, W, 1)``) as NCHW: oneDNN's first convolution then writes its
     output in NCHW, and the pooling and a layout copy after it ran in NCHW too. On
-    ``smallcnn`` (MNIST) that made the passes 1.2x slower than with NHWC strides
-    (benchmarks/RESULTS.md, "Decoded data on disk"), and which one a batch had depended on
-    how the caller's image array was laid out.
+    ``smallcnn`` (MNIST) that made the passes 1.26x slower than with NHWC strides
+    (benchmarks/RESULTS.md, "One-channel batches in NHWC strides"), and which one a batch had
+    depended on how the caller's image array was laid out.
     """
     if x.ndim != 4 or x.shape[1] != 1 or not x.is_contiguous():
         return x
