@@ -282,7 +282,7 @@ def test_the_key_sees_a_zip_member_change_that_leaves_every_time_and_size(
 ) -> None:
     # Timestamps are coarse (a rewrite within a few milliseconds can keep them); an npz's
     # or zip's last bytes hold each member's CRC-32, which the key reads.
-    monkeypatch.setattr(_datacache, "_file_state", lambda path, root: ["f", 1, 2, 3, 4])
+    monkeypatch.setattr(_datacache, "_file_state", lambda name, st: ["f", 1, 2, 3, 4])
     path = tmp_path / "d.npz"
     _save_npz(path, seed=0)
     before = _datacache.source_key("npz", [path], None)
@@ -459,7 +459,7 @@ def test_the_key_reads_a_zips_whole_central_directory(
     # member 1500 lies outside both ends; only its CRC-32 in the directory tells.
     import zipfile
 
-    monkeypatch.setattr(_datacache, "_file_state", lambda path, root: ["f", 1, 2, 3, 4])
+    monkeypatch.setattr(_datacache, "_file_state", lambda name, st: ["f", 1, 2, 3, 4])
     path = tmp_path / "tree.zip"
 
     def write(changed: int) -> str | None:

@@ -83,10 +83,8 @@ def cache_dir() -> Path | None:
     return base / "whylook" / "data"
 
 
-def _file_state(path: Path, root: Path) -> list[Any]:
-    st = path.stat()
-    return [path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-            st.st_ino]
+def _file_state(name: str, st: os.stat_result) -> list[Any]:
+    return [name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def _edges(path: Path) -> str:
@@ -112,7 +110,7 @@ def _edges(path: Path) -> str:
 def _state(path: Path) -> list[Any]:
     """What must stay the same for an entry of ``path`` (a file or a folder) to be used."""
     if path.is_file():
-        return [_file_state(path, path.parent), _edges(path)]
+        return [_file_state(path.name, path.stat()), _edges(path)]
     if not path.is_dir():
         raise FileNotFoundError(path)
     files: list[list[Any]] = []
@@ -134,8 +132,7 @@ def _walk(folder: Path, prefix: str, files: list[list[Any]], folders: list[str])
                 if not entry.is_symlink():
                     _walk(Path(entry.path), name + "/", files, folders)
             elif entry.is_file():
-                st = entry.stat()
-                files.append([name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
+                files.append(_file_state(name, entry.stat()))
 
 
 def source_key(kind: str, paths: list[Path], loader_limit: int | None) -> str | None:
