@@ -95,6 +95,7 @@ from whylook._fusion import fused_conv_relu  # noqa: E402
 from whylook._pooling import fast_max_pool  # noqa: E402
 from whylook.data import to_tensor  # noqa: E402
 from whylook.run import RunFolder  # noqa: E402
+from whylook.saliency import _one_channel_nhwc  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -240,10 +241,10 @@ def contender_images(images: np.ndarray) -> np.ndarray:
     UTC gives all contenders the second, the faster for each of them, whatever the source.
     """
     images = np.array(images)  # a copy of the rows, writable (torch.from_numpy warns otherwise)
-    if images.ndim != 4 or images.shape[1] != 1:
+    if images.ndim != 4:
         return images
-    h, w = images.shape[2:]
-    return np.lib.stride_tricks.as_strided(images, shape=images.shape, strides=(h * w, 1, w, 1))
+    # whylook's own rule for its batches, applied once to the whole array.
+    return _one_channel_nhwc(torch.from_numpy(images)).numpy()
 
 
 def _batches(images: np.ndarray, labels: np.ndarray, bs: int, device: torch.device
