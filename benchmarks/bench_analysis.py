@@ -237,12 +237,10 @@ def contender_images(images: np.ndarray) -> np.ndarray:
     ``smallcnn`` the passes of Captum, the floors and (before it re-strided its batches)
     whylook ran 1.2x slower than from strides ``(H*W, 1, W, 1)``, the same bytes. Gathered
     rows of the decoded MNIST npz came with the second kind (its array is ``x[:, None]``);
-    rows of the decoded-data cache come with the first. Every run since 2026-12-06 20:50
+    rows of the decoded-data cache come with the first. Every run since 2026-12-06 21:13
     UTC gives all contenders the second, the faster for each of them, whatever the source.
     """
     images = np.array(images)  # a copy of the rows, writable (torch.from_numpy warns otherwise)
-    if images.ndim != 4:
-        return images
     # whylook's own rule for its batches, applied once to the whole array.
     return _one_channel_nhwc(torch.from_numpy(images)).numpy()
 
