@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from whylook import _fusion
+from whylook.errors import WhylookError
 from whylook.models import build_model
 from whylook.saliency import GradCAM, grad_cam, layer_features
 
@@ -58,6 +59,37 @@ def test_fused_pass_equals_plain_pass_on_smallcnn(channels_last: bool) -> None:
     np.testing.assert_allclose(feats.numpy(), plain.features, rtol=1e-4, atol=1e-5)
 
 
+@pytest.fixture
+def pairs_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs in oneDNN's blocked layout off: what is left is the fused pairs."""
+    monkeypatch.setattr(_fusion, "_blocked_available", lambda: False)
+
+
+def _count_blocked(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the convolutions run on blocked tensors and the conversions into them."""
+    counts = {"conv": 0, "to_mkldnn": 0}
+    conv, to_mkldnn = torch.mkldnn_convolution, torch.Tensor.to_mkldnn
+
+    def counting_conv(*args: object) -> torch.Tensor:
+        counts["conv"] += 1
+        return conv(*args)  # type: ignore[arg-type]
+
+    inside: list[int] = []
+
+    def counting_to_mkldnn(self: torch.Tensor, *args: object) -> torch.Tensor:
+        # whylook's pooling mode (a TorchFunctionMode) hands the method back to this wrapper.
+        counts["to_mkldnn"] += not inside
+        inside.append(1)
+        try:
+            return to_mkldnn(self, *args)  # type: ignore[arg-type]
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(torch, "mkldnn_convolution", counting_conv)
+    monkeypatch.setattr(torch.Tensor, "to_mkldnn", counting_to_mkldnn)
+    return counts
+
+
 def _unpatched(model: nn.Module) -> bool:
     return all("forward" not in vars(m) for m in model.modules())
 
@@ -96,6 +128,7 @@ def test_put_back_after_an_error_inside_the_block() -> None:
 
 
 @needs_kernel
+@pytest.mark.usefixtures("pairs_only")
 def test_layer_and_pairs_after_it_keep_their_gradients() -> None:
     """The layer (a ReLU) is never fused; the pair after it runs unfused for the backward."""
     captum_attr = pytest.importorskip("captum.attr")
@@ -156,12 +189,24 @@ def test_hooked_modules_and_other_containers_are_left_alone() -> None:
 def test_a_kernel_that_fails_falls_back_to_the_plain_pass(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    tried: list[int] = []
+
     def refuse(*_args: object) -> torch.Tensor:
+        tried.append(1)
         raise RuntimeError("oneDNN: unsupported")
 
     model = _smallcnn()
     x, y = _images(4), [1, 2, 3, 4]
     plain = grad_cam(model, "block3", x, y, fuse=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_fusion, "_blocked_available", lambda: False)
+        pairs = grad_cam(model, "block3", x, y, fuse=True)
+    # Blocked runs that fail: the pairs from then on, with the pairs' values exactly.
+    monkeypatch.setattr(torch, "mkldnn_convolution", refuse)
+    np.testing.assert_array_equal(grad_cam(model, "block3", x, y, fuse=True).saliency,
+                                  pairs.saliency)
+    assert tried == [1]  # tried once, then not again in that pass
+    # And pairs that fail too: the plain pass, its values exactly.
     monkeypatch.setattr(_fusion, "_kernel", lambda: refuse)
     fused = grad_cam(model, "block3", x, y, fuse=True)
     np.testing.assert_array_equal(fused.saliency, plain.saliency)
@@ -194,8 +239,10 @@ def test_fuse_off_and_unavailable_models_touch_nothing() -> None:
 ], ids=["no-bias", "grouped", "strided-dilated", "1x1"])
 @pytest.mark.parametrize("nhwc_weights", [False, True])
 @pytest.mark.parametrize("nhwc_input", [False, True])
+@pytest.mark.parametrize("blocked", [False, True], ids=["pair", "blocked"])
 def test_convolution_variants_and_layouts(conv: nn.Conv2d, nhwc_weights: bool,
-                                          nhwc_input: bool) -> None:
+                                          nhwc_input: bool, blocked: bool,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     conv = copy.deepcopy(conv)  # the parameters are shared between the cases
     net = nn.Sequential(conv, nn.ReLU())
     if nhwc_weights:
@@ -212,18 +259,22 @@ def test_convolution_variants_and_layouts(conv: nn.Conv2d, nhwc_weights: bool,
         fused.append(1)  # counted once it ran: a kernel that raises falls back unfused
         return out
 
+    counts = _count_blocked(monkeypatch)
+    if not blocked:
+        monkeypatch.setattr(_fusion, "_blocked_available", lambda: False)
     with torch.no_grad():
         ref = torch.relu(conv(x))
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(_fusion, "_kernel", lambda: kernel)
-            with _fusion.fused_conv_relu(net) as count:
-                out = net(x)
+        counts["conv"] = 0
+        monkeypatch.setattr(_fusion, "_kernel", lambda: kernel)
+        with _fusion.fused_conv_relu(net) as count:
+            out = net(x)
     assert count == 1
-    assert fused == [1]  # the fused kernel itself gave the output, not the fallback
+    # The fused kernel, or the blocked convolution, gave the output, not the plain path.
+    assert (fused, counts["conv"]) == (([], 1) if blocked else ([1], 0))
     assert out.shape == ref.shape
     assert float(ref.max()) > 0
     assert out.is_contiguous() == ref.is_contiguous()  # the layout eager torch would give
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def _counting_kernel(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
@@ -272,3 +323,148 @@ def test_other_autocast_dtypes_are_left_to_autocast(monkeypatch: pytest.MonkeyPa
         out = model(_images(2))
     assert dtypes == []
     assert out.dtype == torch.float16
+
+
+# ----------------------------------------------------------------- oneDNN's blocked layout
+
+
+@needs_kernel
+def test_smallcnn_runs_blocked_with_one_conversion_per_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """block1, block2 and block3's insides run on blocked tensors; block2 and block3 take
+    the blocked tensor the run before them handed over, so each batch is converted once."""
+    model = _smallcnn()
+    x, y = _images(), torch.arange(12) % 10
+    plain = grad_cam(model, "block3", x, y, fuse=False, return_features=True)
+    counts = _count_blocked(monkeypatch)
+    blocked = grad_cam(model, "block3", x, y, fuse=True, return_features=True, batch_size=5)
+    assert counts == {"conv": 4 * 3, "to_mkldnn": 3}  # 3 batches
+    assert float(plain.saliency.max()) > 0
+    np.testing.assert_allclose(blocked.saliency, plain.saliency, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(blocked.confidence, plain.confidence, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(blocked.features, plain.features, rtol=1e-4, atol=1e-5)
+    feats = torch.cat(list(layer_features(model, "block3", x, fuse=True, batch_size=5)))
+    np.testing.assert_allclose(feats.numpy(), plain.features, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_blocked_runs_stop_at_the_layer_and_before_the_gradients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    captum_attr = pytest.importorskip("captum.attr")
+    model = _vgg_like().eval()
+    x = torch.rand(4, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 4, 2, 1])
+    counts = _count_blocked(monkeypatch)
+    fused = grad_cam(model, "3", x, y, fuse=True)
+    # Convolutions 0 and 2 (the layer 3 is a ReLU of its own); 4 is after the layer.
+    assert counts["conv"] == 2
+    ref = captum_attr.LayerGradCam(model, model[3]).attribute(x, target=y, relu_attributions=True)
+    ref = ref.detach()
+    assert float(ref.abs().max()) > 1e-4
+    np.testing.assert_allclose(fused.saliency, ref[:, 0].numpy(), rtol=1e-4, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("pool", [
+    nn.MaxPool2d(2),
+    nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+    nn.MaxPool2d((2, 3), stride=(1, 2)),
+], ids=["2x2", "3x3-padded-ceil", "rectangular"])
+def test_relu_then_pooling_gives_the_plain_values(pool: nn.MaxPool2d,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ReLU right before a max-pooling runs after it on blocked tensors: the same values."""
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), pool,
+                        nn.Conv2d(16, 16, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2)).eval()
+    x = torch.randn(2, 3, 15, 17)
+    with torch.no_grad():
+        ref = net(x)
+        counts = _count_blocked(monkeypatch)
+        with _fusion.fused_conv_relu(net):
+            out = net(x)
+    assert counts == {"conv": 2, "to_mkldnn": 1}
+    assert float(ref.max()) > 0
+    assert float((ref == 0).float().mean()) > 0.05  # the ReLUs at work
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_pooling_onednn_cannot_run_stays_with_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2, dilation=2),
+                        nn.Conv2d(8, 8, 3)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = net(x)
+        counts = _count_blocked(monkeypatch)
+        with _fusion.fused_conv_relu(net):
+            out = net(x)
+    assert counts == {"conv": 2, "to_mkldnn": 2}  # (0, 1), the dilated pooling, (3)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+class _TwoBlocks(nn.Module):
+    """Blocks with the caller's code between them: in-place, or reading the output twice."""
+
+    def __init__(self, between: str) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.between = between
+        self.b1 = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.b2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.b1(x)
+        if self.between == "in-place":
+            a.mul_(-1.0).add_(0.5)  # what b2 gets is no longer what b1 handed over
+        elif self.between == "nan":
+            a = a / (a - a)  # 0/0: NaN wherever nothing else is
+        b = self.b2(a)
+        if self.between == "reuse":
+            b = b + a.mean(dim=1, keepdim=True)
+        return self.head(b.mean(dim=(2, 3)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("between", ["in-place", "reuse"])
+def test_the_handover_follows_what_the_caller_does_between_blocks(
+    between: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = _TwoBlocks(between).eval()
+    x, y = _images(4)[:, :, :12, :12], [0, 1, 2, 0]
+    plain = grad_cam(model, "b2", x, y, fuse=False)
+    counts = _count_blocked(monkeypatch)
+    fused = grad_cam(model, "b2", x, y, fuse=True)
+    # Changed in place: converted again, not the blocked tensor of before the change.
+    assert counts == {"conv": 2, "to_mkldnn": 2 if between == "in-place" else 1}
+    assert float(plain.saliency.max()) > 0
+    np.testing.assert_allclose(fused.saliency, plain.saliency, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fused.confidence, plain.confidence, rtol=1e-4, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("blocked", [False, True], ids=["pairs", "blocked"])
+@pytest.mark.parametrize("where", ["pixels", "weights", "between blocks"])
+def test_nan_is_never_dropped_by_onednn(where: str, blocked: bool,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN's ReLU turns NaN into 0 and its pooling drops NaN, so a NaN pixel, a NaN
+    weight or a NaN made between blocks would give finite logits; they run plain, and the
+    NaN reaches the logits, which are refused."""
+    if not blocked:
+        monkeypatch.setattr(_fusion, "_blocked_available", lambda: False)
+    model = _TwoBlocks("nan" if where == "between blocks" else "none").eval()
+    x = _images(2)[:, :, :12, :12].clone()
+    if where == "pixels":
+        x[0, 0, 5, 5] = float("nan")
+    elif where == "weights":
+        with torch.no_grad():
+            model.b1[0].weight[3, 0, 1, 1] = float("nan")
+    with pytest.raises(WhylookError, match="returned NaN or infinite logits"):
+        grad_cam(model, "b2", x, [0, 1], fuse=True)
+    # Without the guard oneDNN's kernels would have given finite logits here.
+    if where == "pixels":
+        x = torch.nan_to_num(x, nan=0.0)
+        grad_cam(model, "b2", x, [0, 1], fuse=True)
