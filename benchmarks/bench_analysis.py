@@ -91,6 +91,7 @@ SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
 import whylook  # noqa: E402
+from whylook import _fusion  # noqa: E402
 from whylook._fusion import fused_conv_relu  # noqa: E402
 from whylook._pooling import fast_max_pool  # noqa: E402
 from whylook.data import to_tensor  # noqa: E402
@@ -261,14 +262,31 @@ WHYLOOK_CHANNELS_LAST: bool | None = None
 
 def run_whylook(models: list[nn.Module], layer: str, images: np.ndarray, labels: np.ndarray,
                 bs: int, device: torch.device, channels_last: bool | None = None,
-                fuse: bool | None = None, precision: str = "float32") -> Any:
+                fuse: bool | None = None, precision: str = "float32",
+                blocked: bool = True) -> Any:
+    """whylook's passes; ``blocked=False``: without the runs in oneDNN's blocked layout
+    (whylook/_fusion.py), its CPU kernels before 2026-12-06 23:00 UTC."""
     out = None
     layout = WHYLOOK_CHANNELS_LAST if channels_last is None else channels_last
-    for m in models:
-        res = whylook.grad_cam(m, layer, images, labels, batch_size=bs, device=device,
-                               channels_last=layout, fuse=fuse, precision=precision)
-        out = out if out is not None else res.saliency
+    with _without_blocked_runs(not blocked):
+        for m in models:
+            res = whylook.grad_cam(m, layer, images, labels, batch_size=bs, device=device,
+                                   channels_last=layout, fuse=fuse, precision=precision)
+            out = out if out is not None else res.saliency
     return out
+
+
+@contextlib.contextmanager
+def _without_blocked_runs(off: bool) -> Iterator[None]:
+    if not off:
+        yield
+        return
+    real = _fusion._blocked_available
+    _fusion._blocked_available = lambda: False
+    try:
+        yield
+    finally:
+        _fusion._blocked_available = real
 
 
 @contextlib.contextmanager
@@ -288,9 +306,10 @@ def run_floor(models: list[nn.Module], layer: str, images: np.ndarray, labels: n
               bf16: bool = False) -> None:
     """Bare forward + backward from the true-class logits to the layer's output (see top).
 
-    ``fused``: the same pass with the Conv2d -> ReLU pairs before the layer as one kernel
-    and 2x2 max-pooling there without indices, as whylook runs them on CPU, so that
-    whylook's own kernel choice is not counted as a gain over the floor. ``bf16``: the
+    ``fused``: the same pass with whylook's CPU kernels before the layer (runs of
+    Conv2d/ReLU/MaxPool2d on oneDNN's blocked tensors, else Conv2d -> ReLU pairs as one
+    kernel, and 2x2 max-pooling without indices), so that whylook's own kernel choice is not
+    counted as a gain over the floor. ``bf16``: the
     pass under bfloat16 autocast, as whylook's ``precision="bfloat16"`` runs it (the leaf
     in float32, as whylook hands it over)."""
     for m in models:
@@ -415,6 +434,7 @@ def bench_saliency(run: RunFolder, models: list[nn.Module], sizes: Sizes, device
         # The other layout, to show what whylook's layout choice is worth here.
         "whylook (other layout)": call(run_whylook, channels_last=not _auto_nhwc(device)),
         "whylook (unfused)": call(run_whylook, fuse=False),
+        "whylook (fused pairs in NHWC)": call(run_whylook, blocked=False),
         "floor (NHWC)": call(run_floor, nhwc=True),
         "floor (NCHW)": call(run_floor, nhwc=False),
     }

@@ -100,10 +100,11 @@ def test_containers_run_fused_inside_the_block_and_are_put_back() -> None:
     entries = [list(m.named_children()) for m in model.modules()]
     keys = list(model.state_dict())
     with GradCAM(model, "block3", fuse=True) as cam:
-        # block1, block2 and block3 (inside the layer, before its hook) run fused; their
-        # entries stay the model's own modules.
+        # The model (an nn.Sequential: its run goes through block1 and block2), block1,
+        # block2 and block3 (inside the layer, before its hook) run fused; their entries
+        # stay the model's own modules.
         assert [name for name, m in model.named_modules() if "forward" in vars(m)] == [
-            "block1", "block2", "block3"]
+            "", "block1", "block2", "block3"]
         assert [list(m.named_children()) for m in model.modules()] == entries
         cam(_images(3), [0, 1, 2])
     assert _unpatched(model)
@@ -332,8 +333,9 @@ def test_other_autocast_dtypes_are_left_to_autocast(monkeypatch: pytest.MonkeyPa
 def test_smallcnn_runs_blocked_with_one_conversion_per_batch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """block1, block2 and block3's insides run on blocked tensors; block2 and block3 take
-    the blocked tensor the run before them handed over, so each batch is converted once."""
+    """block1 and block2 run as one run of the model's (an nn.Sequential), block3's insides
+    as another that takes the blocked tensor the first handed over: each batch is
+    converted once."""
     model = _smallcnn()
     x, y = _images(), torch.arange(12) % 10
     plain = grad_cam(model, "block3", x, y, fuse=False, return_features=True)
@@ -468,3 +470,41 @@ def test_nan_is_never_dropped_by_onednn(where: str, blocked: bool,
     if where == "pixels":
         x = torch.nan_to_num(x, nan=0.0)
         grad_cam(model, "b2", x, [0, 1], fuse=True)
+
+
+class _Doubled(nn.Sequential):
+    """A container with a forward of its own: its entries are not simply run in order."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2.0
+
+
+@needs_kernel
+@pytest.mark.parametrize("inner", ["plain", "hooked", "batchnorm", "own forward"])
+def test_runs_go_through_nested_containers_that_only_run_their_entries(
+    inner: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(5)
+    first: nn.Sequential = (_Doubled if inner == "own forward" else nn.Sequential)(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    if inner == "batchnorm":
+        first.append(nn.BatchNorm2d(8))
+    seen: list[torch.layout] = []
+    if inner == "hooked":
+        first.register_forward_hook(lambda _m, _i, out: seen.append(out.layout))
+    net = nn.Sequential(first, nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()),
+                        nn.Flatten(), nn.Linear(8 * 6 * 6, 3)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        ref = net(x)
+        seen.clear()
+        counts = _count_blocked(monkeypatch)
+        with _fusion.fused_conv_relu(net):
+            out = net(x)
+    # Through the plain container: one run, one conversion; else one run per container,
+    # the second taking the first's blocked tensor unless something ran between them. A
+    # container with a forward of its own is the user's code: nothing in it is touched.
+    assert counts == {"conv": 1 if inner == "own forward" else 2,
+                      "to_mkldnn": 2 if inner == "batchnorm" else 1}
+    assert seen == ([torch.strided] if inner == "hooked" else [])  # the hook saw a tensor
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -150,6 +150,26 @@ def _blockable(module: nn.Module | None, keep: set[int]) -> bool:
     return type(module) is nn.ReLU
 
 
+def _run_entries(module: nn.Module, keep: set[int]) -> list[nn.Module] | None:
+    """The layers ``module`` runs, in order, when all of them can run blocked: itself, or
+    the entries of an ``nn.Sequential`` (and of those nested in it) that only runs them in
+    order; ``None`` when any cannot."""
+    if isinstance(module, nn.Sequential):
+        patch = vars(module).get("forward")
+        if (id(module) in keep or _has_hooks(module)
+                or type(module).forward is not nn.Sequential.forward
+                or not (patch is None or isinstance(patch, _FusedForward))):
+            return None
+        layers: list[nn.Module] = []
+        for entry in module._modules.values():
+            inner = None if entry is None else _run_entries(entry, keep)
+            if inner is None:
+                return None
+            layers += inner
+        return layers
+    return [module] if _blockable(module, keep) else None
+
+
 def _nhwc(t: torch.Tensor) -> bool:
     """Whether torch takes ``t`` for NHWC: its strides are ordered C < W < H < N, where a
     size-1 dimension may share its neighbour's stride (c10's
@@ -246,11 +266,19 @@ class _FusedForward:
             conv = modules[i]
             fits = self._fits(x, autocast) and not _global_hooks()
             if fits and autocast is None and self.shared.blocked:
+                # A run goes on through the entries of nested containers that only run
+                # their entries in order (as smallcnn's blocks in smallcnn): what each hands
+                # to the next is then known, and stays blocked.
+                run: list[nn.Module] = []
                 end = i
-                while end < len(modules) and _blockable(modules[end], self.keep):
+                while end < len(modules):
+                    inner = _run_entries(modules[end], self.keep)
+                    if inner is None:
+                        break
+                    run += inner
                     end += 1
-                if type(conv) is nn.Conv2d and end > i:
-                    out = self._blocked(modules[i:end], x)
+                if run and type(run[0]) is nn.Conv2d:
+                    out = self._blocked(run, x)
                     if out is not None:
                         x = out
                         i = end
@@ -382,8 +410,9 @@ def fused_conv_relu(model: nn.Module, keep: tuple[nn.Module, ...] = ()) -> Itera
                 assert isinstance(seq, nn.Sequential)
                 entries = list(seq._modules.values())
                 if any(_fusable(a, b, keep_ids) for a, b in itertools.pairwise(entries)) or (
-                        shared.blocked and any(type(e) is nn.Conv2d and _blockable(e, keep_ids)
-                                               for e in entries)):
+                        shared.blocked and any(
+                            any(type(m) is nn.Conv2d for m in _run_entries(e, keep_ids) or ())
+                            for e in entries if e is not None)):
                     seq.forward = _FusedForward(seq, shared, keep_ids)  # type: ignore[method-assign]
                     patched.append(seq)
         yield len(patched)

@@ -82,8 +82,13 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-class SmallCNN(nn.Module):
-    """The fast default model (see the module docstring)."""
+class SmallCNN(nn.Sequential):
+    """The fast default model (see the module docstring).
+
+    An ``nn.Sequential`` (normalize, block1, block2, block3, pool, classifier): its forward
+    is its blocks in order, which lets whylook's CPU passes hand each block's output to the
+    next in oneDNN's blocked layout (whylook/_fusion.py).
+    """
 
     def __init__(
         self,
@@ -141,10 +146,6 @@ class SmallCNN(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         self.whylook_layer = "block3"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.block3(self.block2(self.block1(self.normalize(x))))
-        return self.classifier(self.pool(x))
 
 
 # torchvision is imported on first use only (it takes seconds); the classes are cached so
