@@ -327,8 +327,8 @@ def run_floor(models: list[nn.Module], layer: str, images: np.ndarray, labels: n
 
         handle = module.register_forward_hook(leaf)
         try:
-            with _layout(m, nhwc), (fused_conv_relu(m, keep=(module,)) if fused
-                                    else contextlib.nullcontext()):
+            with _layout(m, nhwc), (fused_conv_relu(m, keep=(module,), takes_blocked=(module,))
+                                    if fused else contextlib.nullcontext()):
                 for x, y in _batches(images, labels, bs, device):
                     if nhwc:
                         x = x.contiguous(memory_format=torch.channels_last)

@@ -65,10 +65,13 @@ def pairs_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_fusion, "_blocked_available", lambda: False)
 
 
-def _count_blocked(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Count the convolutions run on blocked tensors and the conversions into them."""
+def _count_blocked(monkeypatch: pytest.MonkeyPatch,
+                   back: list[int] | None = None) -> dict[str, int]:
+    """Count the convolutions run on blocked tensors and the conversions into them (and,
+    into ``back``, the conversions out of them)."""
     counts = {"conv": 0, "to_mkldnn": 0}
-    conv, to_mkldnn = torch.mkldnn_convolution, torch.Tensor.to_mkldnn
+    conv, to_mkldnn, to_dense = torch.mkldnn_convolution, torch.Tensor.to_mkldnn, \
+        torch.Tensor.to_dense
 
     def counting_conv(*args: object) -> torch.Tensor:
         counts["conv"] += 1
@@ -85,8 +88,18 @@ def _count_blocked(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         finally:
             inside.pop()
 
+    def counting_to_dense(self: torch.Tensor, *args: object) -> torch.Tensor:
+        if back is not None and self.layout == torch._mkldnn and not inside:  # type: ignore[attr-defined]
+            back.append(1)
+        inside.append(1)
+        try:
+            return to_dense(self, *args)  # type: ignore[arg-type]
+        finally:
+            inside.pop()
+
     monkeypatch.setattr(torch, "mkldnn_convolution", counting_conv)
     monkeypatch.setattr(torch.Tensor, "to_mkldnn", counting_to_mkldnn)
+    monkeypatch.setattr(torch.Tensor, "to_dense", counting_to_dense)
     return counts
 
 
@@ -333,15 +346,17 @@ def test_other_autocast_dtypes_are_left_to_autocast(monkeypatch: pytest.MonkeyPa
 def test_smallcnn_runs_blocked_with_one_conversion_per_batch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """block1 and block2 run as one run of the model's (an nn.Sequential), block3's insides
-    as another that takes the blocked tensor the first handed over: each batch is
-    converted once."""
+    """block1 and block2 run as one run of the model's (an nn.Sequential), which calls the
+    layer block3 on its blocked output; block3's own run hands back its output as an
+    ordinary tensor: each batch is converted once each way."""
     model = _smallcnn()
     x, y = _images(), torch.arange(12) % 10
     plain = grad_cam(model, "block3", x, y, fuse=False, return_features=True)
-    counts = _count_blocked(monkeypatch)
+    back: list[int] = []
+    counts = _count_blocked(monkeypatch, back)
     blocked = grad_cam(model, "block3", x, y, fuse=True, return_features=True, batch_size=5)
     assert counts == {"conv": 4 * 3, "to_mkldnn": 3}  # 3 batches
+    assert len(back) == 3
     assert float(plain.saliency.max()) > 0
     np.testing.assert_allclose(blocked.saliency, plain.saliency, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(blocked.confidence, plain.confidence, rtol=1e-4, atol=1e-6)
@@ -508,3 +523,27 @@ def test_runs_go_through_nested_containers_that_only_run_their_entries(
                       "to_mkldnn": 2 if inner == "batchnorm" else 1}
     assert seen == ([torch.strided] if inner == "hooked" else [])  # the hook saw a tensor
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("hook", ["forward", "pre"])
+def test_a_layer_hooked_by_the_caller_gets_an_ordinary_input(
+    hook: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = _smallcnn()
+    x, y = _images(4), [0, 1, 2, 3]
+    plain = grad_cam(model, "block3", x, y, fuse=False)
+    layouts: list[torch.layout] = []
+    if hook == "forward":
+        model.block3.register_forward_hook(lambda _m, i, _o: layouts.append(i[0].layout))
+    else:
+        model.block3.register_forward_pre_hook(lambda _m, i: layouts.append(i[0].layout))
+    back: list[int] = []
+    counts = _count_blocked(monkeypatch, back)
+    fused = grad_cam(model, "block3", x, y, fuse=True)
+    assert layouts == [torch.strided]
+    # Still blocked within each run: block2's output is made ordinary for the layer and
+    # block3's run takes the blocked tensor back without converting it again.
+    assert counts == {"conv": 4, "to_mkldnn": 1}
+    assert len(back) == 2
+    np.testing.assert_allclose(fused.saliency, plain.saliency, rtol=1e-4, atol=1e-5)

@@ -203,9 +203,12 @@ class _Shared:
     on, the last run's output with the blocked tensor it came from, and which weights were
     seen to be finite."""
 
-    def __init__(self, kernel: Kernel, blocked: bool) -> None:
+    def __init__(self, kernel: Kernel, blocked: bool, takes_blocked: set[int]) -> None:
         self.kernel: Kernel | None = kernel
         self.blocked = blocked
+        self.takes_blocked = takes_blocked
+        #: The blocked tensor a run passes to a kept container as its input, with its layout.
+        self.passing: tuple[torch.Tensor, bool] | None = None
         self._handoff: _Handoff | None = None
         self._finite: dict[int, tuple[int, ...]] = {}
 
@@ -245,6 +248,7 @@ class _Shared:
 
     def clear(self) -> None:
         self._handoff = None
+        self.passing = None
         self._finite.clear()
 
 
@@ -260,6 +264,10 @@ class _FusedForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         modules = list(self.seq._modules.values())
+        if isinstance(x, torch.Tensor) and x.layout == torch._mkldnn:  # type: ignore[attr-defined]
+            x = self._from_blocked(x)
+            if x.layout == torch.strided:
+                return x
         autocast = _autocast_dtype()  # the same for the whole container's call
         i = 0
         while i < len(modules):
@@ -278,7 +286,16 @@ class _FusedForward:
                     run += inner
                     end += 1
                 if run and type(run[0]) is nn.Conv2d:
-                    out = self._blocked(run, x)
+                    after = modules[end] if end < len(modules) else None
+                    if after is not None and self._takes_blocked(after):
+                        # The prototype layer, run here on the blocked tensor: its hook
+                        # sees its output, an ordinary tensor.
+                        blocked = self._blocked(run, x, dense=False)
+                        if blocked is not None:
+                            x = after(blocked)
+                            i = end + 1
+                            continue
+                    out = self._blocked(run, x) if self.shared.blocked else None
                     if out is not None:
                         x = out
                         i = end
@@ -315,13 +332,53 @@ class _FusedForward:
             return False
         if not all(self.shared.finite_weights(c) for c in convs):
             return False
-        return self.shared.ours(x) or _finite(x)
+        # A blocked input comes from a run whose input and weights were checked.
+        return x.layout != torch.strided or self.shared.ours(x) or _finite(x)
 
-    def _blocked(self, run: list[nn.Module], x: torch.Tensor) -> torch.Tensor | None:
+    def _entries_run(self, container: nn.Module) -> list[nn.Module] | None:
+        """The layers of a kept container as one run, when all can run blocked."""
+        run: list[nn.Module] = []
+        for entry in container._modules.values():
+            inner = None if entry is None else _run_entries(entry, self.keep)
+            if inner is None:
+                return None
+            run += inner
+        return run if run and type(run[0]) is nn.Conv2d else None
+
+    def _takes_blocked(self, module: nn.Module) -> bool:
+        """Whether ``module`` (the prototype layer) may get a blocked tensor as its input:
+        the caller said so (its only hook, whylook's, reads its output alone), nothing else
+        hooks it, and its entries make one run that turns it back into an ordinary tensor."""
+        return (
+            id(module) in self.shared.takes_blocked
+            and isinstance(vars(module).get("forward"), _FusedForward)
+            and not module._forward_pre_hooks
+            and len(module._forward_hooks) <= 1
+            and not module._backward_hooks
+            and not getattr(module, "_backward_pre_hooks", None)
+            and self._entries_run(module) is not None
+        )
+
+    def _from_blocked(self, x: torch.Tensor) -> torch.Tensor:
+        """A kept container's call on a blocked input: its run's ordinary output, or (if
+        the run cannot go on) the input as an ordinary tensor for the plain path."""
+        passing, self.shared.passing = self.shared.passing, None
+        nhwc = passing[1] if passing is not None and passing[0] is x else False
+        run = self._entries_run(self.seq)
+        out = None if run is None else self._blocked(run, x, nhwc=nhwc)
+        if out is not None:
+            return out
+        dense = x.to_dense()
+        return dense.contiguous(memory_format=torch.channels_last) if nhwc else dense
+
+    def _blocked(self, run: list[nn.Module], x: torch.Tensor, *, dense: bool = True,
+                 nhwc: bool = False) -> torch.Tensor | None:
+        """The run on blocked tensors: its output as an ordinary tensor in the input's
+        layout, or (``dense=False``) blocked; ``None`` when it cannot run so."""
         convs = [m for m in run if isinstance(m, nn.Conv2d)]
         if not self._checked(convs, x):
             return None
-        handed = self.shared.take(x)
+        handed = self.shared.take(x) if x.layout == torch.strided else (x, nhwc)
         try:
             # The layout eager torch would give: NHWC when the input or the first weight is.
             h, nhwc = handed if handed is not None else (
@@ -343,6 +400,9 @@ class _FusedForward:
                     assert isinstance(m, nn.MaxPool2d)
                     h = self._pool(m, h)
                 k += 1
+            if not dense:
+                self.shared.passing = (h, nhwc)
+                return h
             out = h.to_dense()
         except (RuntimeError, NotImplementedError):
             # A build or input oneDNN's tensors do not take: the pairs from now on.
@@ -380,12 +440,17 @@ class _FusedForward:
 
 
 @contextmanager
-def fused_conv_relu(model: nn.Module, keep: tuple[nn.Module, ...] = ()) -> Iterator[int]:
+def fused_conv_relu(model: nn.Module, keep: tuple[nn.Module, ...] = (),
+                    takes_blocked: tuple[nn.Module, ...] = ()) -> Iterator[int]:
     """Fuse the model's ``Conv2d -> ReLU`` pairs for the block; yields how many containers
     run fused.
 
     ``keep``: modules whose own output must stay visible (the prototype layer); a pair
-    that contains one is left alone. Nothing is fused where :func:`available` is false.
+    or run that contains one is left alone. ``takes_blocked``: kept ``nn.Sequential``
+    containers whose input may be a blocked tensor (whylook's prototype layer, whose only
+    hook reads the output alone): the run before one then calls it on its blocked output,
+    and its own run hands back an ordinary tensor; with any other hook on it, it gets an
+    ordinary tensor. Nothing is fused where :func:`available` is false.
 
     >>> import torch
     >>> from torch import nn
@@ -398,7 +463,8 @@ def fused_conv_relu(model: nn.Module, keep: tuple[nn.Module, ...] = ()) -> Itera
     """
     kernel = _kernel()
     patched: list[nn.Sequential] = []
-    shared = None if kernel is None else _Shared(kernel, _blocked_available())
+    shared = None if kernel is None else _Shared(kernel, _blocked_available(),
+                                                 {id(m) for m in takes_blocked})
     try:
         if shared is not None and available(model):
             keep_ids = {id(m) for m in keep}

@@ -17,11 +17,13 @@ Speed comes from doing only the work Grad-CAM needs:
   are independent, so the gradient of the sum w.r.t. sample ``i``'s activations is the
   gradient of sample ``i``'s own logit;
 * ``torch.autograd.grad`` w.r.t. that leaf only, in large batches;
-* on CPU, the NHWC layout, and each ``Conv2d -> ReLU`` pair of an ``nn.Sequential`` before
-  the layer as one oneDNN kernel (``whylook/_fusion.py``): the ReLU's separate pass over
-  a fresh tensor, and the page faults of allocating it, go away; and 2x2 max-pooling
-  before the layer without the indices torch computes for a backward that never comes
-  (``whylook/_pooling.py``; in NCHW, where a model that fails in NHWC runs, 10x faster).
+* on CPU, the NHWC layout, and before the layer oneDNN's own kernels
+  (``whylook/_fusion.py``): runs of ``Conv2d``/``ReLU``/``MaxPool2d`` in ``nn.Sequential``
+  containers on oneDNN's blocked tensors (its direct convolution and pooling, no tensor
+  of the ReLU's own), or else each ``Conv2d -> ReLU`` pair as one kernel; and 2x2
+  max-pooling before the layer without the indices torch computes for a backward that
+  never comes (``whylook/_pooling.py``; in NCHW, where a model that fails in NHWC runs,
+  10x faster).
 
 ``precision="bfloat16"`` (opt-in) runs the pass under ``torch.autocast`` in bfloat16, as
 torch's mixed precision does: the activations ``A``, the logits and their gradient
@@ -568,7 +570,10 @@ class _LayerSession:
                 self._to_channels_last()
             if self.fuse:
                 self._fusion = contextlib.ExitStack()
-                self._fusion.enter_context(fused_conv_relu(self.model, keep=(self.layer,)))
+                # The layer may get a blocked input: the hook below, its only one, reads
+                # the output alone (_fusion checks at each call that no other came).
+                self._fusion.enter_context(fused_conv_relu(
+                    self.model, keep=(self.layer,), takes_blocked=(self.layer,)))
             self._handle = self.layer.register_forward_hook(self._hook)
         except BaseException:
             self._restore()
