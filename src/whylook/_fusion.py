@@ -335,8 +335,8 @@ class _FusedForward:
 
     def _checked(self, convs: list[nn.Conv2d], x: torch.Tensor) -> bool:
         """Whether oneDNN may run these convolutions on ``x`` without losing a NaN."""
-        if torch.is_grad_enabled() and any(p.requires_grad for c in convs
-                                           for p in c.parameters()):
+        params = [p for c in convs for p in (c.weight, c.bias) if p is not None]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return False
         if not all(self.shared.finite_weights(c) for c in convs):
             return False
