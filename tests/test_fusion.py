@@ -436,7 +436,9 @@ class _TwoBlocks(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.b1(x)
         if self.between == "in-place":
-            a.mul_(-1.0).add_(0.5)  # what b2 gets is no longer what b1 handed over
+            a.mul_(-1.0).add_(0.5)
+        elif self.between == "through .data":
+            a.data.mul_(-1.0)  # a write no version counter sees
         elif self.between == "nan":
             a = a / (a - a)  # 0/0: NaN wherever nothing else is
         b = self.b2(a)
@@ -446,17 +448,18 @@ class _TwoBlocks(nn.Module):
 
 
 @needs_kernel
-@pytest.mark.parametrize("between", ["in-place", "reuse"])
-def test_the_handover_follows_what_the_caller_does_between_blocks(
+@pytest.mark.parametrize("between", ["in-place", "through .data", "reuse"])
+def test_what_the_caller_does_between_blocks_is_seen(
     between: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The caller's code between two containers gets an ordinary tensor, and the next
+    container converts what it gets: whatever was done to it in between counts."""
     model = _TwoBlocks(between).eval()
     x, y = _images(4)[:, :, :12, :12], [0, 1, 2, 0]
     plain = grad_cam(model, "b2", x, y, fuse=False)
     counts = _count_blocked(monkeypatch)
     fused = grad_cam(model, "b2", x, y, fuse=True)
-    # Changed in place: converted again, not the blocked tensor of before the change.
-    assert counts == {"conv": 2, "to_mkldnn": 2 if between == "in-place" else 1}
+    assert counts == {"conv": 2, "to_mkldnn": 2}
     assert float(plain.saliency.max()) > 0
     np.testing.assert_allclose(fused.saliency, plain.saliency, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(fused.confidence, plain.confidence, rtol=1e-4, atol=1e-6)
@@ -517,10 +520,10 @@ def test_runs_go_through_nested_containers_that_only_run_their_entries(
         with _fusion.fused_conv_relu(net):
             out = net(x)
     # Through the plain container: one run, one conversion; else one run per container,
-    # the second taking the first's blocked tensor unless something ran between them. A
-    # container with a forward of its own is the user's code: nothing in it is touched.
+    # each converting. A container with a forward of its own is the user's code: nothing
+    # in it is touched.
     assert counts == {"conv": 1 if inner == "own forward" else 2,
-                      "to_mkldnn": 2 if inner == "batchnorm" else 1}
+                      "to_mkldnn": 1 if inner in ("plain", "own forward") else 2}
     assert seen == ([torch.strided] if inner == "hooked" else [])  # the hook saw a tensor
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -542,8 +545,73 @@ def test_a_layer_hooked_by_the_caller_gets_an_ordinary_input(
     counts = _count_blocked(monkeypatch, back)
     fused = grad_cam(model, "block3", x, y, fuse=True)
     assert layouts == [torch.strided]
-    # Still blocked within each run: block2's output is made ordinary for the layer and
-    # block3's run takes the blocked tensor back without converting it again.
-    assert counts == {"conv": 4, "to_mkldnn": 1}
+    # block2's output is made ordinary for the layer, whose run converts it again.
+    assert counts == {"conv": 4, "to_mkldnn": 2}
     assert len(back) == 2
     np.testing.assert_allclose(fused.saliency, plain.saliency, rtol=1e-4, atol=1e-5)
+
+
+def _layered(kernel: int = 3) -> nn.Sequential:
+    """A block of two convolutions, then the layer (a container oneDNN can run, taking the
+    block's blocked output), then a head."""
+    torch.manual_seed(6)
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                      nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, 8, kernel, padding=1), nn.ReLU()),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", ["nan weight", "huge weights", "kernel too large"])
+def test_the_layer_and_its_block_fail_as_the_plain_pass_does(case: str) -> None:
+    """When the layer's run cannot run blocked, the layer still runs (plain), so the pass
+    fails as the plain pass does, never with the layer's input for its output."""
+    model = _layered(kernel=7 if case == "kernel too large" else 3)
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if case == "nan weight":
+            model[1][0].weight[0, 0, 0, 0] = float("nan")
+        elif case == "huge weights":
+            # Finite, but past float32's range at the second convolution, where inf - inf
+            # makes NaN, which oneDNN's ReLU would turn into 0.
+            model[0][0].weight.mul_(1e30)
+            model[0][2].weight.mul_(1e30)
+    for fuse in (False, True):
+        with pytest.raises(WhylookError) as err:
+            grad_cam(model, "1", x, [0, 1], fuse=fuse)
+        assert ("NaN or infinite logits" if case != "kernel too large"
+                else "the model failed on input") in str(err.value)
+
+
+@needs_kernel
+def test_weights_changed_through_data_during_the_block_are_checked_again() -> None:
+    model = _layered()
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    with GradCAM(model, "1") as cam:
+        cam(x, [0, 1])
+        model[0][0].weight.data[0, 0, 0, 0] = float("nan")  # as a manual weight load would
+        with pytest.raises(WhylookError, match="NaN or infinite logits"):
+            cam(x, [0, 1])
+
+
+@needs_kernel
+def test_features_under_the_callers_inference_mode() -> None:
+    model = _layered()
+    x = torch.rand(5, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        fused = torch.cat(list(layer_features(model, "1", x, batch_size=2)))
+        plain = torch.cat(list(layer_features(model, "1", x, batch_size=2, fuse=False)))
+    assert float(plain.max()) > 0
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_pooling_padding_torch_refuses_is_left_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(3, padding=2)).eval()
+    counts = _count_blocked(monkeypatch)
+    with torch.no_grad(), _fusion.fused_conv_relu(net), \
+            pytest.raises(RuntimeError, match="pad should be at most half"):
+        net(torch.randn(2, 3, 9, 9))
+    assert counts["conv"] == 1  # the run stopped before the pooling

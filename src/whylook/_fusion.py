@@ -37,8 +37,8 @@ nothing is fused, and autocast keeps its say.
 **Runs in oneDNN's blocked layout.** In float32 without autocast, a run of entries of one
 container that starts with a ``Conv2d`` and goes on with ``Conv2d``, ``ReLU`` and
 ``MaxPool2d`` (under the same conditions as a pair, and the pooling without indices or
-dilation) runs on oneDNN's own tensors (``to_mkldnn``), whose channels are blocked by 16:
-there oneDNN picks its direct convolution instead of the matrix-product one it takes for
+dilation, its padding at most half its window) runs on oneDNN's own tensors
+(``to_mkldnn``), whose channels are blocked by 16: there oneDNN picks its direct convolution instead of the matrix-product one it takes for
 NHWC, and its own pooling. A ReLU right before a max-pooling runs after it, on a quarter
 of the values (the same values: the maximum of ReLUs is the ReLU of the maximum). On
 ``smallcnn``'s layers before its prototype layer that is 22.9 ms a batch of 256 against
@@ -47,9 +47,8 @@ layout before the layer"), as long as the runs convert little:
 
 * a run goes on through nested containers that only run their entries in order (plain
   ``nn.Sequential`` entries without hooks): what each hands the next is then known;
-* a run hands back an ordinary tensor in the layout eager torch would give; when the next
-  run's input is that very tensor, unchanged (its version counter), it takes the blocked
-  tensor it came from instead of converting again;
+* a run hands back an ordinary tensor in the layout eager torch would give, so whatever
+  the caller's code does with it before the next container (in place or not) counts;
 * a run followed by a kept container the caller named in ``takes_blocked`` (whylook's
   prototype layer, whose one hook reads only its output) calls it on the blocked tensor.
 
@@ -57,17 +56,18 @@ Values are the plain pass's up to float rounding (the convolutions sum in anothe
 
 oneDNN's ReLU and max-pooling drop NaN (a NaN becomes 0, or loses to any number), where
 torch's propagate it; the check for NaN logits downstream would then never see a NaN
-pixel or a diverged weight. So a convolution with a weight or bias that is not finite
-runs plain, and so does a run (or a pair) whose input is not finite, unless that input is
-the unchanged output of the run before it, whose input and weights were checked (finite
-values and weights give NaN only through an overflow past float32's range).
+pixel or a diverged weight. So each run and each pair first bounds what it can compute:
+the largest magnitude of its input, times each convolution's largest sum of weight
+magnitudes, plus its bias (ReLU and max-pooling never raise it). A NaN or an infinity in
+the input or the weights, or a bound past 1e30 (an overflow to infinity, and from there a
+NaN, becomes possible), and it runs plain. One pass over the input (``aminmax``) and over
+the weights.
 """
 
 from __future__ import annotations
 
 import itertools
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -151,10 +151,11 @@ def _blockable(module: nn.Module | None, keep: set[int]) -> bool:
     if type(module) is nn.Conv2d:
         return module.padding_mode == "zeros" and not isinstance(module.padding, str)
     if type(module) is nn.MaxPool2d:
-        # oneDNN's pooling has no dilation (torch's refuses it on blocked tensors).
-        dilation = module.dilation
-        dilations = tuple(dilation) if isinstance(dilation, (tuple, list)) else (dilation,)
-        return not module.return_indices and all(d == 1 for d in dilations)
+        # oneDNN's pooling has no dilation (torch's refuses it on blocked tensors), and
+        # takes padding beyond half the window that torch refuses: those stay with torch.
+        kernel, padding = _pair(module.kernel_size), _pair(module.padding)
+        return (not module.return_indices and _pair(module.dilation) == (1, 1)
+                and all(p <= k // 2 for p, k in zip(padding, kernel, strict=True)))
     return type(module) is nn.ReLU
 
 
@@ -178,6 +179,12 @@ def _run_entries(module: nn.Module, keep: set[int]) -> list[nn.Module] | None:
     return [module] if _blockable(module, keep) else None
 
 
+def _pair(v: object) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return (int(v[0]), int(v[-1]))
+    return (int(v), int(v))  # type: ignore[call-overload]
+
+
 def _nhwc(t: torch.Tensor) -> bool:
     """Whether torch takes ``t`` for NHWC: its strides are ordered C < W < H < N, where a
     size-1 dimension may share its neighbour's stride (c10's
@@ -194,22 +201,37 @@ def _nhwc(t: torch.Tensor) -> bool:
     return True
 
 
-def _finite(t: torch.Tensor) -> bool:
-    """Whether ``t`` holds no NaN and no infinity, or (rarely) its sum overflows: a NaN or
-    an infinity makes the sum non-finite. One vectorised pass without a mask tensor:
-    ``isfinite(t).all()`` took 2 ms on an NHWC batch where the sum takes 0.14 ms."""
-    return bool(torch.isfinite(t.sum()))
+#: A bound on every value a run may compute above which it runs plain instead: far below
+#: float32's largest (3.4e38), so no sum inside oneDNN's kernels can overflow to infinity.
+_LIMIT = 1e30
 
 
-#: The last run's output (weakly), its version, the blocked tensor it came from (None after
-#: a pair) and whether it was handed over in NHWC.
-_Handoff = tuple["weakref.ref[torch.Tensor]", int, "torch.Tensor | None", bool]
+def _bound(t: torch.Tensor) -> float:
+    """The largest magnitude in ``t`` (NaN or infinity where ``t`` holds one): one pass,
+    no mask tensor (``isfinite(t).all()`` took 2 ms on an NHWC batch)."""
+    low, high = torch.aminmax(t.detach())
+    return max(abs(float(low)), abs(float(high)))
+
+
+def _within(convs: Sequence[nn.Conv2d], bound: float) -> bool:
+    """Whether input values of at most ``bound`` keep every value these convolutions (with
+    any ReLU and max-pooling between them, which never raise a bound) compute finite:
+    each output is at most its channel's sum of weight magnitudes times the input bound,
+    plus its bias. A NaN or infinite bound, weight or bias fails it."""
+    for conv in convs:
+        weight = conv.weight.detach()
+        gain = float(weight.abs().sum(dim=(1, 2, 3)).amax()) if weight.numel() else 0.0
+        shift = 0.0 if conv.bias is None else _bound(conv.bias) if conv.bias.numel() else 0.0
+        bound = gain * bound + shift
+        if not bound <= _LIMIT:  # also False for NaN
+            return False
+    return True
 
 
 class _Shared:
-    """What the replaced containers of one ``with`` block share: whether blocked runs are
-    on, the last run's output with the blocked tensor it came from, and which weights were
-    seen to be finite."""
+    """What the replaced containers of one ``with`` block share: whether fused pairs and
+    blocked runs are on, which kept containers may take a blocked input, and the blocked
+    tensor a run is passing to one."""
 
     def __init__(self, kernel: Kernel, blocked: bool, takes_blocked: set[int]) -> None:
         self.kernel: Kernel | None = kernel
@@ -217,47 +239,6 @@ class _Shared:
         self.takes_blocked = takes_blocked
         #: The blocked tensor a run passes to a kept container as its input, with its layout.
         self.passing: tuple[torch.Tensor, bool] | None = None
-        self._handoff: _Handoff | None = None
-        self._finite: dict[int, tuple[int, ...]] = {}
-
-    def give(self, out: torch.Tensor, blocked: torch.Tensor | None, nhwc: bool) -> None:
-        """Note ``out`` as the last run's output (``blocked``: the tensor it came from)."""
-        # Only a weak reference to ``out``: holding it would keep every output alive one
-        # run longer than the model does.
-        self._handoff = (weakref.ref(out), out._version, blocked, nhwc)
-
-    def ours(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` is the last run's output, unchanged since."""
-        if self._handoff is None:
-            return False
-        ref, version = self._handoff[0], self._handoff[1]
-        return ref() is x and x._version == version
-
-    def take(self, x: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
-        """The blocked tensor and layout ``x`` came from, when it is the last run's output,
-        unchanged; let go of it either way."""
-        handoff, self._handoff = self._handoff, None
-        if handoff is None:
-            return None
-        ref, version, blocked, nhwc = handoff
-        if blocked is None or ref() is not x or x._version != version:
-            return None
-        return blocked, nhwc
-
-    def finite_weights(self, conv: nn.Conv2d) -> bool:
-        params = [conv.weight] + ([] if conv.bias is None else [conv.bias])
-        # Keyed by storage and version: weights loaded in place during the block are seen.
-        state = tuple(v for p in params for v in (p.data_ptr(), p._version))
-        if self._finite.get(id(conv)) != state:
-            if not all(_finite(p) for p in params):
-                return False
-            self._finite[id(conv)] = state
-        return True
-
-    def clear(self) -> None:
-        self._handoff = None
-        self.passing = None
-        self._finite.clear()
 
 
 class _FusedForward:
@@ -273,8 +254,8 @@ class _FusedForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         modules = list(self.seq._modules.values())
         if isinstance(x, torch.Tensor) and x.layout == torch._mkldnn:  # type: ignore[attr-defined]
-            x = self._from_blocked(x)
-            if x.layout == torch.strided:
+            x, done = self._from_blocked(x)
+            if done:
                 return x
         autocast = _autocast_dtype()  # the same for the whole container's call
         i = 0
@@ -295,10 +276,12 @@ class _FusedForward:
                     end += 1
                 if run and type(run[0]) is nn.Conv2d:
                     after = modules[end] if end < len(modules) else None
-                    if after is not None and self._takes_blocked(after):
-                        # The prototype layer, run here on the blocked tensor: its hook
-                        # sees its output, an ordinary tensor.
-                        blocked = self._blocked(run, x, dense=False)
+                    then = None if after is None else self._layer_run(after)
+                    if after is not None and then is not None:
+                        # The prototype layer, run here on the blocked tensor (its own run
+                        # checked with this one): its hook sees its output, an ordinary
+                        # tensor.
+                        blocked = self._blocked(run, x, dense=False, then=then)
                         if blocked is not None:
                             x = after(blocked)
                             i = end + 1
@@ -333,15 +316,15 @@ class _FusedForward:
             and not (torch.is_grad_enabled() and x.requires_grad)
         )
 
-    def _checked(self, convs: list[nn.Conv2d], x: torch.Tensor) -> bool:
-        """Whether oneDNN may run these convolutions on ``x`` without losing a NaN."""
+    @staticmethod
+    def _checked(convs: Sequence[nn.Conv2d], x: torch.Tensor) -> bool:
+        """Whether oneDNN may run these convolutions on ``x``: no gradient to record, and
+        nothing that could make a NaN, which its ReLU and pooling would drop (a NaN or an
+        infinity in ``x`` or a weight, or values large enough to overflow)."""
         params = [p for c in convs for p in (c.weight, c.bias) if p is not None]
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return False
-        if not all(self.shared.finite_weights(c) for c in convs):
-            return False
-        # A blocked input comes from a run whose input and weights were checked.
-        return x.layout != torch.strided or self.shared.ours(x) or _finite(x)
+        return _within(convs, _bound(x))
 
     def _entries_run(self, container: nn.Module) -> list[nn.Module] | None:
         """The layers of a kept container as one run, when all can run blocked."""
@@ -353,43 +336,51 @@ class _FusedForward:
             run += inner
         return run if run and type(run[0]) is nn.Conv2d else None
 
-    def _takes_blocked(self, module: nn.Module) -> bool:
-        """Whether ``module`` (the prototype layer) may get a blocked tensor as its input:
-        the caller said so (its only hook, whylook's, reads its output alone), nothing else
-        hooks it, and its entries make one run that turns it back into an ordinary tensor."""
-        return (
+    def _layer_run(self, module: nn.Module) -> list[nn.Module] | None:
+        """The run of ``module`` (the prototype layer) when it may get a blocked tensor as
+        its input: the caller said so (its only hook, whylook's, reads its output alone),
+        nothing else hooks it, and its entries make one run that turns it back into an
+        ordinary tensor."""
+        if not (
             id(module) in self.shared.takes_blocked
             and isinstance(vars(module).get("forward"), _FusedForward)
             and not module._forward_pre_hooks
             and len(module._forward_hooks) <= 1
             and not module._backward_hooks
             and not getattr(module, "_backward_pre_hooks", None)
-            and self._entries_run(module) is not None
-        )
+        ):
+            return None
+        return self._entries_run(module)
 
-    def _from_blocked(self, x: torch.Tensor) -> torch.Tensor:
-        """A kept container's call on a blocked input: its run's ordinary output, or (if
-        the run cannot go on) the input as an ordinary tensor for the plain path."""
+    def _from_blocked(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """A kept container's call on the blocked tensor a run passed it: its run's
+        ordinary output and True; or, when that run cannot go on, the input as an ordinary
+        tensor and False, for the container's entries to run on as they would."""
         passing, self.shared.passing = self.shared.passing, None
-        nhwc = passing[1] if passing is not None and passing[0] is x else False
+        ours = passing is not None and passing[0] is x
+        nhwc = ours and passing is not None and passing[1]
         run = self._entries_run(self.seq)
-        out = None if run is None else self._blocked(run, x, nhwc=nhwc)
+        # The run that passed it checked this container's convolutions with its own.
+        out = None if run is None or not ours else self._blocked(run, x, nhwc=nhwc,
+                                                                checked=True)
         if out is not None:
-            return out
+            return out, True
         dense = x.to_dense()
-        return dense.contiguous(memory_format=torch.channels_last) if nhwc else dense
+        return (dense.contiguous(memory_format=torch.channels_last) if nhwc else dense), False
 
     def _blocked(self, run: list[nn.Module], x: torch.Tensor, *, dense: bool = True,
-                 nhwc: bool = False) -> torch.Tensor | None:
+                 then: Sequence[nn.Module] = (), nhwc: bool = False,
+                 checked: bool = False) -> torch.Tensor | None:
         """The run on blocked tensors: its output as an ordinary tensor in the input's
-        layout, or (``dense=False``) blocked; ``None`` when it cannot run so."""
+        layout, or (``dense=False``, for the kept container whose run is ``then``)
+        blocked; ``None`` when it cannot run so."""
         convs = [m for m in run if isinstance(m, nn.Conv2d)]
-        if not self._checked(convs, x):
+        later = [m for m in then if isinstance(m, nn.Conv2d)]
+        if not checked and not self._checked(convs + later, x):
             return None
-        handed = self.shared.take(x) if x.layout == torch.strided else (x, nhwc)
         try:
             # The layout eager torch would give: NHWC when the input or the first weight is.
-            h, nhwc = handed if handed is not None else (
+            h, nhwc = (x, nhwc) if x.layout != torch.strided else (
                 x.to_mkldnn(), _nhwc(x) or _nhwc(convs[0].weight))
             k = 0
             while k < len(run):
@@ -416,10 +407,7 @@ class _FusedForward:
             # A build or input oneDNN's tensors do not take: the pairs from now on.
             self.shared.blocked = False
             return None
-        if nhwc:
-            out = out.contiguous(memory_format=torch.channels_last)
-        self.shared.give(out, h, nhwc)
-        return out
+        return out.contiguous(memory_format=torch.channels_last) if nhwc else out
 
     @staticmethod
     def _pool(m: nn.MaxPool2d, h: torch.Tensor) -> torch.Tensor:
@@ -437,14 +425,12 @@ class _FusedForward:
             x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
             bias = None if bias is None else bias.to(torch.bfloat16)
         try:
-            out = kernel(x, weight, bias, list(conv.padding), list(conv.stride),
-                         list(conv.dilation), conv.groups, "relu", [], "")
+            return kernel(x, weight, bias, list(conv.padding), list(conv.stride),
+                          list(conv.dilation), conv.groups, "relu", [], "")
         except (RuntimeError, NotImplementedError):
             # A build or input the kernel does not take: the plain path from now on.
             self.shared.kernel = None
             return None
-        self.shared.give(out, None, False)
-        return out
 
 
 @contextmanager
@@ -494,4 +480,4 @@ def fused_conv_relu(model: nn.Module, keep: tuple[nn.Module, ...] = (),
         for seq in patched:
             vars(seq).pop("forward", None)
         if shared is not None:
-            shared.clear()
+            shared.passing = None
