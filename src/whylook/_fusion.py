@@ -38,12 +38,13 @@ nothing is fused, and autocast keeps its say.
 container that starts with a ``Conv2d`` and goes on with ``Conv2d``, ``ReLU`` and
 ``MaxPool2d`` (under the same conditions as a pair, and the pooling without indices or
 dilation, its padding at most half its window) runs on oneDNN's own tensors
-(``to_mkldnn``), whose channels are blocked by 16: there oneDNN picks its direct convolution instead of the matrix-product one it takes for
-NHWC, and its own pooling. A ReLU right before a max-pooling runs after it, on a quarter
-of the values (the same values: the maximum of ReLUs is the ReLU of the maximum). On
-``smallcnn``'s layers before its prototype layer that is 22.9 ms a batch of 256 against
-25.5 ms, and the whole pass 1.07-1.12x faster (benchmarks/RESULTS.md, "oneDNN's blocked
-layout before the layer"), as long as the runs convert little:
+(``to_mkldnn``), whose channels are blocked by 16: there oneDNN picks its direct
+convolution instead of the matrix-product one it takes for NHWC, and its own pooling. A
+ReLU right before a max-pooling runs after it, on a quarter of the values (the same
+values: the maximum of ReLUs is the ReLU of the maximum). On ``smallcnn``'s layers before
+its prototype layer that is 22.9 ms a batch of 256 against 25.5 ms, and the whole pass
+1.07-1.12x faster (benchmarks/RESULTS.md, "oneDNN's blocked layout before the layer"), as
+long as the runs convert little:
 
 * a run goes on through nested containers that only run their entries in order (plain
   ``nn.Sequential`` entries without hooks): what each hands the next is then known;
