@@ -61,8 +61,8 @@ pixel or a diverged weight. So each run and each pair first bounds what it can c
 the largest magnitude of its input, times each convolution's largest sum of weight
 magnitudes, plus its bias (ReLU and max-pooling never raise it). A NaN or an infinity in
 the input or the weights, or a bound past 1e30 (an overflow to infinity, and from there a
-NaN, becomes possible), and it runs plain. One pass over the input (``aminmax``) and over
-the weights.
+NaN, becomes possible), and it runs plain. Two reductions over the input (``amax``,
+``amin``) and one over the weights.
 """
 
 from __future__ import annotations
@@ -208,10 +208,13 @@ _LIMIT = 1e30
 
 
 def _bound(t: torch.Tensor) -> float:
-    """The largest magnitude in ``t`` (NaN or infinity where ``t`` holds one): one pass,
-    no mask tensor (``isfinite(t).all()`` took 2 ms on an NHWC batch)."""
-    low, high = torch.aminmax(t.detach())
-    return max(abs(float(low)), abs(float(high)))
+    """The largest magnitude in ``t`` (NaN or infinity where ``t`` holds one), without a
+    mask or an ``abs`` tensor: on a (256, 16, 14, 14) NHWC batch ``amax`` and ``amin``
+    took 0.23 ms, ``aminmax`` 0.58 ms, ``isfinite(t).all()`` and ``vector_norm(t, inf)``
+    2 ms."""
+    t = t.detach()
+    high, low = float(t.amax()), float(t.amin())
+    return high if high != high else max(abs(high), abs(low))  # a NaN stays NaN
 
 
 def _within(convs: Sequence[nn.Conv2d], bound: float) -> bool:
