@@ -383,6 +383,18 @@ def test_blocked_runs_stop_at_the_layer_and_before_the_gradients(
     np.testing.assert_allclose(fused.saliency, ref[:, 0].numpy(), rtol=1e-4, atol=1e-6)
 
 
+def _plain_then_fused(net: nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """``net(x)`` plain and inside ``fused_conv_relu``, with the blocked counts of the
+    second."""
+    with torch.no_grad():
+        ref = net(x)
+        counts = _count_blocked(monkeypatch)
+        with _fusion.fused_conv_relu(net):
+            out = net(x)
+    return ref, out, counts
+
+
 @needs_kernel
 @pytest.mark.parametrize("pool", [
     nn.MaxPool2d(2),
@@ -395,12 +407,7 @@ def test_relu_then_pooling_gives_the_plain_values(pool: nn.MaxPool2d,
     torch.manual_seed(2)
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), pool,
                         nn.Conv2d(16, 16, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2)).eval()
-    x = torch.randn(2, 3, 15, 17)
-    with torch.no_grad():
-        ref = net(x)
-        counts = _count_blocked(monkeypatch)
-        with _fusion.fused_conv_relu(net):
-            out = net(x)
+    ref, out, counts = _plain_then_fused(net, torch.randn(2, 3, 15, 17), monkeypatch)
     assert counts == {"conv": 2, "to_mkldnn": 1}
     assert float(ref.max()) > 0
     assert float((ref == 0).float().mean()) > 0.05  # the ReLUs at work
@@ -412,12 +419,7 @@ def test_pooling_onednn_cannot_run_stays_with_torch(monkeypatch: pytest.MonkeyPa
     torch.manual_seed(3)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2, dilation=2),
                         nn.Conv2d(8, 8, 3)).eval()
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        ref = net(x)
-        counts = _count_blocked(monkeypatch)
-        with _fusion.fused_conv_relu(net):
-            out = net(x)
+    ref, out, counts = _plain_then_fused(net, torch.randn(2, 3, 16, 16), monkeypatch)
     assert counts == {"conv": 2, "to_mkldnn": 2}  # (0, 1), the dilated pooling, (3)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
