@@ -74,6 +74,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from whylook._pooling import _pair
+
 __all__ = ["available", "fused_conv_relu"]
 
 Kernel = Callable[..., torch.Tensor]
@@ -170,20 +172,19 @@ def _run_entries(module: nn.Module, keep: set[int]) -> list[nn.Module] | None:
                 or type(module).forward is not nn.Sequential.forward
                 or not (patch is None or isinstance(patch, _FusedForward))):
             return None
-        layers: list[nn.Module] = []
-        for entry in module._modules.values():
-            inner = None if entry is None else _run_entries(entry, keep)
-            if inner is None:
-                return None
-            layers += inner
-        return layers
+        return _entries_of(module, keep)
     return [module] if _blockable(module, keep) else None
 
 
-def _pair(v: object) -> tuple[int, int]:
-    if isinstance(v, (tuple, list)):
-        return (int(v[0]), int(v[-1]))
-    return (int(v), int(v))  # type: ignore[call-overload]
+def _entries_of(container: nn.Module, keep: set[int]) -> list[nn.Module] | None:
+    """The layers a container's entries run, in order, when all can run blocked."""
+    layers: list[nn.Module] = []
+    for entry in container._modules.values():
+        inner = None if entry is None else _run_entries(entry, keep)
+        if inner is None:
+            return None
+        layers += inner
+    return layers
 
 
 def _nhwc(t: torch.Tensor) -> bool:
@@ -262,10 +263,11 @@ class _FusedForward:
             if done:
                 return x
         autocast = _autocast_dtype()  # the same for the whole container's call
+        hooked = _global_hooks()  # so are the global module hooks
         i = 0
         while i < len(modules):
             conv = modules[i]
-            fits = self._fits(x, autocast) and not _global_hooks()
+            fits = self._fits(x, autocast) and not hooked
             if fits and autocast is None and self.shared.blocked:
                 # A run goes on through the entries of nested containers that only run
                 # their entries in order (as smallcnn's blocks in smallcnn): what each hands
@@ -332,12 +334,7 @@ class _FusedForward:
 
     def _entries_run(self, container: nn.Module) -> list[nn.Module] | None:
         """The layers of a kept container as one run, when all can run blocked."""
-        run: list[nn.Module] = []
-        for entry in container._modules.values():
-            inner = None if entry is None else _run_entries(entry, self.keep)
-            if inner is None:
-                return None
-            run += inner
+        run = _entries_of(container, self.keep)
         return run if run and type(run[0]) is nn.Conv2d else None
 
     def _layer_run(self, module: nn.Module) -> list[nn.Module] | None:

@@ -54,7 +54,7 @@ def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(rows[:, :, :, 0::2], rows[:, :, :, 1::2])
 
 
-def _pair(v: object) -> object:
+def _pair(v: object) -> tuple[Any, ...]:
     if isinstance(v, (tuple, list)):
         return tuple(v) * 2 if len(v) == 1 else tuple(v)
     return (v, v)
