@@ -7,9 +7,12 @@ CPU passes can run it, interleaved and repeated:
 * ``NHWC pairs``: each Conv2d -> ReLU pair as one ``_convolution_pointwise`` kernel on
   NHWC tensors (oneDNN picks its matrix-product "brgemm" convolution there), and 2x2
   max-pooling as two ``torch.maximum`` (whylook/_pooling.py);
-* ``blocked``: the same layers on oneDNN's own tensors (channels blocked by 16: its direct
+* ``blocked, ReLU apart`` (whylook's runs from 2026-12-06 22:48 UTC to 2026-12-07 01:00
+  UTC): the same layers on oneDNN's own tensors (channels blocked by 16: its direct
   convolution and its pooling), the ReLU as its own step, after the pooling where one
-  follows, and the conversions in and out.
+  follows, and the conversions in and out;
+* ``blocked, ReLU as post-op`` (whylook's runs since): the same, each convolution and its
+  ReLU as one ``_convolution_pointwise`` call on the blocked tensors, the pooling after.
 
 Models and data are loaded before timing; one thread unless ``--threads``.
 
@@ -65,16 +68,24 @@ def nhwc_steps(modules: dict[str, nn.Module]) -> list[Step]:
     return steps
 
 
-def blocked_steps(modules: dict[str, nn.Module]) -> list[Step]:
+def blocked_steps(modules: dict[str, nn.Module], post_op: bool) -> list[Step]:
+    kernel = _kernel()
+    assert kernel is not None, "this torch build has no oneDNN convolution kernel"
     steps: list[Step] = [("to blocked", lambda h: h.to_mkldnn())]
     for name, pooled in CONVS:
         conv = modules[name]
         assert isinstance(conv, nn.Conv2d)
-        steps.append((name, lambda h, c=conv: torch.mkldnn_convolution(
-            h, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups)))
+        if post_op:
+            steps.append((name + " + ReLU", lambda h, c=conv: kernel(
+                h, c.weight, c.bias, list(c.padding), list(c.stride), list(c.dilation),
+                c.groups, "relu", [], "")))
+        else:
+            steps.append((name, lambda h, c=conv: torch.mkldnn_convolution(
+                h, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups)))
         if pooled:
             steps.append((name.split(".")[0] + ".pool", lambda h: torch.max_pool2d(h, 2)))
-        steps.append((name + " ReLU", torch.relu_))
+        if not post_op:
+            steps.append((name + " ReLU", torch.relu_))
     steps.append(("back to NHWC", lambda h: h.to_dense().contiguous(
         memory_format=torch.channels_last)))
     return steps
@@ -99,7 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = stratified_rows(train.labels, args.batch, seed=0)
     x = torch.from_numpy(contender_images(train.images[rows])).float().div_(255.0)
     x = modules["normalize"](x).contiguous(memory_format=torch.channels_last)
-    ways = {"NHWC pairs": nhwc_steps(modules), "blocked": blocked_steps(modules)}
+    ways = {"NHWC pairs": nhwc_steps(modules),
+            "blocked, ReLU apart": blocked_steps(modules, post_op=False),
+            "blocked, ReLU as post-op": blocked_steps(modules, post_op=True)}
     times: dict[str, dict[str, list[float]]] = {w: {n: [] for n, _ in s} for w, s in ways.items()}
     outputs: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -112,14 +125,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if r >= 2:
                         times[way][name].append(time.perf_counter() - start)
                 outputs[way] = h
-    a, b = outputs["NHWC pairs"], outputs["blocked"]
-    diff = float((a - b).abs().max() / a.abs().max())
+    a = outputs["NHWC pairs"]
+    diff = max(float((a - b).abs().max() / a.abs().max()) for b in outputs.values())
     med = {w: {n: 1000 * statistics.median(v) for n, v in t.items()} for w, t in times.items()}
     print(f"{args.batch} images, {args.threads} thread(s), median of {args.repeats} (ms):")
     for way, steps in med.items():
         print(f"  {way}: " + ", ".join(f"{n} {v:.2f}" for n, v in steps.items())
               + f"; total {sum(steps.values()):.2f}")
-    print(f"  the layer's output: largest difference {diff:.1e} of its largest value")
+    print(f"  the layer's output: largest difference {diff:.1e} of its largest value "
+          "(blocked against NHWC pairs)")
     write_result(args.out, {
         "machine": machine_info(args.threads, torch.device("cpu")),
         "batch": args.batch, "repeats": args.repeats, "median_ms": med,

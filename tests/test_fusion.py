@@ -67,15 +67,22 @@ def pairs_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _count_blocked(monkeypatch: pytest.MonkeyPatch,
                    back: list[int] | None = None) -> dict[str, int]:
-    """Count the convolutions run on blocked tensors and the conversions into them (and,
-    into ``back``, the conversions out of them)."""
+    """Count the convolutions run on blocked tensors (alone, or as the kernel with the
+    ReLU as its post-op) and the conversions into them (and, into ``back``, the
+    conversions out of them)."""
     counts = {"conv": 0, "to_mkldnn": 0}
     conv, to_mkldnn, to_dense = torch.mkldnn_convolution, torch.Tensor.to_mkldnn, \
         torch.Tensor.to_dense
+    kernel = _fusion._kernel()
 
     def counting_conv(*args: object) -> torch.Tensor:
         counts["conv"] += 1
         return conv(*args)  # type: ignore[arg-type]
+
+    def counting_kernel(x: torch.Tensor, *args: object) -> torch.Tensor:
+        assert kernel is not None
+        counts["conv"] += x.is_mkldnn
+        return kernel(x, *args)
 
     inside: list[int] = []
 
@@ -98,6 +105,8 @@ def _count_blocked(monkeypatch: pytest.MonkeyPatch,
             inside.pop()
 
     monkeypatch.setattr(torch, "mkldnn_convolution", counting_conv)
+    if kernel is not None:
+        monkeypatch.setattr(_fusion, "_kernel", lambda: counting_kernel)
     monkeypatch.setattr(torch.Tensor, "to_mkldnn", counting_to_mkldnn)
     monkeypatch.setattr(torch.Tensor, "to_dense", counting_to_dense)
     return counts
@@ -215,8 +224,18 @@ def test_a_kernel_that_fails_falls_back_to_the_plain_pass(
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_fusion, "_blocked_available", lambda: False)
         pairs = grad_cam(model, "block3", x, y, fuse=True)
-    # Blocked runs that fail: the pairs from then on, with the pairs' values exactly.
+    # Blocked runs that fail (smallcnn's convolutions, each before a ReLU, run as the
+    # kernel with the ReLU as its post-op): the pairs from then on, their values exactly.
+    kernel = _fusion._kernel()
+    assert kernel is not None
+
+    def refuse_blocked(x: torch.Tensor, *args: object) -> torch.Tensor:
+        if x.is_mkldnn:
+            return refuse()
+        return kernel(x, *args)
+
     monkeypatch.setattr(torch, "mkldnn_convolution", refuse)
+    monkeypatch.setattr(_fusion, "_kernel", lambda: refuse_blocked)
     np.testing.assert_array_equal(grad_cam(model, "block3", x, y, fuse=True).saliency,
                                   pairs.saliency)
     assert tried == [1]  # tried once, then not again in that pass
@@ -264,7 +283,8 @@ def test_convolution_variants_and_layouts(conv: nn.Conv2d, nhwc_weights: bool,
     x = torch.randn(3, 4, 11, 13)
     if nhwc_input:
         x = x.contiguous(memory_format=torch.channels_last)
-    real = _fusion._kernel()
+    counts = _count_blocked(monkeypatch)
+    real = _fusion._kernel()  # the counting one
     assert real is not None
     fused: list[int] = []
 
@@ -273,7 +293,6 @@ def test_convolution_variants_and_layouts(conv: nn.Conv2d, nhwc_weights: bool,
         fused.append(1)  # counted once it ran: a kernel that raises falls back unfused
         return out
 
-    counts = _count_blocked(monkeypatch)
     if not blocked:
         monkeypatch.setattr(_fusion, "_blocked_available", lambda: False)
     with torch.no_grad():
@@ -283,8 +302,8 @@ def test_convolution_variants_and_layouts(conv: nn.Conv2d, nhwc_weights: bool,
         with _fusion.fused_conv_relu(net) as count:
             out = net(x)
     assert count == 1
-    # The fused kernel, or the blocked convolution, gave the output, not the plain path.
-    assert (fused, counts["conv"]) == (([], 1) if blocked else ([1], 0))
+    # The fused kernel gave the output, on blocked tensors or not; not the plain path.
+    assert (fused, counts["conv"]) == ([1], 1 if blocked else 0)
     assert out.shape == ref.shape
     assert float(ref.max()) > 0
     assert out.is_contiguous() == ref.is_contiguous()  # the layout eager torch would give
@@ -411,6 +430,35 @@ def test_relu_then_pooling_gives_the_plain_values(pool: nn.MaxPool2d,
     assert counts == {"conv": 2, "to_mkldnn": 1}
     assert float(ref.max()) > 0
     assert float((ref == 0).float().mean()) > 0.05  # the ReLUs at work
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_a_relu_after_a_pooling_runs_after_the_next_pooling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ReLU that follows no convolution (so no kernel's post-op), right before a
+    max-pooling, runs after it; a convolution with no ReLU after it runs alone."""
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.MaxPool2d(2, stride=1), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Conv2d(16, 8, 3)).eval()
+    with torch.no_grad():
+        net[0].bias.fill_(-1.5)  # so that the ReLU has work after two poolings
+    x = torch.randn(2, 3, 15, 17)
+    relus: list[torch.Size] = []
+    relu_ = torch.relu_
+
+    def recording_relu_(t: torch.Tensor) -> torch.Tensor:
+        relus.append(t.shape)
+        return relu_(t)
+
+    monkeypatch.setattr(torch, "relu_", recording_relu_)
+    ref, out, counts = _plain_then_fused(net, x, monkeypatch)
+    assert counts == {"conv": 2, "to_mkldnn": 1}
+    assert relus == [torch.Size([2, 16, 7, 8])]  # after the second pooling
+    assert float((ref == 0).float().mean()) < 0.05  # no ReLU after the last convolution
+    with torch.no_grad():
+        assert float((net[:4](x) == 0).float().mean()) > 0.05
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 

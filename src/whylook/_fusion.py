@@ -40,11 +40,13 @@ container that starts with a ``Conv2d`` and goes on with ``Conv2d``, ``ReLU`` an
 dilation, its padding at most half its window) runs on oneDNN's own tensors
 (``to_mkldnn``), whose channels are blocked by 16: there oneDNN picks its direct
 convolution instead of the matrix-product one it takes for NHWC, and its own pooling. A
-ReLU right before a max-pooling runs after it, on a quarter of the values (the same
-values: the maximum of ReLUs is the ReLU of the maximum). On ``smallcnn``'s layers before
-its prototype layer that is 22.9 ms a batch of 256 against 25.5 ms, and the whole pass
-1.07-1.12x faster (benchmarks/RESULTS.md, "oneDNN's blocked layout before the layer"), as
-long as the runs convert little:
+convolution directly followed by a ReLU is one kernel call with the ReLU as its post-op,
+as for the pairs (the same kernel takes blocked tensors). Any other ReLU right before a
+max-pooling runs after it, on a quarter of the values (the same values: the maximum of
+ReLUs is the ReLU of the maximum). On ``smallcnn``'s layers before its prototype layer
+that is 24.3 ms a batch of 256 against 29.2 ms in NHWC (24.9 ms with each ReLU a step of
+its own), and the whole pass 1.07-1.12x faster (benchmarks/RESULTS.md, "oneDNN's blocked
+layout before the layer"), as long as the runs convert little:
 
 * a run goes on through nested containers that only run their entries in order (plain
   ``nn.Sequential`` entries without hooks): what each hands the next is then known;
@@ -389,8 +391,16 @@ class _FusedForward:
                 after = run[k + 1] if k + 1 < len(run) else None
                 if isinstance(m, nn.Conv2d):
                     assert not isinstance(m.padding, str)  # _blockable
-                    h = torch.mkldnn_convolution(h, m.weight, m.bias, m.padding, m.stride,
-                                                 m.dilation, m.groups)
+                    kernel = self.shared.kernel
+                    if isinstance(after, nn.ReLU) and kernel is not None:
+                        # The ReLU as the convolution's post-op: no pass of its own, and
+                        # before a pooling that costs less than the ReLU after it.
+                        h = kernel(h, m.weight, m.bias, list(m.padding), list(m.stride),
+                                   list(m.dilation), m.groups, "relu", [], "")
+                        k += 1
+                    else:
+                        h = torch.mkldnn_convolution(h, m.weight, m.bias, m.padding,
+                                                     m.stride, m.dilation, m.groups)
                 elif isinstance(m, nn.ReLU):
                     if isinstance(after, nn.MaxPool2d):
                         h = self._pool(after, h)
