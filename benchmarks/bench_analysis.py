@@ -92,7 +92,7 @@ sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
 import whylook  # noqa: E402
 from whylook import _fusion  # noqa: E402
-from whylook._fusion import fused_conv_relu  # noqa: E402
+from whylook._fusion import eager_layout, fused_conv_relu  # noqa: E402
 from whylook._pooling import fast_max_pool  # noqa: E402
 from whylook.data import to_tensor  # noqa: E402
 from whylook.run import RunFolder  # noqa: E402
@@ -319,11 +319,14 @@ def run_floor(models: list[nn.Module], layer: str, images: np.ndarray, labels: n
             p.requires_grad_(False)
         store: dict[str, torch.Tensor] = {}
 
-        def leaf(_m: nn.Module, _i: Any, out: torch.Tensor, store: dict = store) -> torch.Tensor:
+        def leaf(mod: nn.Module, _i: Any, out: torch.Tensor, store: dict = store) -> torch.Tensor:
+            # whylook's blocked run hands the layer's output to its hook in NCHW where
+            # eager gives NHWC: the network gets the leaf in that layout, as a copy.
+            layout = eager_layout(mod, out)
             if bf16:
                 out = out.float()
             store["a"] = out.detach().requires_grad_(True)
-            return store["a"]
+            return store["a"] if layout is None else store["a"].clone(memory_format=layout)
 
         handle = module.register_forward_hook(leaf)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import pytest
@@ -382,6 +383,84 @@ def test_smallcnn_runs_blocked_with_one_conversion_per_batch(
     np.testing.assert_allclose(blocked.features, plain.features, rtol=1e-4, atol=1e-5)
     feats = torch.cat(list(layer_features(model, "block3", x, fuse=True, batch_size=5)))
     np.testing.assert_allclose(feats.numpy(), plain.features, rtol=1e-4, atol=1e-5)
+
+
+def _layouts_after_the_layer(model: nn.Module) -> list[str]:
+    """Record the layout of what ``model.pool`` (smallcnn's module after its layer) gets."""
+    seen: list[str] = []
+
+    def record(_m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0]
+        seen.append("NHWC" if x.is_contiguous(memory_format=torch.channels_last)
+                    and not x.is_contiguous() else "NCHW" if x.is_contiguous() else "other")
+
+    model.pool.register_forward_pre_hook(record)
+    return seen
+
+
+@needs_kernel
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+def test_the_layer_output_reaches_the_network_in_eager_layout_with_one_copy(
+    channels_last: bool, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """block3's run hands its output to whylook's hook as it leaves oneDNN (NCHW); the
+    network after the layer gets it in the layout eager torch gives, in one copy that also
+    keeps the stored A apart from what the network does to it in place."""
+    model = _smallcnn()
+    x, y = _images(6), torch.arange(6) % 10
+    plain = grad_cam(model, "block3", x, y, fuse=False, return_features=True,
+                     channels_last=channels_last)
+    # An in-place step right after the layer: it must reach the logits, not A.
+    model.pool.register_forward_pre_hook(lambda _m, i: (i[0].mul_(2.0),))
+    doubled = grad_cam(model, "block3", x, y, fuse=False, return_features=True,
+                       channels_last=channels_last)
+    seen = _layouts_after_the_layer(model)
+    copies: list[torch.Size] = []
+    clone, contiguous = torch.Tensor.clone, torch.Tensor.contiguous
+    inside: list[int] = []  # whylook's pooling mode hands a method back to its wrapper
+
+    def counted(method: Any) -> Any:
+        def call(t: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+            inside.append(1)
+            try:
+                out = method(t, *args, **kwargs)
+            finally:
+                inside.pop()
+            if out is not t and t.shape[1:] == (64, 7, 7) and not inside:
+                copies.append(t.shape)
+            return out
+        return call
+
+    monkeypatch.setattr(torch.Tensor, "clone", counted(clone))
+    monkeypatch.setattr(torch.Tensor, "contiguous", counted(contiguous))
+    fused = grad_cam(model, "block3", x, y, fuse=True, return_features=True,
+                     channels_last=channels_last)
+    assert seen == ["NHWC" if channels_last else "NCHW"]
+    assert copies == [torch.Size([6, 64, 7, 7])]  # to_dense's output, copied once
+    assert not np.allclose(doubled.confidence, plain.confidence)  # the doubling counts
+    np.testing.assert_allclose(fused.features, plain.features, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fused.confidence, doubled.confidence, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fused.saliency, doubled.saliency, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_features_and_the_callers_own_forward_get_the_eager_layout() -> None:
+    """Without whylook's gradient pass the layer's output still leaves in eager's layout:
+    the features of ``layer_features`` and what a forward of the caller's own inside the
+    ``with`` block hands on (the hook leaves that forward's values alone)."""
+    model = _smallcnn()
+    x = _images(4)
+    with torch.no_grad():
+        ref = model(x)
+    feats = next(iter(layer_features(model, "block3", x, fuse=True)))
+    assert feats.is_contiguous(memory_format=torch.channels_last)
+    seen = _layouts_after_the_layer(model)
+    with GradCAM(model, "block3", fuse=True) as cam, torch.no_grad():
+        cam(x, [0, 1, 2, 3])
+        del seen[:]
+        out = model(x.contiguous(memory_format=torch.channels_last))
+    assert seen == ["NHWC"]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
 @needs_kernel

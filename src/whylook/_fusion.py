@@ -53,7 +53,11 @@ layout before the layer"), as long as the runs convert little:
 * a run hands back an ordinary tensor in the layout eager torch would give, so whatever
   the caller's code does with it before the next container (in place or not) counts;
 * a run followed by a kept container the caller named in ``takes_blocked`` (whylook's
-  prototype layer, whose one hook reads only its output) calls it on the blocked tensor.
+  prototype layer, whose one hook reads only its output) calls it on the blocked tensor;
+  that container's run hands its output to the hook as it leaves oneDNN's layout
+  (``to_dense``: NCHW), and where eager torch would give NHWC the hook, which copies the
+  output for the network anyway, makes that copy in NHWC (:func:`eager_layout`): one
+  copy of the layer's output a batch instead of two.
 
 Values are the plain pass's up to float rounding (the convolutions sum in another order).
 
@@ -78,7 +82,7 @@ from torch import nn
 
 from whylook._pooling import _pair
 
-__all__ = ["available", "fused_conv_relu"]
+__all__ = ["available", "eager_layout", "fused_conv_relu"]
 
 Kernel = Callable[..., torch.Tensor]
 
@@ -246,6 +250,8 @@ class _Shared:
         self.takes_blocked = takes_blocked
         #: The blocked tensor a run passes to a kept container as its input, with its layout.
         self.passing: tuple[torch.Tensor, bool] | None = None
+        #: A kept container's output handed to its hook in NCHW where eager gives NHWC.
+        self.relayout: torch.Tensor | None = None
 
 
 class _FusedForward:
@@ -364,8 +370,8 @@ class _FusedForward:
         nhwc = ours and passing is not None and passing[1]
         run = self._entries_run(self.seq)
         # The run that passed it checked this container's convolutions with its own.
-        out = None if run is None or not ours else self._blocked(run, x, nhwc=nhwc,
-                                                                checked=True)
+        out = None if run is None or not ours else self._blocked(
+            run, x, nhwc=nhwc, checked=True, relayout=bool(self.seq._forward_hooks))
         if out is not None:
             return out, True
         dense = x.to_dense()
@@ -373,18 +379,22 @@ class _FusedForward:
 
     def _blocked(self, run: list[nn.Module], x: torch.Tensor, *, dense: bool = True,
                  then: Sequence[nn.Module] = (), nhwc: bool = False,
-                 checked: bool = False) -> torch.Tensor | None:
+                 checked: bool = False, relayout: bool = False) -> torch.Tensor | None:
         """The run on blocked tensors: its output as an ordinary tensor in the input's
-        layout, or (``dense=False``, for the kept container whose run is ``then``)
-        blocked; ``None`` when it cannot run so."""
+        layout (``relayout``, for a kept container's hook: in NCHW, noted for
+        :func:`eager_layout` where that layout is NHWC), or (``dense=False``, for the
+        kept container whose run is ``then``) blocked; ``None`` when it cannot run so."""
         convs = [m for m in run if isinstance(m, nn.Conv2d)]
         later = [m for m in then if isinstance(m, nn.Conv2d)]
         if not checked and not self._checked(convs + later, x):
             return None
         try:
-            # The layout eager torch would give: NHWC when the input or the first weight is.
-            h, nhwc = (x, nhwc) if x.layout != torch.strided else (
-                x.to_mkldnn(), _nhwc(x) or _nhwc(convs[0].weight))
+            # The layout eager torch would give: NHWC when the input or any convolution's
+            # weight is (each convolution writes NHWC when its input or weight is, and
+            # ReLU and pooling keep their input's); a one-channel weight reads as NCHW.
+            h = x if x.layout != torch.strided else x.to_mkldnn()
+            nhwc = ((nhwc if x.layout != torch.strided else _nhwc(x))
+                    or any(_nhwc(c.weight) for c in convs))
             k = 0
             while k < len(run):
                 m = run[k]
@@ -418,6 +428,9 @@ class _FusedForward:
             # A build or input oneDNN's tensors do not take: the pairs from now on.
             self.shared.blocked = False
             return None
+        if nhwc and relayout:
+            self.shared.relayout = out
+            return out
         return out.contiguous(memory_format=torch.channels_last) if nhwc else out
 
     @staticmethod
@@ -444,6 +457,22 @@ class _FusedForward:
             return None
 
 
+def eager_layout(module: nn.Module, out: torch.Tensor) -> torch.memory_format | None:
+    """For the one forward hook of a ``takes_blocked`` container: the memory format that
+    ``out``, its output, would have in eager torch, when its run handed it over in
+    another (``torch.channels_last``: the hook must hand the network a copy in it, as
+    ``out.clone(memory_format=...)``), else ``None``. Asked once per output.
+
+    >>> eager_layout(nn.ReLU(), torch.zeros(1, 2, 3, 3)) is None
+    True
+    """
+    forward = vars(module).get("forward")
+    if not isinstance(forward, _FusedForward) or forward.shared.relayout is not out:
+        return None
+    forward.shared.relayout = None
+    return torch.channels_last
+
+
 @contextmanager
 def fused_conv_relu(model: nn.Module, keep: tuple[nn.Module, ...] = (),
                     takes_blocked: tuple[nn.Module, ...] = ()) -> Iterator[int]:
@@ -454,8 +483,9 @@ def fused_conv_relu(model: nn.Module, keep: tuple[nn.Module, ...] = (),
     or run that contains one is left alone. ``takes_blocked``: kept ``nn.Sequential``
     containers whose input may be a blocked tensor (whylook's prototype layer, whose only
     hook reads the output alone): the run before one then calls it on its blocked output,
-    and its own run hands back an ordinary tensor; with any other hook on it, it gets an
-    ordinary tensor. Nothing is fused where :func:`available` is false.
+    and its own run hands back an ordinary tensor, which its hook hands the network as a
+    copy in :func:`eager_layout`'s layout; with any other hook on it, it gets an ordinary
+    tensor. Nothing is fused where :func:`available` is false.
 
     >>> import torch
     >>> from torch import nn
@@ -491,4 +521,4 @@ def fused_conv_relu(model: nn.Module, keep: tuple[nn.Module, ...] = (),
         for seq in patched:
             vars(seq).pop("forward", None)
         if shared is not None:
-            shared.passing = None
+            shared.passing = shared.relayout = None

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from whylook._checks import is_whole
-from whylook._fusion import fused_conv_relu
+from whylook._fusion import eager_layout, fused_conv_relu
 from whylook._pooling import fast_max_pool
 from whylook._progress import progress_bar
 from whylook.errors import WhylookError
@@ -526,11 +526,14 @@ class _LayerSession:
         self._saved_training: list[tuple[nn.Module, bool]] = []
         self._saved_grad: list[tuple[nn.Parameter, bool]] = []
 
-    def _hook(self, _module: nn.Module, inputs: Any, out: Any) -> Any:
+    def _hook(self, module: nn.Module, inputs: Any, out: Any) -> Any:
+        # Where the layer's blocked run handed its output over in NCHW, eager torch gives
+        # it in NHWC: what runs after the layer gets it so (whylook/_fusion.py).
+        layout = eager_layout(module, out) if isinstance(out, torch.Tensor) else None
         if not self._running:
             # A forward the caller runs inside the ``with`` block, or another session's on
             # the same model (nested cams): its output is none of this session's business.
-            return None
+            return None if layout is None else out.clone(memory_format=layout)
         self.calls += 1
         if self.calls > 1:
             raise _LayerOutputError(None, "runs more than once per forward pass")
@@ -550,13 +553,14 @@ class _LayerSession:
             # gradient comes back in that dtype through the cast autocast puts after it.
             out = out.to(self.dtype)
         if self.mode == "features":
-            self.activation = out.detach()
+            self.activation = (out if layout is None
+                               else out.contiguous(memory_format=layout)).detach()
             raise _StopForward
         leaf = out.detach().requires_grad_(True)
         self.activation = leaf
         # The network gets a copy: an in-place op after the layer (ReLU(inplace=True),
         # ``out += identity``) would otherwise be refused on a leaf, or change the stored A.
-        return leaf.clone()
+        return leaf.clone(memory_format=layout or torch.preserve_format)
 
     def __enter__(self) -> _LayerSession:
         self._saved_training = [(m, m.training) for m in self.model.modules()]
