@@ -433,14 +433,19 @@ def test_the_layer_output_reaches_the_network_in_eager_layout_with_one_copy(
 
     monkeypatch.setattr(torch.Tensor, "clone", counted(clone))
     monkeypatch.setattr(torch.Tensor, "contiguous", counted(contiguous))
-    fused = grad_cam(model, "block3", x, y, fuse=True, return_features=True,
-                     channels_last=channels_last)
+    fused = grad_cam(model, "block3", x, y, fuse=True, channels_last=channels_last)
     assert seen == ["NHWC" if channels_last else "NCHW"]
     assert copies == [torch.Size([6, 64, 7, 7])]  # to_dense's output, copied once
     assert not np.allclose(doubled.confidence, plain.confidence)  # the doubling counts
-    np.testing.assert_allclose(fused.features, plain.features, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(fused.confidence, doubled.confidence, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(fused.saliency, doubled.saliency, rtol=1e-4, atol=1e-5)
+    # The features (A) come out as eager gives them too, unchanged by the doubling.
+    del copies[:]
+    for fuse in (False, True):
+        cam = GradCAM(model, "block3", fuse=fuse, channels_last=channels_last)
+        ((_, feats),) = cam.batches_with_features(x, y)
+        np.testing.assert_allclose(feats.numpy(), plain.features, rtol=1e-4, atol=1e-5)
+        assert feats.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
 @needs_kernel
@@ -461,6 +466,34 @@ def test_features_and_the_callers_own_forward_get_the_eager_layout() -> None:
         out = model(x.contiguous(memory_format=torch.channels_last))
     assert seen == ["NHWC"]
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("channels", [1, 8])
+def test_a_layer_output_that_is_both_layouts_keeps_eagers_strides(channels: int) -> None:
+    """With one channel, or a 1x1 map, NCHW and NHWC hold the same bytes: the network
+    then gets the strides eager gives (a `.view` after it works as without whylook)."""
+    torch.manual_seed(7)
+    size = 10 if channels == 1 else 2
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, channels, 3, padding=1), nn.ReLU()),
+        nn.Conv2d(channels, 4, 1), nn.Flatten(), nn.LazyLinear(3)).eval()
+    x = torch.rand(2, 3, size, size)
+    model(x)  # the lazy layer's shape
+    strides: list[tuple[int, ...]] = []
+    model[2].register_forward_pre_hook(lambda _m, i: strides.append(i[0].stride()))
+    plain = grad_cam(model, "1", x, [0, 2], fuse=False)
+    fused = grad_cam(model, "1", x, [0, 2], fuse=True)
+    assert strides[0] == strides[1]
+    np.testing.assert_allclose(fused.saliency, plain.saliency, rtol=1e-4, atol=1e-6)
+
+
+@needs_kernel
+def test_an_empty_batch_inside_the_block_runs_as_torch_runs_it() -> None:
+    model = _smallcnn()
+    with GradCAM(model, "block3", fuse=True), torch.no_grad():
+        assert model(torch.rand(0, 1, 28, 28)).shape == (0, 10)
 
 
 @needs_kernel

@@ -336,8 +336,8 @@ class _FusedForward:
         nothing that could make a NaN, which its ReLU and pooling would drop (a NaN or an
         infinity in ``x`` or a weight, or values large enough to overflow)."""
         params = [p for c in convs for p in (c.weight, c.bias) if p is not None]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return False
+        if x.numel() == 0 or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return False  # an empty batch has no largest value: torch's own layers take it
         return _within(convs, _bound(x))
 
     def _entries_run(self, container: nn.Module) -> list[nn.Module] | None:
@@ -428,7 +428,7 @@ class _FusedForward:
             # A build or input oneDNN's tensors do not take: the pairs from now on.
             self.shared.blocked = False
             return None
-        if nhwc and relayout:
+        if nhwc and relayout and not out.is_contiguous(memory_format=torch.channels_last):
             self.shared.relayout = out
             return out
         return out.contiguous(memory_format=torch.channels_last) if nhwc else out

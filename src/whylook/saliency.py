@@ -520,6 +520,8 @@ class _LayerSession:
         self._running = False
         self._handle: Any = None
         self._recording: torch.Tensor | None = None
+        #: The layout eager torch gives the layer's output, where A is held in another.
+        self.layout: torch.memory_format | None = None
         self._layout_seen = False
         self._saved_layout: list[tuple[nn.Parameter, torch.Tensor]] = []
         self._saved_buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
@@ -558,6 +560,7 @@ class _LayerSession:
             raise _StopForward
         leaf = out.detach().requires_grad_(True)
         self.activation = leaf
+        self.layout = layout
         # The network gets a copy: an in-place op after the layer (ReLU(inplace=True),
         # ``out += identity``) would otherwise be refused on a leaf, or change the stored A.
         return leaf.clone(memory_format=layout or torch.preserve_format)
@@ -666,6 +669,7 @@ class _LayerSession:
         """Run the model; return the logits (``grad`` mode) or ``None`` (``features``)."""
         self.calls = 0
         self.activation = None
+        self.layout = None
         self._release()
         x_in = x
         if self.channels_last and x.ndim == 4:
@@ -893,7 +897,14 @@ class GradCAM:
         acts = acts.detach().to(session.dtype)
         cam = torch.relu(torch.einsum("bc,bchw->bhw", alpha, acts))
         conf = torch.softmax(logits.detach().float(), dim=1)
-        return cam.float(), conf, (acts.float() if return_features else None)
+        feats = None
+        if return_features:
+            feats = acts.float()
+            if session.layout is not None:
+                # Features as eager gives them (NHWC), which the prototype stage reads
+                # position by position without a copy.
+                feats = feats.contiguous(memory_format=session.layout)
+        return cam.float(), conf, feats
 
     def batches(
         self,
