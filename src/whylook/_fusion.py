@@ -403,8 +403,8 @@ class _FusedForward:
                     assert not isinstance(m.padding, str)  # _blockable
                     kernel = self.shared.kernel
                     if isinstance(after, nn.ReLU) and kernel is not None:
-                        # The ReLU as the convolution's post-op: no pass of its own, and
-                        # before a pooling that costs less than the ReLU after it.
+                        # The ReLU as the convolution's post-op: no pass of its own,
+                        # cheaper even than one over a following pooling's quarter.
                         h = kernel(h, m.weight, m.bias, list(m.padding), list(m.stride),
                                    list(m.dilation), m.groups, "relu", [], "")
                         k += 1
