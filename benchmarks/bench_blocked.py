@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from bench_analysis import contender_images, machine_info, write_result  # noqa: E402
 
-from whylook._fusion import _kernel  # noqa: E402
+from whylook._fusion import _conv_relu, _kernel  # noqa: E402
 from whylook._pooling import max_pool_2x2  # noqa: E402
 from whylook.explain import stratified_rows  # noqa: E402
 from whylook.run import RunFolder  # noqa: E402
@@ -60,9 +60,8 @@ def nhwc_steps(modules: dict[str, nn.Module]) -> list[Step]:
     for name, pooled in CONVS:
         conv = modules[name]
         assert isinstance(conv, nn.Conv2d)
-        steps.append((name + " + ReLU", lambda h, c=conv: kernel(
-            h, c.weight, c.bias, list(c.padding), list(c.stride), list(c.dilation), c.groups,
-            "relu", [], "")))
+        steps.append((name + " + ReLU", lambda h, c=conv: _conv_relu(kernel, h, c, c.weight,
+                                                                     c.bias)))
         if pooled:
             steps.append((name.split(".")[0] + ".pool", max_pool_2x2))
     return steps
@@ -76,9 +75,8 @@ def blocked_steps(modules: dict[str, nn.Module], post_op: bool) -> list[Step]:
         conv = modules[name]
         assert isinstance(conv, nn.Conv2d)
         if post_op:
-            steps.append((name + " + ReLU", lambda h, c=conv: kernel(
-                h, c.weight, c.bias, list(c.padding), list(c.stride), list(c.dilation),
-                c.groups, "relu", [], "")))
+            steps.append((name + " + ReLU", lambda h, c=conv: _conv_relu(kernel, h, c,
+                                                                         c.weight, c.bias)))
         else:
             steps.append((name, lambda h, c=conv: torch.mkldnn_convolution(
                 h, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups)))

@@ -98,6 +98,16 @@ def _kernel() -> Kernel | None:
         return None
 
 
+def _conv_relu(kernel: Kernel, x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """``relu(conv(x))`` as one call of oneDNN's kernel, in ``x``'s layout (NCHW, NHWC or
+    its blocked one), with ``conv``'s geometry and the given (possibly cast) weight and
+    bias."""
+    assert not isinstance(conv.padding, str)  # _fusable, _blockable
+    return kernel(x, weight, bias, list(conv.padding), list(conv.stride),
+                  list(conv.dilation), conv.groups, "relu", [], "")
+
+
 def _autocast_dtype() -> torch.dtype | None:
     """The dtype CPU autocast would cast the convolution to, or ``None`` when it is off."""
     if not torch.is_autocast_enabled("cpu"):
@@ -405,8 +415,7 @@ class _FusedForward:
                     if isinstance(after, nn.ReLU) and kernel is not None:
                         # The ReLU as the convolution's post-op: no pass of its own,
                         # cheaper even than one over a following pooling's quarter.
-                        h = kernel(h, m.weight, m.bias, list(m.padding), list(m.stride),
-                                   list(m.dilation), m.groups, "relu", [], "")
+                        h = _conv_relu(kernel, h, m, m.weight, m.bias)
                         k += 1
                     else:
                         h = torch.mkldnn_convolution(h, m.weight, m.bias, m.padding,
@@ -449,8 +458,7 @@ class _FusedForward:
             x, weight = x.to(torch.bfloat16), weight.to(torch.bfloat16)
             bias = None if bias is None else bias.to(torch.bfloat16)
         try:
-            return kernel(x, weight, bias, list(conv.padding), list(conv.stride),
-                          list(conv.dilation), conv.groups, "relu", [], "")
+            return _conv_relu(kernel, x, conv, weight, bias)
         except (RuntimeError, NotImplementedError):
             # A build or input the kernel does not take: the plain path from now on.
             self.shared.kernel = None
